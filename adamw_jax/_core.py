@@ -1,0 +1,249 @@
+"""The Adam-family gradient transformation behind ``scale_by_adam``, ``adamw`` and ``adam``.
+
+The math and every deliberate difference from torch and optax are documented
+once, in :func:`adamw_jax.adamw` and the README; this module wires the
+hyperparameters, the state and the per-leaf kernel together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax import tree_util as jtu
+
+from adamw_jax import _float2 as f2
+from adamw_jax import _kernel, _tree, _validate
+
+Scalar = Union[float, jax.Array]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+class ScaleByAdamState(NamedTuple):
+  """State of ``scale_by_adam``, ``adamw`` and ``adam``, field for field torch's.
+
+  Attributes:
+    count: int32 number of steps taken (torch's ``state["step"]``); saturates
+      at 2**31 - 1 instead of wrapping.
+    mu: first moment, one leaf per parameter (torch's ``exp_avg``).
+    nu: raw second moment, not bias-corrected (torch's ``exp_avg_sq``). For a
+      complex parameter its real and imaginary parts hold the second moments
+      of the real and imaginary parts, exactly as ``view_as_real`` in torch.
+    nu_max: running maximum of ``nu`` when ``amsgrad=True`` (torch's
+      ``max_exp_avg_sq``), else None.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+
+
+def _scalar_dtype(dtype) -> jnp.dtype:
+  """The dtype the per-step scalars are computed in for a leaf of `dtype`."""
+  real = jnp.finfo(dtype).dtype
+  return jnp.dtype(jnp.float64) if real == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.floating, np.integer))
+
+
+def _f2_of(value: Any, dtype, z: jax.Array) -> f2.F2:
+  """A hyperparameter (Python float: kept to double precision; array: as is) as F2."""
+  if _is_number(value):
+    return f2.constant(float(value), dtype, z)
+  return f2.from_array(jnp.asarray(value).astype(dtype))
+
+
+def _one_minus(value: Any, dtype, z: jax.Array) -> f2.F2:
+  if _is_number(value):
+    return f2.constant(1.0 - float(value), dtype, z)  # exact in double for value >= 0.5
+  return f2.sub(f2.constant(1.0, dtype, z), _f2_of(value, dtype, z))
+
+
+def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
+  """``1 - beta**t`` to double precision, as torch computes it in Python."""
+  if _is_number(beta):
+    if float(beta) == 0.0:
+      return f2.constant(1.0, dtype, z)
+    return f2.one_minus_exp_times(math.log(float(beta)), t, dtype, z)
+  return f2.one_minus_power(_one_minus(beta, dtype, z), t)
+
+
+def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
+  return value(count) if callable(value) else value
+
+
+def _is_zero(value: Any) -> bool:
+  return isinstance(value, (int, float, np.floating, np.integer)) and float(value) == 0.0
+
+
+def _needs_params(weight_decay: Any) -> bool:
+  return not _is_zero(weight_decay)
+
+
+def _moment_dtype(param_dtype, requested) -> jnp.dtype:
+  if requested is None:
+    return jnp.dtype(param_dtype)
+  if jnp.issubdtype(param_dtype, jnp.complexfloating):
+    return jnp.promote_types(requested, jnp.complex64)
+  return jnp.dtype(requested)
+
+
+def _computed_once(tree, z: jax.Array):
+  """The per-step scalars in `tree`, each computed once, outside the elementwise loops.
+
+  XLA's CPU fusion otherwise inlines the double-word arithmetic into every loop
+  that broadcasts a scalar, or duplicates it into each kernel that needs a part
+  of it. It does not inline an "expensive" producer into a broadcasting
+  consumer, so each scalar ends with an exact division by a 1 the compiler
+  cannot see; the two halves of a double-word value travel together as one
+  complex number so that their shared arithmetic is one kernel, not two.
+  """
+  def once(x):
+    if isinstance(x, f2.F2):
+      packed = lax.complex(x.hi, x.lo)
+      packed = packed / f2.hide(jnp.ones([], x.hi.dtype), z).astype(packed.dtype)
+      return f2.F2(jnp.real(packed), jnp.imag(packed))
+    if x.dtype == jnp.int32:
+      return x
+    return x / f2.hide(jnp.ones([], x.dtype), z)
+
+  return jax.tree.map(once, tree, is_leaf=lambda x: isinstance(x, f2.F2))
+
+
+def check_params(params: Any, what: str) -> None:
+  """Parameters must be floating or complex arrays."""
+  for path, leaf in jtu.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      where = f"'{_tree.path_str(path)}'" if path else "the root"
+      raise TypeError(
+          f"{what}: the parameter at {where} has dtype {dtype}; Adam needs "
+          "floating-point or complex parameters (cast integer parameters, or mask "
+          "them out of the optimizer with optax.partition / optax.set_to_zero).")
+
+
+def adam_transform(
+    *,
+    name: str,
+    learning_rate: Optional[ScalarOrSchedule],
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
+    eps_root: Scalar,
+    weight_decay: ScalarOrSchedule,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    mask: Optional[_tree.MaskOrFn],
+    mu_dtype: Any,
+    nu_dtype: Any,
+) -> optax.GradientTransformation:
+  """One Adam-family transform.
+
+  With ``learning_rate=None`` it returns the bias-corrected Adam direction
+  (``scale_by_adam``); otherwise it returns ``new_param - param`` for the full
+  torch step (lr, weight decay and all), so that ``optax.apply_updates``
+  reproduces torch's parameters. `decoupled` selects AdamW's ``p *= 1 - lr*wd``
+  over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
+  """
+  for arg, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root),
+                     ("weight_decay", weight_decay)):
+    _validate.check(arg, value)
+  if learning_rate is not None:
+    _validate.check("learning_rate", learning_rate)
+  mu_dtype = _validate.check_dtype("mu_dtype", mu_dtype)
+  nu_dtype = _validate.check_dtype("nu_dtype", nu_dtype)
+  needs_params = _needs_params(weight_decay)
+
+  def init_fn(params):
+    check_params(params, name)
+    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, mu_dtype)), params)
+    nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, nu_dtype)), params)
+    nu_max = jax.tree.map(jnp.zeros_like, nu) if amsgrad else None
+    return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
+
+  def coefficients(count: jax.Array, new_count: jax.Array, dtype):
+    z = lax.shift_right_logical(new_count, jnp.int32(31))  # 0, but opaque to XLA
+    const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
+    one = f2.constant(1.0, dtype, z)
+    bc1, bc2 = _computed_once(
+        (_bias_correction(b1, new_count, dtype, z), _bias_correction(b2, new_count, dtype, z)), z)
+    if learning_rate is None:
+      lr = None
+      step_size = f2.div(one, bc1)
+    else:
+      lr = const(_evaluate(learning_rate, count))
+      step_size = f2.neg(f2.div(lr, bc1))
+    wd = _evaluate(weight_decay, count)
+    if not needs_params:
+      decay = None
+    elif decoupled:
+      decay = f2.round_(f2.sub(one, f2.mul(lr, const(wd))))
+    else:
+      decay = f2.round_(const(wd))
+    bc2_sqrt = f2.round_(f2.sqrt(bc2))
+    c = _kernel.Coefficients(
+        one_minus_b1=f2.round_(_one_minus(b1, dtype, z)),
+        b2=f2.round_(const(b2)),
+        one_minus_b2=f2.round_(_one_minus(b2, dtype, z)),
+        bc2_sqrt=bc2_sqrt,
+        inv_bc2_sqrt=f2.round_(f2.div(one, f2.from_array(bc2_sqrt))),
+        eps=f2.round_(const(eps)),
+        eps_root=None if _is_zero(eps_root) else f2.round_(f2.mul(const(eps_root), bc2)),
+        step_size=f2.round_(step_size),
+        opaque_zero=z,
+    )
+    return _computed_once((c, decay), z)
+
+  def update_fn(updates, state, params=None):
+    _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
+    if needs_params:
+      if params is None:
+        raise ValueError(
+            f"{name}: weight decay needs the parameters; call "
+            "update(updates, state, params) with params.")
+      _tree.check_same_structure(updates, params, "updates", "params", what=name)
+    decay_mask = (
+        jax.tree.map(lambda _: True, updates) if mask is None or not needs_params
+        else _tree.resolve_mask(mask, params, what=name))
+    count = state.count
+    new_count = optax.safe_increment(count)
+    cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
+
+    def leaf(g, m, v, vm, p, decayed):
+      dtype = _scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,))))
+      if dtype not in cache:
+        cache[dtype] = coefficients(count, new_count, dtype)
+      c, decay = cache[dtype]
+      decay = decay if decayed else None
+      out, m, v, vm = _kernel.adam_leaf(
+          g, m, v, vm, p if (learning_rate is not None) else None, c,
+          maximize=maximize,
+          l2=None if decoupled else decay,
+          decay=decay if decoupled else None)
+      if learning_rate is not None:
+        out = out - p  # exact when new and old parameters are within a factor of two
+      return out, m, v, vm
+
+    treedef = jax.tree.structure(updates)
+    g_l = treedef.flatten_up_to(updates)
+    m_l = treedef.flatten_up_to(state.mu)
+    v_l = treedef.flatten_up_to(state.nu)
+    vm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_l)
+    p_l = treedef.flatten_up_to(params) if params is not None else [None] * len(g_l)
+    d_l = treedef.flatten_up_to(decay_mask)
+    results = [leaf(*args) for args in zip(g_l, m_l, v_l, vm_l, p_l, d_l)]
+    out, mu, nu, nu_max = (treedef.unflatten(list(col)) for col in zip(*results)) if results else (
+        updates, state.mu, state.nu, state.nu_max)
+    return out, ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,121 @@
+"""The chainable building blocks: ``scale_by_adam``, ``add_decayed_weights``, ``masked``.
+
+Chained as ``optax.chain(scale_by_adam(), add_decayed_weights(wd),
+optax.scale_by_learning_rate(lr))`` they give AdamW, but one ulp-level rounding
+differs from torch at each of the three joins; :func:`adamw_jax.adamw` runs the
+same kernel in one piece and reproduces torch's rounding. See its docstring.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamw_jax import _core, _tree, _validate
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformation:
+  """Rescale updates by Adam's bias-corrected moments, in torch's arithmetic.
+
+  Returns ``m_hat / (sqrt(v_hat + eps_root) + eps)`` (not yet multiplied by
+  ``-learning_rate``), computed as ``(m / (1 - b1**t)) / (sqrt(v) /
+  sqrt(1 - b2**t) + eps)`` with torch's rounding. ``amsgrad`` takes the running
+  maximum of the raw second moment before bias correction, as torch does;
+  ``maximize`` negates the gradient first. The state is a
+  :class:`ScaleByAdamState`. The full math is documented in
+  :func:`adamw_jax.adamw`.
+
+  Args:
+    b1: exponential decay rate of the first moment, in [0, 1).
+    b2: exponential decay rate of the second moment, in [0, 1).
+    eps: added to the denominator outside the square root (torch's eps).
+    eps_root: added to the bias-corrected second moment inside the square root
+      (0 in torch; optax's ``eps_root``).
+    amsgrad: use the running maximum of the second moment (torch's AMSGrad).
+    maximize: ascend instead of descend (negates the gradient first).
+    mu_dtype: dtype of the first moment (default: the parameter's dtype).
+    nu_dtype: dtype of the second moment (default: the parameter's dtype).
+  """
+  return _core.adam_transform(
+      name="scale_by_adam", learning_rate=None, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+      weight_decay=0.0, decoupled=True, amsgrad=amsgrad, maximize=maximize, mask=None,
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+
+
+class AddDecayedWeightsState(NamedTuple):
+  """State of :func:`add_decayed_weights`: the step count, for weight-decay schedules."""
+
+  count: jax.Array
+
+
+def add_decayed_weights(
+    weight_decay: _core.ScalarOrSchedule = 1e-2,
+    mask: Optional[_tree.MaskOrFn] = None,
+) -> optax.GradientTransformation:
+  """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).
+
+  Args:
+    weight_decay: a non-negative float, or a schedule ``count -> weight_decay``
+      (count starts at 0, as in optax).
+    mask: which leaves are decayed: a bool pytree with the structure of the
+      params (or a prefix of it), or a callable ``params -> such a pytree``.
+      Leaves that are not decayed pass through unchanged. A mask that does not
+      match the params raises an error naming the first mismatching path.
+  """
+  _validate.check("weight_decay", weight_decay)
+  name = "add_decayed_weights"
+
+  def init_fn(params):
+    del params
+    return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f"{name}: weight decay needs the parameters; call "
+                       "update(updates, state, params) with params.")
+    _tree.check_same_structure(updates, params, "updates", "params", what=name)
+    wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    decayed = (jax.tree.map(lambda _: True, params) if mask is None
+               else _tree.resolve_mask(mask, params, what=name))
+
+    def leaf(u, p, on):
+      if not on:
+        return u
+      return (jnp.asarray(wd, u.dtype) * p + u).astype(u.dtype)
+
+    new = jax.tree.map(leaf, updates, params, decayed)
+    return new, AddDecayedWeightsState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def masked(inner: optax.GradientTransformation, mask: _tree.MaskOrFn) -> optax.GradientTransformationExtraArgs:
+  """Apply `inner` only to the leaves selected by `mask`; the others pass through unchanged.
+
+  Like ``optax.masked`` (which it wraps), but the mask is checked against the
+  updates on every trace: a mask that is not a bool pytree with the updates'
+  structure (or a prefix of it), or a callable returning one, raises an error
+  naming the first mismatching path and the keys of both trees there.
+
+  Args:
+    inner: the transformation to apply to the selected leaves.
+    mask: a bool pytree (full or prefix of the params), or a callable
+      ``params -> mask``.
+  """
+  def resolved(tree):
+    return _tree.resolve_mask(mask, tree, what="masked")
+
+  return optax.masked(inner, resolved)
