@@ -66,14 +66,14 @@ def rounded_jvp(primals, tangents):
   return rounded(x, opaque_zero), tangents[0]
 
 
-def _divide_by_scalar(a: jax.Array, b: jax.Array, inv_b: jax.Array) -> jax.Array:
+def _divide_by_scalar(a: jax.Array, b: jax.Array, inv_b: jax.Array, opaque_zero: jax.Array) -> jax.Array:
   """Correctly rounded ``a / b`` for a scalar `b` (Markstein's correction).
 
   XLA turns ``a / broadcast(b)`` into ``a * (1 / b)``, which differs from the
   true quotient in about a third of cases; one residual step fixes it.
   """
-  q0 = a * inv_b
-  residual = a - q0 * b
+  q0 = rounded(a * inv_b, opaque_zero)
+  residual = a - q0 * b  # exact, as one FMA
   q = residual * inv_b + q0
   return jnp.where(jnp.isfinite(q0), q, q0)
 
@@ -101,18 +101,21 @@ def _real_kernel(
     decay = decay.astype(dtype)
   if l2 is not None:
     l2 = l2.astype(dtype)
-  g = -grad if maximize else grad
+  # Hidden from XLA, which would otherwise move the negation into the products
+  # and change which multiplication it fuses into an FMA.
+  g = rounded(-grad, c.opaque_zero) if maximize else grad
   if l2 is not None:
     g = l2 * param + g
   m = c.one_minus_b1 * (g - mu) + mu
-  v = (c.one_minus_b2 * g) * g + nu * c.b2
+  # Only one product may reach each addition, or XLA picks which one to fuse.
+  v = (c.one_minus_b2 * g) * g + rounded(nu * c.b2, c.opaque_zero)
   v_used = v
   if nu_max is not None:
     nu_max = jnp.maximum(nu_max, v)
     v_used = nu_max
   if c.eps_root is not None:
     v_used = v_used + c.eps_root
-  denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.inv_bc2_sqrt) + c.eps
+  denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.inv_bc2_sqrt, c.opaque_zero) + c.eps
   step = (c.step_size * m) / denom
   if param is None:
     return step, m, v, nu_max

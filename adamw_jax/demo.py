@@ -1,0 +1,240 @@
+"""Train a small CNN on scikit-learn's digits with ``adamw_jax.adamw``.
+
+Run it with ``python -m adamw_jax.demo`` (``--help`` lists the options). It shows,
+as a user would write them:
+
+- a Flax CNN (two 3x3 convolutions with 16 and 32 channels, 2x2 average pooling
+  and a Dense head) trained on the 8x8 digit images, pixels scaled to [0, 1],
+  with a fixed stratified 80/20 train/validation split (seed 0);
+- ``adamw_jax.adamw``, torch's AdamW as an optax transform, with a linear-warmup
+  cosine learning-rate schedule (10 % of the steps warm up from 0 to ``--lr``,
+  then decay to ``--lr / 100``) and a weight-decay mask that decays only the
+  conv and Dense kernels, never the biases (decaying biases only pulls the
+  activations' offsets to 0). As in torch, AdamW's decay is decoupled and
+  scaled by the scheduled lr: each step multiplies a kernel by
+  ``1 - lr_t * weight_decay``, so ``--weight-decay`` is not comparable with
+  optax.adamw's or an L2 coefficient;
+- a jitted train step, validation accuracy computed in one jitted call, and a
+  per-epoch table of train loss and validation accuracy.
+
+With ``--compare-torch`` the same CNN is built with ``torch.nn`` from the very
+same initial weights and trained with ``torch.optim.AdamW`` (two param groups
+for the mask, ``LambdaLR`` for the schedule) on the same batches in the same
+order; both validation curves are printed side by side, and the largest
+parameter difference between the two models at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import adamw_jax
+
+Params = Any
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class CNN(nn.Module):
+  """Conv(16, 3x3) - ReLU - Conv(32, 3x3) - ReLU - AvgPool(2x2) - Dense(10), on NHWC input."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Conv(16, (3, 3), padding="SAME")(x))
+    x = nn.relu(nn.Conv(32, (3, 3), padding="SAME")(x))
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))  # flattened in (height, width, channel) order
+    return nn.Dense(10)(x)
+
+
+def decay_mask(params: Params) -> Params:
+  """True for the leaves that get weight decay: the kernels (named 'kernel', ndim >= 2)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: path[-1].key == "kernel" and p.ndim >= 2, params)
+
+
+def load_data(seed: int = 0) -> Arrays:
+  """Digits as (N, 8, 8, 1) float32 in [0, 1]; a stratified 80/20 split."""
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  x_tr, x_val, y_tr, y_val = train_test_split(
+      images, labels, test_size=0.2, stratify=labels, random_state=seed)
+  return x_tr, y_tr, x_val, y_val
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+  """Indices of one epoch's shuffled batches; the last partial batch is dropped."""
+  order = rng.permutation(n)
+  for start in range(0, n - batch_size + 1, batch_size):
+    yield order[start:start + batch_size]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m adamw_jax.demo", description=__doc__.split("\n")[0])
+  p.add_argument("--epochs", type=int, default=8, help="number of epochs (default: 8)")
+  p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+  p.add_argument("--weight-decay", type=float, default=1e-2,
+                 help="decoupled weight decay on the kernels (default: 1e-2, torch's)")
+  p.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default: 0)")
+  p.add_argument("--compare-torch", action="store_true",
+                 help="also train the same CNN with torch.optim.AdamW and compare")
+  p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- torch side
+def torch_layout(params: Params) -> dict[str, np.ndarray]:
+  """Flax params under torch names and layouts: HWIO conv -> OIHW, Dense (in, out) -> (out, in)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    layer, kind = path[-2].key, path[-1].key
+    a = np.asarray(leaf)
+    if kind == "kernel":
+      a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T
+    out[f"{layer}.{'weight' if kind == 'kernel' else 'bias'}"] = a
+  return out
+
+
+class TorchTrainer:
+  """The same CNN, optimizer, mask and schedule in torch, from the same initial weights."""
+
+  def __init__(self, params: Params, schedule: Callable[[int], Any], weight_decay: float):
+    import torch  # imported here: torch is only needed for --compare-torch
+    from torch import nn as tnn
+
+    class TorchCNN(tnn.Module):
+      def __init__(self) -> None:
+        super().__init__()
+        self.Conv_0 = tnn.Conv2d(1, 16, 3, padding=1)  # named as the Flax modules
+        self.Conv_1 = tnn.Conv2d(16, 32, 3, padding=1)
+        self.Dense_0 = tnn.Linear(4 * 4 * 32, 10)
+
+      def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: NCHW
+        x = torch.relu(self.Conv_1(torch.relu(self.Conv_0(x))))
+        x = tnn.functional.avg_pool2d(x, 2)
+        return self.Dense_0(x.permute(0, 2, 3, 1).flatten(1))  # flatten as Flax: (h, w, c)
+
+    self.torch = torch
+    self.model = TorchCNN()
+    self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
+                                torch_layout(params).items()})
+    decayed = torch_layout(decay_mask(params))
+    named = list(self.model.named_parameters())
+    groups = [{"params": [p for n, p in named if decayed[n]], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decayed[n]], "weight_decay": 0.0}]
+    # lr=1.0 times the lambda gives the schedule's float32 values, step t using schedule(t).
+    self.opt = torch.optim.AdamW(groups, lr=1.0, foreach=False)
+    self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: float(schedule(t)))
+
+  def step(self, x: np.ndarray, y: np.ndarray) -> float:
+    torch = self.torch
+    xb, yb = torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(y).long()
+    loss = torch.nn.functional.cross_entropy(self.model(xb), yb)
+    self.opt.zero_grad()
+    loss.backward()
+    self.opt.step()
+    self.sched.step()
+    return loss.item()
+
+  def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+    with self.torch.no_grad():
+      pred = self.model(self.torch.from_numpy(x.transpose(0, 3, 1, 2))).argmax(1).numpy()
+    return float((pred == y).mean())
+
+  def max_abs_diff(self, params: Params) -> float:
+    theirs = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}
+    return max(float(np.abs(a - theirs[k]).max()) for k, a in torch_layout(params).items())
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> float:
+  """Trains the CNN, prints the per-epoch table, returns the final validation accuracy."""
+  args = parse_args(argv)
+  t0 = time.perf_counter()
+  x_tr, y_tr, x_val, y_val = load_data()
+  steps_per_epoch = len(x_tr) // args.batch_size
+  total_steps = args.epochs * steps_per_epoch
+
+  model = CNN()
+  params = model.init(jax.random.key(args.seed), jnp.zeros((1, 8, 8, 1)))["params"]
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=args.lr, warmup_steps=max(1, total_steps // 10),
+      decay_steps=total_steps, end_value=args.lr / 100)
+  optimizer = adamw_jax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
+  opt_state = optimizer.init(params)
+
+  torch_run: Optional[TorchTrainer] = None
+  if args.compare_torch:
+    try:
+      torch_run = TorchTrainer(params, schedule, args.weight_decay)
+    except ImportError as e:
+      print(f"--compare-torch needs PyTorch, which is not importable ({e}); "
+            "install it with `pip install 'adamw_jax[torch]'`.", file=sys.stderr)
+      raise SystemExit(2) from e
+
+  def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def train_step(params: Params, opt_state: Any, x: jax.Array, y: jax.Array):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def accuracy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    return (model.apply({"params": params}, x).argmax(-1) == y).mean()
+
+  if torch_run is None:
+    header = f"{'epoch':>5} | {'lr':>9} | {'train loss':>10} | {'val acc':>7}"
+  else:
+    header = (f"{'epoch':>5} | {'lr':>9} | {'loss jax':>8} | {'loss torch':>10} | "
+              f"{'val acc jax':>11} | {'val acc torch':>13}")
+  print(f"digits: {len(x_tr)} train / {len(x_val)} validation images; "
+        f"{args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size}")
+  print(header + "\n" + "-" * len(header))
+  rng = np.random.default_rng(args.seed)
+  bar = tqdm(total=total_steps, disable=args.no_progress, desc="training", unit="step",
+             leave=False)
+  val_acc = 0.0
+  for epoch in range(1, args.epochs + 1):
+    losses, torch_losses = [], []
+    for idx in batches(len(x_tr), args.batch_size, rng):
+      params, opt_state, loss = train_step(params, opt_state, x_tr[idx], y_tr[idx])
+      losses.append(loss)
+      if torch_run is not None:
+        torch_losses.append(torch_run.step(x_tr[idx], y_tr[idx]))
+      bar.update()
+    val_acc = float(accuracy(params, x_val, y_val))
+    lr = float(schedule(epoch * steps_per_epoch - 1))  # the lr of the epoch's last step
+    row = f"{epoch:>5} | {lr:>9.2e} | {float(jnp.mean(jnp.stack(losses))):>{8 + 2 * (torch_run is None)}.4f}"
+    if torch_run is None:
+      row += f" | {val_acc:>7.4f}"
+    else:
+      row += (f" | {np.mean(torch_losses):>10.4f} | {val_acc:>11.4f} | "
+              f"{torch_run.accuracy(x_val, y_val):>13.4f}")
+    bar.write(row, file=sys.stdout)
+  bar.close()
+  print(f"final validation accuracy: {val_acc:.4f}")
+  if torch_run is not None:
+    print(f"max |param difference| JAX vs torch: {torch_run.max_abs_diff(params):.3e}")
+  print(f"total wall time: {time.perf_counter() - t0:.1f} s")
+  return val_acc
+
+
+if __name__ == "__main__":
+  main()

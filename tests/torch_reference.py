@@ -1,0 +1,243 @@
+"""Side-by-side runs of torch.optim.AdamW/Adam and adamw_jax on the same gradients.
+
+Shared by the fidelity tests and ``benchmarks/fidelity.py`` (which prints the
+README's "How close to PyTorch?" table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+import adamw_jax
+
+SHAPES = {"matrix": (16, 8), "vector": (8,), "scalar": (), "cube": (3, 4, 5)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One optimizer configuration, expressed for both libraries."""
+
+  name: str
+  algo: str = "adamw"  # "adamw", "adam" or "chain" (scale_by_adam -> add_decayed_weights -> lr)
+  lr: float = 1e-3
+  betas: tuple[float, float] = (0.9, 0.999)
+  eps: float = 1e-8
+  weight_decay: float = 1e-2
+  amsgrad: bool = False
+  maximize: bool = False
+  complex: bool = False
+  cosine_steps: Optional[int] = None  # cosine lr schedule over this many steps
+
+  def schedule(self) -> Optional[Callable[[Any], Any]]:
+    if self.cosine_steps is None:
+      return None
+    return optax.cosine_decay_schedule(self.lr, self.cosine_steps, alpha=0.1)
+
+  def jax_tx(self) -> optax.GradientTransformation:
+    lr = self.schedule() or self.lr
+    b1, b2 = self.betas
+    kw = dict(b1=b1, b2=b2, eps=self.eps, amsgrad=self.amsgrad, maximize=self.maximize)
+    if self.algo == "adamw":
+      return adamw_jax.adamw(lr, weight_decay=self.weight_decay, **kw)
+    if self.algo == "adam":
+      return adamw_jax.adam(lr, weight_decay=self.weight_decay, **kw)
+    return optax.chain(
+        adamw_jax.scale_by_adam(**kw),
+        adamw_jax.add_decayed_weights(self.weight_decay),
+        optax.scale_by_learning_rate(lr))
+
+  def torch_opt(self, params: list[torch.Tensor], **impl) -> tuple[torch.optim.Optimizer, Any]:
+    cls = torch.optim.Adam if self.algo == "adam" else torch.optim.AdamW
+    sched = self.schedule()
+    opt = cls(params, lr=1.0 if sched else self.lr, betas=self.betas, eps=self.eps,
+              weight_decay=self.weight_decay, amsgrad=self.amsgrad, maximize=self.maximize, **impl)
+    lr_sched = None
+    if sched is not None:
+      # LambdaLR multiplies the base lr (1.0) by the lambda, so torch sees exactly the
+      # float32 values the jitted schedule gives (eager evaluation may round differently).
+      jitted = jax.jit(sched)
+      lr_sched = torch.optim.lr_scheduler.LambdaLR(
+          opt, lambda t: float(jitted(jnp.asarray(t, jnp.int32))))
+    return opt, lr_sched
+
+
+CASES = [
+    Case("default"),
+    Case("lr=0.01", lr=1e-2),
+    Case("weight_decay=0.1", weight_decay=0.1),
+    Case("maximize", maximize=True),
+    Case("amsgrad", amsgrad=True),
+    Case("betas=(0.8,0.99),eps=1e-6", betas=(0.8, 0.99), eps=1e-6),
+    Case("complex", complex=True),
+    Case("cosine schedule", cosine_steps=200),
+    Case("adam+L2", algo="adam", weight_decay=0.1),
+    Case("adam amsgrad+maximize", algo="adam", amsgrad=True, maximize=True, weight_decay=0.05),
+]
+CHAIN = Case("public-pieces chain", algo="chain")
+
+
+def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20):
+  """Initial params and a gradient function ``t -> grads`` (magnitudes 1e-6 .. 1e2)."""
+  rng = np.random.default_rng(seed)
+  is_complex = np.issubdtype(dtype, np.complexfloating)
+
+  def draw(shape, scale):
+    x = rng.standard_normal(shape) * scale
+    if is_complex:
+      x = x + 1j * rng.standard_normal(shape) * scale
+    return np.asarray(x, dtype)
+
+  params = {k: draw(s, 1.0) for k, s in SHAPES.items()}
+  grads_bank = [
+      {k: draw(s, 10.0 ** rng.uniform(-6, 2, s)) for k, s in SHAPES.items()} for _ in range(bank)]
+
+  def grads(t: int):
+    scale = 1 + 0.01 * t
+    return {k: np.asarray(v * scale, dtype) for k, v in grads_bank[t % bank].items()}
+
+  del steps
+  return params, grads
+
+
+@dataclasses.dataclass
+class Run:
+  """Final params and state of one run, as numpy dicts keyed like the params."""
+
+  params: dict[str, np.ndarray]
+  exp_avg: dict[str, np.ndarray]
+  exp_avg_sq: dict[str, np.ndarray]
+  max_exp_avg_sq: Optional[dict[str, np.ndarray]]
+  step: int
+  moments_bitwise_every_step: Optional[bool] = None
+
+
+def run_torch(case: Case, params, grads, steps: int, on_step=None, **impl) -> Run:
+  names = list(params)
+  tensors = [torch.nn.Parameter(torch.tensor(params[k]).clone()) for k in names]
+  opt, sched = case.torch_opt(tensors, **impl)
+  for t in range(steps):
+    g = grads(t)
+    for k, p in zip(names, tensors):
+      p.grad = torch.tensor(g[k]).clone()
+    opt.step()
+    if sched is not None:
+      sched.step()
+    if on_step is not None:
+      on_step(t, {k: opt.state[p] for k, p in zip(names, tensors)})
+  st = [opt.state[p] for p in tensors]
+  arr = lambda key: {k: s[key].detach().numpy().copy() for k, s in zip(names, st)}  # noqa: E731
+  return Run(
+      params={k: p.detach().numpy().copy() for k, p in zip(names, tensors)},
+      exp_avg=arr("exp_avg"), exp_avg_sq=arr("exp_avg_sq"),
+      max_exp_avg_sq=arr("max_exp_avg_sq") if case.amsgrad else None,
+      step=int(st[0]["step"].item()))
+
+
+def _adam_state(state) -> adamw_jax.ScaleByAdamState:
+  """The ScaleByAdamState inside a (possibly chained) optax state."""
+  if isinstance(state, adamw_jax.ScaleByAdamState):
+    return state
+  return next(s for s in state if isinstance(s, adamw_jax.ScaleByAdamState))
+
+
+def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
+  """Our run; with `torch_states` (a list of per-step torch states) also checks moments every step."""
+  tx = case.jax_tx()
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  bitwise = True
+  for t in range(steps):
+    p, state = step(p, state, jax.tree.map(jnp.asarray, grads(t)))
+    if torch_states is not None:
+      s = _adam_state(state)
+      ref = torch_states[t]
+      for k in params:
+        bitwise &= np.array_equal(np.asarray(s.mu[k]), ref[k][0])
+        bitwise &= np.array_equal(np.asarray(s.nu[k]), ref[k][1])
+        if case.amsgrad:
+          bitwise &= np.array_equal(np.asarray(s.nu_max[k]), ref[k][2])
+  s = _adam_state(state)
+  to_np = lambda tree: {k: np.asarray(v) for k, v in tree.items()}  # noqa: E731
+  return Run(
+      params=to_np(p), exp_avg=to_np(s.mu), exp_avg_sq=to_np(s.nu),
+      max_exp_avg_sq=to_np(s.nu_max) if case.amsgrad else None, step=int(s.count),
+      moments_bitwise_every_step=bitwise if torch_states is not None else None)
+
+
+def recorder(case: Case):
+  """An `on_step` callback for run_torch that keeps each step's moments."""
+  states: list[dict[str, tuple]] = []
+
+  def on_step(t, st):
+    del t
+    states.append({k: (s["exp_avg"].numpy().copy(), s["exp_avg_sq"].numpy().copy(),
+                       s["max_exp_avg_sq"].numpy().copy() if case.amsgrad else None)
+                   for k, s in st.items()})
+
+  return states, on_step
+
+
+def flat(tree: dict[str, np.ndarray]) -> np.ndarray:
+  """All leaves as one real vector (complex as (real, imag) pairs, like view_as_real)."""
+  parts = [np.asarray(tree[k]).reshape(-1) for k in sorted(tree)]
+  x = np.concatenate(parts)
+  return np.concatenate([x.real, x.imag]) if np.iscomplexobj(x) else x
+
+
+def max_abs(a, b) -> float:
+  return float(np.max(np.abs(flat(a).astype(np.float64) - flat(b).astype(np.float64))))
+
+
+def bitwise_fraction(a, b) -> float:
+  return float(np.mean(flat(a) == flat(b)))
+
+
+def max_rel(a, b) -> float:
+  """Largest difference of each tensor relative to that tensor's largest magnitude."""
+  worst = 0.0
+  for k in a:
+    x, y = np.asarray(a[k]), np.asarray(b[k])
+    scale = np.max(np.abs(y))
+    if scale > 0:
+      worst = max(worst, float(np.max(np.abs(x - y)) / scale))
+  return worst
+
+
+def reference_workload(n: int = 100_000, steps: int = 1000, seed: int = 0):
+  """The README's reference workload: N(0,1) params, 50 gradients 10^U(-6,2) cycled, x(1+0.01t)."""
+  rng = np.random.default_rng(seed)
+  params = {"w": rng.standard_normal(n).astype(np.float32)}
+  bank = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 2, n)).astype(np.float32)
+          for _ in range(50)]
+
+  def grads(t):
+    return {"w": (bank[t % 50] * np.float32(1 + 0.01 * t)).astype(np.float32)}
+
+  return params, grads, steps
+
+
+def run_optax(params, grads, steps: int, tx: optax.GradientTransformation) -> dict[str, np.ndarray]:
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+
+  @jax.jit
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  for t in range(steps):
+    p, state = step(p, state, jax.tree.map(jnp.asarray, grads(t)))
+  return {k: np.asarray(v) for k, v in p.items()}
