@@ -97,26 +97,41 @@ def _moment_dtype(param_dtype, requested) -> jnp.dtype:
   return jnp.dtype(requested)
 
 
-def _computed_once(tree, z: jax.Array):
-  """The per-step scalars in `tree`, each computed once, outside the elementwise loops.
+def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
+  """A scalar torch computes in Python: a literal when `value` is a Python number."""
+  if _is_number(value):
+    return jnp.asarray(np.asarray(float(value), dtype))
+  return traced()
 
-  XLA's CPU fusion otherwise inlines the double-word arithmetic into every loop
-  that broadcasts a scalar, or duplicates it into each kernel that needs a part
-  of it. It does not inline an "expensive" producer into a broadcasting
-  consumer, so each scalar ends with an exact division by a 1 the compiler
-  cannot see; the two halves of a double-word value travel together as one
-  complex number so that their shared arithmetic is one kernel, not two.
+
+def _computed_once(tree, z: jax.Array):
+  """The per-step scalars in `tree`, computed once, outside the elementwise loops.
+
+  Pairs of scalars (double-word values, or any 2-tuple) travel as one complex
+  number. XLA's CPU fusion would otherwise inline the double-word arithmetic
+  into every loop that broadcasts a scalar, or duplicate it into each kernel
+  that needs a part of it (each kernel launch costs about a microsecond). It
+  does not inline an "expensive" producer into a broadcasting consumer, so each
+  packed value ends with an exact division by a 1 the compiler cannot see.
   """
+  def is_pair(x):
+    return isinstance(x, tuple) and len(x) == 2 and all(
+        y is None or isinstance(y, jax.Array) for y in x)
+
   def once(x):
-    if isinstance(x, f2.F2):
-      packed = lax.complex(x.hi, x.lo)
-      packed = packed / f2.hide(jnp.ones([], x.hi.dtype), z).astype(packed.dtype)
-      return f2.F2(jnp.real(packed), jnp.imag(packed))
-    if x.dtype == jnp.int32:
-      return x
+    if x is None:
+      return None
+    if is_pair(x):
+      hi, lo = x
+      rebuild = (lambda *a: type(x)(*a)) if hasattr(x, "_fields") else (lambda *a: tuple(a))
+      if lo is None or hi is None:
+        return rebuild(*(once(y) for y in x))
+      packed = lax.complex(hi, lo.astype(hi.dtype))
+      packed = packed / f2.hide(jnp.ones([], hi.dtype), z).astype(packed.dtype)
+      return rebuild(jnp.real(packed), jnp.imag(packed).astype(lo.dtype))
     return x / f2.hide(jnp.ones([], x.dtype), z)
 
-  return jax.tree.map(once, tree, is_leaf=lambda x: isinstance(x, f2.F2))
+  return jax.tree.map(once, tree, is_leaf=lambda x: x is None or is_pair(x))
 
 
 def check_params(params: Any, what: str) -> None:
@@ -177,32 +192,41 @@ def adam_transform(
     one = f2.constant(1.0, dtype, z)
     bc1, bc2 = _computed_once(
         (_bias_correction(b1, new_count, dtype, z), _bias_correction(b2, new_count, dtype, z)), z)
-    if learning_rate is None:
-      lr = None
-      step_size = f2.div(one, bc1)
-    else:
-      lr = const(_evaluate(learning_rate, count))
-      step_size = f2.neg(f2.div(lr, bc1))
+    lr = None if learning_rate is None else _evaluate(learning_rate, count)
     wd = _evaluate(weight_decay, count)
+    if lr is None:
+      step_size = f2.round_(f2.div(one, bc1))
+    else:
+      step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
     if not needs_params:
       decay = None
-    elif decoupled:
-      decay = f2.round_(f2.sub(one, f2.mul(lr, const(wd))))
+    elif not decoupled:
+      decay = _rounded_number(wd, dtype, lambda: f2.round_(const(wd)))
+    elif _is_number(lr) and _is_number(wd):
+      decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:
-      decay = f2.round_(const(wd))
+      decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
     bc2_sqrt = f2.round_(f2.sqrt(bc2))
+    inv_bc2_sqrt = f2.round_(f2.div(one, f2.from_array(bc2_sqrt)))
+    # Two scalars per kernel: XLA on CPU launches one kernel per scalar result.
+    (step_size, decay), (bc2_sqrt, inv_bc2_sqrt) = _computed_once(
+        ((step_size, decay), (bc2_sqrt, inv_bc2_sqrt)), z)
     c = _kernel.Coefficients(
-        one_minus_b1=f2.round_(_one_minus(b1, dtype, z)),
-        b2=f2.round_(const(b2)),
-        one_minus_b2=f2.round_(_one_minus(b2, dtype, z)),
+        one_minus_b1=_rounded_number(
+            1.0 - float(b1) if _is_number(b1) else None, dtype,
+            lambda: f2.round_(_one_minus(b1, dtype, z))),
+        b2=_rounded_number(b2, dtype, lambda: f2.round_(const(b2))),
+        one_minus_b2=_rounded_number(
+            1.0 - float(b2) if _is_number(b2) else None, dtype,
+            lambda: f2.round_(_one_minus(b2, dtype, z))),
         bc2_sqrt=bc2_sqrt,
-        inv_bc2_sqrt=f2.round_(f2.div(one, f2.from_array(bc2_sqrt))),
-        eps=f2.round_(const(eps)),
+        inv_bc2_sqrt=inv_bc2_sqrt,
+        eps=_rounded_number(eps, dtype, lambda: f2.round_(const(eps))),
         eps_root=None if _is_zero(eps_root) else f2.round_(f2.mul(const(eps_root), bc2)),
-        step_size=f2.round_(step_size),
+        step_size=step_size,
         opaque_zero=z,
     )
-    return _computed_once((c, decay), z)
+    return c, decay
 
   def update_fn(updates, state, params=None):
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)

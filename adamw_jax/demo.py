@@ -6,22 +6,24 @@ as a user would write them:
 - a Flax CNN (two 3x3 convolutions with 16 and 32 channels, 2x2 average pooling
   and a Dense head) trained on the 8x8 digit images, pixels scaled to [0, 1],
   with a fixed stratified 80/20 train/validation split (seed 0);
-- ``adamw_jax.adamw``, torch's AdamW as an optax transform, with a linear-warmup
-  cosine learning-rate schedule (10 % of the steps warm up from 0 to ``--lr``,
-  then decay to ``--lr / 100``) and a weight-decay mask that decays only the
-  conv and Dense kernels, never the biases (decaying biases only pulls the
-  activations' offsets to 0). As in torch, AdamW's decay is decoupled and
-  scaled by the scheduled lr: each step multiplies a kernel by
-  ``1 - lr_t * weight_decay``, so ``--weight-decay`` is not comparable with
-  optax.adamw's or an L2 coefficient;
+- ``adamw_jax.adamw``, torch's AdamW as an optax transform, with a learning-rate
+  schedule (linear warmup from 0 to ``--lr`` over the first 10 % of the steps,
+  then cosine decay to ``--lr / 100``) and a weight-decay mask that decays only
+  the conv and Dense kernels, never the biases;
+- the choice of hyperparameters: a peak lr of 1e-2 is high for Adam but fine for
+  so small a model and reaches ~97 % validation accuracy in 10 short epochs.
+  AdamW's decay is decoupled and, as in torch, scaled by the scheduled lr: each
+  step multiplies a kernel by ``1 - lr_t * weight_decay``, so over the whole run
+  the decay alone shrinks the kernels by ``exp(-weight_decay * sum(lr_t))``,
+  about 10 % for the default 5e-2. It is not comparable with an L2 coefficient;
 - a jitted train step, validation accuracy computed in one jitted call, and a
-  per-epoch table of train loss and validation accuracy.
+  per-epoch table of the lr, the train loss and the validation accuracy.
 
 With ``--compare-torch`` the same CNN is built with ``torch.nn`` from the very
 same initial weights and trained with ``torch.optim.AdamW`` (two param groups
 for the mask, ``LambdaLR`` for the schedule) on the same batches in the same
-order; both validation curves are printed side by side, and the largest
-parameter difference between the two models at the end.
+order; both curves are printed side by side, then the largest parameter
+difference between the two models.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from tqdm import tqdm
 import adamw_jax
 
 Params = Any
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class CNN(nn.Module):
@@ -64,13 +65,13 @@ def decay_mask(params: Params) -> Params:
       lambda path, p: path[-1].key == "kernel" and p.ndim >= 2, params)
 
 
-def load_data(seed: int = 0) -> Arrays:
-  """Digits as (N, 8, 8, 1) float32 in [0, 1]; a stratified 80/20 split."""
+def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Digits as (N, 8, 8, 1) float32 in [0, 1], split 80/20, stratified, seed 0."""
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
   x_tr, x_val, y_tr, y_val = train_test_split(
-      images, labels, test_size=0.2, stratify=labels, random_state=seed)
+      images, labels, test_size=0.2, stratify=labels, random_state=0)
   return x_tr, y_tr, x_val, y_val
 
 
@@ -83,11 +84,11 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m adamw_jax.demo", description=__doc__.split("\n")[0])
-  p.add_argument("--epochs", type=int, default=8, help="number of epochs (default: 8)")
+  p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
   p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-  p.add_argument("--weight-decay", type=float, default=1e-2,
-                 help="decoupled weight decay on the kernels (default: 1e-2, torch's)")
+  p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: 1e-2)")
+  p.add_argument("--weight-decay", type=float, default=5e-2,
+                 help="AdamW weight decay, kernels only (default: 5e-2)")
   p.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default: 0)")
   p.add_argument("--compare-torch", action="store_true",
                  help="also train the same CNN with torch.optim.AdamW and compare")
@@ -95,7 +96,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- torch side
 def torch_layout(params: Params) -> dict[str, np.ndarray]:
   """Flax params under torch names and layouts: HWIO conv -> OIHW, Dense (in, out) -> (out, in)."""
   out = {}
@@ -108,12 +108,14 @@ def torch_layout(params: Params) -> dict[str, np.ndarray]:
   return out
 
 
-class TorchTrainer:
+class TorchRun:
   """The same CNN, optimizer, mask and schedule in torch, from the same initial weights."""
 
-  def __init__(self, params: Params, schedule: Callable[[int], Any], weight_decay: float):
-    import torch  # imported here: torch is only needed for --compare-torch
-    from torch import nn as tnn
+  def __init__(self, params: Params, lr_at: Callable[[int], float], weight_decay: float):
+    import torch  # only --compare-torch needs torch
+
+    torch.set_num_threads(1)  # the model is tiny: extra threads cost more than they save
+    tnn = torch.nn
 
     class TorchCNN(tnn.Module):
       def __init__(self) -> None:
@@ -125,24 +127,26 @@ class TorchTrainer:
       def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: NCHW
         x = torch.relu(self.Conv_1(torch.relu(self.Conv_0(x))))
         x = tnn.functional.avg_pool2d(x, 2)
-        return self.Dense_0(x.permute(0, 2, 3, 1).flatten(1))  # flatten as Flax: (h, w, c)
+        return self.Dense_0(x.permute(0, 2, 3, 1).flatten(1))  # flattened as Flax: (h, w, c)
 
     self.torch = torch
     self.model = TorchCNN()
-    self.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
-                                torch_layout(params).items()})
-    decayed = torch_layout(decay_mask(params))
+    self.model.load_state_dict({k: torch.from_numpy(a.copy())
+                                for k, a in torch_layout(params).items()})
+    decayed = torch_layout(decay_mask(params))  # the same mask, under torch's names
     named = list(self.model.named_parameters())
     groups = [{"params": [p for n, p in named if decayed[n]], "weight_decay": weight_decay},
               {"params": [p for n, p in named if not decayed[n]], "weight_decay": 0.0}]
-    # lr=1.0 times the lambda gives the schedule's float32 values, step t using schedule(t).
+    # foreach=False is torch's default on CPU; lr=1.0 times the lambda is the schedule.
     self.opt = torch.optim.AdamW(groups, lr=1.0, foreach=False)
-    self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: float(schedule(t)))
+    self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
+
+  def _nchw(self, x: np.ndarray) -> Any:
+    return self.torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
   def step(self, x: np.ndarray, y: np.ndarray) -> float:
-    torch = self.torch
-    xb, yb = torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(y).long()
-    loss = torch.nn.functional.cross_entropy(self.model(xb), yb)
+    loss = self.torch.nn.functional.cross_entropy(
+        self.model(self._nchw(x)), self.torch.from_numpy(y).long())
     self.opt.zero_grad()
     loss.backward()
     self.opt.step()
@@ -151,17 +155,15 @@ class TorchTrainer:
 
   def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
     with self.torch.no_grad():
-      pred = self.model(self.torch.from_numpy(x.transpose(0, 3, 1, 2))).argmax(1).numpy()
-    return float((pred == y).mean())
+      return float((self.model(self._nchw(x)).argmax(1).numpy() == y).mean())
 
   def max_abs_diff(self, params: Params) -> float:
     theirs = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}
     return max(float(np.abs(a - theirs[k]).max()) for k, a in torch_layout(params).items())
 
 
-# ----------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> float:
-  """Trains the CNN, prints the per-epoch table, returns the final validation accuracy."""
+  """Trains the CNN, prints the per-epoch table and returns the final validation accuracy."""
   args = parse_args(argv)
   t0 = time.perf_counter()
   x_tr, y_tr, x_val, y_val = load_data()
@@ -169,20 +171,24 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
   total_steps = args.epochs * steps_per_epoch
 
   model = CNN()
-  params = model.init(jax.random.key(args.seed), jnp.zeros((1, 8, 8, 1)))["params"]
+  params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, 8, 8, 1)))["params"]
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=args.lr, warmup_steps=max(1, total_steps // 10),
       decay_steps=total_steps, end_value=args.lr / 100)
   optimizer = adamw_jax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
   opt_state = optimizer.init(params)
+  # The lr of step t (t = 0, 1, ...). Jitted, as inside the optimizer: evaluated op by op,
+  # the schedule differs from its jitted value by one float32 ulp at some steps.
+  jit_schedule = jax.jit(schedule)
+  lr_at: Callable[[int], float] = lambda t: float(jit_schedule(t))  # noqa: E731
 
-  torch_run: Optional[TorchTrainer] = None
+  torch_run: Optional[TorchRun] = None
   if args.compare_torch:
     try:
-      torch_run = TorchTrainer(params, schedule, args.weight_decay)
+      torch_run = TorchRun(params, lr_at, args.weight_decay)
     except ImportError as e:
-      print(f"--compare-torch needs PyTorch, which is not importable ({e}); "
-            "install it with `pip install 'adamw_jax[torch]'`.", file=sys.stderr)
+      print(f"--compare-torch needs PyTorch, which cannot be imported ({e}); "
+            "install it with: pip install 'adamw_jax[torch]'", file=sys.stderr)
       raise SystemExit(2) from e
 
   def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -199,20 +205,20 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
   def accuracy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     return (model.apply({"params": params}, x).argmax(-1) == y).mean()
 
-  if torch_run is None:
-    header = f"{'epoch':>5} | {'lr':>9} | {'train loss':>10} | {'val acc':>7}"
-  else:
-    header = (f"{'epoch':>5} | {'lr':>9} | {'loss jax':>8} | {'loss torch':>10} | "
-              f"{'val acc jax':>11} | {'val acc torch':>13}")
-  print(f"digits: {len(x_tr)} train / {len(x_val)} validation images; "
+  columns = ["epoch", "lr", "train loss", "val acc"]
+  if torch_run is not None:
+    columns = ["epoch", "lr", "loss jax", "loss torch", "val acc jax", "val acc torch"]
+  header = " | ".join(f"{c:>9}" for c in columns)
+  print(f"digits: {len(x_tr)} train / {len(x_val)} validation images, "
         f"{args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size}")
   print(header + "\n" + "-" * len(header))
+
   rng = np.random.default_rng(args.seed)
-  bar = tqdm(total=total_steps, disable=args.no_progress, desc="training", unit="step",
-             leave=False)
+  bar = tqdm(total=total_steps, disable=args.no_progress, unit="step", leave=False)
   val_acc = 0.0
   for epoch in range(1, args.epochs + 1):
-    losses, torch_losses = [], []
+    losses: list[jax.Array] = []
+    torch_losses: list[float] = []
     for idx in batches(len(x_tr), args.batch_size, rng):
       params, opt_state, loss = train_step(params, opt_state, x_tr[idx], y_tr[idx])
       losses.append(loss)
@@ -220,15 +226,16 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         torch_losses.append(torch_run.step(x_tr[idx], y_tr[idx]))
       bar.update()
     val_acc = float(accuracy(params, x_val, y_val))
-    lr = float(schedule(epoch * steps_per_epoch - 1))  # the lr of the epoch's last step
-    row = f"{epoch:>5} | {lr:>9.2e} | {float(jnp.mean(jnp.stack(losses))):>{8 + 2 * (torch_run is None)}.4f}"
-    if torch_run is None:
-      row += f" | {val_acc:>7.4f}"
+    values = [lr_at(epoch * steps_per_epoch - 1), float(jnp.mean(jnp.stack(losses)))]
+    if torch_run is not None:
+      values += [float(np.mean(torch_losses)), val_acc, torch_run.accuracy(x_val, y_val)]
     else:
-      row += (f" | {np.mean(torch_losses):>10.4f} | {val_acc:>11.4f} | "
-              f"{torch_run.accuracy(x_val, y_val):>13.4f}")
-    bar.write(row, file=sys.stdout)
+      values += [val_acc]
+    widths = [max(9, len(c)) for c in columns[1:]]
+    cells = [f"{values[0]:>{widths[0]}.2e}"] + [f"{v:>{w}.4f}" for v, w in zip(values[1:], widths[1:])]
+    bar.write(" | ".join([f"{epoch:>9}"] + cells), file=sys.stdout)
   bar.close()
+
   print(f"final validation accuracy: {val_acc:.4f}")
   if torch_run is not None:
     print(f"max |param difference| JAX vs torch: {torch_run.max_abs_diff(params):.3e}")
