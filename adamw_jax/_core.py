@@ -190,14 +190,26 @@ def adam_transform(
     z = lax.shift_right_logical(new_count, jnp.int32(31))  # 0, but opaque to XLA
     const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
     one = f2.constant(1.0, dtype, z)
-    bc1, bc2 = _computed_once(
-        (_bias_correction(b1, new_count, dtype, z), _bias_correction(b2, new_count, dtype, z)), z)
+    bc1 = _bias_correction(b1, new_count, dtype, z)
+    bc2 = _bias_correction(b2, new_count, dtype, z)
     lr = None if learning_rate is None else _evaluate(learning_rate, count)
     wd = _evaluate(weight_decay, count)
-    if lr is None:
-      step_size = f2.round_(f2.div(one, bc1))
+    if jnp.dtype(dtype) == jnp.float64:
+      # torch rounds every Python operation to a double: do the same (after a
+      # correctly rounded beta**t, as Python's pow gives).
+      bc1 = f2.from_array(1 - f2.round_(f2.sub(one, bc1)))
+      bc2 = f2.from_array(1 - f2.round_(f2.sub(one, bc2)))
+      numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
+      step_size = numerator / bc1.hi
+      bc2_sqrt = jnp.sqrt(bc2.hi)
+      inv_bc2_sqrt = 1 / bc2_sqrt
     else:
-      step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
+      if lr is None:
+        step_size = f2.round_(f2.div(one, bc1))
+      else:
+        step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
+      bc2_sqrt = f2.round_(f2.sqrt(bc2))
+      inv_bc2_sqrt = f2.reciprocal(bc2_sqrt, z)
     if not needs_params:
       decay = None
     elif not decoupled:
@@ -206,8 +218,6 @@ def adam_transform(
       decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:
       decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
-    bc2_sqrt = f2.round_(f2.sqrt(bc2))
-    inv_bc2_sqrt = f2.round_(f2.div(one, f2.from_array(bc2_sqrt)))
     # Two scalars per kernel: XLA on CPU launches one kernel per scalar result.
     (step_size, decay), (bc2_sqrt, inv_bc2_sqrt) = _computed_once(
         ((step_size, decay), (bc2_sqrt, inv_bc2_sqrt)), z)

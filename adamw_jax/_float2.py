@@ -124,8 +124,41 @@ def mul(x: F2, y: F2) -> F2:
   return F2(*_fast_two_sum(p, e))
 
 
+def _newton_steps(dtype) -> int:
+  return 5 if jnp.dtype(dtype) == jnp.float64 else 4
+
+
+def _reciprocal(y: jax.Array) -> jax.Array:
+  """About ``1 / y`` (to the working precision) for y > 0, from multiplies and adds only.
+
+  XLA keeps each division or square root in a kernel of its own; these scalars
+  should cost one kernel per step, so the double-word code avoids both. The
+  initial guess comes from the exponent bits; each Newton step squares the error.
+  """
+  dtype = y.dtype
+  utype = _UINT[jnp.dtype(dtype).itemsize]
+  magic = 0x7EF311C3 if dtype == jnp.float32 else 0x7FDE623822FC16E6
+  r = lax.bitcast_convert_type(jnp.asarray(magic, utype) - lax.bitcast_convert_type(y, utype), dtype)
+  for _ in range(_newton_steps(dtype)):
+    r = r * (2 - y * r)
+  return r
+
+
+def _rsqrt(x: jax.Array) -> jax.Array:
+  """About ``1 / sqrt(x)`` for x > 0, from multiplies and adds only (see _reciprocal)."""
+  dtype = x.dtype
+  utype = _UINT[jnp.dtype(dtype).itemsize]
+  magic = 0x5F3759DF if dtype == jnp.float32 else 0x5FE6EB50C7B537A9
+  r = lax.bitcast_convert_type(
+      jnp.asarray(magic, utype) - (lax.bitcast_convert_type(x, utype) >> 1), dtype)
+  for _ in range(_newton_steps(dtype)):
+    r = r * (1.5 - 0.5 * x * r * r)
+  return r
+
+
 def div(x: F2, y: F2) -> F2:
-  r = 1 / y.hi  # the only division: XLA keeps each division in a kernel of its own
+  """``x / y`` for y > 0: a reciprocal estimate and three residual corrections."""
+  r = _reciprocal(y.hi)
   q1 = x.hi * r
   e = sub(x, mul(F2(q1, jnp.zeros_like(q1)), y))
   q2 = e.hi * r
@@ -134,13 +167,33 @@ def div(x: F2, y: F2) -> F2:
   return add(F2(*_fast_two_sum(q1, q2)), F2(q3, jnp.zeros_like(q3)))
 
 
+def reciprocal(x: jax.Array, opaque_zero: jax.Array) -> jax.Array:
+  """The working-dtype number nearest to ``1 / x`` for x > 0 (correctly rounded).
+
+  Rounding a double-word quotient can land on the wrong side of a near-tie
+  (1 / (1 - 2**-24) is one); the neighbours are compared by exact residuals.
+  """
+  q = round_(div(constant(1.0, x.dtype, opaque_zero), from_array(x)))
+  best, best_err = q, None
+  for cand in (jnp.nextafter(q, jnp.zeros_like(q)), q, jnp.nextafter(q, jnp.full_like(q, jnp.inf))):
+    p, e = _two_prod(cand, x)
+    err = jnp.abs((hide(jnp.ones_like(p), opaque_zero) - p) - e)
+    if best_err is None:
+      best, best_err = cand, err
+    else:
+      better = err < best_err
+      best, best_err = jnp.where(better, cand, best), jnp.where(better, err, best_err)
+  return best
+
+
 def sqrt(x: F2) -> F2:
-  """Square root of a non-negative value (one Newton step from the hi sqrt)."""
-  s = jnp.sqrt(x.hi)
-  safe = jnp.where(s > 0, s, jnp.ones_like(s))
+  """Square root of a positive value: Newton from an rsqrt estimate, corrected in double words."""
+  r = _rsqrt(x.hi)
+  s = x.hi * r
   residual = sub(x, mul(F2(s, jnp.zeros_like(s)), F2(s, jnp.zeros_like(s))))
-  corr = jnp.where(s > 0, residual.hi * (0.5 / safe), jnp.zeros_like(s))
-  return F2(*_fast_two_sum(s, corr))
+  s, e = _fast_two_sum(s, residual.hi * (0.5 * r))
+  residual = sub(x, mul(F2(s, e), F2(s, e)))
+  return F2(*_fast_two_sum(s, e + residual.hi * (0.5 * r)))
 
 
 def one_minus_power(delta: F2, exponent: jax.Array) -> F2:
