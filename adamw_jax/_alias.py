@@ -72,9 +72,10 @@ def adamw(
   **Differences from optax.adamw:** torch's defaults (``weight_decay=1e-2``,
   optax has 1e-4); decay multiplies the parameter before the Adam step
   (optax adds ``wd * p`` to the Adam direction and then scales by ``lr``);
-  AMSGrad takes the maximum of the raw ``v`` and bias-corrects it afterwards
-  (optax's ``amsgrad`` maximises the bias-corrected ``v_hat``); ``maximize``
-  and complex parameters as torch; ``nesterov`` is not offered; invalid
+  ``amsgrad`` is offered and takes the maximum of the raw ``v``, bias-correcting
+  it afterwards (``optax.adamw`` has no AMSGrad; ``optax.amsgrad`` by default
+  maximises the bias-corrected ``v_hat``); ``maximize`` and complex parameters
+  as torch; ``nesterov`` is not offered; invalid
   hyperparameters raise ``ValueError`` when the transform is built; a mask that
   does not match the params raises an error naming the path.
 
