@@ -249,6 +249,8 @@ def adam_transform(
     decay_mask = (
         jax.tree.map(lambda _: True, updates) if mask is None or not needs_params
         else _tree.resolve_mask(mask, params, what=name))
+    # Without weight decay the step (s*m)/d is already torch's p_new - p.
+    with_params = learning_rate is not None and params is not None and needs_params
     count = state.count
     new_count = optax.safe_increment(count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
@@ -260,12 +262,14 @@ def adam_transform(
       c, decay = cache[dtype]
       decay = decay if decayed else None
       out, m, v, vm = _kernel.adam_leaf(
-          g, m, v, vm, p if (learning_rate is not None) else None, c,
+          g, m, v, vm, p if with_params else None, c,
           maximize=maximize,
           l2=None if decoupled else decay,
           decay=decay if decoupled else None)
-      if learning_rate is not None:
-        out = out - p  # exact when new and old parameters are within a factor of two
+      if with_params:
+        # torch's new parameter, as an update: exact when new and old parameters
+        # are within a factor of two of each other, so p + update lands on it.
+        out = out - p
       return out, m, v, vm
 
     treedef = jax.tree.structure(updates)

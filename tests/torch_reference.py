@@ -147,9 +147,8 @@ def _adam_state(state) -> adamw_jax.ScaleByAdamState:
   return next(s for s in state if isinstance(s, adamw_jax.ScaleByAdamState))
 
 
-def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
-  """Our run; with `torch_states` (a list of per-step torch states) also checks moments every step."""
-  tx = case.jax_tx()
+def _jax_steps(tx: optax.GradientTransformation, params, grads, steps: int):
+  """Yields (t, params, state) after each jitted step of `tx` on the given gradients."""
   p = jax.tree.map(jnp.asarray, params)
   state = tx.init(p)
 
@@ -158,9 +157,15 @@ def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
     updates, state = tx.update(g, state, p)
     return optax.apply_updates(p, updates), state
 
-  bitwise = True
   for t in range(steps):
     p, state = step(p, state, jax.tree.map(jnp.asarray, grads(t)))
+    yield t, p, state
+
+
+def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
+  """Our run; with `torch_states` (a list of per-step torch states) also checks moments every step."""
+  bitwise = True
+  for t, p, state in _jax_steps(case.jax_tx(), params, grads, steps):
     if torch_states is not None:
       s = _adam_state(state)
       ref = torch_states[t]
@@ -230,14 +235,6 @@ def reference_workload(n: int = 100_000, steps: int = 1000, seed: int = 0):
 
 
 def run_optax(params, grads, steps: int, tx: optax.GradientTransformation) -> dict[str, np.ndarray]:
-  p = jax.tree.map(jnp.asarray, params)
-  state = tx.init(p)
-
-  @jax.jit
-  def step(p, state, g):
-    updates, state = tx.update(g, state, p)
-    return optax.apply_updates(p, updates), state
-
-  for t in range(steps):
-    p, state = step(p, state, jax.tree.map(jnp.asarray, grads(t)))
+  for _, p, _ in _jax_steps(tx, params, grads, steps):
+    pass
   return {k: np.asarray(v) for k, v in p.items()}
