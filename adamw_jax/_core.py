@@ -73,8 +73,10 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
   if _is_number(beta):
     if float(beta) == 0.0:
       return f2.constant(1.0, dtype, z)
-    return f2.one_minus_exp_times(math.log(float(beta)), t, dtype, z)
-  return f2.one_minus_power(_one_minus(beta, dtype, z), t)
+    log_beta = f2.constant(math.log(float(beta)), dtype, z)
+  else:  # traced (e.g. optax.inject_hyperparams): log in double words
+    log_beta = f2.log(_f2_of(beta, dtype, z), z)
+  return f2.one_minus_exp_times(log_beta, t, z)
 
 
 def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
@@ -246,8 +248,14 @@ def adam_transform(
             f"{name}: weight decay needs the parameters; call "
             "update(updates, state, params) with params.")
       _tree.check_same_structure(updates, params, "updates", "params", what=name)
+    return compute(updates, state, params)
+
+  # Compiled even when called eagerly: op-by-op execution would not fuse the
+  # moment updates into torch's multiply-adds and would round differently.
+  @jax.jit
+  def compute(updates, state, params):
     decay_mask = (
-        jax.tree.map(lambda _: True, updates) if mask is None or not needs_params
+        jax.tree.map(lambda _: True, updates) if mask is None or params is None
         else _tree.resolve_mask(mask, params, what=name))
     # Without weight decay the step (s*m)/d is already torch's p_new - p.
     with_params = learning_rate is not None and params is not None and needs_params

@@ -196,31 +196,6 @@ def sqrt(x: F2) -> F2:
   return F2(*_fast_two_sum(s, e + residual.hi * (0.5 * r)))
 
 
-def one_minus_power(delta: F2, exponent: jax.Array) -> F2:
-  """``1 - (1 - delta) ** exponent`` for a non-negative int32 exponent.
-
-  Square-and-multiply on the complement: with ``x = 1 - a`` and ``y = 1 - b``,
-  ``x * y = 1 - (a + b - a * b)``, a sum of positive terms, so the result keeps
-  its relative accuracy for every exponent (a bias correction ``1 - beta**t``
-  is accurate to ~1e-14 relative even at ``t = 1`` or ``t = 2**31 - 1``).
-  """
-  exponent = jnp.asarray(exponent, jnp.int32)
-  zero = F2(jnp.zeros_like(delta.hi), jnp.zeros_like(delta.lo))
-
-  def combine(a: F2, b: F2) -> F2:
-    return sub(add(a, b), mul(a, b))
-
-  def body(i, carry):
-    acc, sq = carry
-    take = ((exponent >> i) & 1) == 1
-    new = combine(acc, sq)
-    acc = F2(jnp.where(take, new.hi, acc.hi), jnp.where(take, new.lo, acc.lo))
-    return acc, combine(sq, sq)
-
-  acc, _ = lax.fori_loop(0, 31, body, (zero, delta), unroll=True)
-  return acc
-
-
 _LN2 = 0.6931471805599453094172321214581766
 _TAYLOR_TERMS = 15  # |r| <= ln(2)/2: the next term is below 1e-19
 
@@ -240,17 +215,14 @@ def _exp2_int(k: jax.Array, dtype) -> jax.Array:
   return lax.bitcast_convert_type(biased << info.nmant, dtype)
 
 
-def one_minus_exp_times(log_base: float, exponent: jax.Array, dtype, opaque_zero: jax.Array) -> F2:
-  """``1 - exp(exponent * log_base)``, i.e. ``1 - base**exponent``, for log_base <= 0.
+def one_minus_exp(x: F2, opaque_zero: jax.Array) -> F2:
+  """``1 - exp(x)`` for ``x <= 88``, to ~1e-14 relative accuracy (``-expm1(x)``).
 
-  A closed form for Python-float bases (cheaper than square-and-multiply):
-  range reduction ``x = k ln2 + r`` and a Taylor series of ``expm1(r)`` in
-  double-word arithmetic, keeping ~1e-14 relative accuracy for every exponent.
+  Range reduction ``x = k ln2 + r``, ``|r| <= ln2 / 2``, and a Taylor series of
+  ``expm1(r)`` in double-word arithmetic; ``2**k`` is built exactly from bits.
   """
+  dtype = x.hi.dtype
   const = lambda v: constant(v, dtype, opaque_zero)  # noqa: E731
-  t = _exact_int(exponent, dtype)
-  log_b = const(log_base)
-  x = add(mul(F2(t.hi, jnp.zeros_like(t.hi)), log_b), mul(F2(t.lo, jnp.zeros_like(t.lo)), log_b))
   # Beyond -60, 1 - e**x is 1 to well past double precision.
   big = x.hi < -60
   x = F2(jnp.where(big, jnp.asarray(-60, dtype), x.hi), jnp.where(big, jnp.zeros_like(x.lo), x.lo))
@@ -261,8 +233,28 @@ def one_minus_exp_times(log_base: float, exponent: jax.Array, dtype, opaque_zero
   for i in range(_TAYLOR_TERMS - 1, -1, -1):
     poly = add(mul(poly, r), const(1.0 / math.factorial(i + 1)))
   expm1_r = mul(poly, r)
-  # 1 - 2**k (1 + expm1_r) = (1 - 2**k) - 2**k expm1_r; 2**k is exact.
+  # 1 - 2**k (1 + expm1_r) = (1 - 2**k) - 2**k expm1_r.
   two_k = _exp2_int(k, dtype)
   scaled = F2(expm1_r.hi * two_k, expm1_r.lo * two_k)
   one = hide(jnp.ones_like(two_k), opaque_zero)
   return sub(F2(*_two_sum(one, -two_k)), scaled)
+
+
+def log(b: F2, opaque_zero: jax.Array) -> F2:
+  """``log(b)`` for ``0 < b`` (not too close to 0): one Newton step in double words.
+
+  From ``y0 = log(b.hi)`` (working precision), ``y1 = y0 + b * exp(-y0) - 1``
+  doubles the number of correct bits.
+  """
+  y0 = jnp.log(b.hi)
+  em1 = neg(one_minus_exp(F2(-y0, jnp.zeros_like(y0)), opaque_zero))  # exp(-y0) - 1
+  correction = add(sub(b, constant(1.0, b.hi.dtype, opaque_zero)), mul(b, em1))
+  return add(F2(y0, jnp.zeros_like(y0)), correction)
+
+
+def one_minus_exp_times(log_base: F2, exponent: jax.Array, opaque_zero: jax.Array) -> F2:
+  """``1 - exp(exponent * log_base)``, i.e. ``1 - base**exponent``, for log_base <= 0."""
+  t = _exact_int(exponent, log_base.hi.dtype)
+  x = add(mul(F2(t.hi, jnp.zeros_like(t.hi)), log_base),
+          mul(F2(t.lo, jnp.zeros_like(t.lo)), log_base))
+  return one_minus_exp(x, opaque_zero)
