@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import jax
@@ -9,6 +11,52 @@ import numpy as np
 from jax import tree_util as jtu
 
 MaskOrFn = Union[Any, Callable[[Any], Any]]
+
+
+def is_box(x) -> bool:
+  """A wrapper around one parameter: an ``nnx.Variable`` (e.g. ``nnx.Param``) or a Linen box.
+
+  Linen boxes are ``flax.core.meta.AxisMetadata`` such as ``nn.Partitioned``.
+  Both are pytree nodes whose single child is the array (key path ``.../value``);
+  masks and path rules treat them as the parameter itself. Checked through
+  ``sys.modules``, so Flax is not imported here: if it is not loaded, no box
+  can exist.
+  """
+  nnx_vars = sys.modules.get("flax.nnx.variablelib")
+  if nnx_vars is not None:
+    kinds = tuple(k for k in (vars(nnx_vars).get("Variable"), vars(nnx_vars).get("VariableState"))
+                  if isinstance(k, type))
+    if kinds and isinstance(x, kinds):
+      return True
+  meta = sys.modules.get("flax.core.meta")
+  return meta is not None and isinstance(x, meta.AxisMetadata)
+
+
+def unbox(x):
+  """The value inside a box (see :func:`is_box`); anything else unchanged."""
+  if not is_box(x):
+    return x
+  if hasattr(x, "get_value"):  # nnx.Variable (flax >= 0.12)
+    return x.get_value()
+  if hasattr(x, "unbox"):  # Linen AxisMetadata
+    return x.unbox()
+  return x.value  # older nnx.VariableState
+
+
+def unbox_all(tree):
+  """`tree` with every box replaced by its value (``nnx.as_pure`` for any pytree)."""
+  return jax.tree.map(unbox, tree, is_leaf=is_box)
+
+
+def flatten_params(tree) -> tuple[list[tuple[str, Any]], Any]:
+  """The parameters of `tree` as ('/'-joined path, unboxed leaf) pairs, and the treedef.
+
+  Boxes (``nnx.Param``, ``nn.Partitioned``) count as leaves, so their paths do
+  not end in '/value', and ``treedef.unflatten`` puts one value in the place of
+  each box: a tree that is a prefix both of the boxed tree and of its pure form.
+  """
+  flat, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_box)
+  return [(path_str(path), unbox(leaf)) for path, leaf in flat], treedef
 
 
 def key_str(key) -> str:
@@ -43,11 +91,24 @@ def _node_keys(node) -> str:
   return f"{type(node).__name__} with keys {[key_str(k) for k, _ in kids[0]]}"
 
 
-def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True):
+def _mapping_items(node, items):
+  """Children of a mapping node keyed by their key text (for mapping-tolerant matching)."""
+  return {key_str(k): (k, child) for k, child in items}
+
+
+def _alike_mappings(a, b, a_items, b_items) -> bool:
+  """Two mappings of different types (dict, FrozenDict, nnx.State) with the same keys."""
+  return (isinstance(a, Mapping) and isinstance(b, Mapping)
+          and sorted(key_str(k) for k, _ in a_items) == sorted(key_str(k) for k, _ in b_items))
+
+
+def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True, mappings_alike: bool = False):
   """The path and description where `prefix` stops being a (prefix of) `tree`.
 
   Returns None when `prefix` matches. With ``prefix_ok=False`` the two trees
-  must have the same structure all the way down to their leaves.
+  must have the same structure all the way down to their leaves. With
+  ``mappings_alike=True`` a mapping matches a mapping of another type with the
+  same keys (a dict mask for FrozenDict or ``nnx.State`` parameters).
   """
   p_kids = _children(prefix)
   t_kids = _children(tree)
@@ -60,10 +121,16 @@ def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True):
   (p_items, p_def), (t_items, t_def) = p_kids, t_kids
   p_keys = [key_str(k) for k, _ in p_items]
   t_keys = [key_str(k) for k, _ in t_items]
-  if p_def.node_data() != t_def.node_data() or p_keys != t_keys:
+  if mappings_alike and _alike_mappings(prefix, tree, p_items, t_items):
+    t_by_key = _mapping_items(tree, t_items)
+    pairs = [(key, p_child, t_by_key[key_str(key)][1]) for key, p_child in p_items]
+  elif p_def.node_data() != t_def.node_data() or p_keys != t_keys:
     return path, _node_keys(prefix), _node_keys(tree)
-  for (key, p_child), (_, t_child) in zip(p_items, t_items):
-    found = first_mismatch(p_child, t_child, path + (key,), prefix_ok=prefix_ok)
+  else:
+    pairs = [(key, p_child, t_child) for (key, p_child), (_, t_child) in zip(p_items, t_items)]
+  for key, p_child, t_child in pairs:
+    found = first_mismatch(p_child, t_child, path + (key,), prefix_ok=prefix_ok,
+                           mappings_alike=mappings_alike)
     if found is not None:
       return found
   return None
@@ -94,26 +161,64 @@ def _is_bool(x) -> bool:
       hasattr(x, "dtype") and np.shape(x) == () and np.dtype(x.dtype) == np.bool_)
 
 
+def is_mask_fn(mask) -> bool:
+  """Whether a mask is a callable ``params -> mask`` rather than a mask pytree.
+
+  A pytree node that happens to be callable (an Equinox module of booleans, say)
+  is a mask, not a function: only callables without boolean leaves are called.
+  """
+  return callable(mask) and not any(_is_bool(x) for x in jax.tree.leaves(mask))
+
+
+def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any], bool],
+                  leaf_error: Callable[[Any, str], str]) -> Any:
+  """A prefix of `tree` (a mask or a label tree) broadcast to the full structure of `tree`.
+
+  Boxes in `prefix` (``nnx.Param(True)``, from ``jax.tree.map`` over an
+  ``nnx.State``) count as their values, so a prefix built from boxed
+  parameters also matches their pure form and vice versa; mappings match
+  mappings of another type with the same keys. The result has the node types of
+  `tree`. Errors name the first mismatching path and both trees' keys there.
+  """
+  prefix = unbox_all(prefix)
+  found = first_mismatch(prefix, tree, mappings_alike=True)
+  if found is not None:
+    path, p_desc, t_desc = found
+    raise ValueError(
+        f"{what}: the {noun} does not match the parameters at {_where(path)}: "
+        f"the {noun} has {p_desc}, the parameters have {t_desc}.")
+
+  def expand(path, p, subtree):
+    p_kids = _children(p)
+    if p_kids is None:
+      if not leaf_ok(p):
+        raise TypeError(f"{what}: {leaf_error(p, _where(path))}")
+      return jax.tree.map(lambda _: p, subtree)
+    t_items, t_def = _children(subtree)
+    if isinstance(p, Mapping) and isinstance(subtree, Mapping):
+      p_by_key = _mapping_items(p, p_kids[0])
+      kids = [expand(path + (k,), p_by_key[key_str(k)][1], child) for k, child in t_items]
+    else:
+      kids = [expand(path + (k,), p_child, child)
+              for (k, child), (_, p_child) in zip(t_items, p_kids[0])]
+    return t_def.unflatten(kids)
+
+  return expand((), prefix, tree)
+
+
 def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
   """A mask (bool pytree, prefix of `tree`, or callable) as a full bool pytree like `tree`.
 
+  Boxes in the mask (``nnx.Param(True)``) count as their values and mappings
+  match mappings of another type with the same keys (see :func:`expand_prefix`).
   Errors name the first mismatching path and both trees' keys there.
   """
-  if callable(mask) and not _is_bool(mask):
+  if is_mask_fn(mask):
     mask = mask(tree)
-  found = first_mismatch(mask, tree)
-  if found is not None:
-    path, m_desc, t_desc = found
-    raise ValueError(
-        f"{what}: the mask does not match the parameters at {_where(path)}: "
-        f"the mask has {m_desc}, the parameters have {t_desc}.")
 
-  def expand(path, m, subtree):
-    if not _is_bool(m):
-      raise TypeError(
-          f"{what}: mask leaves must be booleans, got {type(m).__name__} {m!r} "
-          f"at {_where(path)}.")
-    flag = bool(m)
-    return jax.tree.map(lambda _: flag, subtree)
+  def leaf_error(m, where):
+    return f"mask leaves must be booleans, got {type(m).__name__} {m!r} at {where}."
 
-  return jtu.tree_map_with_path(expand, mask, tree, is_leaf=lambda x: x is None)
+  expanded = expand_prefix(mask, tree, what=what, noun="mask", leaf_ok=_is_bool,
+                           leaf_error=leaf_error)
+  return jax.tree.map(bool, expanded)

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
   ]
   for n in args.sizes:
     runners = {name: _stepper(make(), n) for name, make in txs.items()}
-    inner = max(1, int(2e7 // n))
+    inner = min(1000, max(1, int(2e7 // n)))
     times = {name: [] for name in runners}
     for _ in range(args.reps):
       for name, run in runners.items():

@@ -1,0 +1,254 @@
+"""Parameter groups: torch's ``param_groups`` as ``optax.partition`` over adamw/adam transforms."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Hashable, Mapping
+from typing import Any, Callable, Optional, Union
+
+import jax
+import optax
+
+from adamw_jax import _alias, _rules, _tree
+
+Selector = Union[_rules.Patterns, _tree.MaskOrFn]
+GroupSpec = Union[tuple[Selector, Mapping[str, Any]], Mapping[str, Any]]
+
+HYPERPARAMETERS: tuple[str, ...] = (
+    "learning_rate", "b1", "b2", "eps", "weight_decay", "amsgrad", "maximize", "eps_root",
+    "mu_dtype", "nu_dtype")
+_TORCH_NAMES = {"lr": "learning_rate", "betas": "b1 and b2", "params": "the selector"}
+REST = "rest"
+
+
+def _check_hyperparameters(where: str, hyper: Mapping[str, Any]) -> dict[str, Any]:
+  if not isinstance(hyper, Mapping):
+    raise TypeError(f"param_groups: {where}: hyperparameters must be a mapping "
+                    f"(e.g. {{'weight_decay': 0.0}}), got {type(hyper).__name__}.")
+  for key in hyper:
+    if key not in HYPERPARAMETERS:
+      hint = (f" (torch's {key!r} is {_TORCH_NAMES[key]} here)" if key in _TORCH_NAMES else "")
+      close = difflib.get_close_matches(str(key), HYPERPARAMETERS, n=1)
+      if not hint and close:
+        hint = f" (did you mean {close[0]!r}?)"
+      if key == "mask":
+        hint = " (make a group with weight_decay=0.0 instead of a mask inside a group)"
+      raise TypeError(f"param_groups: {where}: unknown hyperparameter {key!r}{hint}; "
+                      f"the hyperparameters are {', '.join(HYPERPARAMETERS)}.")
+  return dict(hyper)
+
+
+def _is_labels_fn(labels) -> bool:
+  """A callable ``params -> labels``, not a callable pytree of labels (an Equinox module)."""
+  return callable(labels) and not any(isinstance(x, str) for x in jax.tree.leaves(labels))
+
+
+class _Assigner:
+  """Gives each parameter of a tree the name of its group, checking overlaps and misses."""
+
+  def __init__(self, names: list[str], selectors: Optional[list[Selector]], labels: Any,
+               rest: bool, allow_unmatched: bool, allow_overlap: bool):
+    self.names = names
+    self.labels = labels
+    self.rest = rest
+    self.allow_unmatched = allow_unmatched
+    self.allow_overlap = allow_overlap
+    self.selectors = []
+    for name, selector in zip(names, selectors or []):
+      if _rules.is_patterns(selector):
+        rules = _rules.compile_rules(selector, what=f"param_groups: group {name!r}", role="")
+        self.selectors.append((name, rules, None))
+      else:
+        self.selectors.append((name, None, selector))
+
+  def __call__(self, tree) -> Any:
+    leaves, treedef = _tree.flatten_params(tree)
+    paths = [path for path, _ in leaves]
+    if self.labels is not None:
+      return self._from_labels(tree, paths, treedef)
+    claims: list[list[str]] = [[] for _ in leaves]
+    for name, rules, mask in self.selectors:
+      where = f"param_groups: group {name!r}"
+      if rules is not None:
+        if not self.allow_unmatched:
+          _rules.check_all_matched(rules, paths, what=where, role="")
+        chosen = [bool(_rules.matching(rules, p)) for p in paths]
+      else:
+        chosen = [bool(f) for _, f in _tree.flatten_params(
+            _tree.resolve_mask(mask, tree, what=where))[0]]
+        if not self.allow_unmatched and not any(chosen):
+          raise ValueError(
+              f"{where} selects no parameter (its mask is False everywhere); the parameter "
+              f"paths are {_rules.describe_paths(paths)}. Pass allow_unmatched=True if "
+              "that is intended.")
+      for claim, on in zip(claims, chosen):
+        if on:
+          claim.append(name)
+    out = []
+    for path, claim in zip(paths, claims):
+      if len(claim) > 1 and not self.allow_overlap:
+        raise ValueError(
+            f"param_groups: the parameter at '{path}' is claimed by groups "
+            f"{' and '.join(repr(c) for c in claim)}; make the selectors disjoint, or pass "
+            "allow_overlap=True (the group listed first wins).")
+      if not claim:
+        if not self.rest:
+          raise ValueError(
+              f"param_groups: the parameter at '{path}' belongs to no group; add it to a "
+              "group, or pass rest={...} (the hyperparameters of the parameters no group "
+              "selects; rest={} for the shared ones).")
+        claim.append(REST)
+      out.append(claim[0])
+    return treedef.unflatten(out)
+
+  def _from_labels(self, tree, paths, treedef) -> Any:
+    labels = self.labels(tree) if _is_labels_fn(self.labels) else self.labels
+
+    def leaf_error(label, where):
+      return (f"labels must be group names, got {type(label).__name__} {label!r} at {where}.")
+
+    expanded = _tree.expand_prefix(
+        labels, tree, what="param_groups", noun="label tree",
+        leaf_ok=lambda x: isinstance(x, Hashable), leaf_error=leaf_error)
+    out = [label for _, label in _tree.flatten_params(expanded)[0]]
+    for path, label in zip(paths, out):
+      if label not in self.names:
+        raise ValueError(
+            f"param_groups: the parameter at '{path}' has the label {label!r}, which is not "
+            f"a group; the groups are {', '.join(repr(n) for n in self.names)}.")
+    if not self.allow_unmatched:
+      for name in self.names:
+        if name not in out:
+          raise ValueError(
+              f"param_groups: no parameter is labelled {name!r}; the labels used are "
+              f"{', '.join(repr(n) for n in self.names if n in out)}. Pass "
+              "allow_unmatched=True if that is intended.")
+    return treedef.unflatten(out)
+
+
+def param_groups(
+    groups: Mapping[str, GroupSpec],
+    *,
+    labels: Optional[Union[Any, Callable[[Any], Any]]] = None,
+    rest: Optional[Mapping[str, Any]] = None,
+    optimizer: Callable[..., optax.GradientTransformation] = _alias.adamw,
+    allow_unmatched: bool = False,
+    allow_overlap: bool = False,
+    **hyperparameters: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Different hyperparameters for groups of parameters: torch's ``param_groups`` for optax.
+
+  ``torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params":
+  no_decay, "weight_decay": 0.0}], lr=1e-3)`` becomes
+
+  .. code-block:: python
+
+     tx = adamw_jax.param_groups(
+         {"decay": (adamw_jax.decay_mask, {"weight_decay": 0.1}),
+          "no_decay": (r"(^|/)(bias|scale)$", {"weight_decay": 0.0})},
+         learning_rate=1e-3)
+
+  Each group is an ``optimizer(**hyperparameters, **overrides)`` transform
+  (``adamw_jax.adamw`` by default, or ``adamw_jax.adam``) applied to the
+  parameters the group selects, through ``optax.partition``; as in torch, each
+  parameter gets exactly its group's update, moments and step count, so a run
+  matches torch's run with the same groups number for number.
+
+  **Selecting parameters.** Either each group is a pair ``(selector,
+  overrides)``, where the selector is
+
+  - a regex string or a sequence of them, over the '/'-joined key path of each
+    parameter (``re.search``, as in :func:`adamw_jax.decay_mask`): the group
+    takes the parameters that any of them matches;
+  - a bool mask: a pytree like the params, a prefix of it, or a callable
+    ``params -> mask`` such as :func:`adamw_jax.decay_mask`;
+
+  or ``labels`` is given (a pytree of group names like the params, a prefix of
+  it, or a callable ``params -> labels``) and each group is just its overrides
+  mapping. Label trees and masks may be built from ``nnx.State``: a
+  ``nnx.Param`` around a label counts as the label.
+
+  **Safety.** The groups are assigned each time the transform is initialised
+  or traced, from the paths and structure of the tree it is given:
+
+  - a rule, or a mask, that selects no parameter is an error, and so is a
+    group name that no label carries (``allow_unmatched=True`` allows both);
+  - a parameter selected by two groups is an error (``allow_overlap=True``:
+    the group listed first in `groups` takes it);
+  - a parameter no group selects is an error, unless ``rest`` is given: those
+    parameters then form one more group, named ``"rest"``, with the shared
+    hyperparameters updated by ``rest`` (``rest={}`` for the shared ones);
+  - a label tree that does not match the params names the first mismatching
+    path and both trees' keys there; a label that is not a group name names
+    its path.
+
+  Args:
+    groups: group name -> ``(selector, overrides)``, or -> ``overrides`` with
+      ``labels``. Overrides are a mapping of hyperparameter name to value:
+      ``learning_rate`` (float or schedule), ``b1``, ``b2``, ``eps``,
+      ``weight_decay``, ``amsgrad``, ``maximize``, ``eps_root``, ``mu_dtype``,
+      ``nu_dtype`` (torch's ``lr`` is ``learning_rate``, ``betas`` is ``b1``
+      and ``b2``).
+    labels: a pytree of group names, or a callable returning one.
+    rest: overrides for the parameters no group selects (None: every parameter
+      must be selected).
+    optimizer: ``adamw_jax.adamw`` (default) or ``adamw_jax.adam``, or any
+      factory taking these keyword arguments.
+    allow_unmatched: allow rules, masks and labels that select nothing.
+    allow_overlap: allow a parameter in several groups; the first one wins.
+    **hyperparameters: shared by all groups (torch's optimizer keyword
+      arguments), e.g. ``learning_rate=1e-3, weight_decay=0.1``.
+
+  Returns:
+    An ``optax.partition`` of one ``optimizer`` per group. Its state is an
+    ``optax.PartitionState`` whose ``inner_states[name].inner_state`` is the
+    group's :class:`ScaleByAdamState` (parameters of other groups hold
+    ``optax.MaskedNode()``).
+
+  Raises:
+    TypeError: an unknown hyperparameter name, or a group given in the wrong form.
+    ValueError: an invalid hyperparameter value (naming the group), or, when
+      the transform is initialised or updated, the selection errors above.
+  """
+  if not isinstance(groups, Mapping) or not groups:
+    raise TypeError("param_groups: groups must be a non-empty mapping of group name -> "
+                    "(selector, hyperparameters).")
+  shared = _check_hyperparameters("shared hyperparameters", hyperparameters)
+  names = list(groups)
+  if rest is not None and REST in groups:
+    raise ValueError(f"param_groups: a group is named {REST!r}, the name of the group rest= "
+                     "makes; rename it.")
+  overrides: dict[str, dict[str, Any]] = {}
+  selectors: list[Selector] = []
+  for name, spec in groups.items():
+    if labels is None:
+      if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise TypeError(
+            f"param_groups: group {name!r} must be a pair (selector, hyperparameters), got "
+            f"{type(spec).__name__}; without selectors, pass labels=... and give each group "
+            "its hyperparameters only.")
+      selector, hyper = spec
+      selectors.append(selector)
+    else:
+      if isinstance(spec, tuple):
+        raise TypeError(
+            f"param_groups: with labels=..., group {name!r} must be a mapping of "
+            "hyperparameters, not a (selector, hyperparameters) pair.")
+      hyper = spec
+    overrides[name] = _check_hyperparameters(f"group {name!r}", hyper)
+  if rest is not None:
+    if labels is not None:
+      raise ValueError("param_groups: rest= applies to selectors; with labels=..., every "
+                       "parameter already has a group.")
+    overrides[REST] = _check_hyperparameters("rest", rest)
+
+  transforms = {}
+  for name, hyper in overrides.items():
+    try:
+      transforms[name] = optimizer(**{**shared, **hyper})
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"param_groups: group {name!r}: {e}") from e
+
+  assign = _Assigner(names, None if labels is not None else selectors, labels,
+                     rest is not None, allow_unmatched, allow_overlap)
+  return optax.partition(transforms, assign)
