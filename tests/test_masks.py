@@ -25,20 +25,10 @@ from flax import nnx
 from jax import tree_util as jtu
 
 import adamw_jax
+from tests.paths import by_path
 from adamw_jax import _masks
 
 
-def _key(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def by_path(tree, is_leaf=None) -> dict:
-  """Leaves of `tree` by '/'-joined path (written independently of adamw_jax._tree)."""
-  return {"/".join(_key(k) for k in path): leaf
-          for path, leaf in jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 # --------------------------------------------------------------------------
