@@ -21,7 +21,6 @@ import optax
 import pytest
 import torch
 from flax import nnx
-from jax import tree_util as jtu
 
 import adamw_jax
 from tests.paths import by_path

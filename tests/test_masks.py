@@ -22,7 +22,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax import tree_util as jtu
 
 import adamw_jax
 from tests.paths import by_path
