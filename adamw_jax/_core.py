@@ -84,7 +84,7 @@ def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
 
 
 def _is_zero(value: Any) -> bool:
-  return isinstance(value, (int, float, np.floating, np.integer)) and float(value) == 0.0
+  return _is_number(value) and float(value) == 0.0
 
 
 def _needs_params(weight_decay: Any) -> bool:
@@ -106,34 +106,21 @@ def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]
   return traced()
 
 
-def _computed_once(tree, z: jax.Array):
-  """The per-step scalars in `tree`, computed once, outside the elementwise loops.
+def _computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
+  """Two per-step scalars, computed once in one kernel, outside the elementwise loops.
 
-  Pairs of scalars (double-word values, or any 2-tuple) travel as one complex
-  number. XLA's CPU fusion would otherwise inline the double-word arithmetic
-  into every loop that broadcasts a scalar, or duplicate it into each kernel
-  that needs a part of it (each kernel launch costs about a microsecond). It
-  does not inline an "expensive" producer into a broadcasting consumer, so each
-  packed value ends with an exact division by a 1 the compiler cannot see.
+  The pair travels as one complex number: XLA on CPU launches one kernel per
+  scalar result (about a microsecond each) and would otherwise inline the
+  double-word arithmetic into every loop that broadcasts a scalar. It does not
+  inline an "expensive" producer into a broadcasting consumer, so the value
+  ends with an exact division by a 1 the compiler cannot see.
   """
-  def is_pair(x):
-    return isinstance(x, tuple) and len(x) == 2 and all(
-        y is None or isinstance(y, jax.Array) for y in x)
-
-  def once(x):
-    if x is None:
-      return None
-    if is_pair(x):
-      hi, lo = x
-      rebuild = (lambda *a: type(x)(*a)) if hasattr(x, "_fields") else (lambda *a: tuple(a))
-      if lo is None or hi is None:
-        return rebuild(*(once(y) for y in x))
-      packed = lax.complex(hi, lo.astype(hi.dtype))
-      packed = packed / f2.hide(jnp.ones([], hi.dtype), z).astype(packed.dtype)
-      return rebuild(jnp.real(packed), jnp.imag(packed).astype(lo.dtype))
-    return x / f2.hide(jnp.ones([], x.dtype), z)
-
-  return jax.tree.map(once, tree, is_leaf=lambda x: x is None or is_pair(x))
+  one = f2.hide(jnp.ones([], a.dtype), z)
+  if b is None:
+    return a / one, None
+  packed = lax.complex(a, b.astype(a.dtype))
+  packed = packed / one.astype(packed.dtype)
+  return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
 
 
 def check_params(params: Any, what: str) -> None:
@@ -220,9 +207,8 @@ def adam_transform(
       decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:
       decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
-    # Two scalars per kernel: XLA on CPU launches one kernel per scalar result.
-    (step_size, decay), (bc2_sqrt, inv_bc2_sqrt) = _computed_once(
-        ((step_size, decay), (bc2_sqrt, inv_bc2_sqrt)), z)
+    step_size, decay = _computed_once(step_size, decay, z)
+    bc2_sqrt, inv_bc2_sqrt = _computed_once(bc2_sqrt, inv_bc2_sqrt, z)
     c = _kernel.Coefficients(
         one_minus_b1=_rounded_number(
             1.0 - float(b1) if _is_number(b1) else None, dtype,
