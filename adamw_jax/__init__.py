@@ -5,9 +5,14 @@ documented in :func:`adamw_jax.adamw` and in the README.
 """
 
 from adamw_jax._alias import adam, adamw
+from adamw_jax._checkpoint import restore_opt_state, save_opt_state
 from adamw_jax._core import ScaleByAdamState
+from adamw_jax._flat import FlatParams, flatten
 from adamw_jax._groups import param_groups
+from adamw_jax._interop import from_torch, to_torch_state_dict
+from adamw_jax._layout import flax_layout
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
+from adamw_jax._paper import normalized_weight_decay, warm_restarts
 from adamw_jax._transforms import (
     AddDecayedWeightsState,
     add_decayed_weights,
@@ -20,13 +25,22 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_EXCLUDE",
     "AddDecayedWeightsState",
+    "FlatParams",
     "ScaleByAdamState",
     "adam",
     "adamw",
     "add_decayed_weights",
     "decay_mask",
     "describe_mask",
+    "flatten",
+    "flax_layout",
+    "from_torch",
     "masked",
+    "normalized_weight_decay",
     "param_groups",
+    "restore_opt_state",
+    "save_opt_state",
     "scale_by_adam",
+    "to_torch_state_dict",
+    "warm_restarts",
 ]

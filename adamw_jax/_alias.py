@@ -22,6 +22,8 @@ def adamw(
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    decay_mode: str = "torch",
+    peak_learning_rate: Optional[float] = None,
 ) -> optax.GradientTransformation:
   r"""AdamW with the semantics, defaults and rounding of ``torch.optim.AdamW``.
 
@@ -44,6 +46,37 @@ def adamw(
 
   Complex parameters are treated as pairs of reals (torch's ``view_as_real``):
   :math:`g^2` is taken per real and imaginary part.
+
+  **The paper's decay** (``decay_mode="paper"``). Loshchilov & Hutter
+  (Algorithm 2) write the learning rate as :math:`\alpha\,\eta_t`, a fixed
+  base rate times a schedule multiplier, and decay by :math:`\eta_t\lambda`,
+  *not* by :math:`\alpha\eta_t\lambda` as torch, optax and apex do. With
+  :math:`\hat\eta` = ``peak_learning_rate`` (the paper's :math:`\alpha`) the
+  decay line above becomes
+
+  .. math::
+
+     \theta \leftarrow \theta\,\bigl(1 - (\eta_t/\hat\eta)\,\lambda\bigr),
+
+  so :math:`\lambda` is a per-step fraction at the peak (``weight_decay=1e-2``
+  removes 1 % of a weight per step there, whatever the learning rate). The
+  paper reports that the best :math:`\lambda` then does not move when the
+  learning rate is tuned; for Adam on a small problem
+  (``notebooks/02_adam_vs_adamw.ipynb``) torch's form does that and this one
+  does not. The multiplier follows the schedule: decay weakens as the lr
+  anneals, as in torch. The peak is not derived from the schedule (an optax
+  schedule has no known maximum): a constant ``learning_rate`` is its own peak (the factor is
+  :math:`1 - \lambda` at every step, even for a traced lr, e.g. under
+  ``jax.vmap`` over learning rates); a schedule needs ``peak_learning_rate``,
+  normally its maximum (a larger lr gives :math:`\eta_t/\hat\eta > 1`).
+  Under ``optax.inject_hyperparams`` a schedule reaches ``adamw`` as a number
+  per step, which would make it its own peak: pass ``peak_learning_rate``
+  there too. :math:`1 - (\eta_t/\hat\eta)\lambda` is computed to double
+  precision and rounded once; a Python-float peak is first rounded as the
+  scheduled lr is, so the factor is exactly the rounded :math:`1 - \lambda`
+  where the schedule peaks. With a constant lr :math:`\alpha` this is torch's
+  decay with ``weight_decay`` :math:`\lambda/\alpha`. See also
+  :func:`normalized_weight_decay` and :func:`warm_restarts` (AdamWR).
 
   **Rounding.** Each operation is rounded as torch's single-tensor CPU path
   (``foreach=False``) rounds it: the moment updates as fused multiply-adds
@@ -85,14 +118,23 @@ def adamw(
     b2: decay rate of the second moment, in [0, 1) (torch ``betas[1]``).
     eps: added outside the square root (torch's ``eps``).
     weight_decay: decoupled weight decay coefficient (float or schedule),
-      multiplied by the learning rate as in torch. Default 1e-2, as torch.
+      multiplied by the learning rate as in torch (by the learning rate
+      relative to its peak with ``decay_mode="paper"``). Default 1e-2, as torch.
     amsgrad: torch's AMSGrad variant.
     maximize: maximise the objective instead of minimising it.
     mask: which leaves are decayed: a bool pytree (full, or a prefix of the
       params), or a callable ``params -> mask``. All leaves get the Adam step.
+      For parameters kept in flat buffers (:func:`adamw_jax.flatten`) it is
+      written for the model's tree (README, "Flat buffers").
     eps_root: added to the bias-corrected second moment inside the square root.
     mu_dtype: dtype of the first moment (default: the parameter's).
     nu_dtype: dtype of the second moment (default: the parameter's).
+    decay_mode: ``"torch"`` (default): decay by ``1 - lr_t * weight_decay``;
+      ``"paper"``: by ``1 - (lr_t / peak_learning_rate) * weight_decay``, the
+      paper's Algorithm 2 (above).
+    peak_learning_rate: with ``decay_mode="paper"`` only: the lr at which the
+      decay is ``weight_decay`` itself (> 0). Required for a schedule; for a
+      constant lr it defaults to the lr.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -106,7 +148,8 @@ def adamw(
   return _core.adam_transform(
       name="adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=weight_decay, decoupled=True, amsgrad=amsgrad, maximize=maximize,
-      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
+      peak_learning_rate=peak_learning_rate)
 
 
 def adam(

@@ -17,9 +17,10 @@ import numpy as np
 import optax
 from jax import lax
 from jax import tree_util as jtu
+from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _tree, _validate
+from adamw_jax import _kernel, _paper, _tree, _validate
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -73,6 +74,8 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
   if _is_number(beta):
     if float(beta) == 0.0:
       return f2.constant(1.0, dtype, z)
+    if jnp.dtype(dtype) == jnp.float64:  # float64 pairs: exp(t * double log) falls short
+      return f2.one_minus_power(float(beta), t, dtype, z)
     log_beta = f2.constant(math.log(float(beta)), dtype, z)
   else:  # traced (e.g. optax.inject_hyperparams): log in double words
     log_beta = f2.log(_f2_of(beta, dtype, z), z)
@@ -104,6 +107,26 @@ def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]
   if _is_number(value):
     return jnp.asarray(np.asarray(float(value), dtype))
   return traced()
+
+
+def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
+  """``1 - (lr / peak) * wd``, Loshchilov & Hutter's ``1 - eta_t * lambda``, rounded once.
+
+  `peak` None: the learning rate is constant and its own peak, eta_t = 1.
+  Python numbers are combined in double precision (as torch's ``1 - lr*wd``);
+  otherwise in double words, with a Python-float peak first rounded as the
+  scheduled lr is, so that eta_t = 1 exactly where the schedule peaks.
+  """
+  one = f2.constant(1.0, dtype, z)
+  if peak is None:
+    return _rounded_number(1.0 - float(wd) if _is_number(wd) else None, dtype,
+                           lambda: f2.round_(f2.sub(one, _f2_of(wd, dtype, z))))
+  if _is_number(lr) and _is_number(peak) and _is_number(wd):
+    return _rounded_number(1.0 - float(lr) / float(peak) * float(wd), dtype, None)
+  if _is_number(peak) and not _is_number(lr):
+    peak = jnp.asarray(float(peak), jnp.result_type(lr))
+  eta = f2.div(_f2_of(lr, dtype, z), _f2_of(peak, dtype, z))
+  return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
 
 
 def _computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
@@ -150,6 +173,8 @@ def adam_transform(
     mask: Optional[_tree.MaskOrFn],
     mu_dtype: Any,
     nu_dtype: Any,
+    decay_mode: str = "torch",
+    peak_learning_rate: Optional[Scalar] = None,
 ) -> optax.GradientTransformation:
   """One Adam-family transform.
 
@@ -158,21 +183,33 @@ def adam_transform(
   torch step (lr, weight decay and all), so that ``optax.apply_updates``
   reproduces torch's parameters. `decoupled` selects AdamW's ``p *= 1 - lr*wd``
   over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
+  ``decay_mode="paper"`` makes the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
   for arg, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root),
                      ("weight_decay", weight_decay)):
     _validate.check(arg, value)
   if learning_rate is not None:
     _validate.check("learning_rate", learning_rate)
+  _paper.check_decay_mode(name, decay_mode, peak_learning_rate, learning_rate, decoupled)
   mu_dtype = _validate.check_dtype("mu_dtype", mu_dtype)
   nu_dtype = _validate.check_dtype("nu_dtype", nu_dtype)
   needs_params = _needs_params(weight_decay)
 
   def init_fn(params):
     check_params(params, name)
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, mu_dtype)), params)
-    nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, nu_dtype)), params)
-    nu_max = jax.tree.map(jnp.zeros_like, nu) if amsgrad else None
+
+    def zeros(p, requested):
+      z = jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, requested))
+      if isinstance(p, jax.core.Tracer):
+        # Under jit the zeros would not depend on p and lose its sharding
+        # (jax-ml/jax#16080, optax.adamw too): tie them to p's sharding. Eager
+        # zeros_like already keeps it, without a compile per leaf shape.
+        z = shard_alike(p, z)[1]
+      return z
+
+    mu = jax.tree.map(lambda p: zeros(p, mu_dtype), params)
+    nu = jax.tree.map(lambda p: zeros(p, nu_dtype), params)
+    nu_max = jax.tree.map(lambda p: zeros(p, nu_dtype), params) if amsgrad else None
     return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
 
   def coefficients(count: jax.Array, new_count: jax.Array, dtype):
@@ -203,6 +240,8 @@ def adam_transform(
       decay = None
     elif not decoupled:
       decay = _rounded_number(wd, dtype, lambda: f2.round_(const(wd)))
+    elif decay_mode == "paper":
+      decay = _paper_decay(lr, peak_learning_rate, wd, dtype, z)
     elif _is_number(lr) and _is_number(wd):
       decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:

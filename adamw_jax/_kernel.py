@@ -21,16 +21,23 @@ where it does not. XLA also rewrites division by a broadcast scalar into
 multiplication by its reciprocal; :func:`_divide_by_scalar` restores the
 correctly rounded quotient. Tests in ``tests/test_fidelity.py`` pin all of
 this against torch bit for bit.
+
+With the opt-in ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
+the same operations are laid out so that XLA fuses the whole step into one
+pass over memory (:func:`_real_kernel`); ``tests/test_one_pass.py`` checks
+that the results do not change by a bit.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+MULTI_OUTPUT_FUSION_FLAG = "xla_cpu_use_multi_output_fusion"
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
@@ -78,7 +85,7 @@ def _divide_by_scalar(a: jax.Array, b: jax.Array, inv_b: jax.Array, opaque_zero:
   return jnp.where(jnp.isfinite(q0), q, q0)
 
 
-def _real_kernel(
+def _real_step(
     grad: jax.Array,
     mu: jax.Array,
     nu: jax.Array,
@@ -122,6 +129,49 @@ def _real_kernel(
   if decay is not None:
     param = rounded(param * decay, c.opaque_zero)
   return param + step, m, v, nu_max
+
+
+def multi_output_fusion() -> bool:
+  """Whether XLA's CPU multi-output fusion was switched on with ``XLA_FLAGS``.
+
+  Read when the update is traced; XLA reads its flags when the backend
+  starts, so the flag must be set before jax is imported.
+  """
+  return MULTI_OUTPUT_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+def _real_kernel(
+    grad: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    nu_max: Optional[jax.Array],
+    param: Optional[jax.Array],
+    c: Coefficients,
+    *,
+    maximize: bool,
+    l2: Optional[jax.Array],
+    decay: Optional[jax.Array],
+):
+  """:func:`_real_step`, laid out for one pass over memory when XLA can fuse it so.
+
+  XLA on CPU emits one loop per output unless multi-output fusion is on. The
+  parameter loop then reads the new moments back from memory (40 bytes per
+  float32 parameter instead of 28). With multi-output fusion on, the
+  parameter's output is recomputed from the inputs instead: its loop and the
+  moments' loops become siblings reading the same arrays, which XLA merges
+  into one loop writing all outputs. The inputs of the recomputation pass
+  through :func:`rounded` so that common-subexpression elimination cannot
+  merge it back into the moments' loops; the values, and so the results, are
+  bit for bit the same. Without the flag the recomputation would make the
+  parameter loop read the old moments after the moment loops overwrote them
+  in place (a copy each), so it is only used with the flag.
+  """
+  kw = dict(maximize=maximize, l2=l2, decay=decay)
+  out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
+  if multi_output_fusion():
+    hide = lambda x: None if x is None else rounded(x, c.opaque_zero)  # noqa: E731
+    out = _real_step(hide(grad), hide(mu), hide(nu), hide(nu_max), hide(param), c, **kw)[0]
+  return out, m, v, vm
 
 
 def _components(x: Optional[jax.Array]):

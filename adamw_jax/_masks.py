@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Union
@@ -9,7 +10,7 @@ from typing import Any, Union
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _rules, _tree
+from adamw_jax import _flat, _rules, _tree
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"(^|/)bias$",
@@ -127,7 +128,9 @@ def decay_mask(
       biases). ``True`` lifts the check.
 
   Returns:
-    A pytree like `params` with ``True`` where weight decay applies.
+    A pytree like `params` with ``True`` where weight decay applies. For a
+    :class:`adamw_jax.FlatParams` it decides on the model's tree and returns
+    one bool per buffer (an error if a buffer holds both kinds of leaf).
 
   Raises:
     ValueError: a rule that matches no parameter (naming it and showing the
@@ -135,6 +138,10 @@ def decay_mask(
       ndim (naming its path).
   """
   what = "decay_mask"
+  if isinstance(params, _flat.FlatParams):  # decided on the model's tree, then per buffer
+    return params.resolve_mask(functools.partial(
+        decay_mask, exclude=exclude, include=include, min_ndim=min_ndim, stacked_axes=stacked_axes,
+        allow_unmatched=allow_unmatched), what=what)
   include_rules = _rules.compile_rules(include, what=what, role="include")
   exclude_rules = _rules.compile_rules(exclude, what=what, role="exclude")
   min_ndim = _count("min_ndim", min_ndim, what=what)

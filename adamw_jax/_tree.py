@@ -211,8 +211,14 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
 
   Boxes in the mask (``nnx.Param(True)``) count as their values and mappings
   match mappings of another type with the same keys (see :func:`expand_prefix`).
-  Errors name the first mismatching path and both trees' keys there.
+  Errors name the first mismatching path and both trees' keys there. For a
+  ``FlatParams`` the mask is written for the model's tree and resolved per
+  buffer (see :meth:`adamw_jax.FlatParams.resolve_mask`).
   """
+  from adamw_jax import _flat  # here: _flat builds on this module
+
+  if isinstance(tree, _flat.FlatParams):
+    return tree.resolve_mask(mask, what=what)
   if is_mask_fn(mask):
     mask = mask(tree)
 

@@ -16,6 +16,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "eps": (lambda x: x >= 0, "must be >= 0"),
     "eps_root": (lambda x: x >= 0, "must be >= 0"),
     "weight_decay": (lambda x: x >= 0, "must be >= 0"),
+    "peak_learning_rate": (lambda x: 0 < x < math.inf, "must be > 0 and finite"),
 }
 
 _LABEL = {
@@ -25,6 +26,7 @@ _LABEL = {
     "eps": "Invalid epsilon value (eps)",
     "eps_root": "Invalid eps_root value",
     "weight_decay": "Invalid weight_decay value",
+    "peak_learning_rate": "Invalid peak_learning_rate",
 }
 
 

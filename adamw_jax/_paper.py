@@ -1,0 +1,142 @@
+"""Loshchilov & Hutter's own forms: the paper's decay, normalized weight decay, AdamWR.
+
+*Decoupled Weight Decay Regularization* (ICLR 2019) decays by ``eta_t * lambda``
+(Algorithm 2, line 12), where ``eta_t`` is the schedule multiplier and the base
+learning rate ``alpha`` does not enter; torch, optax and apex decay by
+``lr_t * lambda = alpha * eta_t * lambda``. ``adamw(..., decay_mode="paper")``
+gives the paper's form (the math is in :func:`adamw_jax.adamw`); this module
+checks its arguments and adds the paper's normalized weight decay and warm
+restarts (AdamWR, built on optax schedules), both from its appendix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import optax
+
+from adamw_jax import _validate
+
+DECAY_MODES = ("torch", "paper")
+
+
+def check_decay_mode(name: str, decay_mode: Any, peak_learning_rate: Any,
+                     learning_rate: Any, decoupled: bool) -> None:
+  """Raises if `decay_mode` and `peak_learning_rate` do not fit the transform."""
+  if not isinstance(decay_mode, str) or decay_mode not in DECAY_MODES:
+    raise ValueError(f"{name}: Invalid decay_mode: {decay_mode!r} (must be 'torch' or 'paper')")
+  if decay_mode == "torch":
+    if peak_learning_rate is not None:
+      raise ValueError(
+          f"{name}: peak_learning_rate is only used with decay_mode='paper' "
+          "(torch's decay is 1 - lr_t * weight_decay, whatever the peak)")
+    return
+  if not decoupled or learning_rate is None:
+    raise ValueError(
+        f"{name}: decay_mode='paper' is for decoupled weight decay with a learning "
+        "rate (adamw); Adam's L2 term and scale_by_adam have no decay to rescale")
+  if callable(peak_learning_rate):
+    raise TypeError(f"{name}: Invalid peak_learning_rate: expected a number, got a callable")
+  if peak_learning_rate is not None:
+    _validate.check("peak_learning_rate", peak_learning_rate)
+  elif callable(learning_rate):
+    raise ValueError(
+        f"{name}: decay_mode='paper' with a learning-rate schedule needs "
+        "peak_learning_rate (the schedule's maximum, the paper's alpha): the decay "
+        "is 1 - (lr_t / peak_learning_rate) * weight_decay")
+
+
+def _positive(name: str, value: Any, integer: bool) -> float:
+  kind = numbers.Integral if integer else numbers.Real
+  if isinstance(value, bool) or not isinstance(value, kind):
+    what = "an integer" if integer else "a number"
+    raise TypeError(f"Invalid {name}: expected {what}, got {value!r}")
+  if not 0 < float(value) < math.inf:
+    raise ValueError(f"Invalid {name}: {value} (must be > 0 and finite)")
+  return float(value)
+
+
+def normalized_weight_decay(lambda_norm: float, batch_size: int, dataset_size: int,
+                            epochs: float) -> float:
+  r"""The paper's normalized weight decay: :math:`\lambda = \lambda_{norm}\sqrt{b / (B\,T)}`.
+
+  Loshchilov & Hutter (appendix) make the best weight decay independent of
+  the length of the run by fixing :math:`\lambda_{norm}` instead of
+  :math:`\lambda`: with batch size :math:`b`, :math:`B` training points and
+  :math:`T` epochs, there are :math:`B T / b` steps, and :math:`\lambda` shrinks
+  as the square root of their number. With warm restarts, :math:`T` is the
+  length :math:`T_i` of the current period, in epochs.
+
+  Args:
+    lambda_norm: the normalized weight decay (>= 0); the paper's best values
+      for its CIFAR-10 ResNets were around 0.025 to 0.05.
+    batch_size: the batch size :math:`b` (a positive integer).
+    dataset_size: the number of training points :math:`B` (a positive integer).
+    epochs: the number of epochs :math:`T` (> 0; fractions allowed).
+
+  Returns:
+    :math:`\lambda`, a Python float, to pass as ``weight_decay`` to
+    ``adamw(..., decay_mode="paper")``: the paper's :math:`\lambda` is not
+    multiplied by the learning rate.
+  """
+  if isinstance(lambda_norm, bool) or not isinstance(lambda_norm, numbers.Real):
+    raise TypeError(f"Invalid lambda_norm: expected a number, got {lambda_norm!r}")
+  if not 0 <= float(lambda_norm) < math.inf:
+    raise ValueError(f"Invalid lambda_norm: {lambda_norm} (must be >= 0 and finite)")
+  b = _positive("batch_size", batch_size, integer=True)
+  n = _positive("dataset_size", dataset_size, integer=True)
+  t = _positive("epochs", epochs, integer=False)
+  return float(lambda_norm) * math.sqrt(b / (n * t))
+
+
+def warm_restarts(peak_value: float, first_period: int, period_mult: float = 2.0, *,
+                  num_periods: int, min_value: float = 0.0) -> optax.Schedule:
+  r"""Cosine annealing with warm restarts (SGDR; with AdamW, the paper's AdamWR).
+
+  Period :math:`i = 0, 1, \dots` lasts :math:`T_i = T_0 m^i` steps (rounded
+  half up); within it, after :math:`t` steps,
+
+  .. math::
+
+     \mathrm{lr}_t = \mathrm{min} + \tfrac12(\mathrm{peak} - \mathrm{min})
+        \bigl(1 + \cos(\pi\, t / T_i)\bigr),
+
+  so every period starts at the peak again. Built with ``optax.sgdr_schedule``
+  (``optax.join_schedules`` of cosine decays). After the last period the
+  schedule stays at `min_value`. Loshchilov & Hutter restart at epoch
+  boundaries and update the multiplier every batch, as here when the periods
+  are whole numbers of epochs (in steps).
+
+  For the paper's decay, pass the same peak:
+  ``adamw(warm_restarts(alpha, ...), weight_decay=lam, decay_mode="paper",
+  peak_learning_rate=alpha)`` decays by :math:`\eta_t\lambda` with the paper's
+  multiplier :math:`\eta_t = \mathrm{lr}_t/\alpha \in [\mathrm{min}/\alpha, 1]`.
+
+  Args:
+    peak_value: the learning rate at the start of every period (> 0).
+    first_period: :math:`T_0`, the length of the first period in steps.
+    period_mult: :math:`m \geq 1`, the factor by which each period is longer
+      than the one before (the paper's :math:`T_{mult}`; 2 in its experiments).
+    num_periods: how many periods the schedule has.
+    min_value: the learning rate at the end of every period, in [0, peak].
+
+  Returns:
+    An optax schedule ``count -> lr``.
+  """
+  peak = _positive("peak_value", peak_value, integer=False)
+  first = int(_positive("first_period", first_period, integer=True))
+  count = int(_positive("num_periods", num_periods, integer=True))
+  mult = _positive("period_mult", period_mult, integer=False)
+  if mult < 1:
+    raise ValueError(f"Invalid period_mult: {period_mult} (must be >= 1)")
+  if isinstance(min_value, bool) or not isinstance(min_value, numbers.Real):
+    raise TypeError(f"Invalid min_value: expected a number, got {min_value!r}")
+  if not 0 <= float(min_value) <= peak:
+    raise ValueError(f"Invalid min_value: {min_value} (must be in [0, peak_value={peak_value}])")
+  periods = [max(1, math.floor(first * mult**i + 0.5)) for i in range(count)]  # half up
+  return optax.sgdr_schedule([
+      dict(init_value=peak, peak_value=peak, warmup_steps=0, decay_steps=n,
+           end_value=float(min_value)) for n in periods])
+

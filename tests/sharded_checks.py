@@ -1,0 +1,454 @@
+"""Sharding checks on 8 virtual CPU devices, run in a subprocess by tests/test_sharding.py.
+
+The device count is fixed when jax first initialises its backend, so these run
+in their own process (started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``);
+importing this module has no side effects, so the test can read ``CHECKS``.
+By hand, from the repository root::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharded_checks [name ...]
+
+prints one line ``RESULTS {json}``: for every check, whether it passed, what it
+measured, and the traceback when it failed. Exits non-zero only if the checks
+could not run at all (e.g. not 8 devices).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+import sys
+import time
+import traceback
+from typing import Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import adamw_jax
+
+MARKER = "RESULTS "
+N = 8
+AXIS = "fsdp"
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
+_COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+# --------------------------------------------------------------------------
+# Model, data and sharding rules
+# --------------------------------------------------------------------------
+
+class MLP(nn.Module):
+  """Small (compiles fast); every parameter has an axis divisible by 8, so ZeRO-1 splits all."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(16)(x)
+
+
+def batch(seed: int):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((32, 24)), jnp.float32),
+          jnp.asarray(rng.integers(0, 16, 32), jnp.int32))
+
+
+def init_params(bf16_leaf: bool):
+  params = MLP().init(jax.random.key(0), batch(0)[0])["params"]
+  if bf16_leaf:  # mixed dtypes: one kernel in bfloat16
+    params = {**params, "Dense_0": {**params["Dense_0"],
+                                    "kernel": params["Dense_0"]["kernel"].astype(jnp.bfloat16)}}
+  return params
+
+
+def loss_fn(params, x, y):
+  logits = MLP().apply({"params": params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def largest_axis_spec(shape) -> P:
+  """Split the largest axis that divides evenly over the mesh; replicate if none does."""
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % N == 0:
+      return P(*(AXIS if a == axis else None for a in range(len(shape))))
+  return P()
+
+
+def mesh_of(kind: str):
+  axis_type = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}[kind]
+  return jax.make_mesh((N,), (AXIS,), axis_types=(axis_type,))
+
+
+def split_shardings(tree, mesh):
+  return jax.tree.map(lambda x: NamedSharding(mesh, largest_axis_spec(np.shape(x))), tree)
+
+
+def one_device(tree):
+  return jax.device_put(tree, jax.devices()[0])
+
+
+# --------------------------------------------------------------------------
+# The configurations
+# --------------------------------------------------------------------------
+
+class Config(NamedTuple):
+  make: Callable[[], optax.GradientTransformation]
+  bf16_leaf: bool = False
+  global_reduction: bool = False  # the transform needs a cross-device reduction
+
+
+CONFIGS = {
+    "decay_mask_schedule": Config(
+        lambda: adamw_jax.adamw(optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.1,
+                                mask=adamw_jax.decay_mask)),
+    "amsgrad_bf16_leaf": Config(
+        lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True), bf16_leaf=True),
+    "chain_mu_bf16_maximize": Config(lambda: optax.chain(
+        adamw_jax.scale_by_adam(mu_dtype=jnp.bfloat16, maximize=True),
+        adamw_jax.add_decayed_weights(1e-2, mask=adamw_jax.decay_mask),
+        optax.scale_by_learning_rate(-1e-2))),
+    "clip_by_global_norm": Config(
+        lambda: optax.chain(optax.clip_by_global_norm(0.5), adamw_jax.adamw(1e-2)),
+        global_reduction=True),
+}
+
+CHECKS: dict[str, Callable[[], str]] = {}
+
+
+def check(name: str):
+  def register(fn):
+    CHECKS[name] = fn
+    return fn
+  return register
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def train_step(tx, compute=None):
+  """Forward/backward and the optimizer update.
+
+  `compute`: the sharding of the forward/backward (replicated here: FSDP
+  all-gathers the weights, exactly; the gradients come out whole and each device
+  updates its slice). Left to the compiler, it may split the batch instead and
+  sum the gradients across devices in another order than one device does.
+  """
+
+  def step(params, state, x, y):
+    def loss_of(p):
+      if compute is not None:
+        p = jax.lax.with_sharding_constraint(p, compute)
+      return loss_fn(p, x, y)
+    loss, grads = jax.value_and_grad(loss_of)(params)
+    if compute is not None:
+      grads = jax.lax.with_sharding_constraint(grads, compute)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def run_steps(step, params, state, steps=2):
+  for i in range(steps):
+    params, state, _ = step(params, state, *batch(i + 1))
+  return params, state
+
+
+@functools.cache
+def one_device_steps(config_name: str):
+  """The reference: the same steps on one device."""
+  config = CONFIGS[config_name]
+  tx = config.make()
+  params = one_device(init_params(config.bf16_leaf))
+  return run_steps(jax.jit(train_step(tx)), params, tx.init(params))
+
+
+def bitwise_diffs(a, b) -> list[str]:
+  """Paths where two pytrees differ in structure, dtype or any bit."""
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
+  lb, tb = jax.tree_util.tree_flatten_with_path(b)
+  if ta != tb:
+    return [f"structure: {ta} != {tb}"]
+  out = []
+  for (path, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+      out.append(jax.tree_util.keystr(path))
+  return out
+
+
+def max_abs_diff(a, b) -> float:
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
+                                                        - np.asarray(y, np.float64)), initial=0.0)),
+                       a, b)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def sharding_mismatches(state, params) -> list[str]:
+  """Moments (mu, nu, nu_max) whose sharding differs from their parameter's."""
+  bad = []
+  for part in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, adamw_jax.ScaleByAdamState)):
+    if not isinstance(part, adamw_jax.ScaleByAdamState):
+      continue
+    for field in ("mu", "nu", "nu_max"):
+      moments = getattr(part, field)
+      if moments is None:
+        continue
+      for (path, m), p in zip(jax.tree_util.tree_flatten_with_path(moments)[0],
+                              jax.tree.leaves(params)):
+        if not m.sharding.is_equivalent_to(p.sharding, p.ndim):
+          bad.append(f"{field}{jax.tree_util.keystr(path)}: {m.sharding} vs {p.sharding}")
+  return bad
+
+
+def adam_states(state) -> list[adamw_jax.ScaleByAdamState]:
+  is_adam = lambda s: isinstance(s, adamw_jax.ScaleByAdamState)  # noqa: E731
+  return [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
+
+
+def collectives_in(hlo: str) -> list[str]:
+  return sorted({m.group(1) for m in _COLLECTIVE_OP.finditer(hlo)})
+
+
+# --------------------------------------------------------------------------
+# FSDP: parameters and state split over the 8 devices
+# --------------------------------------------------------------------------
+
+def _fsdp_init(config_name: str, kind: str, jitted: bool) -> str:
+  config = CONFIGS[config_name]
+  mesh = mesh_of(kind)
+  params = init_params(config.bf16_leaf)
+  params = jax.device_put(params, split_shardings(params, mesh))
+  tx = config.make()
+  state = jax.jit(tx.init)(params) if jitted else tx.init(params)
+  moments = sum(len(jax.tree.leaves(s.mu)) + len(jax.tree.leaves(s.nu))
+                + len(jax.tree.leaves(s.nu_max)) for s in adam_states(state))
+  assert moments >= 2 * len(jax.tree.leaves(params)), f"only {moments} moments found"
+  bad = sharding_mismatches(state, params)
+  assert not bad, "moments not sharded like their params:\n" + "\n".join(bad)
+  detail = f"{moments} moments sharded like their params"
+  if kind == "auto" and jitted:  # what the fix is for: plain zeros_like under jit
+    plain = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))(params)
+    kept = all(z.sharding.is_equivalent_to(p.sharding, p.ndim)
+               for z, p in zip(jax.tree.leaves(plain), jax.tree.leaves(params)))
+    detail += f" (jit(jnp.zeros_like) {'keeps' if kept else 'loses'} the sharding here)"
+  return detail
+
+
+for _name in CONFIGS:
+  for _kind in ("auto", "explicit"):
+    for _mode in ("eager", "jit"):
+      check(f"fsdp_init[{_name}-{_kind}-{_mode}]")(
+          lambda n=_name, k=_kind, m=_mode: _fsdp_init(n, k, m == "jit"))
+
+
+def _fsdp_step(config_name: str) -> str:
+  config = CONFIGS[config_name]
+  mesh = mesh_of("auto")
+  tx = config.make()
+  params = init_params(config.bf16_leaf)
+  shardings = split_shardings(params, mesh)
+  replicated = NamedSharding(mesh, P())
+
+  p8 = jax.device_put(params, shardings)
+  p8, s8 = run_steps(jax.jit(train_step(tx, compute=replicated)), p8, jax.jit(tx.init)(p8))
+  p1, s1 = one_device_steps(config_name)
+
+  bad = sharding_mismatches(s8, p8)
+  assert not bad, "state lost its sharding during the steps:\n" + "\n".join(bad)
+  for p, sh in zip(jax.tree.leaves(p8), jax.tree.leaves(shardings)):
+    assert p.sharding.is_equivalent_to(sh, p.ndim), f"params resharded: {p.sharding} vs {sh}"
+  diffs = bitwise_diffs((p8, s8), (p1, s1))
+  if config.global_reduction:
+    # The norm is summed per shard, then across devices: a different order.
+    err = max_abs_diff((p8, s8), (p1, s1))
+    assert err < 1e-6, f"8 devices vs 1: max |diff| {err:.3g}"
+    return f"2 steps, FSDP on 8 devices vs 1: max |diff| {err:.3g} ({len(diffs)} leaves not bitwise)"
+  assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
+  return "2 steps, FSDP on 8 devices == 1 device bitwise (params and state); state stays sharded"
+
+
+for _name in CONFIGS:
+  check(f"fsdp_step[{_name}]")(lambda n=_name: _fsdp_step(n))
+
+
+def _fsdp_update_hlo(config_name: str, kind: str) -> str:
+  """The compiled optimizer update on sharded grads/state/params: which collectives it runs."""
+  config = CONFIGS[config_name]
+  mesh = mesh_of(kind)
+  tx = config.make()
+  params = init_params(config.bf16_leaf)
+  params = jax.device_put(params, split_shardings(params, mesh))
+  grads = jax.tree.map(lambda p: (p * 0.01).astype(p.dtype), params)
+  state = jax.jit(tx.init)(params)
+
+  def update(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(update).lower(grads, state, params).compile()
+  found = collectives_in(compiled.as_text())
+  new_params, new_state = compiled(grads, state, params)
+  bad = sharding_mismatches(new_state, new_params)
+  assert not bad, "update output not sharded like the params:\n" + "\n".join(bad)
+  if config.global_reduction:
+    assert "all-reduce" in found, f"clip_by_global_norm should all-reduce; found {found}"
+    return f"collectives in the compiled update: {found} (the global norm)"
+  assert not found, f"the compiled update communicates: {found}"
+  return "no collectives in the compiled update; output sharded like the params"
+
+
+for _name in CONFIGS:
+  check(f"fsdp_update_hlo[{_name}-auto]")(lambda n=_name: _fsdp_update_hlo(n, "auto"))
+for _name in ("amsgrad_bf16_leaf",):
+  check(f"fsdp_update_hlo[{_name}-explicit]")(lambda n=_name: _fsdp_update_hlo(n, "explicit"))
+
+
+# --------------------------------------------------------------------------
+# ZeRO-1: parameters replicated, optimizer state split
+# --------------------------------------------------------------------------
+
+def _zero1(config_name: str) -> str:
+  config = CONFIGS[config_name]
+  mesh = mesh_of("auto")
+  tx = config.make()
+  params = init_params(config.bf16_leaf)
+  replicated = NamedSharding(mesh, P())
+  state_sh = split_shardings(jax.eval_shape(tx.init, params), mesh)
+
+  p8 = jax.device_put(params, replicated)
+  s8 = jax.jit(tx.init, out_shardings=state_sh)(p8)
+  step8 = jax.jit(train_step(tx, compute=replicated),
+                  out_shardings=(replicated, state_sh, replicated))
+  p8, s8 = run_steps(step8, p8, s8)
+  p1, s1 = one_device_steps(config_name)
+
+  for p in jax.tree.leaves(p8):
+    assert p.sharding.is_fully_replicated, f"params not replicated: {p.sharding}"
+  moments = [m for s in adam_states(s8) for m in jax.tree.leaves((s.mu, s.nu, s.nu_max))]
+  total = sum(m.nbytes for m in moments)
+  per_device = {d: 0 for d in jax.devices()}
+  for m in moments:
+    for shard in m.addressable_shards:
+      per_device[shard.device] += shard.data.nbytes
+  assert set(per_device.values()) == {total // N} and total % N == 0, (
+      f"moment bytes per device {sorted(per_device.values())}, total {total}")
+  diffs = bitwise_diffs((p8, s8), (p1, s1))
+  if config.global_reduction:
+    err = max_abs_diff((p8, s8), (p1, s1))
+    assert err < 1e-6, f"8 devices vs 1: max |diff| {err:.3g}"
+    tail = f"max |diff| vs 1 device {err:.3g}"
+  else:
+    assert not diffs, "ZeRO-1 on 8 devices vs 1 differs at:\n" + "\n".join(diffs)
+    tail = "equal to 1 device bitwise"
+  return (f"{len(moments)} moments, {total} bytes in total, {total // N} on each device "
+          f"(1/{N}); {tail}")
+
+
+for _name in ("decay_mask_schedule", "amsgrad_bf16_leaf", "clip_by_global_norm"):
+  check(f"zero1[{_name}]")(lambda n=_name: _zero1(n))
+
+
+# --------------------------------------------------------------------------
+# Data parallel: gradients averaged with pmean inside shard_map
+# --------------------------------------------------------------------------
+
+def _data_parallel(config_name: str) -> str:
+  config = CONFIGS[config_name]
+  mesh = mesh_of("auto")
+  tx = config.make()
+  params = init_params(config.bf16_leaf)
+
+  def update(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def local_step(params, state, x, y):
+    # Differentiate w.r.t. this device's copy (else shard_map's autodiff sums
+    # the gradients across devices itself), then average them explicitly.
+    local = jax.lax.pcast(params, AXIS, to="varying")
+    grads = jax.grad(loss_fn)(local, x, y)
+    grads = jax.lax.pmean(grads, AXIS)
+    return *update(grads, state, params), grads
+
+  dp_step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
+                                  out_specs=P()))
+  replicated = NamedSharding(mesh, P())
+  p8 = jax.device_put(params, replicated)
+  s8 = tx.init(p8)
+  p1 = one_device(params)
+  s1 = tx.init(p1)
+  full_batch_grad, update1 = jax.jit(jax.grad(loss_fn)), jax.jit(update)
+  full_batch_err = 0.0
+  for i in range(2):
+    full = full_batch_grad(p1, *one_device(batch(i + 1)))  # the whole batch on 1 device
+    x, y = jax.device_put(batch(i + 1), NamedSharding(mesh, P(AXIS)))
+    p8, s8, grads = dp_step(p8, s8, x, y)
+    full_batch_err = max(full_batch_err, max_abs_diff(grads, full))
+    # The transform on one device, fed the averaged gradients: bitwise the same.
+    p1, s1 = update1(one_device(grads), s1, p1)
+  diffs = bitwise_diffs((p8, s8), (p1, s1))
+  assert not diffs, "data-parallel step vs the transform on 1 device differs at:\n" + "\n".join(diffs)
+  assert full_batch_err < 1e-2, f"pmean'd gradients far from the full-batch gradient: {full_batch_err}"
+  return (f"2 steps in shard_map: equal bitwise to the transform on 1 device fed the pmean'd "
+          f"gradients; pmean'd vs full-batch gradients max |diff| {full_batch_err:.3g}")
+
+
+for _name in ("amsgrad_bf16_leaf", "clip_by_global_norm"):
+  check(f"data_parallel[{_name}]")(lambda n=_name: _data_parallel(n))
+
+
+# --------------------------------------------------------------------------
+# The README's example
+# --------------------------------------------------------------------------
+
+def readme_blocks() -> list[str]:
+  text = README.read_text()
+  start = text.index("## Scaling out")
+  end = text.find("\n## ", start + 5)
+  return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
+
+
+@check("readme_scaling_out_example")
+def _readme() -> str:
+  blocks = readme_blocks()
+  assert blocks, "no python block in the README's Scaling out section"
+  namespace: dict = {"__name__": "readme"}
+  for i, code in enumerate(blocks):
+    exec(compile(code, f"README: Scaling out, block {i}", "exec"), namespace)  # noqa: S102
+  return f"ran {len(blocks)} python block(s)"
+
+
+# --------------------------------------------------------------------------
+
+def main(names: list[str]) -> int:
+  if jax.device_count() != N:
+    print(f"need {N} devices, have {jax.device_count()}: set "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={N} before jax is imported",
+          file=sys.stderr)
+    return 2
+  unknown = set(names) - set(CHECKS)
+  if unknown:
+    print(f"unknown checks: {sorted(unknown)}", file=sys.stderr)
+    return 2
+  results = {}
+  for name in names or CHECKS:
+    start = time.perf_counter()
+    try:
+      results[name] = {"ok": True, "detail": CHECKS[name]()}
+    except Exception:  # noqa: BLE001 -- reported per check
+      results[name] = {"ok": False, "detail": traceback.format_exc()}
+    results[name]["seconds"] = round(time.perf_counter() - start, 2)
+  print(MARKER + json.dumps(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,43 @@
+"""The speed benchmark's smoke run writes a well-formed report (no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks import speed, workloads
+
+_RATIO = r"\d+\.\d\dx"
+_NUMBER = r"\d+\.\d+"
+
+
+def _table_rows(md: str, heading: str) -> list[list[str]]:
+  section = md.split(heading, 1)[1].split("\n## ", 1)[0]
+  rows = [line for line in section.splitlines() if line.startswith("| ")]
+  return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]  # skip the header
+
+
+def test_quick_run_writes_tables_and_plot(tmp_path):
+  speed.main(["--quick", "--out", str(tmp_path)])
+  md = (tmp_path / "speed.md").read_text()
+  names = [wl.name for wl in workloads.WORKLOADS]
+  for variant in speed.VARIANTS:
+    rows = _table_rows(md, f"## Ratio to torch fused, {variant}")
+    assert [row[0] for row in rows] == names
+    for row in rows:
+      assert len(row) == 3 + len(speed.METHODS)
+      assert all(re.fullmatch(_RATIO, cell) for cell in row[3:]), row
+      assert row[-1] == "1.00x"  # torch fused against itself
+  details = _table_rows(md, "## Details")
+  assert len(details) == len(speed.VARIANTS) * len(names) * len(speed.METHODS)
+  for row in details:
+    assert all(re.fullmatch(_NUMBER, cell) for cell in row[3:]), row
+    assert float(row[-1]) >= 0.99, row  # never below the params + grads + moments minimum
+  compiles = _table_rows(md, "## Compile time")
+  assert [row[0] for row in compiles] == ["20", "30"]  # the quick many-leaves workload, then fresh
+  assert all(re.fullmatch(r"\d+\.\d\d s", cell) for row in compiles for cell in row[1:]), compiles
+  assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_past_the_timeout_is_reported_as_such():
+  results = speed._run_compiles("", ["optax.adamw:2000"], timeout=0.5, startup=0.0)
+  assert results == {"optax.adamw:2000": "> 0.5 s"}
