@@ -20,7 +20,7 @@ from jax import tree_util as jtu
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _paper, _tree, _validate
+from adamw_jax import _kernel, _paper, _steps, _tree, _validate
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -105,7 +105,7 @@ def _moment_dtype(param_dtype, requested) -> jnp.dtype:
 def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
   """A scalar torch computes in Python: a literal when `value` is a Python number."""
   if _is_number(value):
-    return jnp.asarray(np.asarray(float(value), dtype))
+    return np.asarray(float(value), dtype)
   return traced()
 
 
@@ -228,14 +228,26 @@ def adam_transform(
       numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
       step_size = numerator / bc1.hi
       bc2_sqrt = jnp.sqrt(bc2.hi)
-      inv_bc2_sqrt = 1 / bc2_sqrt
+      step_row = bc2_row = None
     else:
-      if lr is None:
-        step_size = f2.round_(f2.div(one, bc1))
+      # Python-number betas: torch's own Python scalars, read from a table (_steps).
+      tabulated = _is_number(b1) and _is_number(b2) and jnp.dtype(dtype) == jnp.float32
+      lr_number = lr is None or _is_number(lr)
+      step_row = bc2_row = None
+      if tabulated:
+        step_row = _steps.lookup("step_size" if lr_number else "bc1_pair", b1,
+                                 lr if lr_number else None, new_count, dtype)
+        bc2_row = _steps.lookup("bc2_sqrt", b2, None, new_count, dtype)
+      if step_row is not None and lr_number:
+        step_size = step_row[0]
       else:
-        step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
-      bc2_sqrt = f2.round_(f2.sqrt(bc2))
-      inv_bc2_sqrt = f2.reciprocal(bc2_sqrt, z)
+        if step_row is not None:
+          bc1 = f2.F2(step_row[0], step_row[1])
+        if lr is None:
+          step_size = f2.round_(f2.div(one, bc1))
+        else:
+          step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
+      bc2_sqrt = f2.round_(f2.sqrt(bc2)) if bc2_row is None else bc2_row[0]
     if not needs_params:
       decay = None
     elif not decoupled:
@@ -246,8 +258,10 @@ def adam_transform(
       decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:
       decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
-    step_size, decay = _computed_once(step_size, decay, z)
-    bc2_sqrt, inv_bc2_sqrt = _computed_once(bc2_sqrt, inv_bc2_sqrt, z)
+    if step_row is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
+      step_size, decay = _computed_once(step_size, decay, z)
+    if bc2_row is None:
+      bc2_sqrt, _ = _computed_once(bc2_sqrt, None, z)
     c = _kernel.Coefficients(
         one_minus_b1=_rounded_number(
             1.0 - float(b1) if _is_number(b1) else None, dtype,
@@ -257,7 +271,6 @@ def adam_transform(
             1.0 - float(b2) if _is_number(b2) else None, dtype,
             lambda: f2.round_(_one_minus(b2, dtype, z))),
         bc2_sqrt=bc2_sqrt,
-        inv_bc2_sqrt=inv_bc2_sqrt,
         eps=_rounded_number(eps, dtype, lambda: f2.round_(const(eps))),
         eps_root=None if _is_zero(eps_root) else f2.round_(f2.mul(const(eps_root), bc2)),
         step_size=step_size,

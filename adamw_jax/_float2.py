@@ -159,15 +159,6 @@ def div(x: F2, y: F2) -> F2:
   return add(F2(*_fast_two_sum(q1, q2)), F2(q3, jnp.zeros_like(q3)))
 
 
-def reciprocal(x: jax.Array, opaque_zero: jax.Array) -> jax.Array:
-  """The working-dtype number nearest to ``1 / x`` for x > 0 (correctly rounded).
-
-  IEEE division is correctly rounded, and XLA on CPU emits it as such (no
-  fast math by default); the 1 is hidden so that no rewrite can apply.
-  """
-  return hide(jnp.ones_like(x), opaque_zero) / x
-
-
 def sqrt(x: F2) -> F2:
   """Square root of a positive value: Newton from an rsqrt estimate, corrected in double words."""
   r = _rsqrt(x.hi)

@@ -18,8 +18,8 @@ XLA contracts ``a * b + c`` into a fused multiply-add when ``a * b`` is the
 first operand of the addition (measured on CPU), so the expressions below are
 written in that order where torch fuses and separated by :func:`rounded`
 where it does not. XLA also rewrites division by a broadcast scalar into
-multiplication by its reciprocal; :func:`_divide_by_scalar` restores the
-correctly rounded quotient. Tests in ``tests/test_fidelity.py`` pin all of
+multiplication by its reciprocal; :func:`_divide_by_scalar` keeps the true
+division. Tests in ``tests/test_fidelity.py`` pin all of
 this against torch bit for bit.
 
 With the opt-in ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
@@ -48,7 +48,6 @@ class Coefficients(NamedTuple):
   b2: jax.Array
   one_minus_b2: jax.Array
   bc2_sqrt: jax.Array  # sqrt(1 - b2**t)
-  inv_bc2_sqrt: jax.Array  # nearest number to 1 / bc2_sqrt
   eps: jax.Array
   eps_root: Optional[jax.Array]  # eps_root * (1 - b2**t), or None when eps_root == 0
   step_size: jax.Array  # s in p + (s * m) / d
@@ -73,16 +72,34 @@ def rounded_jvp(primals, tangents):
   return rounded(x, opaque_zero), tangents[0]
 
 
-def _divide_by_scalar(a: jax.Array, b: jax.Array, inv_b: jax.Array, opaque_zero: jax.Array) -> jax.Array:
-  """Correctly rounded ``a / b`` for a scalar `b` (Markstein's correction).
+_SMALL = 1 << 15  # elements: below, a true division; above, a residual correction (measured)
 
-  XLA turns ``a / broadcast(b)`` into ``a * (1 / b)``, which differs from the
-  true quotient in about a third of cases; one residual step fixes it.
+
+def _divide_by_scalar(a: jax.Array, b: jax.Array, opaque_zero: jax.Array) -> jax.Array:
+  """Correctly rounded ``a / b`` for a scalar `b`, as torch's ``tensor / scalar``.
+
+  XLA on CPU divides by a loop-invariant divisor by multiplying with its
+  reciprocal, which differs from the true quotient in about a third of cases.
+  Two ways back to the true quotient, equal bit for bit, each faster where it
+  is used (``benchmarks/overhead.py``):
+
+  - small arrays: OR-ing zero bits of `a` into `b` makes the divisor vary per
+    element in the compiler's eyes, so a true division is emitted. It adds
+    few operations, so XLA's cost model still counts the loop as memory-bound
+    and does not split it across threads, which costs more than it saves
+    below about 30,000 elements;
+  - large arrays: the product with the reciprocal and one residual step
+    (Markstein), cheaper per element than a vector division.
   """
+  utype = _UINT[a.dtype.itemsize]
+  if a.size < _SMALL:
+    zero_bits = lax.bitcast_convert_type(a, utype) & opaque_zero.astype(utype)
+    return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, utype) | zero_bits, a.dtype)
+  inv_b = rounded(1 / b, opaque_zero)
   q0 = rounded(a * inv_b, opaque_zero)
   residual = a - q0 * b  # exact, as one FMA
   q = residual * inv_b + q0
-  return jnp.where(jnp.isfinite(q0), q, q0)
+  return jnp.where(jnp.isfinite(q0), q, q0)  # inf / b: the residual would be NaN
 
 
 def _real_step(
@@ -122,7 +139,7 @@ def _real_step(
     v_used = nu_max
   if c.eps_root is not None:
     v_used = v_used + c.eps_root
-  denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.inv_bc2_sqrt, c.opaque_zero) + c.eps
+  denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.opaque_zero) + c.eps
   step = (c.step_size * m) / denom
   if param is None:
     return step, m, v, nu_max

@@ -131,3 +131,46 @@ def test_reference_workload():
   assert ref.max_abs(ours.params, theirs.params) <= 2 * ref.max_abs(fused.params, theirs.params)
   assert ref.bitwise_fraction(ours.params, theirs.params) >= (
       ref.bitwise_fraction(fused.params, theirs.params) - 0.005)
+
+
+@pytest.mark.parametrize("size", [1000, 1 << 16], ids=["small: true division", "large: residual step"])
+def test_division_by_bc2_sqrt_is_correctly_rounded(size):
+  """Both ways the kernel divides by sqrt(1 - b2**t) give IEEE's a / b, special values included.
+
+  `a` is sqrt(v): 0, inf, NaN or within [sqrt(FLT_MIN), sqrt(FLT_MAX)] (XLA on
+  CPU flushes subnormal v to zero; README, "How close to PyTorch?").
+  """
+  import jax.numpy as jnp
+
+  from adamw_jax import _kernel
+
+  rng = np.random.default_rng(0)
+  tiny, huge = np.sqrt(np.finfo(np.float32).tiny), np.sqrt(np.finfo(np.float32).max)
+  special = np.array([0.0, np.inf, np.nan, tiny, huge, 1.0, 2.0], np.float32)
+  a = np.exp(rng.uniform(np.log(tiny), np.log(huge), size)).astype(np.float32)
+  a[:special.size] = special
+  divide = jax.jit(_kernel._divide_by_scalar)
+  for b in np.float32([np.sqrt(1 - 0.999), np.sqrt(1 - 0.999**7), 0.9999999, 1.0]):
+    ours = np.asarray(divide(jnp.asarray(a), jnp.asarray(b), jnp.zeros([], jnp.int32)))
+    with np.errstate(over="ignore"):
+      expected = a / b
+    np.testing.assert_array_equal(ours.view(np.uint32), expected.view(np.uint32))
+
+
+def test_tabulated_step_scalars_are_torchs_python_floats():
+  """Step size and sqrt(1 - b2**t), read per step from _steps' tables, as torch computes them."""
+  import jax.numpy as jnp
+
+  from adamw_jax import _steps
+
+  lr, b1, b2 = 3e-4, 0.9, 0.999
+  assert _steps.rows_until_one(b1) == 356 and _steps.rows_until_one(b2) == 37412
+  for t in [1, 2, 100, 355, 356, 357, 20_000, 37_411, 37_412, 37_413, 10**6, 2**31 - 1]:
+    step = float(t)  # torch's step tensor, as a Python float
+    step_size = _steps.lookup("step_size", b1, lr, jnp.int32(t), np.float32)
+    bc2_sqrt = _steps.lookup("bc2_sqrt", b2, None, jnp.int32(t), np.float32)
+    bc1_pair = _steps.lookup("bc1_pair", b1, None, jnp.int32(t), np.float32)
+    assert np.float32(step_size[0]) == np.float32(-(lr / (1 - b1**step))), t
+    assert np.float32(bc2_sqrt[0]) == np.float32((1 - b2**step) ** 0.5), t
+    assert float(bc1_pair[0]) + float(bc1_pair[1]) == pytest.approx(1 - b1**step, rel=2**-46), t
+  assert _steps.lookup("bc2_sqrt", 0.9999, None, jnp.int32(1), np.float32) is None  # too long: series

@@ -75,6 +75,7 @@ CASES = [
     Case("maximize", maximize=True),
     Case("amsgrad", amsgrad=True),
     Case("betas=(0.8,0.99),eps=1e-6", betas=(0.8, 0.99), eps=1e-6),
+    Case("b2=0.9999 (beyond the step tables)", betas=(0.9, 0.9999), cosine_steps=200),
     Case("complex", complex=True),
     Case("cosine schedule", cosine_steps=200),
     Case("adam+L2", algo="adam", weight_decay=0.1),

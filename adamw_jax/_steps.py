@@ -1,0 +1,62 @@
+"""torch's per-step Python scalars, tabulated once per configuration.
+
+``torch.optim.AdamW`` computes ``1 - beta**t``, ``lr / (1 - b1**t)`` and
+``(1 - b2**t) ** 0.5`` in Python doubles at every step. With Python-number
+betas these are functions of the step count alone, and constant from the step
+where ``1 - beta**t`` rounds to 1 (t = 356 for 0.9, 37,412 for 0.999). Up to
+there they are tabulated here with the very same Python arithmetic, so the step
+reads one row instead of evaluating double-word series: the same numbers as
+torch's (no series error, no double rounding), at the cost of a table lookup.
+Betas closer to 1 (over ``MAX_ROWS`` steps to converge) and traced betas use
+the double-word series of ``_float2``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_ROWS = 1 << 17  # 0.5 MiB of float32; covers b2 <= 0.9997
+
+
+def rows_until_one(beta: float) -> int:
+  """The first step t with ``1 - beta**t == 1`` in double precision (constant after)."""
+  lo, hi = 1, 1 << 31
+  while lo < hi:  # 1 - beta**t rounds up to 1 monotonically in t
+    mid = (lo + hi) // 2
+    if 1.0 - beta**mid == 1.0:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+@functools.lru_cache(maxsize=64)
+def _table(kind: str, beta: float, lr: Optional[float], rows: int, dtype_name: str) -> np.ndarray:
+  """``table[t]`` for t in [0, rows]; row 0 is a copy of row 1 (t = 0 never occurs)."""
+  dtype = np.dtype(dtype_name)
+  out = np.empty((rows + 1, 2 if kind == "bc1_pair" else 1), dtype)
+  for t in range(1, rows + 1):
+    bc = 1.0 - beta**t  # torch: 1 - beta ** step, in Python
+    if kind == "bc1_pair":  # 1 - b1**t as a pair (hi, lo), for a learning rate known only when traced
+      hi = dtype.type(bc)
+      out[t] = hi, dtype.type(bc - float(hi))
+    elif kind == "step_size":  # torch's value=-step_size, -(lr / (1 - b1**t)); 1 / bc without lr
+      out[t] = dtype.type(1.0 / bc if lr is None else -(lr / bc))
+    else:  # "bc2_sqrt": torch's bias_correction2 ** 0.5
+      out[t] = dtype.type(bc**0.5)
+  out[0] = out[1]
+  return out
+
+
+def lookup(kind: str, beta: float, lr: Optional[float], t: jax.Array, dtype) -> Optional[jax.Array]:
+  """Row ``min(t, rows)`` of a table (a vector of 1 or 2), or None when the table would be too long."""
+  rows = rows_until_one(float(beta))
+  if rows > MAX_ROWS:
+    return None
+  table = _table(kind, float(beta), None if lr is None else float(lr), rows, jnp.dtype(dtype).name)
+  return jnp.asarray(table)[jnp.minimum(t, rows)]
