@@ -228,26 +228,25 @@ def adam_transform(
       numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
       step_size = numerator / bc1.hi
       bc2_sqrt = jnp.sqrt(bc2.hi)
-      step_row = bc2_row = None
+      row = None
     else:
       # Python-number betas: torch's own Python scalars, read from a table (_steps).
       tabulated = _is_number(b1) and _is_number(b2) and jnp.dtype(dtype) == jnp.float32
       lr_number = lr is None or _is_number(lr)
-      step_row = bc2_row = None
+      row = None
       if tabulated:
-        step_row = _steps.lookup("step_size" if lr_number else "bc1_pair", b1,
-                                 lr if lr_number else None, new_count, dtype)
-        bc2_row = _steps.lookup("bc2_sqrt", b2, None, new_count, dtype)
-      if step_row is not None and lr_number:
-        step_size = step_row[0]
+        row = _steps.lookup(b1, b2, lr if lr_number else None, new_count, dtype,
+                            scheduled=not lr_number)
+      if row is not None and lr_number:
+        step_size = row[0]
       else:
-        if step_row is not None:
-          bc1 = f2.F2(step_row[0], step_row[1])
+        if row is not None:
+          bc1 = f2.F2(row[0], row[1])
         if lr is None:
           step_size = f2.round_(f2.div(one, bc1))
         else:
           step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
-      bc2_sqrt = f2.round_(f2.sqrt(bc2)) if bc2_row is None else bc2_row[0]
+      bc2_sqrt = f2.round_(f2.sqrt(bc2)) if row is None else row[-1]
     if not needs_params:
       decay = None
     elif not decoupled:
@@ -258,9 +257,9 @@ def adam_transform(
       decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
     else:
       decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
-    if step_row is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
+    if row is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
       step_size, decay = _computed_once(step_size, decay, z)
-    if bc2_row is None:
+    if row is None:
       bc2_sqrt, _ = _computed_once(bc2_sqrt, None, z)
     c = _kernel.Coefficients(
         one_minus_b1=_rounded_number(

@@ -96,10 +96,11 @@ def _divide_by_scalar(a: jax.Array, b: jax.Array, opaque_zero: jax.Array) -> jax
     zero_bits = lax.bitcast_convert_type(a, utype) & opaque_zero.astype(utype)
     return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, utype) | zero_bits, a.dtype)
   inv_b = rounded(1 / b, opaque_zero)
-  q0 = rounded(a * inv_b, opaque_zero)
+  # Capped so that inf / b stays inf (the residual of an infinite q0 is NaN);
+  # NaN passes through. No finite sqrt(v) reaches the cap.
+  q0 = jnp.minimum(a * inv_b, rounded(jnp.asarray(jnp.finfo(a.dtype).max, a.dtype), opaque_zero))
   residual = a - q0 * b  # exact, as one FMA
-  q = residual * inv_b + q0
-  return jnp.where(jnp.isfinite(q0), q, q0)  # inf / b: the residual would be NaN
+  return residual * inv_b + q0
 
 
 def _real_step(
@@ -176,10 +177,12 @@ def _real_kernel(
   float32 parameter instead of 28). With multi-output fusion on, the
   parameter's output is recomputed from the inputs instead: its loop and the
   moments' loops become siblings reading the same arrays, which XLA merges
-  into one loop writing all outputs. The inputs of the recomputation pass
-  through :func:`rounded` so that common-subexpression elimination cannot
-  merge it back into the moments' loops; the values, and so the results, are
-  bit for bit the same. Without the flag the recomputation would make the
+  into one loop writing all outputs. The gradient, the second moment and the
+  parameter of the recomputation pass through :func:`rounded`, so that
+  common-subexpression elimination cannot merge its products back into the
+  moments' loops (every product involves one of the three; hiding fewer
+  splits the loop or, with Adam's L2 term, moves an FMA); the values, and so
+  the results, are bit for bit the same. Without the flag the recomputation would make the
   parameter loop read the old moments after the moment loops overwrote them
   in place (a copy each), so it is only used with the flag.
   """
@@ -187,7 +190,7 @@ def _real_kernel(
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
   if multi_output_fusion():
     hide = lambda x: None if x is None else rounded(x, c.opaque_zero)  # noqa: E731
-    out = _real_step(hide(grad), hide(mu), hide(nu), hide(nu_max), hide(param), c, **kw)[0]
+    out = _real_step(hide(grad), mu, hide(nu), nu_max, hide(param), c, **kw)[0]
   return out, m, v, vm
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 1 << 17  # 0.5 MiB of float32; covers b2 <= 0.9997
+MAX_ROWS = 1 << 17  # 1 MiB of float32 pairs; covers betas <= 0.9997
 
 
 def rows_until_one(beta: float) -> int:
@@ -36,27 +36,34 @@ def rows_until_one(beta: float) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _table(kind: str, beta: float, lr: Optional[float], rows: int, dtype_name: str) -> np.ndarray:
-  """``table[t]`` for t in [0, rows]; row 0 is a copy of row 1 (t = 0 never occurs)."""
+def _table(b1: float, b2: float, lr: Optional[float], scheduled: bool, rows: int,
+           dtype_name: str) -> np.ndarray:
+  """``table[t]`` for t in [0, rows]; row 0 is a copy of row 1 (t = 0 never occurs).
+
+  Columns: torch's ``value=-step_size`` (``-(lr / (1 - b1**t))``; ``1 / bc1``
+  without lr) and ``bias_correction2 ** 0.5``; for a scheduled lr, known only
+  when traced, ``1 - b1**t`` as a pair (hi, lo) instead of the step size.
+  """
   dtype = np.dtype(dtype_name)
-  out = np.empty((rows + 1, 2 if kind == "bc1_pair" else 1), dtype)
+  out = np.empty((rows + 1, 3 if scheduled else 2), dtype)
   for t in range(1, rows + 1):
-    bc = 1.0 - beta**t  # torch: 1 - beta ** step, in Python
-    if kind == "bc1_pair":  # 1 - b1**t as a pair (hi, lo), for a learning rate known only when traced
-      hi = dtype.type(bc)
-      out[t] = hi, dtype.type(bc - float(hi))
-    elif kind == "step_size":  # torch's value=-step_size, -(lr / (1 - b1**t)); 1 / bc without lr
-      out[t] = dtype.type(1.0 / bc if lr is None else -(lr / bc))
-    else:  # "bc2_sqrt": torch's bias_correction2 ** 0.5
-      out[t] = dtype.type(bc**0.5)
+    bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t  # torch: 1 - beta ** step, in Python
+    if scheduled:
+      hi = dtype.type(bc1)
+      out[t, :2] = hi, dtype.type(bc1 - float(hi))
+    else:
+      out[t, 0] = dtype.type(1.0 / bc1 if lr is None else -(lr / bc1))
+    out[t, -1] = dtype.type(bc2**0.5)
   out[0] = out[1]
   return out
 
 
-def lookup(kind: str, beta: float, lr: Optional[float], t: jax.Array, dtype) -> Optional[jax.Array]:
-  """Row ``min(t, rows)`` of a table (a vector of 1 or 2), or None when the table would be too long."""
-  rows = rows_until_one(float(beta))
+def lookup(b1: float, b2: float, lr: Optional[float], t: jax.Array, dtype, *,
+           scheduled: bool) -> Optional[jax.Array]:
+  """Row ``min(t, rows)`` of the table (see :func:`_table`), or None when it would be too long."""
+  rows = max(rows_until_one(float(b1)), rows_until_one(float(b2)))
   if rows > MAX_ROWS:
     return None
-  table = _table(kind, float(beta), None if lr is None else float(lr), rows, jnp.dtype(dtype).name)
+  table = _table(float(b1), float(b2), None if lr is None else float(lr), scheduled, rows,
+                 jnp.dtype(dtype).name)
   return jnp.asarray(table)[jnp.minimum(t, rows)]

@@ -141,9 +141,11 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
     run(2)
     inner[method] = max(1, min(500, round(target_s / max(run(1), 1e-6))))
   times: dict[str, list[float]] = {m: [] for m in runners}
-  order = list(runners)
+  # A fresh random order each rep: a fixed cyclic order would always run one
+  # method right after torch's threads (or after the same neighbour).
+  rng = np.random.default_rng(0)
   for rep in range(reps):
-    for method in order[rep % len(order):] + order[:rep % len(order)]:
+    for method in rng.permutation(list(runners)):
       times[method].append(runners[method](inner[method]))
   del runners
   gc.collect()
@@ -271,7 +273,7 @@ def report(data: dict) -> str:
       "",
       f"`{data['command']}` on {data['machine']}; {data['versions']} "
       f"(torch threads: {data['torch_threads']}). Float32, medians of {data['reps']} "
-      "interleaved repetitions in one process; JAX steps are one jitted update + "
+      "interleaved repetitions (a random order each) in one process; JAX steps are one jitted update + "
       "`optax.apply_updates` with donated params and state. GB/s counts 28 bytes per "
       "parameter; memory is the peak over the params + grads + moments minimum "
       "(JAX: `compiled.memory_analysis()`; torch: that minimum plus every byte "

@@ -158,7 +158,7 @@ def test_division_by_bc2_sqrt_is_correctly_rounded(size):
 
 
 def test_tabulated_step_scalars_are_torchs_python_floats():
-  """Step size and sqrt(1 - b2**t), read per step from _steps' tables, as torch computes them."""
+  """Step size and sqrt(1 - b2**t), read per step from _steps' table, as torch computes them."""
   import jax.numpy as jnp
 
   from adamw_jax import _steps
@@ -167,10 +167,9 @@ def test_tabulated_step_scalars_are_torchs_python_floats():
   assert _steps.rows_until_one(b1) == 356 and _steps.rows_until_one(b2) == 37412
   for t in [1, 2, 100, 355, 356, 357, 20_000, 37_411, 37_412, 37_413, 10**6, 2**31 - 1]:
     step = float(t)  # torch's step tensor, as a Python float
-    step_size = _steps.lookup("step_size", b1, lr, jnp.int32(t), np.float32)
-    bc2_sqrt = _steps.lookup("bc2_sqrt", b2, None, jnp.int32(t), np.float32)
-    bc1_pair = _steps.lookup("bc1_pair", b1, None, jnp.int32(t), np.float32)
-    assert np.float32(step_size[0]) == np.float32(-(lr / (1 - b1**step))), t
-    assert np.float32(bc2_sqrt[0]) == np.float32((1 - b2**step) ** 0.5), t
-    assert float(bc1_pair[0]) + float(bc1_pair[1]) == pytest.approx(1 - b1**step, rel=2**-46), t
-  assert _steps.lookup("bc2_sqrt", 0.9999, None, jnp.int32(1), np.float32) is None  # too long: series
+    step_size, bc2_sqrt = _steps.lookup(b1, b2, lr, jnp.int32(t), np.float32, scheduled=False)
+    bc1_hi, bc1_lo, bc2_sqrt_too = _steps.lookup(b1, b2, None, jnp.int32(t), np.float32, scheduled=True)
+    assert np.float32(step_size) == np.float32(-(lr / (1 - b1**step))), t
+    assert np.float32(bc2_sqrt) == np.float32(bc2_sqrt_too) == np.float32((1 - b2**step) ** 0.5), t
+    assert float(bc1_hi) + float(bc1_lo) == pytest.approx(1 - b1**step, rel=2**-46), t
+  assert _steps.lookup(b1, 0.9999, lr, jnp.int32(1), np.float32, scheduled=False) is None  # series
