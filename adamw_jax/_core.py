@@ -220,6 +220,7 @@ def adam_transform(
     bc2 = _bias_correction(b2, new_count, dtype, z)
     lr = None if learning_rate is None else _evaluate(learning_rate, count)
     wd = _evaluate(weight_decay, count)
+    lr_number = lr is None or _is_number(lr)
     if jnp.dtype(dtype) == jnp.float64:
       # torch rounds every Python operation to a double: do the same (after a
       # correctly rounded beta**t, as Python's pow gives).
@@ -232,7 +233,6 @@ def adam_transform(
     else:
       # Python-number betas: torch's own Python scalars, read from a table (_steps).
       tabulated = _is_number(b1) and _is_number(b2) and jnp.dtype(dtype) == jnp.float32
-      lr_number = lr is None or _is_number(lr)
       row = None
       if tabulated:
         row = _steps.lookup(b1, b2, lr if lr_number else None, new_count, dtype,

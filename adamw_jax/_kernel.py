@@ -182,9 +182,9 @@ def _real_kernel(
   common-subexpression elimination cannot merge its products back into the
   moments' loops (every product involves one of the three; hiding fewer
   splits the loop or, with Adam's L2 term, moves an FMA); the values, and so
-  the results, are bit for bit the same. Without the flag the recomputation would make the
-  parameter loop read the old moments after the moment loops overwrote them
-  in place (a copy each), so it is only used with the flag.
+  the results, are bit for bit the same. Without the flag the recomputation
+  would make the parameter loop read the old moments after the moment loops
+  overwrote them in place (a copy each), so it is only used with the flag.
   """
   kw = dict(maximize=maximize, l2=l2, decay=decay)
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
