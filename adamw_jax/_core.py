@@ -216,37 +216,37 @@ def adam_transform(
     z = lax.shift_right_logical(new_count, jnp.int32(31))  # 0, but opaque to XLA
     const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
     one = f2.constant(1.0, dtype, z)
-    bc1 = _bias_correction(b1, new_count, dtype, z)
-    bc2 = _bias_correction(b2, new_count, dtype, z)
+    bias_correction = lambda beta: _bias_correction(beta, new_count, dtype, z)  # noqa: E731
     lr = None if learning_rate is None else _evaluate(learning_rate, count)
     wd = _evaluate(weight_decay, count)
     lr_number = lr is None or _is_number(lr)
-    if jnp.dtype(dtype) == jnp.float64:
+    row = bc2 = None  # bc2: 1 - b2**t in double words, computed only where needed
+    if dtype == jnp.float64:
       # torch rounds every Python operation to a double: do the same (after a
       # correctly rounded beta**t, as Python's pow gives).
-      bc1 = f2.from_array(1 - f2.round_(f2.sub(one, bc1)))
-      bc2 = f2.from_array(1 - f2.round_(f2.sub(one, bc2)))
+      bc1 = f2.from_array(1 - f2.round_(f2.sub(one, bias_correction(b1))))
+      bc2 = f2.from_array(1 - f2.round_(f2.sub(one, bias_correction(b2))))
       numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
       step_size = numerator / bc1.hi
       bc2_sqrt = jnp.sqrt(bc2.hi)
-      row = None
     else:
       # Python-number betas: torch's own Python scalars, read from a table (_steps).
-      tabulated = _is_number(b1) and _is_number(b2) and jnp.dtype(dtype) == jnp.float32
-      row = None
-      if tabulated:
+      if _is_number(b1) and _is_number(b2):
         row = _steps.lookup(b1, b2, lr if lr_number else None, new_count, dtype,
                             scheduled=not lr_number)
       if row is not None and lr_number:
         step_size = row[0]
       else:
-        if row is not None:
-          bc1 = f2.F2(row[0], row[1])
+        bc1 = bias_correction(b1) if row is None else f2.F2(row[0], row[1])
         if lr is None:
           step_size = f2.round_(f2.div(one, bc1))
         else:
           step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
-      bc2_sqrt = f2.round_(f2.sqrt(bc2)) if row is None else row[-1]
+      if row is None:
+        bc2 = bias_correction(b2)
+        bc2_sqrt = f2.round_(f2.sqrt(bc2))
+      else:
+        bc2_sqrt = row[-1]
     if not needs_params:
       decay = None
     elif not decoupled:
@@ -261,6 +261,8 @@ def adam_transform(
       step_size, decay = _computed_once(step_size, decay, z)
     if row is None:
       bc2_sqrt, _ = _computed_once(bc2_sqrt, None, z)
+    if bc2 is None and not _is_zero(eps_root):
+      bc2 = bias_correction(b2)
     c = _kernel.Coefficients(
         one_minus_b1=_rounded_number(
             1.0 - float(b1) if _is_number(b1) else None, dtype,
