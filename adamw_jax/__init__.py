@@ -8,6 +8,7 @@ from adamw_jax._alias import adam, adamw
 from adamw_jax._checkpoint import restore_opt_state, save_opt_state
 from adamw_jax._core import ScaleByAdamState
 from adamw_jax._flat import FlatParams, flatten
+from adamw_jax._fused import fused_step
 from adamw_jax._groups import param_groups
 from adamw_jax._interop import from_torch, to_torch_state_dict
 from adamw_jax._layout import flax_layout
@@ -35,6 +36,7 @@ __all__ = [
     "flatten",
     "flax_layout",
     "from_torch",
+    "fused_step",
     "masked",
     "normalized_weight_decay",
     "param_groups",

@@ -7,9 +7,9 @@ hyperparameters, the state and the per-leaf kernel together.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
-
+import functools
 import math
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from jax import tree_util as jtu
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _paper, _steps, _tree, _validate
+from adamw_jax import _kernel, _native, _paper, _steps, _tree, _validate
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -144,6 +144,103 @@ def _computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
   packed = lax.complex(a, b.astype(a.dtype))
   packed = packed / one.astype(packed.dtype)
   return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
+
+
+class AdamUpdate:
+  """The ``update`` function of an Adam-family transform, which also knows its fused step.
+
+  Calling it is optax's ``update(updates, state, params=None)``;
+  :meth:`step` is :func:`adamw_jax.fused_step`.
+  """
+
+  def __init__(self, update: Callable, step: Callable):
+    self._update, self._step = update, step
+
+  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None):
+    return self._update(updates, state, params)
+
+  def step(self, grads: Any, state: ScaleByAdamState, params: Any):
+    return self._step(grads, state, params)
+
+
+def _pure_leaf(g, m, v, vm, p, c: _kernel.Coefficients, decay, *, maximize: bool,
+               decoupled: bool, with_params: bool, fused: bool, moments=None):
+  """One leaf through the pure-JAX kernel: (update, or new parameter if `fused`, m, v, vm).
+
+  `moments`: the new (m, v, vm), already computed by the native kernel.
+  """
+  out, m, v, vm = _kernel.adam_leaf(
+      g, m, v, vm, p if with_params else None, c,
+      maximize=maximize,
+      l2=None if decoupled else decay,
+      decay=decay if decoupled else None, moments=moments)
+  if with_params:
+    # torch's new parameter, as an update: exact when new and old parameters
+    # are within a factor of two of each other, so p + update lands on it.
+    out = out - p
+  if fused:
+    out = optax.apply_updates(p, out)
+  return out, m, v, vm
+
+
+def _native_group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
+                  mode: _native.Mode, kind: _native.Decay, amsgrad: bool, maximize: bool,
+                  decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
+  """Leaves ``(g, m, v, vm, p)`` of compute dtype `cdtype` through one native call.
+
+  The same results bit for bit as :func:`_pure_leaf` on each (``tests/test_native.py``);
+  derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
+  """
+  real = jnp.finfo(cdtype).dtype
+  fields = (c.one_minus_b1, c.b2, c.one_minus_b2, c.bc2_sqrt, c.eps,
+            0.0 if c.eps_root is None else c.eps_root, c.step_size,
+            0.0 if decay is None else decay, -1.0 if maximize else 1.0)
+  scalars = jnp.stack([jnp.asarray(x).astype(real) for x in fields])
+  moments_only = mode == _native.Mode.MOMENTS
+  with_p = mode != _native.Mode.STEP and (not moments_only or kind == _native.Decay.L2)
+  per_leaf = 3 + amsgrad + with_p
+
+  def unflatten(flat):
+    leaves = []
+    for k in range(0, len(flat), per_leaf):
+      g, m, v, *rest = flat[k:k + per_leaf]
+      vm = rest.pop(0) if amsgrad else None
+      leaves.append((g, m, v, vm, rest[0] if with_p else None))
+    return leaves
+
+  @jax.custom_jvp
+  def run(scalars, z, *flat):
+    del z
+    leaves = unflatten(flat)
+    as_c = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
+    outs = _native.call(scalars, [(g, as_c(m), as_c(v), as_c(vm), p) for g, m, v, vm, p in leaves],
+                        mode=mode, decay=kind, amsgrad=amsgrad)
+    back = []
+    for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
+      back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
+      back += [] if vm is None else [vm_new.astype(vm.dtype)]
+    return tuple(back)
+
+  def pure(scalars, z, *flat):
+    s = [scalars[k] for k in range(len(fields))]
+    coeffs = _kernel.Coefficients(
+        one_minus_b1=s[0], b2=s[1], one_minus_b2=s[2], bc2_sqrt=s[3], eps=s[4],
+        eps_root=None if c.eps_root is None else s[5], step_size=s[6], opaque_zero=z)
+    back = []
+    for g, m, v, vm, p in unflatten(flat):
+      o, m, v, vm = _pure_leaf(g, m, v, vm, p, coeffs, None if decay is None else s[7],
+                               maximize=maximize, decoupled=decoupled,
+                               with_params=with_params and with_p, fused=fused)
+      back += ([] if moments_only else [o]) + [m, v] + ([] if vm is None else [vm])
+    return tuple(back)
+
+  run.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+  flat = [x for g, m, v, vm, p in group
+          for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())]
+  out = run(scalars, c.opaque_zero, *flat)
+  step = (not moments_only) + 2 + amsgrad
+  return [((None,) if moments_only else ()) + tuple(out[k:k + step]) + (() if amsgrad else (None,))
+          for k in range(0, len(out), step)]
 
 
 def check_params(params: Any, what: str) -> None:
@@ -279,7 +376,7 @@ def adam_transform(
     )
     return c, decay
 
-  def update_fn(updates, state, params=None):
+  def check_update_args(updates, state, params) -> None:
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
     if needs_params:
       if params is None:
@@ -287,12 +384,22 @@ def adam_transform(
             f"{name}: weight decay needs the parameters; call "
             "update(updates, state, params) with params.")
       _tree.check_same_structure(updates, params, "updates", "params", what=name)
-    return compute(updates, state, params)
+
+  def update_fn(updates, state, params=None):
+    check_update_args(updates, state, params)
+    return compute(updates, state, params, fused=False, native=_native.enabled())
+
+  def step_fn(grads, state, params):
+    if learning_rate is None:
+      raise TypeError(f"{name}: the fused step needs a learning rate (scale_by_adam has none)")
+    check_update_args(grads, state, params)
+    _tree.check_same_structure(grads, params, "grads", "params", what=name)
+    return compute(grads, state, params, fused=True, native=_native.enabled())
 
   # Compiled even when called eagerly: op-by-op execution would not fuse the
   # moment updates into torch's multiply-adds and would round differently.
-  @jax.jit
-  def compute(updates, state, params):
+  @functools.partial(jax.jit, static_argnames=("fused", "native"))
+  def compute(updates, state, params, fused: bool, native: bool):
     decay_mask = (
         jax.tree.map(lambda _: True, updates) if mask is None or params is None
         else _tree.resolve_mask(mask, params, what=name))
@@ -301,23 +408,17 @@ def adam_transform(
     count = state.count
     new_count = optax.safe_increment(count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
+    how = dict(maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
 
-    def leaf(g, m, v, vm, p, decayed):
-      dtype = _scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,))))
+    def scalars_for(dtype):
       if dtype not in cache:
         cache[dtype] = coefficients(count, new_count, dtype)
-      c, decay = cache[dtype]
-      decay = decay if decayed else None
-      out, m, v, vm = _kernel.adam_leaf(
-          g, m, v, vm, p if with_params else None, c,
-          maximize=maximize,
-          l2=None if decoupled else decay,
-          decay=decay if decoupled else None)
-      if with_params:
-        # torch's new parameter, as an update: exact when new and old parameters
-        # are within a factor of two of each other, so p + update lands on it.
-        out = out - p
-      return out, m, v, vm
+      return cache[dtype]
+
+    def leaf(g, m, v, vm, p, decayed):
+      """The pure-JAX kernel: (update, or new parameter when fused, m, v, vm)."""
+      c, decay = scalars_for(_scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,)))))
+      return _pure_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
 
     treedef = jax.tree.structure(updates)
     g_l = treedef.flatten_up_to(updates)
@@ -326,9 +427,36 @@ def adam_transform(
     vm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_l)
     p_l = treedef.flatten_up_to(params) if params is not None else [None] * len(g_l)
     d_l = treedef.flatten_up_to(decay_mask)
-    results = [leaf(*args) for args in zip(g_l, m_l, v_l, vm_l, p_l, d_l)]
+    results: list[Any] = [None] * len(g_l)
+    groups: dict[tuple[Any, bool, _native.Mode], list[int]] = {}
+    for i, args in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, d_l)):
+      g, m, v, vm, p, decayed = args
+      p_read = p if (with_params or fused) else None
+      cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,)))
+      if (native and cdtype == g.dtype
+          and _native.serves(g, p_read, l2=needs_params and not decoupled and decayed)):
+        mode = _native.mode(g, m, v, vm, fused=fused, with_params=with_params)
+        groups.setdefault((cdtype, bool(decayed), mode), []).append(i)
+      else:
+        results[i] = leaf(*args)
+    for (cdtype, decayed, mode), indices in groups.items():
+      c, decay = scalars_for(_scalar_dtype(cdtype))
+      decay = decay if (decayed and needs_params) else None
+      kind = (_native.Decay.NONE if decay is None
+              else _native.Decay.DECOUPLED if decoupled else _native.Decay.L2)
+      if mode == _native.Mode.MOMENTS and kind == _native.Decay.DECOUPLED:
+        kind = _native.Decay.NONE  # the decoupled decay is in the parameter's step
+      group = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]
+      outs = _native_group(c, decay, group, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how)
+      for i, (out, m, v, vm) in zip(indices, outs):
+        if mode == _native.Mode.MOMENTS:  # the parameter's step, fused with apply_updates
+          out, m, v, vm = _pure_leaf(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay,
+                                     moments=(m, v, vm), **how)
+        results[i] = (out, m, v, vm)
     out, mu, nu, nu_max = (treedef.unflatten(list(col)) for col in zip(*results)) if results else (
-        updates, state.mu, state.nu, state.nu_max)
-    return out, ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
+        updates if not fused else params, state.mu, state.nu, state.nu_max)
+    new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
+    return out, new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, AdamUpdate(update_fn, step_fn))
+

@@ -114,10 +114,13 @@ def _real_step(
     maximize: bool,
     l2: Optional[jax.Array],
     decay: Optional[jax.Array],
+    moments: Optional[tuple] = None,
 ):
   """The kernel on real arrays of one compute dtype. Returns (out, mu, nu, nu_max).
 
   `out` is the new parameter when `param` is given, else the step ``(s*m)/d``.
+  `moments`: the new ``(mu, nu, nu_max)``, already computed by the native twin
+  (``_native``), which leaves only the parameter's step to this kernel.
   """
   dtype = grad.dtype
   c = c._replace(**{f: getattr(c, f).astype(dtype) for f in c._fields
@@ -126,18 +129,20 @@ def _real_step(
     decay = decay.astype(dtype)
   if l2 is not None:
     l2 = l2.astype(dtype)
-  # Hidden from XLA, which would otherwise move the negation into the products
-  # and change which multiplication it fuses into an FMA.
-  g = rounded(-grad, c.opaque_zero) if maximize else grad
-  if l2 is not None:
-    g = l2 * param + g
-  m = c.one_minus_b1 * (g - mu) + mu
-  # Only one product may reach each addition, or XLA picks which one to fuse.
-  v = (c.one_minus_b2 * g) * g + rounded(nu * c.b2, c.opaque_zero)
-  v_used = v
-  if nu_max is not None:
-    nu_max = jnp.maximum(nu_max, v)
-    v_used = nu_max
+  if moments is None:
+    # Hidden from XLA, which would otherwise move the negation into the products
+    # and change which multiplication it fuses into an FMA.
+    g = rounded(-grad, c.opaque_zero) if maximize else grad
+    if l2 is not None:
+      g = l2 * param + g
+    m = c.one_minus_b1 * (g - mu) + mu
+    # Only one product may reach each addition, or XLA picks which one to fuse.
+    v = (c.one_minus_b2 * g) * g + rounded(nu * c.b2, c.opaque_zero)
+    if nu_max is not None:
+      nu_max = jnp.maximum(nu_max, v)
+  else:
+    m, v, nu_max = moments
+  v_used = v if nu_max is None else nu_max
   if c.eps_root is not None:
     v_used = v_used + c.eps_root
   denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.opaque_zero) + c.eps
@@ -212,15 +217,25 @@ def adam_leaf(
     maximize: bool,
     l2: Optional[jax.Array] = None,
     decay: Optional[jax.Array] = None,
+    moments: Optional[tuple] = None,
 ):
   """One leaf's Adam/AdamW step. Returns ``(out, mu, nu, nu_max)``.
 
   `out` is the new parameter if `param` is given, else the (unscaled) Adam step.
   The moments come back in their own dtypes and `out` in the dtype of `param`
   (or of `grad`). Complex leaves are processed as (real, imag) pairs.
+  `moments`: for a real leaf whose moments the native kernel has already
+  updated (in the compute dtype), the new ``(mu, nu, nu_max)``.
   """
   out_dtype = (param if param is not None else grad).dtype
-  if jnp.iscomplexobj(grad) or jnp.iscomplexobj(mu) or (param is not None and jnp.iscomplexobj(param)):
+  complex_ = jnp.iscomplexobj(grad) or jnp.iscomplexobj(mu) or (
+      param is not None and jnp.iscomplexobj(param))
+  if moments is not None:
+    if complex_:
+      raise ValueError("adam_leaf: precomputed moments are for real leaves")
+    out, mu_new, nu_new, nu_max_new = _real_step(
+        grad, mu, nu, nu_max, param, c, maximize=maximize, l2=l2, decay=decay, moments=moments)
+  elif complex_:
     if l2 is not None:
       # torch adds the L2 term in complex arithmetic, before view_as_real.
       grad = (-grad if maximize else grad) + l2 * param

@@ -1,0 +1,148 @@
+"""The native CPU kernel (``_native.cc``): loading it, when it serves, and calling it.
+
+The C++ kernel is the twin of :func:`adamw_jax._kernel.adam_leaf`: the same
+operations in the same order with the same roundings, in one pass over memory
+for any number of leaves (one XLA custom call per group of leaves, so a tree
+of 10,000 leaves adds one operation to the compiled step, not 10,000 loops).
+``tests/test_native.py`` checks it bit for bit against the pure-JAX kernel on
+every configuration of the fidelity table.
+
+It serves a leaf when all of these hold, and the pure-JAX kernel does otherwise:
+
+- the extension was built (``pip install`` compiles it; if that failed,
+  importing adamw_jax warns once, naming the cause) and ``ADAMW_JAX_NATIVE``
+  is not ``0`` (read when the step is traced);
+- JAX's default backend is the CPU and there is one device (sharded arrays
+  would be gathered around a custom call);
+- the gradient and parameter are float32, float64, complex64 or complex128
+  and of one dtype (moments in another dtype, e.g. ``mu_dtype=jnp.bfloat16``,
+  are converted around the call exactly as the pure kernel converts them);
+  not for Adam's L2 term on complex leaves, which torch adds in complex
+  arithmetic.
+
+Under ``jax.grad``/``jax.jvp`` the derivative is the pure kernel's; under
+``jax.vmap`` the call runs once per batch element.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import importlib.util
+import os
+import pathlib
+import warnings
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "adamw_jax_adam_step"
+ENV = "ADAMW_JAX_NATIVE"
+_DTYPES = frozenset(map(jnp.dtype, (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)))
+
+
+class Mode(enum.IntEnum):
+  """What the kernel writes in place of the parameter's result (``_native.cc``)."""
+
+  STEP = 0  # (s * m) / d, the parameter not read
+  UPDATE = 1  # new parameter - parameter: the optax update
+  FUSED = 2  # parameter + UPDATE, in place: update + optax.apply_updates
+  FUSED_STEP = 3  # parameter + STEP, in place
+  MOMENTS = 4  # the moments only (the parameter read for Adam's L2 term alone)
+
+
+class Decay(enum.IntEnum):
+  NONE = 0
+  DECOUPLED = 1  # p * (1 - lr*wd)
+  L2 = 2  # g + wd * p
+
+
+def _load() -> Optional[str]:
+  """Registers the kernel with XLA. Returns None, or why it is not available."""
+  spec = importlib.util.find_spec("adamw_jax._native_lib")
+  if spec is None or spec.origin is None:
+    error = pathlib.Path(__file__).with_name("_native_lib.error")
+    if error.exists():
+      return "its build failed: " + error.read_text().splitlines()[0]
+    return "the extension adamw_jax._native_lib was not built"
+  try:
+    library = ctypes.CDLL(spec.origin)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdamwJaxAdamStep), platform="cpu")
+  except (OSError, AttributeError, RuntimeError, ValueError) as e:
+    return f"{spec.origin} could not be loaded: {e}"
+  return None
+
+
+UNAVAILABLE = _load()
+if UNAVAILABLE is not None:
+  warnings.warn(f"adamw_jax: the native CPU kernel is not available ({UNAVAILABLE}); "
+                "the pure-JAX kernel is used.", RuntimeWarning, stacklevel=2)
+
+
+def enabled() -> bool:
+  """Whether the native kernel may be used for the step being traced."""
+  return (UNAVAILABLE is None and os.environ.get(ENV, "1") != "0"
+          and jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+def serves(grad: jax.Array, param: Optional[jax.Array], l2: bool) -> bool:
+  """Whether the kernel computes this leaf (given :func:`enabled`)."""
+  dtype = jnp.dtype(grad.dtype)
+  if dtype not in _DTYPES or (param is not None and jnp.dtype(param.dtype) != dtype):
+    return False
+  return not (l2 and jnp.issubdtype(dtype, jnp.complexfloating))
+
+
+# Leaves from this size on get Mode.MOMENTS in an update (not in a fused step).
+# A native update writes into a fresh buffer, which XLA's CPU runtime allocates
+# for every step; above glibc's mmap threshold the OS maps and zero-fills it
+# each time (a page fault per 4 KiB: 3x slower on a 16M-element leaf, measured
+# with `perf stat -e page-faults`). With the moments native and the step in XLA,
+# fused into optax.apply_updates, nothing the size of a leaf is allocated.
+MOMENTS_FROM = 1 << 16
+
+
+def mode(g: jax.Array, m: jax.Array, v: jax.Array, vm: Optional[jax.Array], *,
+         fused: bool, with_params: bool) -> Mode:
+  """The native mode for one leaf that the kernel :func:`serves`."""
+  if fused:
+    return Mode.FUSED if with_params else Mode.FUSED_STEP
+  if (g.size >= MOMENTS_FROM and not jnp.issubdtype(g.dtype, jnp.complexfloating)
+      and all(x.dtype == g.dtype for x in (m, v) + (() if vm is None else (vm,)))):
+    return Mode.MOMENTS
+  return Mode.UPDATE if with_params else Mode.STEP
+
+
+def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Decay,
+         amsgrad: bool) -> list[tuple]:
+  """One kernel call over `leaves`, each ``(g, m, v, vm, p)`` in one compute dtype.
+
+  `scalars` holds, in the compute dtype's real type: 1 - b1, b2, 1 - b2,
+  sqrt(1 - b2**t), eps, eps_root * (1 - b2**t) (or 0), the step size, the
+  decay factor or L2 coefficient (or 0) and the gradient's sign. `vm` is None
+  unless `amsgrad`; `p` is None where the mode does not read it. Returns
+  ``(out, m, v, vm)`` per leaf, `out` being the parameter in the fused modes
+  and None in ``Mode.MOMENTS``. The moments (and the parameter, when fused) are
+  updated in place where XLA can reuse their buffers (donated or intermediate).
+  """
+  operands, results, aliases = [scalars], [], {}
+  has_out = mode != Mode.MOMENTS
+  for g, m, v, vm, p in leaves:
+    in_place = [x for x in (m, v, vm) if x is not None]
+    first = len(operands)
+    operands += [g, *in_place] + ([] if p is None else [p])
+    if has_out:
+      out_like = p if mode in (Mode.FUSED, Mode.FUSED_STEP) else g
+      if out_like is p:
+        aliases[len(operands) - 1] = len(results)
+      results.append(jax.ShapeDtypeStruct(out_like.shape, out_like.dtype))
+    for k, x in enumerate(in_place):
+      aliases[first + 1 + k] = len(results) + k
+    results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in in_place]
+  flat = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
+                          vmap_method="sequential")(
+      *operands, mode=int(mode), decay=int(decay), amsgrad=bool(amsgrad))
+  per_leaf = has_out + 2 + amsgrad
+  return [((None,) if not has_out else ()) + tuple(flat[i:i + per_leaf]) + ((None,) if not amsgrad else ())
+          for i in range(0, len(flat), per_leaf)]
