@@ -119,23 +119,40 @@ class Run:
   moments_bitwise_every_step: Optional[bool] = None
 
 
-def run_torch(case: Case, params, grads, steps: int, on_step=None, **impl) -> Run:
+def to_tensor(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
+  """A torch copy of a NumPy array on `device` (bfloat16 through its bits: NumPy has no bfloat16)."""
+  x = np.array(x, order="C")
+  if x.dtype == jnp.bfloat16:
+    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(device)
+  return torch.from_numpy(x).to(device)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+  """A NumPy copy of a tensor on any device (bfloat16 as ml_dtypes' bfloat16, like JAX's)."""
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(jnp.bfloat16).copy()
+  return t.numpy().copy()
+
+
+def run_torch(case: Case, params, grads, steps: int, on_step=None, device: str = "cpu", **impl) -> Run:
+  """Torch's run on `device` ("cpu" or "cuda"); `impl` picks the implementation (foreach=, fused=)."""
   names = list(params)
-  tensors = [torch.nn.Parameter(torch.tensor(params[k]).clone()) for k in names]
+  tensors = [torch.nn.Parameter(to_tensor(params[k], device)) for k in names]
   opt, sched = case.torch_opt(tensors, **impl)
   for t in range(steps):
     g = grads(t)
     for k, p in zip(names, tensors):
-      p.grad = torch.tensor(g[k]).clone()
+      p.grad = to_tensor(g[k], device)
     opt.step()
     if sched is not None:
       sched.step()
     if on_step is not None:
       on_step(t, {k: opt.state[p] for k, p in zip(names, tensors)})
   st = [opt.state[p] for p in tensors]
-  arr = lambda key: {k: s[key].detach().numpy().copy() for k, s in zip(names, st)}  # noqa: E731
+  arr = lambda key: {k: to_numpy(s[key]) for k, s in zip(names, st)}  # noqa: E731
   return Run(
-      params={k: p.detach().numpy().copy() for k, p in zip(names, tensors)},
+      params={k: to_numpy(p) for k, p in zip(names, tensors)},
       exp_avg=arr("exp_avg"), exp_avg_sq=arr("exp_avg_sq"),
       max_exp_avg_sq=arr("max_exp_avg_sq") if case.amsgrad else None,
       step=int(st[0]["step"].item()))
@@ -189,8 +206,8 @@ def recorder(case: Case):
 
   def on_step(t, st):
     del t
-    states.append({k: (s["exp_avg"].numpy().copy(), s["exp_avg_sq"].numpy().copy(),
-                       s["max_exp_avg_sq"].numpy().copy() if case.amsgrad else None)
+    states.append({k: (to_numpy(s["exp_avg"]), to_numpy(s["exp_avg_sq"]),
+                       to_numpy(s["max_exp_avg_sq"]) if case.amsgrad else None)
                    for k, s in st.items()})
 
   return states, on_step
