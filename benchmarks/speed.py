@@ -5,10 +5,13 @@ Run from the repository root:  python -m benchmarks.speed   (about 10 minutes; -
 Times, side by side in one process with interleaved repetitions and medians,
 one float32 AdamW step (lr 1e-3, weight decay 1e-2) of
 
-- ``adamw_jax.adamw`` on the model's tree (per-leaf) and on one flat buffer
-  (``adamw_jax.flatten``), and ``optax.adamw``: each step is one jitted
-  ``update`` + ``optax.apply_updates`` with the parameters and optimizer state
-  donated and fixed random gradients;
+- ``adamw_jax.adamw`` on the model's tree (per-leaf: the default, with the
+  native CPU kernel; and with ``ADAMW_JAX_NATIVE=0``, the pure-JAX kernel), on
+  one flat buffer (``adamw_jax.flatten``), and ``optax.adamw``: each step is one
+  jitted ``update`` + ``optax.apply_updates`` with the parameters and optimizer
+  state donated and fixed random gradients;
+- ``adamw_jax.fused_step`` (update and apply in one native pass), jitted and
+  donated the same way;
 - ``torch.optim.AdamW(foreach=True)`` and ``(fused=True)``: ``optimizer.step()``
   with ``.grad`` set,
 
@@ -38,8 +41,10 @@ from typing import Any, Optional
 RESULTS = pathlib.Path(__file__).parent / "results"
 FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 VARIANTS = {"default": "", "multi-output fusion": FLAG}
-METHODS = ("adamw_jax per-leaf", "adamw_jax flat", "optax.adamw", "torch foreach", "torch fused")
-JAX_METHODS = METHODS[:3]
+METHODS = ("adamw_jax per-leaf", "adamw_jax fused", "adamw_jax per-leaf, pure JAX", "adamw_jax flat",
+           "optax.adamw", "torch foreach", "torch fused")
+JAX_METHODS = METHODS[:5]
+PURE = "adamw_jax per-leaf, pure JAX"  # ADAMW_JAX_NATIVE=0 while it is traced
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 MINIMUM_PER_PARAM = 16  # p, g, m, v resident
 
@@ -68,17 +73,32 @@ def _jax_setup(method: str, params_np: Any, grads_np: Any):
   state = tx.init(params)
 
   def step(p, s, g):
+    if method == "adamw_jax fused":
+      return adamw_jax.fused_step(tx, g, s, p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   return jax.jit(step, donate_argnums=(0, 1)), params, state, grads
 
 
+def _compile(method: str, step, *args):
+  """Traces, lowers and compiles `step`; the pure-JAX column with the native kernel off."""
+  from adamw_jax import _native
+  saved = os.environ.get(_native.ENV)
+  os.environ[_native.ENV] = "0" if method == PURE else "1"
+  try:
+    return step.lower(*args).compile()
+  finally:
+    os.environ.pop(_native.ENV)
+    if saved is not None:
+      os.environ[_native.ENV] = saved
+
+
 def _jax_runner(method: str, params_np: Any, grads_np: Any):
   import jax
   step, params, state, grads = _jax_setup(method, params_np, grads_np)
   t0 = time.perf_counter()
-  compiled = step.lower(params, state, grads).compile()
+  compiled = _compile(method, step, params, state, grads)
   compile_s = time.perf_counter() - t0
   stats = compiled.memory_analysis()
   peak = getattr(stats, "peak_memory_in_bytes", 0) or (
@@ -180,16 +200,25 @@ def _timings_worker(quick: bool, reps: int) -> dict:
           "torch_threads": torch.get_num_threads(), "reps": reps, "workloads": rows}
 
 
+APPLY_ONLY = "optax.apply_updates alone"  # the floor of any update + apply_updates step
+
+
 def _compile_worker(jobs: list[str]) -> None:
   """Prints one JSON line per ``method:leaves`` job: seconds to trace, lower and compile the step."""
+  import jax
   import numpy as np
+  import optax
   for job in jobs:
     method, leaves = job.rsplit(":", 1)
     tree = {f"p{i:05d}": np.zeros(1000, np.float32) for i in range(int(leaves))}
     try:
-      step, params, state, grads = _jax_setup(method, tree, tree)
+      if method == APPLY_ONLY:
+        step = jax.jit(lambda p, u: optax.apply_updates(p, u), donate_argnums=0)
+        args: tuple = (jax.device_put(tree), jax.device_put(tree))
+      else:
+        step, *args = _jax_setup(method, tree, tree)
       t0 = time.perf_counter()
-      step.lower(params, state, grads).compile()
+      _compile(method, step, *args)
       result: Any = time.perf_counter() - t0
     except AttributeError as e:
       result = f"n/a ({e})"
@@ -284,6 +313,8 @@ def report(data: dict) -> str:
     lines += ["**Quick smoke run**: tiny workloads (the names refer to the full sizes), two "
               "repetitions, processes running concurrently. These numbers mean nothing.", ""]
   methods = METHODS
+  lines += ["## Goals (default XLA flags; per workload, in the order of the tables below)", "",
+            *goals(data), ""]
   for variant, timing in data["timings"].items():
     flags = VARIANTS[variant]
     lines += [f"## Ratio to torch fused, {variant}" + (f" (`XLA_FLAGS={flags}`)" if flags else " XLA flags"),
@@ -310,14 +341,48 @@ def report(data: dict) -> str:
             f"for a dict of float32 leaves. {many['leaves']:,} leaves: the '{many['name']}' "
             "workload, measured while setting up its timing. More leaves (1,000 elements each): "
             "a fresh process per measurement; one still running after the timeout is stopped "
-            "and reported as \"> timeout\".", "",
-            "| leaves | " + " | ".join(JAX_METHODS) + " |", "|---|" + "---|" * len(JAX_METHODS)]
+            "and reported as \"> timeout\". The last column is `optax.apply_updates` alone "
+            "(jitted, params donated): what any update + apply_updates step compiles at least.", "",
+            "| leaves | " + " | ".join(JAX_METHODS + (APPLY_ONLY,)) + " |",
+            "|---|" + "---|" * (len(JAX_METHODS) + 1)]
   cells = [_fmt_seconds(many["results"][m].get("compile_s", "n/a")) for m in JAX_METHODS]
-  lines.append(f"| {many['leaves']:,} | " + " | ".join(cells) + " |")
+  lines.append(f"| {many['leaves']:,} | " + " | ".join(cells) + " | not run |")
   for leaves in data["compile_leaves"]:
-    cells = [_fmt_seconds(data["compiles"].get(f"{m}:{leaves}", "not run")) for m in JAX_METHODS]
+    cells = [_fmt_seconds(data["compiles"].get(f"{m}:{leaves}", "not run"))
+             for m in JAX_METHODS + (APPLY_ONLY,)]
     lines.append(f"| {leaves:,} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+GOALS = (  # (goal, method, peer, limit) on the ratio of medians, every workload
+    ("per-leaf adamw (update + apply_updates) <= 0.95x optax.adamw", "adamw_jax per-leaf", "optax.adamw", 0.95),
+    ("fused step <= 1.0x torch fused", "adamw_jax fused", "torch fused", 1.0),
+    ("fused step <= 0.9x torch fused (the real goal)", "adamw_jax fused", "torch fused", 0.9),
+)
+
+
+def goals(data: dict) -> list[str]:
+  """The issue's goals, met or not, with the numbers of this run (default flags)."""
+  wls = data["timings"]["default"]["workloads"]
+  rows = ["| goal | measured | met |", "|---|---|---|"]
+  for goal, method, peer, limit in GOALS:
+    ratios = [wl["results"][method]["ms"] / wl["results"][peer]["ms"] for wl in wls]
+    rows.append(f"| {goal} | " + ", ".join(f"{r:.2f}x" for r in ratios)
+                + f" | {'yes' if max(ratios) <= limit else 'no'} |")
+  many = wls[2]  # the many-leaves workload
+  ours, theirs = (many["results"][m]["compile_s"] for m in ("adamw_jax per-leaf", "optax.adamw"))
+  rows.append(f"| per-leaf compile, {many['leaves']:,} leaves <= 1/10 of optax's | {ours:.2f} s vs {theirs:.2f} s "
+              f"({ours / theirs:.2f}) | {'yes' if ours <= theirs / 10 else 'no'} |")
+  for leaves in data["compile_leaves"]:
+    got = data["compiles"].get(f"adamw_jax per-leaf:{leaves}")
+    met = "yes" if isinstance(got, float) and got <= 5.0 else "no"
+    rows.append(f"| per-leaf compile, {leaves:,} leaves <= 5 s | {_fmt_seconds(got)} (optax: "
+                f"{_fmt_seconds(data['compiles'].get(f'optax.adamw:{leaves}'))}) | {met} |")
+  for method in ("adamw_jax per-leaf", "adamw_jax fused"):
+    mem = [wl["results"][method]["memory"] for wl in wls]
+    rows.append(f"| {method}: memory with donation <= 1.1x the minimum | "
+                + ", ".join(f"{m:.2f}" for m in mem) + f" | {'yes' if max(mem) <= 1.1 else 'no'} |")
+  return rows
 
 
 def plot(data: dict, path: pathlib.Path) -> None:
@@ -364,7 +429,7 @@ def collect(quick: bool, reps: int, compile_leaves: list[int], timeout: float) -
       data["timings"][variant] = _finish_timings(procs[variant])
   # Compile times with the default flags only (minutes per variant for the per-leaf updates).
   print("compile times", file=sys.stderr, flush=True)
-  jobs = [f"{m}:{n}" for n in compile_leaves for m in JAX_METHODS]
+  jobs = [f"{m}:{n}" for n in compile_leaves for m in JAX_METHODS + (APPLY_ONLY,)]
   data["compiles"] = _run_compiles("", jobs, timeout)
   for variant, proc in procs.items():
     if variant not in data["timings"]:

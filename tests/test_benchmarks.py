@@ -34,7 +34,12 @@ def test_quick_run_writes_tables_and_plot(tmp_path):
     assert float(row[-1]) >= 0.99, row  # never below the params + grads + moments minimum
   compiles = _table_rows(md, "## Compile time")
   assert [row[0] for row in compiles] == ["20", "30"]  # the quick many-leaves workload, then fresh
-  assert all(re.fullmatch(r"\d+\.\d\d s", cell) for row in compiles for cell in row[1:]), compiles
+  assert all(re.fullmatch(r"\d+\.\d\d s", cell) for cell in compiles[0][1:-1]), compiles
+  assert compiles[0][-1] == "not run"  # apply_updates alone: in fresh processes only
+  assert all(re.fullmatch(r"\d+\.\d\d s", cell) for cell in compiles[1][1:]), compiles
+  goals = _table_rows(md, "## Goals")
+  assert len(goals) == len(speed.GOALS) + 2 + 2, goals  # + compile times + memory
+  assert all(row[-1] in ("yes", "no") for row in goals), goals
   assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,6 +12,7 @@ same way against ``update`` + ``optax.apply_updates``.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from typing import Any, Callable
@@ -323,3 +324,74 @@ print(len(mine), mine[0] if mine else "")
   count, message = out.stdout.strip().split(" ", 1)
   assert count == "1", out.stdout
   assert "not available" in message and "pure-JAX kernel is used" in message, message
+
+
+def test_fused_step_in_a_linen_train_state():
+  """The README's Linen loop: fused_step on a TrainState equals apply_gradients bit for bit."""
+  import flax.linen as nn
+  from flax.training import train_state
+
+  model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+  x = jax.random.normal(jax.random.key(0), (32, 5))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+  params = model.init(jax.random.key(2), x)["params"]
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def fused(state):
+    grads = jax.grad(loss_fn)(state.params)
+    params, opt_state = adamw_jax.fused_step(state.tx, grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+  def plain(state):
+    return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+  states = []
+  for step in (fused, plain):
+    state = train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
+                                          tx=adamw_jax.adamw(1e-2))
+    jitted = jax.jit(step, donate_argnums=0)
+    for _ in range(5):
+      state = jitted(state)
+    states.append((state.params, state.opt_state))
+  _assert_bitwise(states[0], states[1], "TrainState")
+
+
+def test_fused_step_with_nnx():
+  """The README's NNX loop: split the model, fused_step on its nnx.Param state, merge back."""
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.fc1, self.fc2 = nnx.Linear(5, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(nnx.relu(self.fc1(x)))
+
+  x = jax.random.normal(jax.random.key(0), (32, 5))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+  results = []
+  for fused in (True, False):
+    model = MLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = adamw_jax.adamw(1e-2)
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, fused=fused, graphdef=graphdef, tx=tx):
+      def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      grads = jax.grad(loss_fn)(params)
+      if fused:
+        return adamw_jax.fused_step(tx, grads, opt_state, params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(5):
+      params, opt_state = train_step(params, opt_state)
+    nnx.update(model, params)
+    results.append((nnx.state(model, nnx.Param), opt_state))
+  _assert_bitwise(results[0], results[1], "nnx")

@@ -6,6 +6,8 @@ step into one loop (``adamw_jax._kernel._real_kernel``). These tests run a few
 steps of each configuration in a fresh process with the flag and check the
 results bit for bit against a process without it, and that plain AdamW then
 compiles to one loop over the parameters, against three without the flag.
+The layout is the pure-JAX kernel's, so these processes run with the native
+CPU kernel off (``ADAMW_JAX_NATIVE=0``; ``tests/test_native.py`` covers it).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def run_configs() -> dict:
 
 def _in_fresh_process(xla_flags: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["ADAMW_JAX_NATIVE"] = "0"
   if xla_flags:
     env["XLA_FLAGS"] = xla_flags
   code = "import json, tests.test_one_pass as t; print(json.dumps(t.run_configs()))"
