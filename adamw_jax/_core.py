@@ -20,7 +20,8 @@ from jax import tree_util as jtu
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _paper, _steps, _tree, _validate
+from adamw_jax import _hyperparams, _kernel, _steps, _tree
+from adamw_jax._tree import check_params
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -146,18 +147,6 @@ def _computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
   return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
 
 
-def check_params(params: Any, what: str) -> None:
-  """Parameters must be floating or complex arrays."""
-  for path, leaf in jtu.tree_flatten_with_path(params)[0]:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      where = f"'{_tree.path_str(path)}'" if path else "the root"
-      raise TypeError(
-          f"{what}: the parameter at {where} has dtype {dtype}; Adam needs "
-          "floating-point or complex parameters (cast integer parameters, or mask "
-          "them out of the optimizer with optax.partition / optax.set_to_zero).")
-
-
 def adam_transform(
     *,
     name: str,
@@ -185,14 +174,12 @@ def adam_transform(
   over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
   ``decay_mode="paper"`` makes the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
-  for arg, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root),
-                     ("weight_decay", weight_decay)):
-    _validate.check(arg, value)
-  if learning_rate is not None:
-    _validate.check("learning_rate", learning_rate)
-  _paper.check_decay_mode(name, decay_mode, peak_learning_rate, learning_rate, decoupled)
-  mu_dtype = _validate.check_dtype("mu_dtype", mu_dtype)
-  nu_dtype = _validate.check_dtype("nu_dtype", nu_dtype)
+  checked = _hyperparams.checked(
+      name, decoupled=decoupled, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
+      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
+      peak_learning_rate=peak_learning_rate)
+  mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
   needs_params = _needs_params(weight_decay)
 
   def init_fn(params):
