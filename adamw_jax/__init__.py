@@ -1,7 +1,8 @@
-"""adamw_jax: torch.optim.AdamW as pure, chainable optax gradient transformations.
+"""The public API of adamw_jax: torch.optim.AdamW as pure, chainable optax transformations.
 
 The math, the rounding and every difference from torch and optax are
-documented in :func:`adamw_jax.adamw` and in the README.
+written once, in the README ("The math", "Differences from torch and optax",
+"How close to PyTorch?"); every public function's docstring has an example.
 """
 
 from adamw_jax._alias import adam, adamw

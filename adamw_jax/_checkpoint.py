@@ -152,6 +152,16 @@ def save_opt_state(directory: str | os.PathLike, opt_state: Any, *,
       hyperparameters ``{"learning_rate": 1e-3, "weight_decay": 0.1}``; stored
       and compared on restore when a config is given there.
     force: overwrite an existing checkpoint.
+
+  >>> import tempfile, jax.numpy as jnp, adamw_jax
+  >>> params = {"w": jnp.ones(3)}
+  >>> tx = adamw_jax.adamw()
+  >>> with tempfile.TemporaryDirectory() as directory:
+  ...   adamw_jax.save_opt_state(directory + "/step0", tx.init(params), config={"lr": 1e-3})
+  ...   restored = adamw_jax.restore_opt_state(directory + "/step0", tx.init(params),
+  ...                                          config={"lr": 1e-3})
+  >>> int(restored.count)
+  0
   """
   ocp = _ocp()
   tree = _pure(opt_state)
@@ -171,6 +181,19 @@ def restore_opt_state(directory: str | os.PathLike, target: Any, *,
      adamw_jax.save_opt_state(path, opt_state, config=hyper)
      opt_state = adamw_jax.restore_opt_state(path, tx.init(params), config=hyper)
      adamw_jax.restore_opt_state(path, nnx_optimizer)   # in place
+
+  A checkpoint that does not fit the target is refused, naming the difference:
+
+  >>> import tempfile, jax.numpy as jnp, adamw_jax
+  >>> params = {"w": jnp.ones(3)}
+  >>> with tempfile.TemporaryDirectory() as directory:
+  ...   adamw_jax.save_opt_state(directory + "/step0", adamw_jax.adamw().init(params))
+  ...   adamw_jax.restore_opt_state(directory + "/step0",
+  ...                               adamw_jax.adamw(amsgrad=True).init(params))
+  ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
+  Traceback (most recent call last):
+  ValueError: restore_opt_state: the checkpoint at ... does not fit the target: different tree
+  structure (AMSGrad: the target has 'nu_max', the checkpoint has it None):...
 
   Args:
     directory: a checkpoint written by :func:`save_opt_state`.

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax import tree_util as jtu
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _native, _paper, _steps, _tree, _validate
+from adamw_jax import _hyperparams, _kernel, _native, _steps, _tree
+from adamw_jax._tree import check_params
 
 Scalar = Union[float, jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -243,18 +243,6 @@ def _native_group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
           for k in range(0, len(out), step)]
 
 
-def check_params(params: Any, what: str) -> None:
-  """Parameters must be floating or complex arrays."""
-  for path, leaf in jtu.tree_flatten_with_path(params)[0]:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      where = f"'{_tree.path_str(path)}'" if path else "the root"
-      raise TypeError(
-          f"{what}: the parameter at {where} has dtype {dtype}; Adam needs "
-          "floating-point or complex parameters (cast integer parameters, or mask "
-          "them out of the optimizer with optax.partition / optax.set_to_zero).")
-
-
 def adam_transform(
     *,
     name: str,
@@ -282,14 +270,12 @@ def adam_transform(
   over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
   ``decay_mode="paper"`` makes the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
-  for arg, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root),
-                     ("weight_decay", weight_decay)):
-    _validate.check(arg, value)
-  if learning_rate is not None:
-    _validate.check("learning_rate", learning_rate)
-  _paper.check_decay_mode(name, decay_mode, peak_learning_rate, learning_rate, decoupled)
-  mu_dtype = _validate.check_dtype("mu_dtype", mu_dtype)
-  nu_dtype = _validate.check_dtype("nu_dtype", nu_dtype)
+  checked = _hyperparams.checked(
+      name, decoupled=decoupled, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
+      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
+      peak_learning_rate=peak_learning_rate)
+  mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
   needs_params = _needs_params(weight_decay)
 
   def init_fn(params):
@@ -379,11 +365,7 @@ def adam_transform(
   def check_update_args(updates, state, params) -> None:
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
     if needs_params:
-      if params is None:
-        raise ValueError(
-            f"{name}: weight decay needs the parameters; call "
-            "update(updates, state, params) with params.")
-      _tree.check_same_structure(updates, params, "updates", "params", what=name)
+      _tree.check_params_given(updates, params, what=name)
 
   def update_fn(updates, state, params=None):
     check_update_args(updates, state, params)

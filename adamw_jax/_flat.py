@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 from jax import tree_util as jtu
 
-from adamw_jax import _core, _tree
+from adamw_jax import _tree
 
 
 class Slot(NamedTuple):
@@ -79,7 +79,7 @@ class Layout:
 
 
 @jtu.register_pytree_with_keys_class
-class FlatParams:
+class FlatParams(_tree.ResolvesMasks):
   """A model's parameters packed into a few flat buffers; a pytree of those buffers.
 
   Build it with :func:`adamw_jax.flatten`. Its children (``.buffers``) are one
@@ -132,7 +132,7 @@ class FlatParams:
     leaves = treedef.flatten_up_to(tree)
     for path, leaf, slot, buffer in zip(self.layout.paths, leaves, self.layout.slots,
                                         (self.buffers[s.child] for s in self.layout.slots)):
-      where = f"'{path}'" if path else "the root"
+      where = _tree.where(path)
       if np.shape(leaf) != slot.shape:
         raise ValueError(f"FlatParams.pack: the leaf at {where} has shape {np.shape(leaf)}, "
                          f"the flattened parameter has shape {slot.shape}.")
@@ -254,6 +254,13 @@ def _sharding(leaf):
 def flatten(params, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams:
   """`params` packed into one flat buffer per dtype: a :class:`FlatParams`.
 
+  >>> import jax.numpy as jnp, adamw_jax
+  >>> flat = adamw_jax.flatten({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
+  >>> flat
+  FlatParams(2 leaves in {float32: float32[9]})
+  >>> flat.view()["w"].shape  # the model's tree, inside the loss
+  (2, 3)
+
   Args:
     params: the model's parameters, a pytree of floating-point or complex arrays.
     mask: optional weight-decay mask for `params` (a bool pytree or prefix of
@@ -269,7 +276,7 @@ def flatten(params, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams:
   Returns:
     A :class:`FlatParams`; ``flat.view()`` gives the model's pytree back.
   """
-  _core.check_params(params, "flatten")
+  _tree.check_params(params, "flatten")
   path_leaves, treedef = jtu.tree_flatten_with_path(params)
   paths = tuple(_tree.path_str(p) for p, _ in path_leaves)
   leaves = [jnp.asarray(leaf) for _, leaf in path_leaves]

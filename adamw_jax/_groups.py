@@ -3,38 +3,70 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Hashable, Mapping
+import inspect
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import jax
 import optax
 
-from adamw_jax import _alias, _rules, _tree
+from adamw_jax import _alias, _hyperparams, _rules, _tree
 
 Selector = Union[_rules.Patterns, _tree.MaskOrFn]
 GroupSpec = Union[tuple[Selector, Mapping[str, Any]], Mapping[str, Any]]
 
-HYPERPARAMETERS: tuple[str, ...] = (
-    "learning_rate", "b1", "b2", "eps", "weight_decay", "amsgrad", "maximize", "eps_root",
-    "mu_dtype", "nu_dtype")
-_TORCH_NAMES = {"lr": "learning_rate", "betas": "b1 and b2", "params": "the selector"}
+_SELECTOR_NAMES = {"params": "the selector"}  # torch's other param-group key, not a hyperparameter
 REST = "rest"
 
 
-def _check_hyperparameters(where: str, hyper: Mapping[str, Any]) -> dict[str, Any]:
+def _takes(optimizer: Callable[..., Any], name: str) -> bool:
+  """Whether `optimizer` accepts the keyword argument `name` (True if its signature is unknown)."""
+  try:
+    parameters = inspect.signature(optimizer).parameters
+  except (TypeError, ValueError):
+    return True
+  return name in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
+def _accepted(optimizer: Callable[..., Any]) -> tuple[str, ...]:
+  """The hyperparameters a group of `optimizer` may set: the table's, those it takes."""
+  return tuple(h.name for h in _hyperparams.per_group() if _takes(optimizer, h.name))
+
+
+def _listing(optimizer: Callable[..., Any], accepted: Sequence[str]) -> str:
+  """The hyperparameters, for messages: those of adamw and adam, then the ones only adamw has."""
+  only = [n for n in accepted if _hyperparams.BY_NAME[n].adamw_only]
+  common = [n for n in accepted if n not in only]
+  text = f"the hyperparameters are {', '.join(common)}."
+  if only:
+    text += f" {getattr(optimizer, '__name__', 'The optimizer')} also takes {', '.join(only)}."
+  return text
+
+
+def _hint(key: Any, accepted: Sequence[str], optimizer: Callable[..., Any]) -> str:
+  """Why `key` is not a hyperparameter here, or what was probably meant."""
+  hp = _hyperparams.BY_NAME.get(key) if isinstance(key, str) else None
+  if hp is not None and hp.not_per_group:
+    return f" ({hp.not_per_group})"
+  if hp is not None:
+    return f" ({getattr(optimizer, '__name__', 'the optimizer')} does not take it)"
+  renamed = {**_hyperparams.torch_renamed(), **_SELECTOR_NAMES}
+  if key in renamed:
+    return f" (torch's {key!r} is {renamed[key]} here)"
+  close = difflib.get_close_matches(str(key), accepted, n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_hyperparameters(where: str, hyper: Mapping[str, Any],
+                           optimizer: Callable[..., Any]) -> dict[str, Any]:
   if not isinstance(hyper, Mapping):
     raise TypeError(f"param_groups: {where}: hyperparameters must be a mapping "
                     f"(e.g. {{'weight_decay': 0.0}}), got {type(hyper).__name__}.")
+  accepted = _accepted(optimizer)
   for key in hyper:
-    if key not in HYPERPARAMETERS:
-      hint = (f" (torch's {key!r} is {_TORCH_NAMES[key]} here)" if key in _TORCH_NAMES else "")
-      close = difflib.get_close_matches(str(key), HYPERPARAMETERS, n=1)
-      if not hint and close:
-        hint = f" (did you mean {close[0]!r}?)"
-      if key == "mask":
-        hint = " (make a group with weight_decay=0.0 instead of a mask inside a group)"
-      raise TypeError(f"param_groups: {where}: unknown hyperparameter {key!r}{hint}; "
-                      f"the hyperparameters are {', '.join(HYPERPARAMETERS)}.")
+    if key not in accepted:
+      raise TypeError(f"param_groups: {where}: unknown hyperparameter {key!r}"
+                      f"{_hint(key, accepted, optimizer)}; {_listing(optimizer, accepted)}")
   return dict(hyper)
 
 
@@ -79,7 +111,7 @@ class _Assigner:
         if not self.allow_unmatched and not any(chosen):
           raise ValueError(
               f"{where} selects no parameter (its mask is False everywhere); the parameter "
-              f"paths are {_rules.describe_paths(paths)}. Pass allow_unmatched=True if "
+              f"paths are {_tree.describe_paths(paths)}. Pass allow_unmatched=True if "
               "that is intended.")
       for claim, on in zip(claims, chosen):
         if on:
@@ -88,14 +120,14 @@ class _Assigner:
     for path, claim in zip(paths, claims):
       if len(claim) > 1 and not self.allow_overlap:
         raise ValueError(
-            f"param_groups: the parameter at '{path}' is claimed by groups "
+            f"param_groups: the parameter at {_tree.where(path)} is claimed by groups "
             f"{' and '.join(repr(c) for c in claim)}; make the selectors disjoint, or pass "
             "allow_overlap=True (the group listed first wins).")
       if not claim:
         if not self.rest:
           raise ValueError(
-              f"param_groups: the parameter at '{path}' belongs to no group; add it to a "
-              "group, or pass rest={...} (the hyperparameters of the parameters no group "
+              f"param_groups: the parameter at {_tree.where(path)} belongs to no group; add it "
+              "to a group, or pass rest={...} (the hyperparameters of the parameters no group "
               "selects; rest={} for the shared ones).")
         claim.append(REST)
       out.append(claim[0])
@@ -114,8 +146,8 @@ class _Assigner:
     for path, label in zip(paths, out):
       if label not in self.names:
         raise ValueError(
-            f"param_groups: the parameter at '{path}' has the label {label!r}, which is not "
-            f"a group; the groups are {', '.join(repr(n) for n in self.names)}.")
+            f"param_groups: the parameter at {_tree.where(path)} has the label {label!r}, which "
+            f"is not a group; the groups are {', '.join(repr(n) for n in self.names)}.")
     if not self.allow_unmatched:
       for name in self.names:
         if name not in out:
@@ -147,6 +179,13 @@ def param_groups(
          {"decay": (adamw_jax.decay_mask, {"weight_decay": 0.1}),
           "no_decay": (r"(^|/)(bias|scale)$", {"weight_decay": 0.0})},
          learning_rate=1e-3)
+
+  >>> import jax.numpy as jnp, adamw_jax
+  >>> params = {"dense": {"bias": jnp.zeros(2), "kernel": jnp.ones((2, 2))}}
+  >>> tx = adamw_jax.param_groups({"no_decay": (r"bias$", {"weight_decay": 0.0})}, rest={},
+  ...                             learning_rate=1e-3, weight_decay=0.1)
+  >>> sorted(tx.init(params).inner_states)  # "rest": the parameters no group selects
+  ['no_decay', 'rest']
 
   Each group is an ``optimizer(**hyperparameters, **overrides)`` transform
   (``adamw_jax.adamw`` by default, or ``adamw_jax.adam``) applied to the
@@ -185,10 +224,9 @@ def param_groups(
   Args:
     groups: group name -> ``(selector, overrides)``, or -> ``overrides`` with
       ``labels``. Overrides are a mapping of hyperparameter name to value:
-      ``learning_rate`` (float or schedule), ``b1``, ``b2``, ``eps``,
-      ``weight_decay``, ``amsgrad``, ``maximize``, ``eps_root``, ``mu_dtype``,
-      ``nu_dtype`` (torch's ``lr`` is ``learning_rate``, ``betas`` is ``b1``
-      and ``b2``).
+      any keyword argument of `optimizer` but ``mask`` (for :func:`adamw`,
+      ``learning_rate`` ... ``peak_learning_rate``; torch's ``lr`` is
+      ``learning_rate``, ``betas`` is ``b1`` and ``b2``).
     labels: a pytree of group names, or a callable returning one.
     rest: overrides for the parameters no group selects (None: every parameter
       must be selected).
@@ -213,7 +251,7 @@ def param_groups(
   if not isinstance(groups, Mapping) or not groups:
     raise TypeError("param_groups: groups must be a non-empty mapping of group name -> "
                     "(selector, hyperparameters).")
-  shared = _check_hyperparameters("shared hyperparameters", hyperparameters)
+  shared = _check_hyperparameters("shared hyperparameters", hyperparameters, optimizer)
   names = list(groups)
   if rest is not None and REST in groups:
     raise ValueError(f"param_groups: a group is named {REST!r}, the name of the group rest= "
@@ -235,12 +273,12 @@ def param_groups(
             f"param_groups: with labels=..., group {name!r} must be a mapping of "
             "hyperparameters, not a (selector, hyperparameters) pair.")
       hyper = spec
-    overrides[name] = _check_hyperparameters(f"group {name!r}", hyper)
+    overrides[name] = _check_hyperparameters(f"group {name!r}", hyper, optimizer)
   if rest is not None:
     if labels is not None:
       raise ValueError("param_groups: rest= applies to selectors; with labels=..., every "
                        "parameter already has a group.")
-    overrides[REST] = _check_hyperparameters("rest", rest)
+    overrides[REST] = _check_hyperparameters("rest", rest, optimizer)
 
   transforms = {}
   for name, hyper in overrides.items():

@@ -20,14 +20,10 @@ import numpy as np
 import optax
 from jax import tree_util as jtu
 
-from adamw_jax import _alias, _core, _groups, _layout, _tree
+from adamw_jax import _alias, _core, _groups, _hyperparams, _layout, _tree
 
 Axes = _layout.Axes
 Mapper = _layout.Mapper
-
-_MODELLED = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
-# Settings that choose an implementation, not the math (or name the parameters).
-_IGNORED = ("params", "param_names", "foreach", "fused", "capturable", "differentiable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +31,7 @@ class _Config:
   """What ``from_torch`` read: enough for ``to_torch_state_dict`` to write the state dict back."""
 
   param_groups: tuple[dict, ...]  # torch's param_groups entries, 'params' as indices
-  slots: tuple[_layout.Slot, ...]
+  slots: tuple[_layout.TorchParam, ...]
 
 
 # The transforms from_torch made, keyed by their init function (a GradientTransformation is
@@ -102,35 +98,50 @@ def _read_optimizer(what: str, optimizer_or_state_dict: Any):
   return sd, None
 
 
+def _unmodelled(where: str, key: Any, value: Any) -> ValueError:
+  """The error for a param-group key that from_torch does not read, saying why."""
+  if key == "initial_lr":
+    return ValueError(
+        f"{where} has 'initial_lr': an LR scheduler is attached, and its state is not part of "
+        "the optimizer's. Pass learning_rate= (a float or an optax schedule, continuing from "
+        "the current step) to say what the learning rate is from here on.")
+  hp = _hyperparams.BY_NAME.get(key) if isinstance(key, str) else None
+  if hp is not None and hp.torch is not None:
+    return ValueError(f"{where} has {key!r}, adamw_jax's name for torch's {hp.torch!r}: a torch "
+                      f"param group has {hp.torch!r}.")
+  if hp is not None:
+    return ValueError(f"{where} has {key!r}={value!r}, a hyperparameter of adamw_jax that "
+                      f"torch.optim.AdamW / Adam do not have: {hp.no_torch}. from_torch gives "
+                      f"torch's update; pass ignore=({key!r},) to have that.")
+  return ValueError(
+      f"{where} has the setting {key!r}={value!r}, which torch.optim.AdamW / Adam do not "
+      "have and adamw_jax does not model. If it does not change the update (a label, say), "
+      f"pass ignore=({key!r},).")
+
+
 def _group_hyperparameters(what: str, i: int, group: Mapping, ignore: Sequence[str]) -> dict:
+  """The keyword arguments of adamw / adam that torch's param group `group` sets."""
   where = f"{what}: param group {i}"
   for key in group:
-    if key in _MODELLED or key in _IGNORED or key in ignore:
-      continue
-    if key == "initial_lr":
-      raise ValueError(
-          f"{where} has 'initial_lr': an LR scheduler is attached, and its state is not part of "
-          "the optimizer's. Pass learning_rate= (a float or an optax schedule, continuing from "
-          "the current step) to say what the learning rate is from here on.")
-    raise ValueError(
-        f"{where} has the setting {key!r}={group[key]!r}, which torch.optim.AdamW / Adam do not "
-        "have and adamw_jax does not model. If it does not change the update (a label, say), "
-        f"pass ignore=({key!r},).")
-  for key in ("lr", "betas", "eps", "weight_decay", "amsgrad"):
-    if key not in group:
-      raise ValueError(f"{where} has no {key!r}: not a torch.optim.AdamW / Adam state dict.")
-  b1, b2 = (float(b) for b in group["betas"])
-  return dict(learning_rate=float(group["lr"]), b1=b1, b2=b2, eps=float(group["eps"]),
-              weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-              maximize=bool(group.get("maximize", False)))
+    if key not in _hyperparams.torch_keys() and key not in _hyperparams.TORCH_IGNORED and (
+        key not in ignore):
+      raise _unmodelled(where, key, group[key])
+  out = {}
+  for hp in _hyperparams.torch_keyed():
+    if hp.torch not in group and not hp.torch_optional:
+      raise ValueError(f"{where} has no {hp.torch!r}: not a torch.optim.AdamW / Adam state dict.")
+    value = group.get(hp.torch, hp.default)
+    value = value if hp.torch_index is None else value[hp.torch_index]
+    out[hp.name] = bool(value) if hp.kind == "flag" else float(value)
+  return out
 
 
 def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any) -> bool:
   torch = _torch()
   flags = set()
   for g in groups:
-    if "decoupled_weight_decay" in g:
-      flags.add(bool(g["decoupled_weight_decay"]))
+    if _hyperparams.TORCH_DECOUPLED in g:
+      flags.add(bool(g[_hyperparams.TORCH_DECOUPLED]))
     elif isinstance(optimizer, torch.optim.AdamW):
       flags.add(True)
     elif isinstance(optimizer, torch.optim.Adam):
@@ -144,7 +155,7 @@ def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any) -> bool:
   return flags.pop() if flags else True
 
 
-def _step_of(what: str, slot: _layout.Slot, value) -> int:
+def _step_of(what: str, slot: _layout.TorchParam, value) -> int:
   step = float(value.item() if hasattr(value, "item") else value)
   if step != int(step) or not 0 <= step <= 2**31 - 1:
     raise ValueError(f"{what}: {slot.label()} has step {step}; expected a whole number of steps "
@@ -152,7 +163,7 @@ def _step_of(what: str, slot: _layout.Slot, value) -> int:
   return int(step)
 
 
-def _read_state(what: str, slot: _layout.Slot, state: Optional[Mapping], amsgrad: bool,
+def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], amsgrad: bool,
                 leaf) -> tuple:
   """(step, mu, nu, nu_max) of one torch parameter, in the layout and dtype of `leaf`."""
   shape, dtype = np.shape(leaf), jnp.result_type(leaf)
@@ -218,9 +229,9 @@ def _hyperparameters(what: str, groups: Sequence[Mapping], learning_rate: Any,
   return hypers
 
 
-def _check_steps(what: str, slots: Sequence[_layout.Slot], read: Mapping[str, tuple]) -> None:
+def _check_steps(what: str, slots: Sequence[_layout.TorchParam], read: Mapping[str, tuple]) -> None:
   """All parameters of a group at one step: adamw_jax keeps one count per group."""
-  first: dict[int, _layout.Slot] = {}
+  first: dict[int, _layout.TorchParam] = {}
   for s in slots:
     f = first.setdefault(s.group, s)
     if read[s.path][0] != read[f.path][0]:
@@ -264,6 +275,14 @@ def from_torch(
      tx, opt_state = adamw_jax.from_torch(optimizer, params)                # by order
      tx, opt_state = adamw_jax.from_torch(optimizer, flax_params, names=model,
                                           mapping=adamw_jax.flax_layout(flax_params))
+
+  >>> import torch, jax.numpy as jnp, adamw_jax
+  >>> w = torch.nn.Parameter(torch.ones(3))
+  >>> optimizer = torch.optim.AdamW([w], lr=0.1)
+  >>> w.grad = torch.ones(3); optimizer.step()
+  >>> tx, opt_state = adamw_jax.from_torch(optimizer, {"w": jnp.asarray(w.detach().numpy())})
+  >>> print(int(opt_state.count), opt_state.mu["w"])  # torch's step and exp_avg
+  1 [0.1 0.1 0.1]
 
   The next ``tx.update(grads, opt_state, params)`` is torch's next
   ``optimizer.step()``. One param group gives :func:`adamw_jax.adamw` (or
@@ -375,6 +394,16 @@ def to_torch_state_dict(
      optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
      optimizer.load_state_dict(adamw_jax.to_torch_state_dict(optimizer, opt_state))
 
+  >>> import torch, jax.numpy as jnp, adamw_jax
+  >>> params = {"w": jnp.ones(3)}
+  >>> tx = adamw_jax.adamw(learning_rate=0.1)
+  >>> _, opt_state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+  >>> optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+  >>> state_dict = adamw_jax.to_torch_state_dict(optimizer, opt_state)
+  >>> optimizer.load_state_dict(state_dict)
+  >>> optimizer.state_dict()["state"][0]["step"], optimizer.state_dict()["state"][0]["exp_avg"]
+  (tensor(1.), tensor([0.1000, 0.1000, 0.1000]))
+
   Args:
     tx_or_optimizer: the torch optimizer that is to continue (its param groups
       give the hyperparameters and group membership; `names` and `mapping`
@@ -431,7 +460,7 @@ def to_torch_state_dict(
   state = {}
   for s in slots:
     count, mu, nu, nu_max = entries[s.path]
-    amsgrad = bool(groups[s.group]["amsgrad"])
+    amsgrad = bool(groups[s.group][_hyperparams.BY_NAME["amsgrad"].torch])
     if amsgrad != (nu_max is not None):
       raise ValueError(f"{what}: param group {s.group} has amsgrad={amsgrad}, but the JAX state "
                        f"of {s.path!r} {'has no' if amsgrad else 'has a'} nu_max "

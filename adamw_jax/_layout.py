@@ -23,7 +23,7 @@ Mapper = Union[Mapping[str, Target], Callable[[str], Target]]
 
 
 @dataclasses.dataclass(frozen=True)
-class Slot:
+class TorchParam:
   """One torch parameter: its state-dict index, name, group and pytree leaf."""
 
   index: int
@@ -34,7 +34,6 @@ class Slot:
 
   def label(self) -> str:
     return f"torch parameter {self.index}" + (f" ({self.name!r})" if self.name else "")
-
 
 
 def _module_candidates(module: str) -> list[str]:
@@ -65,6 +64,12 @@ def flax_layout(params: Any, rename: Optional[Mapper] = None) -> Callable[[str],
 
   ``ConvTranspose`` and fused attention projections have other layouts: map
   them with your own function (see :func:`from_torch`).
+
+  >>> import jax.numpy as jnp, adamw_jax
+  >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+  >>> mapping = adamw_jax.flax_layout(params)
+  >>> mapping("fc.weight"), mapping("fc.bias")  # torch's (out, in) weight is Flax's (in, out) kernel
+  (('fc/kernel', (1, 0)), ('fc/bias', None))
 
   Args:
     params: the JAX parameters (a dict, a Linen ``params`` tree or an
@@ -102,15 +107,9 @@ def flax_layout(params: Any, rename: Optional[Mapper] = None) -> Callable[[str],
     raise ValueError(
         f"flax_layout: no Flax leaf for the torch parameter {name!r}: looked for {wanted} under "
         f"{' and '.join(repr(c or '<root>') for c in candidates)}; the parameter paths are "
-        f"{describe_paths(paths)}. Pass rename= for modules named differently.")
+        f"{_tree.describe_paths(paths, limit=12)}. Pass rename= for modules named differently.")
 
   return mapping
-
-
-def describe_paths(paths, n: int = 12) -> str:
-  paths = list(paths)
-  shown = ", ".join(repr(p) for p in paths[:n])
-  return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
 
 
 def apply_mapping(mapping: Optional[Mapper], name: str) -> tuple[str, Axes]:
@@ -162,7 +161,7 @@ def param_names(what: str, names: Any, mapping: Optional[Mapper], groups: Sequen
 
 
 def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
-           leaves: Mapping[str, tuple], mapping: Optional[Mapper]) -> list[Slot]:
+           leaves: Mapping[str, tuple], mapping: Optional[Mapper]) -> list[TorchParam]:
   """Pairs each torch parameter with a leaf; every leaf exactly once."""
   indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
   paths = list(leaves)
@@ -172,7 +171,7 @@ def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
           f"{what}: the torch optimizer has {len(indices)} parameters and the JAX params have "
           f"{len(paths)} leaves; matched by order they must be as many (pass names= and "
           "mapping= to match by name).")
-    return [Slot(i, None, gi, path, None) for (gi, i), path in zip(indices, paths)]
+    return [TorchParam(i, None, gi, path, None) for (gi, i), path in zip(indices, paths)]
   slots, taken = [], {}
   for (gi, i), name in zip(indices, names):
     try:
@@ -182,14 +181,14 @@ def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
     if path not in leaves:
       close = difflib.get_close_matches(path, paths, n=1)
       hint = (f" (did you mean {close[0]!r}?)" if close
-              else f"; the paths are {describe_paths(paths)}")
+              else f"; the paths are {_tree.describe_paths(paths, limit=12)}")
       raise ValueError(f"{what}: the torch parameter {name!r} maps to {path!r}, which is not a "
                        f"leaf of the JAX params{hint}.")
     if path in taken:
       raise ValueError(f"{what}: the torch parameters {taken[path]!r} and {name!r} both map to "
                        f"the leaf {path!r}.")
     taken[path] = name
-    slots.append(Slot(i, name, gi, path, axes))
+    slots.append(TorchParam(i, name, gi, path, axes))
   left = [p for p in paths if p not in taken]
   if left:
     raise ValueError(f"{what}: no torch parameter maps to the JAX leaf {left[0]!r}"

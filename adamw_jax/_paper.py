@@ -1,12 +1,12 @@
-"""Loshchilov & Hutter's own forms: the paper's decay, normalized weight decay, AdamWR.
+"""Loshchilov & Hutter's helpers: the paper's normalized weight decay and warm restarts (AdamWR).
 
 *Decoupled Weight Decay Regularization* (ICLR 2019) decays by ``eta_t * lambda``
 (Algorithm 2, line 12), where ``eta_t`` is the schedule multiplier and the base
 learning rate ``alpha`` does not enter; torch, optax and apex decay by
 ``lr_t * lambda = alpha * eta_t * lambda``. ``adamw(..., decay_mode="paper")``
-gives the paper's form (the math is in :func:`adamw_jax.adamw`); this module
-checks its arguments and adds the paper's normalized weight decay and warm
-restarts (AdamWR, built on optax schedules), both from its appendix.
+gives the paper's form (README, "The paper's decay"); this module adds the
+paper's normalized weight decay and warm restarts (AdamWR, built on optax
+schedules), both from its appendix.
 """
 
 from __future__ import annotations
@@ -16,37 +16,6 @@ import numbers
 from typing import Any
 
 import optax
-
-from adamw_jax import _validate
-
-DECAY_MODES = ("torch", "paper")
-
-
-def check_decay_mode(name: str, decay_mode: Any, peak_learning_rate: Any,
-                     learning_rate: Any, decoupled: bool) -> None:
-  """Raises if `decay_mode` and `peak_learning_rate` do not fit the transform."""
-  if not isinstance(decay_mode, str) or decay_mode not in DECAY_MODES:
-    raise ValueError(f"{name}: Invalid decay_mode: {decay_mode!r} (must be 'torch' or 'paper')")
-  if decay_mode == "torch":
-    if peak_learning_rate is not None:
-      raise ValueError(
-          f"{name}: peak_learning_rate is only used with decay_mode='paper' "
-          "(torch's decay is 1 - lr_t * weight_decay, whatever the peak)")
-    return
-  if not decoupled or learning_rate is None:
-    raise ValueError(
-        f"{name}: decay_mode='paper' is for decoupled weight decay with a learning "
-        "rate (adamw); Adam's L2 term and scale_by_adam have no decay to rescale")
-  if callable(peak_learning_rate):
-    raise TypeError(f"{name}: Invalid peak_learning_rate: expected a number, got a callable")
-  if peak_learning_rate is not None:
-    _validate.check("peak_learning_rate", peak_learning_rate)
-  elif callable(learning_rate):
-    raise ValueError(
-        f"{name}: decay_mode='paper' with a learning-rate schedule needs "
-        "peak_learning_rate (the schedule's maximum, the paper's alpha): the decay "
-        "is 1 - (lr_t / peak_learning_rate) * weight_decay")
-
 
 def _positive(name: str, value: Any, integer: bool) -> float:
   kind = numbers.Integral if integer else numbers.Real
@@ -68,6 +37,11 @@ def normalized_weight_decay(lambda_norm: float, batch_size: int, dataset_size: i
   :math:`T` epochs, there are :math:`B T / b` steps, and :math:`\lambda` shrinks
   as the square root of their number. With warm restarts, :math:`T` is the
   length :math:`T_i` of the current period, in epochs.
+
+  >>> import adamw_jax
+  >>> lam = adamw_jax.normalized_weight_decay(0.05, batch_size=128, dataset_size=50_000, epochs=100)
+  >>> round(lam, 8)  # 0.05 * sqrt(128 / (50_000 * 100)), for adamw(..., decay_mode="paper")
+  0.00025298
 
   Args:
     lambda_norm: the normalized weight decay (>= 0); the paper's best values
@@ -113,6 +87,11 @@ def warm_restarts(peak_value: float, first_period: int, period_mult: float = 2.0
   ``adamw(warm_restarts(alpha, ...), weight_decay=lam, decay_mode="paper",
   peak_learning_rate=alpha)`` decays by :math:`\eta_t\lambda` with the paper's
   multiplier :math:`\eta_t = \mathrm{lr}_t/\alpha \in [\mathrm{min}/\alpha, 1]`.
+
+  >>> import adamw_jax
+  >>> schedule = adamw_jax.warm_restarts(1e-3, first_period=10, num_periods=2)  # 10 steps, then 20
+  >>> [round(float(schedule(t)), 6) for t in (0, 5, 10, 20, 30)]
+  [0.001, 0.0005, 0.001, 0.0005, 0.0]
 
   Args:
     peak_value: the learning rate at the start of every period (> 0).

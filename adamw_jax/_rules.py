@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Union
 
+from adamw_jax import _tree
+
 Pattern = Union[str, "re.Pattern[str]"]
 Patterns = Union[Pattern, Sequence[Pattern]]
 
@@ -56,11 +58,6 @@ def matching(rules: Sequence[re.Pattern[str]], path: str) -> list[re.Pattern[str
   return [r for r in rules if r.search(path) is not None]
 
 
-def _examples(paths: Sequence[str], limit: int = 8) -> str:
-  shown = ", ".join(repr(p) for p in paths[:limit])
-  return shown + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
-
-
 def check_all_matched(rules: Sequence[re.Pattern[str]], paths: Sequence[str], *, what: str,
                       role: str, exempt: Iterable[str] = ()) -> None:
   """Raises ValueError for the first rule (not in `exempt`) that matches none of `paths`."""
@@ -72,10 +69,5 @@ def check_all_matched(rules: Sequence[re.Pattern[str]], paths: Sequence[str], *,
       raise ValueError(
           f"{what}: the {role + ' ' if role else ''}rule {rule.pattern!r} matches no "
           "parameter; the parameter "
-          f"paths are {_examples(paths) if paths else '(none)'}. Fix the rule, or pass "
+          f"paths are {_tree.describe_paths(paths) if paths else '(none)'}. Fix the rule, or pass "
           "allow_unmatched=True if it is meant to match nothing in this model.")
-
-
-def describe_paths(paths: Sequence[str]) -> str:
-  """A few example paths, for error messages."""
-  return _examples(paths)

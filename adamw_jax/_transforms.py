@@ -3,7 +3,8 @@
 Chained as ``optax.chain(scale_by_adam(), add_decayed_weights(wd),
 optax.scale_by_learning_rate(lr))`` they give AdamW, but one ulp-level rounding
 differs from torch at each of the three joins; :func:`adamw_jax.adamw` runs the
-same kernel in one piece and reproduces torch's rounding. See its docstring.
+same kernel in one piece and reproduces torch's rounding (README, "How close
+to PyTorch?").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamw_jax import _core, _tree, _validate
+from adamw_jax import _core, _hyperparams, _tree
 
 
 def scale_by_adam(
@@ -35,8 +36,14 @@ def scale_by_adam(
   sqrt(1 - b2**t) + eps)`` with torch's rounding. ``amsgrad`` takes the running
   maximum of the raw second moment before bias correction, as torch does;
   ``maximize`` negates the gradient first. The state is a
-  :class:`ScaleByAdamState`. The full math is documented in
-  :func:`adamw_jax.adamw`.
+  :class:`ScaleByAdamState`. The math: README, "The math".
+
+  >>> import jax.numpy as jnp, adamw_jax
+  >>> tx = adamw_jax.scale_by_adam()
+  >>> grads = {"w": jnp.array([0.5, -2.0])}
+  >>> direction, state = tx.update(grads, tx.init(grads))
+  >>> print(direction["w"].round(6), int(state.count))  # m_hat / sqrt(v_hat): the sign at step 1
+  [ 1. -1.] 1
 
   Args:
     b1: exponential decay rate of the first moment, in [0, 1).
@@ -67,6 +74,13 @@ def add_decayed_weights(
 ) -> optax.GradientTransformation:
   """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).
 
+  >>> import jax.numpy as jnp, adamw_jax
+  >>> params = {"w": jnp.array([1.0, -2.0])}
+  >>> tx = adamw_jax.add_decayed_weights(0.5)
+  >>> updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+  >>> print(updates["w"])
+  [ 0.5 -1. ]
+
   Args:
     weight_decay: a non-negative float, or a schedule ``count -> weight_decay``
       (count starts at 0, as in optax).
@@ -75,7 +89,7 @@ def add_decayed_weights(
       Leaves that are not decayed pass through unchanged. A mask that does not
       match the params raises an error naming the first mismatching path.
   """
-  _validate.check("weight_decay", weight_decay)
+  _hyperparams.check("weight_decay", weight_decay)
   name = "add_decayed_weights"
 
   def init_fn(params):
@@ -83,10 +97,7 @@ def add_decayed_weights(
     return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(f"{name}: weight decay needs the parameters; call "
-                       "update(updates, state, params) with params.")
-    _tree.check_same_structure(updates, params, "updates", "params", what=name)
+    _tree.check_params_given(updates, params, what=name)
     wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
     decayed = (jax.tree.map(lambda _: True, params) if mask is None
                else _tree.resolve_mask(mask, params, what=name))
@@ -109,6 +120,13 @@ def masked(inner: optax.GradientTransformation, mask: _tree.MaskOrFn) -> optax.G
   updates on every trace: a mask that is not a bool pytree with the updates'
   structure (or a prefix of it), or a callable returning one, raises an error
   naming the first mismatching path and the keys of both trees there.
+
+  >>> import jax.numpy as jnp, optax, adamw_jax
+  >>> params = {"b": jnp.ones(2), "w": jnp.ones(2)}
+  >>> tx = adamw_jax.masked(optax.scale(-1.0), {"b": False, "w": True})
+  >>> updates, _ = tx.update(params, tx.init(params))
+  >>> print(updates["b"], updates["w"])
+  [1. 1.] [-1. -1.]
 
   Args:
     inner: the transformation to apply to the selected leaves.

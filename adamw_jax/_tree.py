@@ -1,16 +1,23 @@
-"""Pytree checks with errors that name the path where two trees part ways."""
+"""Pytrees of parameters: their paths, boxes and masks, and checks whose errors name the path.
+
+Messages name a place in a tree with :func:`where` (the quoted '/'-joined
+path, or "the root") and list example paths with :func:`describe_paths`, so
+that they read the same across the package.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
 
 MaskOrFn = Union[Any, Callable[[Any], Any]]
+KeyPath = tuple[Any, ...]
 
 
 def is_box(x) -> bool:
@@ -72,8 +79,38 @@ def path_str(path) -> str:
   return "/".join(key_str(k) for k in path)
 
 
-def _where(path) -> str:
-  return f"'{path_str(path)}'" if path else "the root"
+def where(path: Union[str, KeyPath]) -> str:
+  """A place in a tree, for messages: the quoted '/'-joined path, or "the root"."""
+  if not path:
+    return "the root"
+  return f"'{path if isinstance(path, str) else path_str(path)}'"
+
+
+def describe_paths(paths: Sequence[str], limit: int = 8) -> str:
+  """The first `limit` of `paths`, quoted, and how many there are in all if more, for messages."""
+  paths = list(paths)
+  shown = ", ".join(repr(p) for p in paths[:limit])
+  return shown + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+def check_params(params: Any, what: str) -> None:
+  """Parameters must be floating or complex arrays."""
+  for path, leaf in jtu.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{what}: the parameter at {where(path)} has dtype {dtype}; Adam needs "
+          "floating-point or complex parameters (cast integer parameters, or mask "
+          "them out of the optimizer with optax.partition / optax.set_to_zero).")
+
+
+def check_params_given(updates: Any, params: Any, *, what: str) -> None:
+  """Weight decay reads the parameters: they must be given, shaped like the updates."""
+  if params is None:
+    raise ValueError(
+        f"{what}: weight decay needs the parameters; call "
+        "update(updates, state, params) with params.")
+  check_same_structure(updates, params, "updates", "params", what=what)
 
 
 def _children(node):
@@ -142,7 +179,7 @@ def check_same_structure(a, b, a_name: str, b_name: str, *, what: str) -> None:
     for (path, x), y in zip(jtu.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
       if np.shape(x) != np.shape(y):
         raise ValueError(
-            f"{what}: {a_name} and {b_name} differ in shape at {_where(path)}: "
+            f"{what}: {a_name} and {b_name} differ in shape at {where(path)}: "
             f"{a_name} has shape {np.shape(x)}, {b_name} has shape {np.shape(y)}.")
     return
   found = first_mismatch(a, b, prefix_ok=False)
@@ -152,7 +189,7 @@ def check_same_structure(a, b, a_name: str, b_name: str, *, what: str) -> None:
         f"  {a_name}: {jax.tree.structure(a)}\n  {b_name}: {jax.tree.structure(b)}")
   path, a_desc, b_desc = found
   raise ValueError(
-      f"{what}: {a_name} and {b_name} differ in tree structure at {_where(path)}: "
+      f"{what}: {a_name} and {b_name} differ in tree structure at {where(path)}: "
       f"{a_name} has {a_desc}, {b_name} has {b_desc}.")
 
 
@@ -185,14 +222,14 @@ def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any]
   if found is not None:
     path, p_desc, t_desc = found
     raise ValueError(
-        f"{what}: the {noun} does not match the parameters at {_where(path)}: "
+        f"{what}: the {noun} does not match the parameters at {where(path)}: "
         f"the {noun} has {p_desc}, the parameters have {t_desc}.")
 
   def expand(path, p, subtree):
     p_kids = _children(p)
     if p_kids is None:
       if not leaf_ok(p):
-        raise TypeError(f"{what}: {leaf_error(p, _where(path))}")
+        raise TypeError(f"{what}: {leaf_error(p, where(path))}")
       return jax.tree.map(lambda _: p, subtree)
     t_items, t_def = _children(subtree)
     if isinstance(p, Mapping) and isinstance(subtree, Mapping):
@@ -206,24 +243,36 @@ def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any]
   return expand((), prefix, tree)
 
 
+class ResolvesMasks:
+  """A pytree that resolves masks written for another tree itself: :class:`adamw_jax.FlatParams`.
+
+  A base class here, so that this module needs nothing from the ones that
+  build on it: imports point one way.
+  """
+
+  __slots__ = ()
+
+  def resolve_mask(self, mask: MaskOrFn, *, what: str) -> Any:
+    raise NotImplementedError
+
+
 def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
   """A mask (bool pytree, prefix of `tree`, or callable) as a full bool pytree like `tree`.
 
   Boxes in the mask (``nnx.Param(True)``) count as their values and mappings
   match mappings of another type with the same keys (see :func:`expand_prefix`).
   Errors name the first mismatching path and both trees' keys there. For a
-  ``FlatParams`` the mask is written for the model's tree and resolved per
-  buffer (see :meth:`adamw_jax.FlatParams.resolve_mask`).
+  :class:`ResolvesMasks` tree (a ``FlatParams``) the mask is written for the
+  model's tree and the tree resolves it itself (per buffer, see
+  :meth:`adamw_jax.FlatParams.resolve_mask`).
   """
-  from adamw_jax import _flat  # here: _flat builds on this module
-
-  if isinstance(tree, _flat.FlatParams):
+  if isinstance(tree, ResolvesMasks):
     return tree.resolve_mask(mask, what=what)
   if is_mask_fn(mask):
     mask = mask(tree)
 
-  def leaf_error(m, where):
-    return f"mask leaves must be booleans, got {type(m).__name__} {m!r} at {where}."
+  def leaf_error(m, place):
+    return f"mask leaves must be booleans, got {type(m).__name__} {m!r} at {place}."
 
   expanded = expand_prefix(mask, tree, what=what, noun="mask", leaf_ok=_is_bool,
                            leaf_error=leaf_error)

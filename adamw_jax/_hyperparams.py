@@ -1,0 +1,249 @@
+"""The hyperparameters of adamw, adam and scale_by_adam: one table, and the checks made from it.
+
+:data:`TABLE` declares each hyperparameter once: its name, kind, default,
+validation rule, torch's param-group key (or why torch has none), whether it
+may be a schedule, and whether :func:`adamw_jax.param_groups` takes it per
+group. From it come the checks made when a transform is built (with torch's
+wording), the hyperparameters ``param_groups`` accepts, and the param-group
+keys ``from_torch`` reads and ``to_torch_state_dict`` writes.
+``tests/test_hyperparams.py`` holds every keyword of ``adamw`` and ``adam``
+against this table, so that the four cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Callable, Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Kind = Literal["number", "flag", "dtype", "mask", "choice"]
+Rule = tuple[Callable[[float], bool], str]
+
+_NON_NEGATIVE: Rule = (lambda x: x >= 0, "must be >= 0")
+_UNIT: Rule = (lambda x: 0 <= x < 1, "must be in [0, 1)")
+_POSITIVE: Rule = (lambda x: 0 < x < math.inf, "must be > 0 and finite")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+  """One hyperparameter of the Adam-family transforms.
+
+  Attributes:
+    name: the keyword argument.
+    kind: ``"number"`` (a real scalar, checked by `rule`), ``"flag"`` (a bool,
+      taken for its truth value as torch does), ``"dtype"`` (None or a
+      floating-point dtype), ``"mask"`` (a weight-decay mask, checked against
+      the params) or ``"choice"`` (one of `choices`).
+    default: its default in ``adamw`` and ``scale_by_adam``, and in ``adam``
+      unless `adam_default` is given.
+    label: how errors name an invalid value: torch's wording where torch has one.
+    rule: for a number, ``(predicate, what it must be)``.
+    schedule: a number that may also be a schedule ``count -> value``,
+      evaluated at every step (checked at step 0).
+    choices: the values of a choice.
+    torch: torch's param-group key, or None where torch has no such setting.
+    torch_index: the position in torch's value (``betas[0]`` is ``b1``).
+    torch_optional: a torch state dict may lack the key (older torch); it
+      then means `default`.
+    no_torch: where `torch` is None: why, and what torch does instead.
+    adam_default: its default in ``adam``, where that differs (None: `default`).
+    adamw_only: only ``adamw`` takes it (``adam`` has no decoupled decay).
+    not_per_group: why ``param_groups`` does not take it per group ("": it does).
+  """
+
+  name: str
+  kind: Kind
+  default: Any
+  label: str = ""
+  rule: Optional[Rule] = None
+  schedule: bool = False
+  choices: tuple[Any, ...] = ()
+  torch: Optional[str] = None
+  torch_index: Optional[int] = None
+  torch_optional: bool = False
+  no_torch: str = ""
+  adam_default: Any = None
+  adamw_only: bool = False
+  not_per_group: str = ""
+
+  def __post_init__(self):
+    if not self.label:
+      object.__setattr__(self, "label", f"Invalid {self.name}")
+
+
+TABLE: tuple[Hyperparameter, ...] = (
+    Hyperparameter("learning_rate", "number", 1e-3, "Invalid learning_rate", _NON_NEGATIVE,
+                   schedule=True, torch="lr"),
+    Hyperparameter("b1", "number", 0.9, "Invalid beta parameter at index 0 (b1)", _UNIT,
+                   torch="betas", torch_index=0),
+    Hyperparameter("b2", "number", 0.999, "Invalid beta parameter at index 1 (b2)", _UNIT,
+                   torch="betas", torch_index=1),
+    Hyperparameter("eps", "number", 1e-8, "Invalid epsilon value (eps)", _NON_NEGATIVE,
+                   torch="eps"),
+    Hyperparameter("weight_decay", "number", 1e-2, "Invalid weight_decay value", _NON_NEGATIVE,
+                   schedule=True, torch="weight_decay", adam_default=0.0),
+    Hyperparameter("amsgrad", "flag", False, torch="amsgrad"),
+    Hyperparameter("maximize", "flag", False, torch="maximize", torch_optional=True),
+    Hyperparameter(
+        "mask", "mask", None,
+        no_torch="torch leaves parameters undecayed by putting them in a param group with "
+        "weight_decay=0 (adamw_jax.param_groups, as from_torch builds it)",
+        not_per_group="make a group with weight_decay=0.0 instead of a mask inside a group"),
+    Hyperparameter("eps_root", "number", 0.0, "Invalid eps_root value", _NON_NEGATIVE,
+                   no_torch="torch adds nothing inside the square root (eps_root=0.0)"),
+    Hyperparameter("mu_dtype", "dtype", None,
+                   no_torch="torch keeps exp_avg in the parameter's dtype (mu_dtype=None)"),
+    Hyperparameter("nu_dtype", "dtype", None,
+                   no_torch="torch keeps exp_avg_sq in the parameter's dtype (nu_dtype=None)"),
+    Hyperparameter("decay_mode", "choice", "torch", choices=("torch", "paper"), adamw_only=True,
+                   no_torch="torch decays by 1 - lr * weight_decay (decay_mode='torch')"),
+    Hyperparameter("peak_learning_rate", "number", None, "Invalid peak_learning_rate", _POSITIVE,
+                   adamw_only=True,
+                   no_torch="torch's decay does not depend on a peak learning rate "
+                   "(decay_mode='torch')"),
+)
+"""Every hyperparameter, in the order of ``adamw``'s signature."""
+
+BY_NAME: Mapping[str, Hyperparameter] = {h.name: h for h in TABLE}
+
+TORCH_DECOUPLED = "decoupled_weight_decay"
+"""torch's param-group key that tells AdamW (True) from Adam (False): a factory, not a value."""
+
+TORCH_IGNORED: tuple[str, ...] = (
+    "params", "param_names", "foreach", "fused", "capturable", "differentiable")
+"""torch's param-group keys that choose an implementation, not the math, or name the parameters."""
+
+
+def default(hp: Hyperparameter, factory: str) -> Any:
+  """`hp`'s default in the factory named `factory` (``"adamw"``, ``"adam"``, ...)."""
+  if factory == "adam" and hp.adam_default is not None:
+    return hp.adam_default
+  return hp.default
+
+
+def per_group() -> tuple[Hyperparameter, ...]:
+  """The hyperparameters :func:`adamw_jax.param_groups` takes per group (and shared)."""
+  return tuple(h for h in TABLE if not h.not_per_group)
+
+
+def torch_keyed() -> tuple[Hyperparameter, ...]:
+  """The hyperparameters a torch param group sets, in the table's order."""
+  return tuple(h for h in TABLE if h.torch is not None)
+
+
+def torch_keys() -> tuple[str, ...]:
+  """torch's param-group keys that from_torch reads: the hyperparameters' and AdamW-or-Adam."""
+  return tuple(dict.fromkeys(h.torch for h in torch_keyed())) + (TORCH_DECOUPLED,)
+
+
+def torch_renamed() -> dict[str, str]:
+  """torch's param-group key -> the names it has here, where they differ (``'lr'``, ``'betas'``)."""
+  names: dict[str, list[str]] = {}
+  for h in torch_keyed():
+    names.setdefault(h.torch, []).append(h.name)
+  return {key: " and ".join(n) for key, n in names.items() if n != [key]}
+
+
+# --------------------------------------------------------------------------
+# Checks made when a transform is built
+# --------------------------------------------------------------------------
+
+def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
+  """The value as a float if it is known now, None if it is traced."""
+  if isinstance(value, bool) or (hasattr(value, "dtype") and np.dtype(value.dtype) == np.bool_):
+    raise TypeError(f"{hp.label}: expected a number, got the boolean {value!r}")
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if np.ndim(value) != 0:
+      raise ValueError(f"{hp.label}: expected a scalar, got an array of shape {np.shape(value)}")
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(f"{hp.label}: expected a real number, got dtype {value.dtype}")
+    try:
+      return float(value)
+    except jax.errors.ConcretizationTypeError:
+      return None  # traced, e.g. under optax.inject_hyperparams or jax.grad
+  expected = "a number or a schedule" if hp.schedule else "a number"
+  raise TypeError(f"{hp.label}: expected {expected}, got {type(value).__name__}")
+
+
+def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
+  if not hp.schedule:
+    raise TypeError(f"{hp.label}: expected a number, got a callable")
+  try:
+    first = schedule(jnp.zeros([], jnp.int32))
+  except Exception:  # noqa: BLE001 - a schedule we cannot evaluate eagerly is checked nowhere else
+    return
+  x = _concrete_scalar(first, hp)
+  if x is not None and (math.isnan(x) or not hp.rule[0](x)):
+    raise ValueError(f"{hp.label}: the schedule returns {x} at step 0 ({hp.rule[1]})")
+
+
+def check(name: str, value: Any) -> None:
+  """Raises if a number hyperparameter given as a number (or a schedule, at step 0) is invalid."""
+  hp = BY_NAME[name]
+  if callable(value):
+    _check_schedule(hp, value)
+    return
+  x = _concrete_scalar(value, hp)
+  if x is not None and (math.isnan(x) or not hp.rule[0](x)):
+    raise ValueError(f"{hp.label}: {x} ({hp.rule[1]})")
+
+
+def check_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
+  """A moment dtype given by the user: None or a floating or complex dtype."""
+  if dtype is None:
+    return None
+  dt = jnp.dtype(dtype)
+  if not jnp.issubdtype(dt, jnp.inexact):
+    raise ValueError(f"{BY_NAME[name].label}: {dt} (must be a floating-point dtype)")
+  return dt
+
+
+def _check_decay_mode(what: str, values: Mapping[str, Any], decoupled: bool) -> None:
+  """Raises if `decay_mode` and `peak_learning_rate` do not fit the transform."""
+  hp = BY_NAME["decay_mode"]
+  mode = values.get("decay_mode", hp.default)
+  peak, lr = values.get("peak_learning_rate"), values.get("learning_rate")
+  if not isinstance(mode, str) or mode not in hp.choices:
+    raise ValueError(f"{what}: {hp.label}: {mode!r} (must be "
+                     f"{' or '.join(repr(c) for c in hp.choices)})")
+  if mode == "torch":
+    if peak is not None:
+      raise ValueError(
+          f"{what}: peak_learning_rate is only used with decay_mode='paper' "
+          "(torch's decay is 1 - lr_t * weight_decay, whatever the peak)")
+    return
+  if not decoupled or lr is None:
+    raise ValueError(
+        f"{what}: decay_mode='paper' is for decoupled weight decay with a learning "
+        "rate (adamw); Adam's L2 term and scale_by_adam have no decay to rescale")
+  if peak is None and callable(lr):
+    raise ValueError(
+        f"{what}: decay_mode='paper' with a learning-rate schedule needs "
+        "peak_learning_rate (the schedule's maximum, the paper's alpha): the decay "
+        "is 1 - (lr_t / peak_learning_rate) * weight_decay")
+
+
+def checked(what: str, *, decoupled: bool, **values: Any) -> dict[str, Any]:
+  """`values` (keyword arguments of one transform) checked: dtypes normalised, all else as given.
+
+  A number that defaults to None may be None (not given), and so may
+  ``learning_rate`` (``scale_by_adam``, which has none). Raises ValueError or
+  TypeError naming the hyperparameter, with torch's wording where torch has one.
+  """
+  out = dict(values)
+  for name, value in values.items():
+    hp = BY_NAME[name]
+    if hp.kind == "number" and not (value is None and (hp.default is None
+                                                       or name == "learning_rate")):
+      check(name, value)
+    elif hp.kind == "dtype":
+      out[name] = check_dtype(name, value)
+  _check_decay_mode(what, values, decoupled)
+  return out
