@@ -1,8 +1,9 @@
 """The Adam-family gradient transformation behind ``scale_by_adam``, ``adamw`` and ``adam``.
 
-The math and every deliberate difference from torch and optax are documented
-once, in :func:`adamw_jax.adamw` and the README; this module wires the
-hyperparameters, the state and the per-leaf kernel together.
+The math and every deliberate difference from torch and optax are written
+once, in the README ("The math", "Differences from torch and optax"); this
+module wires the hyperparameters, the state, the per-step scalars and the two
+twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _hyperparams, _kernel, _native, _steps, _tree
+from adamw_jax import _hyperparams, _kernel, _native, _steer, _steps, _tree
 from adamw_jax._tree import check_params
 
 Scalar = Union[float, jax.Array]
@@ -127,23 +127,6 @@ def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
     peak = jnp.asarray(float(peak), jnp.result_type(lr))
   eta = f2.div(_f2_of(lr, dtype, z), _f2_of(peak, dtype, z))
   return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
-
-
-def _computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
-  """Two per-step scalars, computed once in one kernel, outside the elementwise loops.
-
-  The pair travels as one complex number: XLA on CPU launches one kernel per
-  scalar result (about a microsecond each) and would otherwise inline the
-  double-word arithmetic into every loop that broadcasts a scalar. It does not
-  inline an "expensive" producer into a broadcasting consumer, so the value
-  ends with an exact division by a 1 the compiler cannot see.
-  """
-  one = f2.hide(jnp.ones([], a.dtype), z)
-  if b is None:
-    return a / one, None
-  packed = lax.complex(a, b.astype(a.dtype))
-  packed = packed / one.astype(packed.dtype)
-  return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
 
 
 class AdamUpdate:
@@ -296,7 +279,7 @@ def adam_transform(
     return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
 
   def coefficients(count: jax.Array, new_count: jax.Array, dtype):
-    z = lax.shift_right_logical(new_count, jnp.int32(31))  # 0, but opaque to XLA
+    z = _steer.opaque_zero(new_count)
     const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
     one = f2.constant(1.0, dtype, z)
     bias_correction = lambda beta: _bias_correction(beta, new_count, dtype, z)  # noqa: E731
@@ -341,9 +324,9 @@ def adam_transform(
     else:
       decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
     if row is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
-      step_size, decay = _computed_once(step_size, decay, z)
+      step_size, decay = _steer.computed_once(step_size, decay, z)
     if row is None:
-      bc2_sqrt, _ = _computed_once(bc2_sqrt, None, z)
+      bc2_sqrt, _ = _steer.computed_once(bc2_sqrt, None, z)
     if bc2 is None and not _is_zero(eps_root):
       bc2 = bias_correction(b2)
     c = _kernel.Coefficients(

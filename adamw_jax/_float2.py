@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-
+from adamw_jax import _steer
 
 class F2(NamedTuple):
   """The value ``hi + lo`` with ``|lo| <= ulp(hi) / 2``."""
@@ -36,24 +35,11 @@ class F2(NamedTuple):
   lo: jax.Array
 
 
-def hide(x: jax.Array, opaque_zero: jax.Array) -> jax.Array:
-  """`x` with its value hidden from the compiler (bits OR a runtime zero).
-
-  XLA's algebraic simplifier reassociates sums with literal constants, e.g.
-  ``(a + 1) - 1 -> a``, which silently breaks error-free transformations; a
-  constant the compiler cannot see is left alone.
-  """
-  x = jnp.asarray(x)
-  utype = _UINT[x.dtype.itemsize]
-  return lax.bitcast_convert_type(
-      lax.bitcast_convert_type(x, utype) | opaque_zero.astype(utype), x.dtype)
-
-
 def constant(x: float, dtype, opaque_zero: jax.Array) -> F2:
   """A Python float (a double) as a double-word constant of `dtype`, hidden from the compiler."""
   hi = np.asarray(x, dtype)
   lo = np.asarray(x - float(hi), dtype)
-  return F2(hide(hi, opaque_zero), hide(lo, opaque_zero))
+  return F2(_steer.hide(hi, opaque_zero), _steer.hide(lo, opaque_zero))
 
 
 def from_array(x: jax.Array) -> F2:
@@ -84,7 +70,7 @@ def _split(a):
   width = jnp.finfo(dtype).bits
   drop = nbits - nbits // 2
   mask = ((1 << width) - 1) ^ ((1 << drop) - 1)
-  utype = _UINT[jnp.dtype(dtype).itemsize]
+  utype = _steer.UINT[jnp.dtype(dtype).itemsize]
   bits = lax.bitcast_convert_type(a, utype)
   hi = lax.bitcast_convert_type(bits & jnp.asarray(mask, utype), dtype)
   return hi, a - hi
@@ -139,7 +125,7 @@ def _rsqrt(x: jax.Array) -> jax.Array:
   error.
   """
   dtype = x.dtype
-  utype = _UINT[jnp.dtype(dtype).itemsize]
+  utype = _steer.UINT[jnp.dtype(dtype).itemsize]
   magic = 0x5F3759DF if dtype == jnp.float32 else 0x5FE6EB50C7B537A9
   r = lax.bitcast_convert_type(
       jnp.asarray(magic, utype) - (lax.bitcast_convert_type(x, utype) >> 1), dtype)
@@ -183,7 +169,7 @@ def _exact_int(t: jax.Array, dtype) -> F2:
 def _exp2_int(k: jax.Array, dtype) -> jax.Array:
   """``2**k`` for an integer-valued `k` in the normal range, built exactly from bits."""
   info = jnp.finfo(dtype)
-  utype = _UINT[jnp.dtype(dtype).itemsize]
+  utype = _steer.UINT[jnp.dtype(dtype).itemsize]
   biased = (k.astype(jnp.int32) + (info.maxexp - 1)).astype(utype)
   return lax.bitcast_convert_type(biased << info.nmant, dtype)
 
@@ -209,7 +195,7 @@ def one_minus_exp(x: F2, opaque_zero: jax.Array) -> F2:
   # 1 - 2**k (1 + expm1_r) = (1 - 2**k) - 2**k expm1_r.
   two_k = _exp2_int(k, dtype)
   scaled = F2(expm1_r.hi * two_k, expm1_r.lo * two_k)
-  one = hide(jnp.ones_like(two_k), opaque_zero)
+  one = _steer.hide(jnp.ones_like(two_k), opaque_zero)
   return sub(F2(*_two_sum(one, -two_k)), scaled)
 
 
@@ -297,6 +283,6 @@ def one_minus_power(beta: float, t: jax.Array, dtype, opaque_zero: jax.Array) ->
       power = mul(power, F2(row[0], row[1]))
   if len(rows) * _CHUNK_BITS < 31:  # counts beyond the table: beta**t < 2**-60
     beyond = t >= (1 << (_CHUNK_BITS * len(rows)))
-    rest = F2(jnp.where(beyond, hide(jnp.ones([], dtype), opaque_zero), rest.hi),
+    rest = F2(jnp.where(beyond, _steer.hide(jnp.ones([], dtype), opaque_zero), rest.hi),
               jnp.where(beyond, jnp.zeros([], dtype), rest.lo))
   return rest

@@ -18,8 +18,9 @@ def fused_step(tx: optax.GradientTransformation, grads: Any, state: _core.ScaleB
   native kernel reads and writes each of params, grads and moments once (28
   bytes per float32 parameter, as torch's fused AdamW) instead of also writing
   the updates and reading them back. Jit the training step with the
-  parameters and optimizer state donated (``donate_argnums``) so that they are
-  updated in their own buffers. Elsewhere (GPU, TPU, several devices, or
+  parameters and optimizer state donated (``donate_argnums``), parameters
+  first, so that they are updated in their own buffers (``jit`` pairs donated
+  inputs with same-shaped outputs in order). Elsewhere (GPU, TPU, several devices, or
   ``ADAMW_JAX_NATIVE=0``) it is exactly ``update`` followed by
   ``optax.apply_updates``.
 
@@ -36,10 +37,12 @@ def fused_step(tx: optax.GradientTransformation, grads: Any, state: _core.ScaleB
     >>> params = {"w": jnp.ones(3)}
     >>> grads = {"w": jnp.full(3, 0.5)}
     >>> state = tx.init(params)
-    >>> step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p), donate_argnums=(1, 2))
-    >>> new_params, state = step(grads, state, params)
-    >>> updates, _ = tx.update(grads, tx.init(params), params)
-    >>> bool((new_params["w"] == optax.apply_updates(params, updates)["w"]).all())
+    >>> updates, _ = tx.update(grads, state, params)
+    >>> expected = optax.apply_updates(params, updates)
+    >>> # params and state donated, in the order of the results:
+    >>> step = jax.jit(lambda p, s, g: adamw_jax.fused_step(tx, g, s, p), donate_argnums=(0, 1))
+    >>> params, state = step(params, state, grads)
+    >>> bool((params["w"] == expected["w"]).all())
     True
   """
   update = getattr(tx, "update", None)

@@ -16,11 +16,12 @@ single-tensor CPU path (``foreach=False``) operation by operation::
 
 XLA contracts ``a * b + c`` into a fused multiply-add when ``a * b`` is the
 first operand of the addition (measured on CPU), so the expressions below are
-written in that order where torch fuses and separated by :func:`rounded`
-where it does not. XLA also rewrites division by a broadcast scalar into
-multiplication by its reciprocal; :func:`_divide_by_scalar` keeps the true
-division. Tests in ``tests/test_fidelity.py`` pin all of
-this against torch bit for bit.
+written in that order where torch fuses and separated by
+:func:`adamw_jax._steer.rounded` where it does not; the division by
+``sqrt(1 - b2**t)`` is :func:`adamw_jax._steer.divide_by_scalar` (every trick
+that steers XLA lives in ``_steer``). Tests in ``tests/test_fidelity.py`` pin
+all of this against torch bit for bit. The native CPU kernel (``_native.cc``)
+is this kernel's twin, tested bit for bit against it (``tests/test_native.py``).
 
 With the opt-in ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
 the same operations are laid out so that XLA fuses the whole step into one
@@ -30,16 +31,13 @@ that the results do not change by a bit.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-MULTI_OUTPUT_FUSION_FLAG = "xla_cpu_use_multi_output_fusion"
-_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-
+from adamw_jax import _steer
 
 class Coefficients(NamedTuple):
   """One step's scalars, each rounded to the compute dtype as torch rounds it."""
@@ -52,55 +50,6 @@ class Coefficients(NamedTuple):
   eps_root: Optional[jax.Array]  # eps_root * (1 - b2**t), or None when eps_root == 0
   step_size: jax.Array  # s in p + (s * m) / d
   opaque_zero: jax.Array  # int32 zero the compiler cannot prove is zero
-
-
-@jax.custom_jvp
-def rounded(x: jax.Array, opaque_zero: jax.Array) -> jax.Array:
-  """`x`, forced to be rounded to its dtype before any later use.
-
-  An OR with a runtime zero on the bits hides the multiplication that produced
-  `x` from the compiler, which could otherwise fuse it into a later addition.
-  """
-  utype = _UINT[x.dtype.itemsize]
-  bits = lax.bitcast_convert_type(x, utype) | opaque_zero.astype(utype)
-  return lax.bitcast_convert_type(bits, x.dtype)
-
-
-@rounded.defjvp
-def rounded_jvp(primals, tangents):
-  x, opaque_zero = primals
-  return rounded(x, opaque_zero), tangents[0]
-
-
-_SMALL = 1 << 15  # elements: below, a true division; above, a residual correction (measured)
-
-
-def _divide_by_scalar(a: jax.Array, b: jax.Array, opaque_zero: jax.Array) -> jax.Array:
-  """Correctly rounded ``a / b`` for a scalar `b`, as torch's ``tensor / scalar``.
-
-  XLA on CPU divides by a loop-invariant divisor by multiplying with its
-  reciprocal, which differs from the true quotient in about a third of cases.
-  Two ways back to the true quotient, equal bit for bit, each faster where it
-  is used (``benchmarks/overhead.py``):
-
-  - small arrays: OR-ing zero bits of `a` into `b` makes the divisor vary per
-    element in the compiler's eyes, so a true division is emitted. It adds
-    few operations, so XLA's cost model still counts the loop as memory-bound
-    and does not split it across threads, which costs more than it saves
-    below about 30,000 elements;
-  - large arrays: the product with the reciprocal and one residual step
-    (Markstein), cheaper per element than a vector division.
-  """
-  utype = _UINT[a.dtype.itemsize]
-  if a.size < _SMALL:
-    zero_bits = lax.bitcast_convert_type(a, utype) & opaque_zero.astype(utype)
-    return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, utype) | zero_bits, a.dtype)
-  inv_b = rounded(1 / b, opaque_zero)
-  # Capped so that inf / b stays inf (the residual of an infinite q0 is NaN);
-  # NaN passes through. No finite sqrt(v) reaches the cap.
-  q0 = jnp.minimum(a * inv_b, rounded(jnp.asarray(jnp.finfo(a.dtype).max, a.dtype), opaque_zero))
-  residual = a - q0 * b  # exact, as one FMA
-  return residual * inv_b + q0
 
 
 def _real_step(
@@ -132,12 +81,12 @@ def _real_step(
   if moments is None:
     # Hidden from XLA, which would otherwise move the negation into the products
     # and change which multiplication it fuses into an FMA.
-    g = rounded(-grad, c.opaque_zero) if maximize else grad
+    g = _steer.rounded(-grad, c.opaque_zero) if maximize else grad
     if l2 is not None:
       g = l2 * param + g
     m = c.one_minus_b1 * (g - mu) + mu
     # Only one product may reach each addition, or XLA picks which one to fuse.
-    v = (c.one_minus_b2 * g) * g + rounded(nu * c.b2, c.opaque_zero)
+    v = (c.one_minus_b2 * g) * g + _steer.rounded(nu * c.b2, c.opaque_zero)
     if nu_max is not None:
       nu_max = jnp.maximum(nu_max, v)
   else:
@@ -145,22 +94,13 @@ def _real_step(
   v_used = v if nu_max is None else nu_max
   if c.eps_root is not None:
     v_used = v_used + c.eps_root
-  denom = _divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.opaque_zero) + c.eps
+  denom = _steer.divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.opaque_zero) + c.eps
   step = (c.step_size * m) / denom
   if param is None:
     return step, m, v, nu_max
   if decay is not None:
-    param = rounded(param * decay, c.opaque_zero)
+    param = _steer.rounded(param * decay, c.opaque_zero)
   return param + step, m, v, nu_max
-
-
-def multi_output_fusion() -> bool:
-  """Whether XLA's CPU multi-output fusion was switched on with ``XLA_FLAGS``.
-
-  Read when the update is traced; XLA reads its flags when the backend
-  starts, so the flag must be set before jax is imported.
-  """
-  return MULTI_OUTPUT_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
 
 
 def _real_kernel(
@@ -193,8 +133,8 @@ def _real_kernel(
   """
   kw = dict(maximize=maximize, l2=l2, decay=decay)
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
-  if multi_output_fusion():
-    hide = lambda x: None if x is None else rounded(x, c.opaque_zero)  # noqa: E731
+  if _steer.multi_output_fusion():
+    hide = lambda x: None if x is None else _steer.rounded(x, c.opaque_zero)  # noqa: E731
     out = _real_step(hide(grad), mu, hide(nu), nu_max, hide(param), c, **kw)[0]
   return out, m, v, vm
 

@@ -142,14 +142,14 @@ def test_division_by_bc2_sqrt_is_correctly_rounded(size):
   """
   import jax.numpy as jnp
 
-  from adamw_jax import _kernel
+  from adamw_jax import _steer
 
   rng = np.random.default_rng(0)
   tiny, huge = np.sqrt(np.finfo(np.float32).tiny), np.sqrt(np.finfo(np.float32).max)
   special = np.array([0.0, np.inf, np.nan, tiny, huge, 1.0, 2.0], np.float32)
   a = np.exp(rng.uniform(np.log(tiny), np.log(huge), size)).astype(np.float32)
   a[:special.size] = special
-  divide = jax.jit(_kernel._divide_by_scalar)
+  divide = jax.jit(_steer.divide_by_scalar)
   for b in np.float32([np.sqrt(1 - 0.999), np.sqrt(1 - 0.999**7), 0.9999999, 1.0]):
     ours = np.asarray(divide(jnp.asarray(a), jnp.asarray(b), jnp.zeros([], jnp.int32)))
     with np.errstate(over="ignore"):

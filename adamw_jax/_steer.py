@@ -1,0 +1,130 @@
+"""Everything that steers the XLA compiler, each trick written and justified once here.
+
+torch's rounding is reproduced by telling XLA what not to do. Every trick
+leaves values unchanged (it is an OR with zero bits, an exact division by
+one, or a correctly rounded division); it only blocks a rewrite XLA would
+otherwise make. Those specific to XLA:CPU (measured on this project's
+machine, ``benchmarks/overhead.py``) are selected by platform with
+:func:`on_cpu` when the step is traced, so GPU/TPU get the plain operation:
+
+- :func:`opaque_zero`: an int32 zero the compiler cannot prove is zero (the
+  step count shifted right by 31 bits), which the other tricks OR into bits;
+- :func:`hide` (all platforms): a constant the compiler cannot see, so XLA's
+  algebraic simplifier cannot reassociate the error-free transformations of
+  ``_float2`` (e.g. ``(a + 1) - 1 -> a``);
+- :func:`rounded` (all platforms): a product forced to be rounded before its
+  next use, so XLA does not contract it into a fused multiply-add where torch
+  rounds (XLA contracts ``a * b + c`` when ``a * b`` is the first operand);
+- :func:`divide_by_scalar` (CPU): XLA:CPU divides by a loop-invariant divisor
+  by multiplying with its reciprocal, off by an ulp in about a third of cases;
+- :func:`computed_once` (CPU): XLA:CPU launches one kernel per scalar result
+  (about a microsecond each) and inlines cheap scalar producers into every
+  loop that broadcasts them;
+- :func:`multi_output_fusion` (CPU): whether the opt-in
+  ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
+  is on, for the one-pass layout of ``_kernel._real_kernel``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MULTI_OUTPUT_FUSION_FLAG = "xla_cpu_use_multi_output_fusion"
+UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}  # same-width bit patterns
+
+
+def on_cpu() -> bool:
+  """Whether the step being traced is for XLA:CPU (JAX's default backend)."""
+  return jax.default_backend() == "cpu"
+
+
+def opaque_zero(count: jax.Array) -> jax.Array:
+  """0 for a non-negative int32 step count, but not provably so to the compiler."""
+  return lax.shift_right_logical(count, jnp.int32(31))
+
+
+def hide(x: jax.Array, z: jax.Array) -> jax.Array:
+  """`x` with its value hidden from the compiler (its bits OR the opaque zero `z`)."""
+  x = jnp.asarray(x)
+  utype = UINT[x.dtype.itemsize]
+  return lax.bitcast_convert_type(lax.bitcast_convert_type(x, utype) | z.astype(utype), x.dtype)
+
+
+@jax.custom_jvp
+def rounded(x: jax.Array, z: jax.Array) -> jax.Array:
+  """`x`, forced to be rounded to its dtype before any later use.
+
+  Hiding the value hides the multiplication that produced `x` from the
+  compiler, which could otherwise fuse it into a later addition.
+  """
+  return hide(x, z)
+
+
+@rounded.defjvp
+def _rounded_jvp(primals, tangents):
+  x, z = primals
+  return rounded(x, z), tangents[0]
+
+
+_SMALL = 1 << 15  # elements: below, a true division; above, a residual correction (measured)
+
+
+def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
+  """Correctly rounded ``a / b`` for a scalar `b`, as torch's ``tensor / scalar``.
+
+  On XLA:CPU two ways back to the true quotient, equal bit for bit, each
+  faster where it is used (``benchmarks/overhead.py``):
+
+  - small arrays: OR-ing zero bits of `a` into `b` makes the divisor vary per
+    element in the compiler's eyes, so a true division is emitted. It adds
+    few operations, so XLA's cost model still counts the loop as memory-bound
+    and does not split it across threads, which costs more than it saves
+    below about 30,000 elements;
+  - large arrays: the product with the reciprocal and one residual step
+    (Markstein), cheaper per element than a vector division.
+  """
+  if not on_cpu():
+    return a / b
+  utype = UINT[a.dtype.itemsize]
+  if a.size < _SMALL:
+    zero_bits = lax.bitcast_convert_type(a, utype) & z.astype(utype)
+    return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, utype) | zero_bits, a.dtype)
+  inv_b = rounded(1 / b, z)
+  # Capped so that inf / b stays inf (the residual of an infinite q0 is NaN);
+  # NaN passes through. No finite sqrt(v) reaches the cap.
+  q0 = jnp.minimum(a * inv_b, rounded(jnp.asarray(jnp.finfo(a.dtype).max, a.dtype), z))
+  residual = a - q0 * b  # exact, as one FMA
+  return residual * inv_b + q0
+
+
+def computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
+  """Two per-step scalars, computed once in one kernel, outside the elementwise loops.
+
+  On XLA:CPU the pair travels as one complex number (one kernel launch, not
+  two). XLA does not inline an "expensive" producer into a broadcasting
+  consumer, so the value ends with an exact division by a 1 the compiler
+  cannot see; otherwise the double-word arithmetic would be repeated in every
+  loop that broadcasts the scalar.
+  """
+  if not on_cpu():
+    return a, b
+  one = hide(jnp.ones([], a.dtype), z)
+  if b is None:
+    return a / one, None
+  packed = lax.complex(a, b.astype(a.dtype))
+  packed = packed / one.astype(packed.dtype)
+  return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
+
+
+def multi_output_fusion() -> bool:
+  """Whether XLA's CPU multi-output fusion was switched on with ``XLA_FLAGS`` (and the step is for the CPU).
+
+  Read when the update is traced; XLA reads its flags when the backend
+  starts, so the flag must be set before jax is imported.
+  """
+  return on_cpu() and MULTI_OUTPUT_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
