@@ -404,7 +404,9 @@ def adam_transform(
         groups.setdefault((cdtype, bool(decayed), mode), []).append(i)
       else:
         results[i] = leaf(*args)
-    for (cdtype, decayed, mode), indices in groups.items():
+    calls = [(key, members[k:k + _native.LEAVES_PER_CALL]) for key, members in groups.items()
+             for k in range(0, len(members), _native.LEAVES_PER_CALL)]
+    for (cdtype, decayed, mode), indices in calls:
       c, decay = scalars_for(_scalar_dtype(cdtype))
       decay = decay if (decayed and needs_params) else None
       kind = (_native.Decay.NONE if decay is None

@@ -110,8 +110,8 @@ struct Range {
   int64_t start, end;
 };
 
-constexpr int64_t kBlock = int64_t{1} << 15;        // elements per task
-constexpr int64_t kParallelMin = int64_t{1} << 17;  // below: on the calling thread only
+constexpr int64_t kBlock = int64_t{1} << 14;        // elements per task
+constexpr int64_t kParallelMin = int64_t{1} << 15;  // below: on the calling thread only
 
 template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
 struct Job {

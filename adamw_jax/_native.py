@@ -103,6 +103,14 @@ def serves(grad: jax.Array, param: Optional[jax.Array], l2: bool) -> bool:
 MOMENTS_FROM = 1 << 16
 
 
+# Leaves per custom call. XLA's compile time grows faster than linearly with
+# the operands of one aliased custom call: a 2,000-leaf step compiled in 212 s
+# as one call, in 4.2 s / 4.5 s / 4.9 s / 7.4 s with 16 / 8 / 64 / 256 leaves
+# per call (this machine), against 3.9 s for the floor of any optax update
+# (optax.apply_updates and one operation per moment; benchmarks/speed.py).
+LEAVES_PER_CALL = 32
+
+
 def mode(g: jax.Array, m: jax.Array, v: jax.Array, vm: Optional[jax.Array], *,
          fused: bool, with_params: bool) -> Mode:
   """The native mode for one leaf that the kernel :func:`serves`."""
