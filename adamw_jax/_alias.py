@@ -6,15 +6,15 @@ from typing import Any, Optional
 
 import optax
 
-from adamw_jax import _core, _tree
+from adamw_jax import _core, _scalars, _tree
 
 
 def adamw(
-    learning_rate: _core.ScalarOrSchedule = 1e-3,
+    learning_rate: _scalars.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _core.ScalarOrSchedule = 1e-2,
+    weight_decay: _scalars.ScalarOrSchedule = 1e-2,
     *,
     amsgrad: bool = False,
     maximize: bool = False,
@@ -91,11 +91,11 @@ def adamw(
 
 
 def adam(
-    learning_rate: _core.ScalarOrSchedule = 1e-3,
+    learning_rate: _scalars.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _core.ScalarOrSchedule = 0.0,
+    weight_decay: _scalars.ScalarOrSchedule = 0.0,
     *,
     amsgrad: bool = False,
     maximize: bool = False,

@@ -9,21 +9,16 @@ twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from adamw_jax import _float2 as f2
-from adamw_jax import _hyperparams, _kernel, _native, _steer, _steps, _tree
+from adamw_jax import _hyperparams, _kernel, _native, _scalars, _tree
 from adamw_jax._tree import check_params
 
-Scalar = Union[float, jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 
 class ScaleByAdamState(NamedTuple):
@@ -46,87 +41,12 @@ class ScaleByAdamState(NamedTuple):
   nu_max: Any
 
 
-def _scalar_dtype(dtype) -> jnp.dtype:
-  """The dtype the per-step scalars are computed in for a leaf of `dtype`."""
-  real = jnp.finfo(dtype).dtype
-  return jnp.dtype(jnp.float64) if real == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float, np.floating, np.integer))
-
-
-def _f2_of(value: Any, dtype, z: jax.Array) -> f2.F2:
-  """A hyperparameter (Python float: kept to double precision; array: as is) as F2."""
-  if _is_number(value):
-    return f2.constant(float(value), dtype, z)
-  return f2.from_array(jnp.asarray(value).astype(dtype))
-
-
-def _one_minus(value: Any, dtype, z: jax.Array) -> f2.F2:
-  if _is_number(value):
-    return f2.constant(1.0 - float(value), dtype, z)  # exact in double for value >= 0.5
-  return f2.sub(f2.constant(1.0, dtype, z), _f2_of(value, dtype, z))
-
-
-def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
-  """``1 - beta**t`` to double precision, as torch computes it in Python."""
-  if _is_number(beta):
-    if float(beta) == 0.0:
-      return f2.constant(1.0, dtype, z)
-    if jnp.dtype(dtype) == jnp.float64:  # float64 pairs: exp(t * double log) falls short
-      return f2.one_minus_power(float(beta), t, dtype, z)
-    log_beta = f2.constant(math.log(float(beta)), dtype, z)
-  else:  # traced (e.g. optax.inject_hyperparams): log in double words
-    log_beta = f2.log(_f2_of(beta, dtype, z), z)
-  return f2.one_minus_exp_times(log_beta, t, z)
-
-
-def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
-  return value(count) if callable(value) else value
-
-
-def _is_zero(value: Any) -> bool:
-  return _is_number(value) and float(value) == 0.0
-
-
-def _needs_params(weight_decay: Any) -> bool:
-  return not _is_zero(weight_decay)
-
-
 def _moment_dtype(param_dtype, requested) -> jnp.dtype:
   if requested is None:
     return jnp.dtype(param_dtype)
   if jnp.issubdtype(param_dtype, jnp.complexfloating):
     return jnp.promote_types(requested, jnp.complex64)
   return jnp.dtype(requested)
-
-
-def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
-  """A scalar torch computes in Python: a literal when `value` is a Python number."""
-  if _is_number(value):
-    return np.asarray(float(value), dtype)
-  return traced()
-
-
-def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
-  """``1 - (lr / peak) * wd``, Loshchilov & Hutter's ``1 - eta_t * lambda``, rounded once.
-
-  `peak` None: the learning rate is constant and its own peak, eta_t = 1.
-  Python numbers are combined in double precision (as torch's ``1 - lr*wd``);
-  otherwise in double words, with a Python-float peak first rounded as the
-  scheduled lr is, so that eta_t = 1 exactly where the schedule peaks.
-  """
-  one = f2.constant(1.0, dtype, z)
-  if peak is None:
-    return _rounded_number(1.0 - float(wd) if _is_number(wd) else None, dtype,
-                           lambda: f2.round_(f2.sub(one, _f2_of(wd, dtype, z))))
-  if _is_number(lr) and _is_number(peak) and _is_number(wd):
-    return _rounded_number(1.0 - float(lr) / float(peak) * float(wd), dtype, None)
-  if _is_number(peak) and not _is_number(lr):
-    peak = jnp.asarray(float(peak), jnp.result_type(lr))
-  eta = f2.div(_f2_of(lr, dtype, z), _f2_of(peak, dtype, z))
-  return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
 
 
 class AdamUpdate:
@@ -229,12 +149,12 @@ def _native_group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
 def adam_transform(
     *,
     name: str,
-    learning_rate: Optional[ScalarOrSchedule],
-    b1: Scalar,
-    b2: Scalar,
-    eps: Scalar,
-    eps_root: Scalar,
-    weight_decay: ScalarOrSchedule,
+    learning_rate: Optional[_scalars.ScalarOrSchedule],
+    b1: _scalars.Scalar,
+    b2: _scalars.Scalar,
+    eps: _scalars.Scalar,
+    eps_root: _scalars.Scalar,
+    weight_decay: _scalars.ScalarOrSchedule,
     decoupled: bool,
     amsgrad: bool,
     maximize: bool,
@@ -242,7 +162,7 @@ def adam_transform(
     mu_dtype: Any,
     nu_dtype: Any,
     decay_mode: str = "torch",
-    peak_learning_rate: Optional[Scalar] = None,
+    peak_learning_rate: Optional[_scalars.Scalar] = None,
 ) -> optax.GradientTransformation:
   """One Adam-family transform.
 
@@ -259,7 +179,11 @@ def adam_transform(
       eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
       peak_learning_rate=peak_learning_rate)
   mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
-  needs_params = _needs_params(weight_decay)
+  scalars_config = _scalars.Config(
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+      weight_decay=weight_decay, decoupled=decoupled, decay_mode=decay_mode,
+      peak_learning_rate=peak_learning_rate)
+  needs_params = scalars_config.needs_params
 
   def init_fn(params):
     check_params(params, name)
@@ -277,73 +201,6 @@ def adam_transform(
     nu = jax.tree.map(lambda p: zeros(p, nu_dtype), params)
     nu_max = jax.tree.map(lambda p: zeros(p, nu_dtype), params) if amsgrad else None
     return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
-
-  def coefficients(count: jax.Array, new_count: jax.Array, dtype):
-    z = _steer.opaque_zero(new_count)
-    const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
-    one = f2.constant(1.0, dtype, z)
-    bias_correction = lambda beta: _bias_correction(beta, new_count, dtype, z)  # noqa: E731
-    lr = None if learning_rate is None else _evaluate(learning_rate, count)
-    wd = _evaluate(weight_decay, count)
-    lr_number = lr is None or _is_number(lr)
-    row = bc2 = None  # bc2: 1 - b2**t in double words, computed only where needed
-    if dtype == jnp.float64:
-      # torch rounds every Python operation to a double: do the same (after a
-      # correctly rounded beta**t, as Python's pow gives).
-      bc1 = f2.from_array(1 - f2.round_(f2.sub(one, bias_correction(b1))))
-      bc2 = f2.from_array(1 - f2.round_(f2.sub(one, bias_correction(b2))))
-      numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
-      step_size = numerator / bc1.hi
-      bc2_sqrt = jnp.sqrt(bc2.hi)
-    else:
-      # Python-number betas: torch's own Python scalars, read from a table (_steps).
-      if _is_number(b1) and _is_number(b2):
-        row = _steps.lookup(b1, b2, lr if lr_number else None, new_count, dtype,
-                            scheduled=not lr_number)
-      if row is not None and lr_number:
-        step_size = row[0]
-      else:
-        bc1 = bias_correction(b1) if row is None else f2.F2(row[0], row[1])
-        if lr is None:
-          step_size = f2.round_(f2.div(one, bc1))
-        else:
-          step_size = f2.round_(f2.neg(f2.div(const(lr), bc1)))
-      if row is None:
-        bc2 = bias_correction(b2)
-        bc2_sqrt = f2.round_(f2.sqrt(bc2))
-      else:
-        bc2_sqrt = row[-1]
-    if not needs_params:
-      decay = None
-    elif not decoupled:
-      decay = _rounded_number(wd, dtype, lambda: f2.round_(const(wd)))
-    elif decay_mode == "paper":
-      decay = _paper_decay(lr, peak_learning_rate, wd, dtype, z)
-    elif _is_number(lr) and _is_number(wd):
-      decay = _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
-    else:
-      decay = f2.round_(f2.sub(one, f2.mul(const(lr), const(wd))))
-    if row is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
-      step_size, decay = _steer.computed_once(step_size, decay, z)
-    if row is None:
-      bc2_sqrt, _ = _steer.computed_once(bc2_sqrt, None, z)
-    if bc2 is None and not _is_zero(eps_root):
-      bc2 = bias_correction(b2)
-    c = _kernel.Coefficients(
-        one_minus_b1=_rounded_number(
-            1.0 - float(b1) if _is_number(b1) else None, dtype,
-            lambda: f2.round_(_one_minus(b1, dtype, z))),
-        b2=_rounded_number(b2, dtype, lambda: f2.round_(const(b2))),
-        one_minus_b2=_rounded_number(
-            1.0 - float(b2) if _is_number(b2) else None, dtype,
-            lambda: f2.round_(_one_minus(b2, dtype, z))),
-        bc2_sqrt=bc2_sqrt,
-        eps=_rounded_number(eps, dtype, lambda: f2.round_(const(eps))),
-        eps_root=None if _is_zero(eps_root) else f2.round_(f2.mul(const(eps_root), bc2)),
-        step_size=step_size,
-        opaque_zero=z,
-    )
-    return c, decay
 
   def check_update_args(updates, state, params) -> None:
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
@@ -377,12 +234,12 @@ def adam_transform(
 
     def scalars_for(dtype):
       if dtype not in cache:
-        cache[dtype] = coefficients(count, new_count, dtype)
+        cache[dtype] = _scalars.coefficients(scalars_config, count, new_count, dtype)
       return cache[dtype]
 
     def leaf(g, m, v, vm, p, decayed):
       """The pure-JAX kernel: (update, or new parameter when fused, m, v, vm)."""
-      c, decay = scalars_for(_scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,)))))
+      c, decay = scalars_for(_scalars.scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,)))))
       return _pure_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
 
     treedef = jax.tree.structure(updates)
@@ -407,7 +264,7 @@ def adam_transform(
     calls = [(key, members[k:k + _native.LEAVES_PER_CALL]) for key, members in groups.items()
              for k in range(0, len(members), _native.LEAVES_PER_CALL)]
     for (cdtype, decayed, mode), indices in calls:
-      c, decay = scalars_for(_scalar_dtype(cdtype))
+      c, decay = scalars_for(_scalars.scalar_dtype(cdtype))
       decay = decay if (decayed and needs_params) else None
       kind = (_native.Decay.NONE if decay is None
               else _native.Decay.DECOUPLED if decoupled else _native.Decay.L2)

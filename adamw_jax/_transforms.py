@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamw_jax import _core, _hyperparams, _tree
+from adamw_jax import _core, _hyperparams, _scalars, _tree
 
 
 def scale_by_adam(
@@ -69,7 +69,7 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 def add_decayed_weights(
-    weight_decay: _core.ScalarOrSchedule = 1e-2,
+    weight_decay: _scalars.ScalarOrSchedule = 1e-2,
     mask: Optional[_tree.MaskOrFn] = None,
 ) -> optax.GradientTransformation:
   """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).

@@ -1,0 +1,221 @@
+"""Per-step scalars: torch's Python-double arithmetic for one step, one function per strategy.
+
+torch computes ``1 - beta**t``, ``lr / bc1``, ``sqrt(bc2)`` and ``1 - lr*wd``
+in Python doubles and rounds them to the parameter dtype once. Here that
+arithmetic runs inside the jitted step, by one of three strategies:
+
+- :func:`_float64`: float64 leaves, every operation rounded to a double as
+  Python rounds it;
+- :func:`_tabulated`: Python-number betas (and lr), torch's own Python
+  scalars read from a table (``_steps``);
+- :func:`_double_word`: everything else (traced betas, steps beyond the
+  table), in double-word arithmetic (``_float2``) to double precision.
+
+:func:`coefficients` picks one and returns the kernel's
+:class:`adamw_jax._kernel.Coefficients` and the decay factor (or L2 term).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamw_jax import _float2 as f2
+from adamw_jax import _kernel, _steer, _steps
+
+Scalar = Union[float, jax.Array]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The hyperparameters the per-step scalars depend on (validated by ``_hyperparams``)."""
+
+  learning_rate: Optional[ScalarOrSchedule]  # None: scale_by_adam's unscaled direction
+  b1: Scalar
+  b2: Scalar
+  eps: Scalar
+  eps_root: Scalar
+  weight_decay: ScalarOrSchedule
+  decoupled: bool  # AdamW's p * (1 - lr*wd), else Adam's L2 term g + wd*p
+  decay_mode: str = "torch"
+  peak_learning_rate: Optional[Scalar] = None
+
+  @property
+  def needs_params(self) -> bool:
+    """Whether the step reads the parameters (any weight decay)."""
+    return not is_zero(self.weight_decay)
+
+
+def is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.floating, np.integer))
+
+
+def is_zero(value: Any) -> bool:
+  return is_number(value) and float(value) == 0.0
+
+
+def scalar_dtype(dtype) -> jnp.dtype:
+  """The dtype the per-step scalars are computed in for a leaf of `dtype`."""
+  real = jnp.finfo(dtype).dtype
+  return jnp.dtype(jnp.float64) if real == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _f2_of(value: Any, dtype, z: jax.Array) -> f2.F2:
+  """A hyperparameter (Python float: kept to double precision; array: as is) as F2."""
+  if is_number(value):
+    return f2.constant(float(value), dtype, z)
+  return f2.from_array(jnp.asarray(value).astype(dtype))
+
+
+def _one_minus(value: Any, dtype, z: jax.Array) -> f2.F2:
+  if is_number(value):
+    return f2.constant(1.0 - float(value), dtype, z)  # exact in double for value >= 0.5
+  return f2.sub(f2.constant(1.0, dtype, z), _f2_of(value, dtype, z))
+
+
+def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
+  """``1 - beta**t`` to double precision, as torch computes it in Python."""
+  if is_number(beta):
+    if float(beta) == 0.0:
+      return f2.constant(1.0, dtype, z)
+    if jnp.dtype(dtype) == jnp.float64:  # float64 pairs: exp(t * double log) falls short
+      return f2.one_minus_power(float(beta), t, dtype, z)
+    log_beta = f2.constant(math.log(float(beta)), dtype, z)
+  else:  # traced (e.g. optax.inject_hyperparams): log in double words
+    log_beta = f2.log(_f2_of(beta, dtype, z), z)
+  return f2.one_minus_exp_times(log_beta, t, z)
+
+
+def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
+  return value(count) if callable(value) else value
+
+
+def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
+  """A scalar torch computes in Python: a literal when `value` is a Python number."""
+  if is_number(value):
+    return np.asarray(float(value), dtype)
+  return traced()
+
+
+def _step_size(lr: Any, bc1: f2.F2, dtype, z: jax.Array) -> jax.Array:
+  """``-lr / (1 - b1**t)`` (``1 / (1 - b1**t)`` without an lr), rounded once."""
+  one = f2.constant(1.0, dtype, z)
+  if lr is None:
+    return f2.round_(f2.div(one, bc1))
+  return f2.round_(f2.neg(f2.div(_f2_of(lr, dtype, z), bc1)))
+
+
+def _float64(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+  """(step size, sqrt(1 - b2**t), 1 - b2**t) for float64 leaves, as Python rounds them.
+
+  torch rounds every Python operation to a double: so does this, after a
+  correctly rounded ``beta**t`` (as Python's pow gives).
+  """
+  one = f2.constant(1.0, dtype, z)
+  bc1 = f2.from_array(1 - f2.round_(f2.sub(one, _bias_correction(cfg.b1, t, dtype, z))))
+  bc2 = f2.from_array(1 - f2.round_(f2.sub(one, _bias_correction(cfg.b2, t, dtype, z))))
+  numerator = jnp.ones([], dtype) if lr is None else -jnp.asarray(lr, dtype)
+  return numerator / bc1.hi, jnp.sqrt(bc2.hi), bc2
+
+
+def _tabulated(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+  """(step size, sqrt(1 - b2**t)) from torch's own Python scalars (``_steps``), or None.
+
+  None when a beta is not a Python number or `t` is beyond the table. With a
+  scheduled (traced) lr the table gives ``1 - b1**t`` as a double word.
+  """
+  if not (is_number(cfg.b1) and is_number(cfg.b2)):
+    return None
+  lr_number = lr is None or is_number(lr)
+  row = _steps.lookup(cfg.b1, cfg.b2, lr if lr_number else None, t, dtype, scheduled=not lr_number)
+  if row is None:
+    return None
+  step_size = row[0] if lr_number else _step_size(lr, f2.F2(row[0], row[1]), dtype, z)
+  return step_size, row[-1]
+
+
+def _double_word(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+  """(step size, sqrt(1 - b2**t), 1 - b2**t) in double words, rounded once each."""
+  step_size = _step_size(lr, _bias_correction(cfg.b1, t, dtype, z), dtype, z)
+  bc2 = _bias_correction(cfg.b2, t, dtype, z)
+  return step_size, f2.round_(f2.sqrt(bc2)), bc2
+
+
+def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
+  """``1 - (lr / peak) * wd``, Loshchilov & Hutter's ``1 - eta_t * lambda``, rounded once.
+
+  `peak` None: the learning rate is constant and its own peak, eta_t = 1.
+  Python numbers are combined in double precision (as torch's ``1 - lr*wd``);
+  otherwise in double words, with a Python-float peak first rounded as the
+  scheduled lr is, so that eta_t = 1 exactly where the schedule peaks.
+  """
+  one = f2.constant(1.0, dtype, z)
+  if peak is None:
+    return _rounded_number(1.0 - float(wd) if is_number(wd) else None, dtype,
+                           lambda: f2.round_(f2.sub(one, _f2_of(wd, dtype, z))))
+  if is_number(lr) and is_number(peak) and is_number(wd):
+    return _rounded_number(1.0 - float(lr) / float(peak) * float(wd), dtype, None)
+  if is_number(peak) and not is_number(lr):
+    peak = jnp.asarray(float(peak), jnp.result_type(lr))
+  eta = f2.div(_f2_of(lr, dtype, z), _f2_of(peak, dtype, z))
+  return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
+
+
+def _decay(cfg: Config, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.Array]:
+  """AdamW's factor ``1 - lr*wd`` (or the paper's), Adam's L2 coefficient, or None."""
+  if not cfg.needs_params:
+    return None
+  if not cfg.decoupled:
+    return _rounded_number(wd, dtype, lambda: f2.round_(_f2_of(wd, dtype, z)))
+  if cfg.decay_mode == "paper":
+    return _paper_decay(lr, cfg.peak_learning_rate, wd, dtype, z)
+  if is_number(lr) and is_number(wd):
+    return _rounded_number(1.0 - float(lr) * float(wd), dtype, None)  # torch: 1 - lr*wd in Python
+  one = f2.constant(1.0, dtype, z)
+  return f2.round_(f2.sub(one, f2.mul(_f2_of(lr, dtype, z), _f2_of(wd, dtype, z))))
+
+
+def coefficients(cfg: Config, count: jax.Array, new_count: jax.Array, dtype):
+  """One step's (:class:`~adamw_jax._kernel.Coefficients`, decay) for leaves computed in `dtype`.
+
+  `count` is the step count before this step (schedules are evaluated at
+  it), `new_count` the step number ``t`` of the bias corrections.
+  """
+  z = _steer.opaque_zero(new_count)
+  lr = None if cfg.learning_rate is None else _evaluate(cfg.learning_rate, count)
+  wd = _evaluate(cfg.weight_decay, count)
+  tabulated = None if dtype == jnp.float64 else _tabulated(cfg, lr, new_count, dtype, z)
+  if tabulated is not None:
+    (step_size, bc2_sqrt), bc2 = tabulated, None
+  else:
+    strategy = _float64 if dtype == jnp.float64 else _double_word
+    step_size, bc2_sqrt, bc2 = strategy(cfg, lr, new_count, dtype, z)
+  decay = _decay(cfg, lr, wd, dtype, z)
+  lr_number = lr is None or is_number(lr)
+  if tabulated is None or not lr_number or not (decay is None or isinstance(decay, np.ndarray)):
+    step_size, decay = _steer.computed_once(step_size, decay, z)
+  if tabulated is None:
+    bc2_sqrt, _ = _steer.computed_once(bc2_sqrt, None, z)
+  if bc2 is None and not is_zero(cfg.eps_root):
+    bc2 = _bias_correction(cfg.b2, new_count, dtype, z)
+  b1, b2 = cfg.b1, cfg.b2
+  c = _kernel.Coefficients(
+      one_minus_b1=_rounded_number(1.0 - float(b1) if is_number(b1) else None, dtype,
+                                   lambda: f2.round_(_one_minus(b1, dtype, z))),
+      b2=_rounded_number(b2, dtype, lambda: f2.round_(_f2_of(b2, dtype, z))),
+      one_minus_b2=_rounded_number(1.0 - float(b2) if is_number(b2) else None, dtype,
+                                   lambda: f2.round_(_one_minus(b2, dtype, z))),
+      bc2_sqrt=bc2_sqrt,
+      eps=_rounded_number(cfg.eps, dtype, lambda: f2.round_(_f2_of(cfg.eps, dtype, z))),
+      eps_root=None if is_zero(cfg.eps_root)
+      else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), bc2)),
+      step_size=step_size,
+      opaque_zero=z,
+  )
+  return c, decay
