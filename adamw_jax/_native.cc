@@ -10,7 +10,7 @@
 //   m  <- fma(1 - b1, g - m, m)             exp_avg.lerp_(g, 1 - b1)
 //   v  <- fma((1 - b2) * g, g, v * b2)      exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
 //   vm <- max(vm, v)                        amsgrad (NaN propagates, as XLA's max)
-//   d  <- sqrt(vm or v + eps_root) / bc2_sqrt + eps    true division, correctly rounded sqrt
+//   d  <- sqrt(vm or v + eps_root) / bc2_sqrt + eps    correctly rounded division and sqrt
 //   s  <- (step_size * m) / d
 //   q  <- p * (1 - lr*wd)                   AdamW's decoupled decay, rounded
 //   out:  s                                 (mode 0: the step, no parameter read)
@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -51,6 +52,8 @@ enum Mode : int64_t { kStep = 0, kUpdate = 1, kFused = 2, kFusedStep = 3, kMomen
 template <typename T>
 struct Scalars {
   T one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, eps_root, step_size, decay, sign;
+  T inv_bc2_sqrt;  // 1 / bc2_sqrt, rounded
+  T max;           // the largest finite T
 };
 
 template <typename T>
@@ -69,6 +72,18 @@ struct Leaf {
 #else
 #define ADAMW_JAX_CLONES
 #endif
+
+// a / bc2_sqrt, correctly rounded, without a division: the product with the
+// rounded reciprocal and one residual step (Markstein's theorem), as the pure
+// kernel does for large arrays (_steer.divide_by_scalar; equal to the true
+// quotient bit for bit, tests/test_fidelity.py). The cap keeps inf / b = inf.
+template <typename T>
+inline T DivideByScalar(T a, const Scalars<T>& c) {
+  T q0 = a * c.inv_bc2_sqrt;
+  q0 = q0 < c.max ? q0 : (q0 != q0 ? q0 : c.max);
+  const T residual = std::fma(-q0, c.bc2_sqrt, a);  // exact
+  return std::fma(residual, c.inv_bc2_sqrt, q0);
+}
 
 template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
 ADAMW_JAX_CLONES void Block(const Scalars<T> c, const T* __restrict g, const T* p, T* m, T* v,
@@ -91,7 +106,7 @@ ADAMW_JAX_CLONES void Block(const Scalars<T> c, const T* __restrict g, const T* 
     }
     if (kMode == kMoments) continue;
     vu = vu + c.eps_root;
-    const T d = std::sqrt(vu) / c.bc2_sqrt + c.eps;
+    const T d = DivideByScalar(std::sqrt(vu), c) + c.eps;
     const T s = (c.step_size * mi) / d;
     if (kMode == kStep) {
       out[i] = s;
@@ -161,7 +176,8 @@ void Run(ffi::ThreadPool& pool, const Scalars<T>& c, std::vector<Leaf<T>> leaves
 #endif
   const size_t blocks = job->ranges.size();
   const size_t threads = total < kParallelMin ? 0 : static_cast<size_t>(pool.num_threads());
-  const size_t helpers = blocks == 0 ? 0 : std::min(threads, blocks - 1);
+  // The calling thread works too: threads - 1 helpers keep every core busy, no more.
+  const size_t helpers = blocks == 0 || threads == 0 ? 0 : std::min(threads - 1, blocks - 1);
   for (size_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
   job->Work();
   // Every block has been claimed; wait for those that other threads are running.
@@ -203,7 +219,8 @@ template <typename T>
 ffi::Error Collect(ffi::ThreadPool& pool, const ffi::AnyBuffer& scalars, ffi::RemainingArgs args,
                    ffi::RemainingRets rets, int64_t mode, int64_t decay, bool amsgrad) {
   const T* s = reinterpret_cast<const T*>(scalars.untyped_data());
-  const Scalars<T> c{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8]};
+  const Scalars<T> c{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
+                     T(1) / s[3], std::numeric_limits<T>::max()};
   const bool has_p = mode != kStep && (mode != kMoments || decay == kL2);
   const bool has_out = mode != kMoments;
   const bool in_place = mode == kFused || mode == kFusedStep;
