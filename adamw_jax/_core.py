@@ -66,86 +66,6 @@ class AdamUpdate:
     return self._step(grads, state, params)
 
 
-def _pure_leaf(g, m, v, vm, p, c: _kernel.Coefficients, decay, *, maximize: bool,
-               decoupled: bool, with_params: bool, fused: bool, moments=None):
-  """One leaf through the pure-JAX kernel: (update, or new parameter if `fused`, m, v, vm).
-
-  `moments`: the new (m, v, vm), already computed by the native kernel.
-  """
-  out, m, v, vm = _kernel.adam_leaf(
-      g, m, v, vm, p if with_params else None, c,
-      maximize=maximize,
-      l2=None if decoupled else decay,
-      decay=decay if decoupled else None, moments=moments)
-  if with_params:
-    # torch's new parameter, as an update: exact when new and old parameters
-    # are within a factor of two of each other, so p + update lands on it.
-    out = out - p
-  if fused:
-    out = optax.apply_updates(p, out)
-  return out, m, v, vm
-
-
-def _native_group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
-                  mode: _native.Mode, kind: _native.Decay, amsgrad: bool, maximize: bool,
-                  decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
-  """Leaves ``(g, m, v, vm, p)`` of compute dtype `cdtype` through one native call.
-
-  The same results bit for bit as :func:`_pure_leaf` on each (``tests/test_native.py``);
-  derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
-  """
-  real = jnp.finfo(cdtype).dtype
-  fields = (c.one_minus_b1, c.b2, c.one_minus_b2, c.bc2_sqrt, c.eps,
-            0.0 if c.eps_root is None else c.eps_root, c.step_size,
-            0.0 if decay is None else decay, -1.0 if maximize else 1.0)
-  scalars = jnp.stack([jnp.asarray(x).astype(real) for x in fields])
-  moments_only = mode == _native.Mode.MOMENTS
-  with_p = mode != _native.Mode.STEP and (not moments_only or kind == _native.Decay.L2)
-  per_leaf = 3 + amsgrad + with_p
-
-  def unflatten(flat):
-    leaves = []
-    for k in range(0, len(flat), per_leaf):
-      g, m, v, *rest = flat[k:k + per_leaf]
-      vm = rest.pop(0) if amsgrad else None
-      leaves.append((g, m, v, vm, rest[0] if with_p else None))
-    return leaves
-
-  @jax.custom_jvp
-  def run(scalars, z, *flat):
-    del z
-    leaves = unflatten(flat)
-    as_c = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
-    outs = _native.call(scalars, [(g, as_c(m), as_c(v), as_c(vm), p) for g, m, v, vm, p in leaves],
-                        mode=mode, decay=kind, amsgrad=amsgrad)
-    back = []
-    for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
-      back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
-      back += [] if vm is None else [vm_new.astype(vm.dtype)]
-    return tuple(back)
-
-  def pure(scalars, z, *flat):
-    s = [scalars[k] for k in range(len(fields))]
-    coeffs = _kernel.Coefficients(
-        one_minus_b1=s[0], b2=s[1], one_minus_b2=s[2], bc2_sqrt=s[3], eps=s[4],
-        eps_root=None if c.eps_root is None else s[5], step_size=s[6], opaque_zero=z)
-    back = []
-    for g, m, v, vm, p in unflatten(flat):
-      o, m, v, vm = _pure_leaf(g, m, v, vm, p, coeffs, None if decay is None else s[7],
-                               maximize=maximize, decoupled=decoupled,
-                               with_params=with_params and with_p, fused=fused)
-      back += ([] if moments_only else [o]) + [m, v] + ([] if vm is None else [vm])
-    return tuple(back)
-
-  run.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-  flat = [x for g, m, v, vm, p in group
-          for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())]
-  out = run(scalars, c.opaque_zero, *flat)
-  step = (not moments_only) + 2 + amsgrad
-  return [((None,) if moments_only else ()) + tuple(out[k:k + step]) + (() if amsgrad else (None,))
-          for k in range(0, len(out), step)]
-
-
 def adam_transform(
     *,
     name: str,
@@ -240,7 +160,7 @@ def adam_transform(
     def leaf(g, m, v, vm, p, decayed):
       """The pure-JAX kernel: (update, or new parameter when fused, m, v, vm)."""
       c, decay = scalars_for(_scalars.scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,)))))
-      return _pure_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
+      return _kernel.optax_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
 
     treedef = jax.tree.structure(updates)
     g_l = treedef.flatten_up_to(updates)
@@ -270,11 +190,11 @@ def adam_transform(
               else _native.Decay.DECOUPLED if decoupled else _native.Decay.L2)
       if mode == _native.Mode.MOMENTS and kind == _native.Decay.DECOUPLED:
         kind = _native.Decay.NONE  # the decoupled decay is in the parameter's step
-      group = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]
-      outs = _native_group(c, decay, group, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how)
+      leaves = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]
+      outs = _native.group(c, decay, leaves, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how)
       for i, (out, m, v, vm) in zip(indices, outs):
         if mode == _native.Mode.MOMENTS:  # the parameter's step, fused with apply_updates
-          out, m, v, vm = _pure_leaf(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay,
+          out, m, v, vm = _kernel.optax_leaf(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay,
                                      moments=(m, v, vm), **how)
         results[i] = (out, m, v, vm)
     out, mu, nu, nu_max = (treedef.unflatten(list(col)) for col in zip(*results)) if results else (

@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from adamw_jax import _steer
@@ -203,3 +204,27 @@ def adam_leaf(
       nu_new.astype(nu.dtype),
       None if nu_max is None else nu_max_new.astype(nu_max.dtype),
   )
+
+
+def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, maximize: bool,
+               decoupled: bool, with_params: bool, fused: bool, moments=None):
+  """One leaf's result in optax's terms: (update, or new parameter if `fused`, m, v, vm).
+
+  The update is ``new_param - param`` with the parameters (`with_params`),
+  else the step itself; `fused` adds it to the parameter as
+  ``optax.apply_updates`` does.
+
+  `moments`: the new (m, v, vm), already computed by the native kernel.
+  """
+  out, m, v, vm = adam_leaf(
+      g, m, v, vm, p if with_params else None, c,
+      maximize=maximize,
+      l2=None if decoupled else decay,
+      decay=decay if decoupled else None, moments=moments)
+  if with_params:
+    # torch's new parameter, as an update: exact when new and old parameters
+    # are within a factor of two of each other, so p + update lands on it.
+    out = out - p
+  if fused:
+    out = optax.apply_updates(p, out)
+  return out, m, v, vm

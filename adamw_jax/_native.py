@@ -37,6 +37,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from adamw_jax import _kernel
+
 TARGET = "adamw_jax_adam_step"
 ENV = "ADAMW_JAX_NATIVE"
 _DTYPES = frozenset(map(jnp.dtype, (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)))
@@ -154,3 +156,63 @@ def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Deca
   per_leaf = has_out + 2 + amsgrad
   return [((None,) if not has_out else ()) + tuple(flat[i:i + per_leaf]) + ((None,) if not amsgrad else ())
           for i in range(0, len(flat), per_leaf)]
+
+
+def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
+                  mode: Mode, kind: Decay, amsgrad: bool, maximize: bool,
+                  decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
+  """Leaves ``(g, m, v, vm, p)`` of compute dtype `cdtype` through one native call.
+
+  The same results bit for bit as :func:`adamw_jax._kernel.optax_leaf` on each (``tests/test_native.py``);
+  derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
+  """
+  real = jnp.finfo(cdtype).dtype
+  fields = (c.one_minus_b1, c.b2, c.one_minus_b2, c.bc2_sqrt, c.eps,
+            0.0 if c.eps_root is None else c.eps_root, c.step_size,
+            0.0 if decay is None else decay, -1.0 if maximize else 1.0)
+  scalars = jnp.stack([jnp.asarray(x).astype(real) for x in fields])
+  moments_only = mode == Mode.MOMENTS
+  with_p = mode != Mode.STEP and (not moments_only or kind == Decay.L2)
+  per_leaf = 3 + amsgrad + with_p
+
+  def unflatten(flat):
+    leaves = []
+    for k in range(0, len(flat), per_leaf):
+      g, m, v, *rest = flat[k:k + per_leaf]
+      vm = rest.pop(0) if amsgrad else None
+      leaves.append((g, m, v, vm, rest[0] if with_p else None))
+    return leaves
+
+  @jax.custom_jvp
+  def run(scalars, z, *flat):
+    del z
+    leaves = unflatten(flat)
+    as_c = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
+    outs = call(scalars, [(g, as_c(m), as_c(v), as_c(vm), p) for g, m, v, vm, p in leaves],
+                        mode=mode, decay=kind, amsgrad=amsgrad)
+    back = []
+    for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
+      back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
+      back += [] if vm is None else [vm_new.astype(vm.dtype)]
+    return tuple(back)
+
+  def pure(scalars, z, *flat):
+    s = [scalars[k] for k in range(len(fields))]
+    coeffs = _kernel.Coefficients(
+        one_minus_b1=s[0], b2=s[1], one_minus_b2=s[2], bc2_sqrt=s[3], eps=s[4],
+        eps_root=None if c.eps_root is None else s[5], step_size=s[6], opaque_zero=z)
+    back = []
+    for g, m, v, vm, p in unflatten(flat):
+      o, m, v, vm = _kernel.optax_leaf(g, m, v, vm, p, coeffs, None if decay is None else s[7],
+                               maximize=maximize, decoupled=decoupled,
+                               with_params=with_params and with_p, fused=fused)
+      back += ([] if moments_only else [o]) + [m, v] + ([] if vm is None else [vm])
+    return tuple(back)
+
+  run.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+  flat = [x for g, m, v, vm, p in group
+          for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())]
+  out = run(scalars, c.opaque_zero, *flat)
+  step = (not moments_only) + 2 + amsgrad
+  return [((None,) if moments_only else ()) + tuple(out[k:k + step]) + (() if amsgrad else (None,))
+          for k in range(0, len(out), step)]
