@@ -154,10 +154,6 @@ def _store(new, old, block_size: int, signed: bool):
   return new.astype(old.dtype)
 
 
-def _is_moment_leaf(x) -> bool:
-  return isinstance(x, _quantize.QuantizedMoment)
-
-
 def _flatten_like(treedef, tree, what: str, name: str) -> list:
   try:
     return treedef.flatten_up_to(tree)

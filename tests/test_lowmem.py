@@ -21,7 +21,6 @@ from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qma
 import adamw_jax
 from adamw_jax import _lowprec, _quantize
 
-BF16_ULP_AT_ONE = 2.0 ** -7
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
