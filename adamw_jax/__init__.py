@@ -13,8 +13,10 @@ from adamw_jax._fused import fused_step
 from adamw_jax._groups import param_groups
 from adamw_jax._interop import from_torch, to_torch_state_dict
 from adamw_jax._layout import flax_layout
+from adamw_jax._lowmem import LowMemoryAdamState
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
 from adamw_jax._paper import normalized_weight_decay, warm_restarts
+from adamw_jax._quantize import QuantizedMoment
 from adamw_jax._transforms import (
     AddDecayedWeightsState,
     add_decayed_weights,
@@ -28,6 +30,8 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "AddDecayedWeightsState",
     "FlatParams",
+    "LowMemoryAdamState",
+    "QuantizedMoment",
     "ScaleByAdamState",
     "adam",
     "adamw",

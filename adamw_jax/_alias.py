@@ -24,6 +24,10 @@ def adamw(
     nu_dtype: Optional[Any] = None,
     decay_mode: str = "torch",
     peak_learning_rate: Optional[float] = None,
+    param_rounding: str = "nearest",
+    rounding_seed: Optional[int] = None,
+    moment_bits: Optional[int] = None,
+    moment_block_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""AdamW with the semantics, defaults and rounding of ``torch.optim.AdamW``.
 
@@ -69,6 +73,20 @@ def adamw(
     peak_learning_rate: with ``decay_mode="paper"`` only: the lr at which the
       decay is ``weight_decay`` itself (> 0). Required for a schedule; for a
       constant lr it defaults to the lr.
+    param_rounding: how a bfloat16 (or float16) parameter is written:
+      ``"nearest"`` (default, as torch), ``"stochastic"`` (bfloat16 only:
+      computed in float32, rounded up or down without bias, torchao's
+      ``bf16_stochastic_round``) or ``"kahan"`` (a compensation buffer in the
+      state keeps what rounding lost, torch-optimi's ``kahan_sum``). Leaves of
+      other dtypes are written as with ``"nearest"``. README, "Low-memory AdamW".
+    rounding_seed: the seed of the PRNG key in the state, with ``"stochastic"``
+      (None: 0).
+    moment_bits: ``8``: moments of leaves of at least 4096 elements (a multiple
+      of the block size) stored 8-bit block-wise quantized, torchao's
+      ``AdamW8bit``; None (default): full precision.
+    moment_block_size: elements per quantization block (None: 256, torchao's
+      ``block_size``). With ``optax.inject_hyperparams`` pass ``moment_bits``,
+      ``moment_block_size`` and ``rounding_seed`` in ``static_args``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -87,7 +105,8 @@ def adamw(
       name="adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=weight_decay, decoupled=True, amsgrad=amsgrad, maximize=maximize,
       mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
-      peak_learning_rate=peak_learning_rate)
+      peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
+      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
 
 
 def adam(
@@ -103,6 +122,10 @@ def adam(
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    param_rounding: str = "nearest",
+    rounding_seed: Optional[int] = None,
+    moment_bits: Optional[int] = None,
+    moment_block_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""Adam with the semantics, defaults and rounding of ``torch.optim.Adam``.
 
@@ -122,4 +145,5 @@ def adam(
   return _core.adam_transform(
       name="adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=weight_decay, decoupled=False, amsgrad=amsgrad, maximize=maximize,
-      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_rounding=param_rounding,
+      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)

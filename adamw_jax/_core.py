@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from adamw_jax import _hyperparams, _kernel, _native, _scalars, _tree
+from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _tree
 from adamw_jax._tree import check_params
 
 
@@ -83,6 +83,10 @@ def adam_transform(
     nu_dtype: Any,
     decay_mode: str = "torch",
     peak_learning_rate: Optional[_scalars.Scalar] = None,
+    param_rounding: str = "nearest",
+    rounding_seed: Optional[int] = None,
+    moment_bits: Optional[int] = None,
+    moment_block_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   """One Adam-family transform.
 
@@ -97,7 +101,8 @@ def adam_transform(
       name, decoupled=decoupled, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
       eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
-      peak_learning_rate=peak_learning_rate)
+      peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
+      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
   mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
   scalars_config = _scalars.Config(
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
@@ -202,5 +207,23 @@ def adam_transform(
     new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
     return out, new_state
 
+  low_memory = _lowmem.Options.of(checked)
+  if low_memory.enabled:  # their own state; the pure kernel only (_lowmem)
+    return _low_memory_transform(low_memory, _lowmem.Step(
+        name, learning_rate is not None, needs_params, decoupled, amsgrad, maximize, mask,
+        functools.partial(_scalars.coefficients, scalars_config)),
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   return optax.GradientTransformation(init_fn, AdamUpdate(update_fn, step_fn))
+
+
+def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any,
+                          nu_dtype: Any) -> optax.GradientTransformation:
+  """The transform with ``param_rounding`` or ``moment_bits`` on: README, "Low-memory AdamW"."""
+
+  def init_fn(params):
+    check_params(params, step.name)
+    return _lowmem.init(options, params, name=step.name, amsgrad=step.amsgrad,
+                        moment_dtype=_moment_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+
+  return optax.GradientTransformation(init_fn, AdamUpdate(*_lowmem.functions(options, step)))
 

@@ -27,6 +27,8 @@ Rule = tuple[Callable[[float], bool], str]
 _NON_NEGATIVE: Rule = (lambda x: x >= 0, "must be >= 0")
 _UNIT: Rule = (lambda x: 0 <= x < 1, "must be in [0, 1)")
 _POSITIVE: Rule = (lambda x: 0 < x < math.inf, "must be > 0 and finite")
+_SEED: Rule = (lambda x: x == int(x) and 0 <= x < 2**32, "must be an integer in [0, 2**32)")
+_BLOCK: Rule = (lambda x: x == int(x) and 1 <= x <= 2**20, "must be an integer in [1, 2**20]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,18 @@ TABLE: tuple[Hyperparameter, ...] = (
                    adamw_only=True,
                    no_torch="torch's decay does not depend on a peak learning rate "
                    "(decay_mode='torch')"),
+    # Low-memory AdamW (_lowmem): bfloat16 parameter writes and 8-bit moments.
+    Hyperparameter("param_rounding", "choice", "nearest",
+                   choices=("nearest", "stochastic", "kahan"),
+                   no_torch="torch.optim.AdamW writes parameters rounded to nearest "
+                   "(param_rounding='nearest')"),
+    Hyperparameter("rounding_seed", "number", None, "Invalid rounding_seed", _SEED,
+                   no_torch="torch.optim.AdamW draws no random numbers (rounding_seed=None)"),
+    Hyperparameter("moment_bits", "choice", None, choices=(None, 8),
+                   no_torch="torch.optim.AdamW keeps full-precision moments (moment_bits=None)"),
+    Hyperparameter("moment_block_size", "number", None, "Invalid moment_block_size", _BLOCK,
+                   no_torch="torch.optim.AdamW does not quantize its moments "
+                   "(moment_block_size=None)"),
 )
 """Every hyperparameter, in the order of ``adamw``'s signature."""
 
@@ -246,4 +260,58 @@ def checked(what: str, *, decoupled: bool, **values: Any) -> dict[str, Any]:
     elif hp.kind == "dtype":
       out[name] = check_dtype(name, value)
   _check_decay_mode(what, values, decoupled)
+  _check_low_memory(what, out)
   return out
+
+
+def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
+  """`value` is one of `choices`: None by identity, no bool standing for an int."""
+  if value is None or isinstance(value, bool):
+    return value is None and None in choices
+  return any(c is not None and type(c) is type(value) and c == value for c in choices) or (
+      isinstance(value, np.integer) and int(value) in choices)
+
+
+LAYOUT = ("moment_bits", "moment_block_size", "rounding_seed")
+"""Low-memory options that fix the state's layout: Python values, never traced."""
+
+DEFAULT_BLOCK_SIZE = 256  # torchao's AdamW8bit
+
+
+def _static_ints(what: str, out: dict[str, Any]) -> None:
+  """The layout options as Python ints (None stays None); refuses traced values."""
+  for name in LAYOUT:
+    value = out.get(name)
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(f"{what}: {name} fixes the optimizer state's layout and cannot be traced; "
+                      f"with optax.inject_hyperparams pass static_args=({name!r},)")
+    if isinstance(value, (np.ndarray, jax.Array, np.integer)) and np.ndim(value) == 0 and (
+        np.issubdtype(np.asarray(value).dtype, np.integer)):
+      out[name] = int(value)
+
+
+def _check_low_memory(what: str, values: dict[str, Any]) -> None:
+  """Raises if the low-memory options (``param_rounding``, ``moment_bits``) do not fit together."""
+  _static_ints(what, values)
+  for name in ("param_rounding", "moment_bits"):
+    hp = BY_NAME[name]
+    value = values.get(name, hp.default)
+    if not _is_choice(value, hp.choices):
+      hint = " (4-bit moments are not implemented)" if name == "moment_bits" and value == 4 else ""
+      raise ValueError(f"{what}: {hp.label}: {value!r} (must be "
+                       f"{' or '.join(repr(c) for c in hp.choices)}){hint}")
+  rounding = values.get("param_rounding", "nearest")
+  bits = values.get("moment_bits")
+  if rounding != "stochastic" and values.get("rounding_seed") is not None:
+    raise ValueError(f"{what}: rounding_seed is only used with param_rounding='stochastic' "
+                     f"(param_rounding={rounding!r} draws no random numbers)")
+  if rounding != "nearest" and values.get("learning_rate") is None:
+    raise ValueError(f"{what}: param_rounding={rounding!r} rounds the parameter's write; "
+                     "scale_by_adam returns a direction and writes no parameter")
+  if bits is None and values.get("moment_block_size") is not None:
+    raise ValueError(f"{what}: moment_block_size is only used with moment_bits=8")
+  if bits is not None:
+    for name in ("mu_dtype", "nu_dtype"):
+      if values.get(name) is not None:
+        raise ValueError(f"{what}: moment_bits={bits} stores the moments quantized (float32 "
+                         f"to compute); {name}={values[name]} cannot be used with it")

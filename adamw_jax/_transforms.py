@@ -28,6 +28,8 @@ def scale_by_adam(
     maximize: bool = False,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
+    moment_bits: Optional[int] = None,
+    moment_block_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   """Rescale updates by Adam's bias-corrected moments, in torch's arithmetic.
 
@@ -55,11 +57,14 @@ def scale_by_adam(
     maximize: ascend instead of descend (negates the gradient first).
     mu_dtype: dtype of the first moment (default: the parameter's dtype).
     nu_dtype: dtype of the second moment (default: the parameter's dtype).
+    moment_bits: ``8``: 8-bit block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
+    moment_block_size: elements per quantization block.
   """
   return _core.adam_transform(
       name="scale_by_adam", learning_rate=None, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=0.0, decoupled=True, amsgrad=amsgrad, maximize=maximize, mask=None,
-      mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype, moment_bits=moment_bits,
+      moment_block_size=moment_block_size)
 
 
 class AddDecayedWeightsState(NamedTuple):

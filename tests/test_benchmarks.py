@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from benchmarks import speed, workloads
 
 _RATIO = r"\d+\.\d\dx"
@@ -46,3 +48,18 @@ def test_quick_run_writes_tables_and_plot(tmp_path):
 def test_compile_past_the_timeout_is_reported_as_such():
   results = speed._run_compiles("", ["optax.adamw:2000"], timeout=0.5, startup=0.0)
   assert results == {"optax.adamw:2000": "> 0.5 s"}
+
+
+def test_memory_benchmark_quick_run(tmp_path):
+  """benchmarks.memory --quick: five settings on both tasks; the table, the JSON and the plot."""
+  from benchmarks import memory
+
+  rows = memory.main(["--quick", "--out", str(tmp_path)])
+  assert [r["setting"] for r in rows] == [s.name for s in memory.SETTINGS] * 2
+  by = {(r["task"], r["setting"]): r for r in rows}
+  for task in ("digits CNN", "transformer LM"):
+    assert by[(task, "fp32")]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # + count
+    assert by[(task, "bf16 plain")]["state_bytes_per_param"] == pytest.approx(4.0, abs=0.01)
+    assert by[(task, "fp32 + 8-bit moments")]["state_bytes_per_param"] < 2.6
+  assert (tmp_path / "memory.png").stat().st_size > 0
+  assert "| bf16 + Kahan |" in (tmp_path / "memory.md").read_text()

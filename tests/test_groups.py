@@ -407,7 +407,7 @@ def test_stacked_layers():
     ({"a": (r"kernel", {"lr": 1e-3})}, {}, TypeError,
      r"^param_groups: group 'a': unknown hyperparameter 'lr' \(torch's 'lr' is learning_rate here\); "
      r"the hyperparameters are learning_rate, b1, b2, eps, weight_decay, amsgrad, maximize, eps_root, "
-     r"mu_dtype, nu_dtype\."),
+     r"mu_dtype, nu_dtype, param_rounding, rounding_seed, moment_bits, moment_block_size\."),
     ({"a": (r"kernel", {"betas": (0.9, 0.99)})}, {}, TypeError,
      r"^param_groups: group 'a': unknown hyperparameter 'betas' \(torch's 'betas' is b1 and b2 here\)"),
     ({"a": (r"kernel", {"weight_decy": 0.1})}, {}, TypeError,

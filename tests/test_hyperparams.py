@@ -41,6 +41,10 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
     "nu_dtype": {"nu_dtype": jnp.bfloat16},
     "decay_mode": {"decay_mode": "paper"},
     "peak_learning_rate": {"decay_mode": "paper", "peak_learning_rate": 2e-3},
+    "param_rounding": {"param_rounding": "kahan"},
+    "rounding_seed": {"param_rounding": "stochastic", "rounding_seed": 7},
+    "moment_bits": {"moment_bits": 8},
+    "moment_block_size": {"moment_bits": 8, "moment_block_size": 128},
 }
 
 

@@ -1,0 +1,269 @@
+"""Low-memory AdamW: the options ``param_rounding`` and ``moment_bits`` and their state.
+
+With ``param_rounding="stochastic"`` or ``"kahan"`` a bfloat16 parameter's
+step is computed in float32 (torch's arithmetic, the one kernel ``_kernel``)
+and written back to bfloat16 by :mod:`adamw_jax._lowprec`; with
+``moment_bits=8`` the moments of large leaves are stored 8-bit block-wise
+quantized (:mod:`adamw_jax._quantize`) and dequantized to float32 for the
+step. Leaves that use neither go through the same pure-JAX kernel exactly as
+without the options. These leaves never use the native CPU kernel. The state
+is a :class:`LowMemoryAdamState`, used only when an option is on.
+
+Sharding: a quantization block is ``block_size`` consecutive elements of one
+leaf in row-major order, so blocks never span leaves; :func:`init` refuses a
+leaf whose shards would split a block (a leaf sharded along anything but its
+first axis, or into shards whose sizes are not multiples of the block size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental.shard_alike import shard_alike
+
+from adamw_jax import _hyperparams, _kernel, _lowprec, _quantize, _scalars, _tree
+
+
+class LowMemoryAdamState(NamedTuple):
+  """State of ``adamw``/``adam``/``scale_by_adam`` with ``param_rounding`` or ``moment_bits``.
+
+  Attributes:
+    count: int32 step count, as :class:`adamw_jax.ScaleByAdamState`'s.
+    mu, nu, nu_max: the moments as in ``ScaleByAdamState``; with
+      ``moment_bits=8`` a leaf of at least 4096 elements (a multiple of the
+      block size) holds a :class:`adamw_jax.QuantizedMoment` instead.
+    key: with ``param_rounding="stochastic"``: the raw uint32[2] PRNG key of
+      the next step's rounding (split once per step), else None.
+    compensation: with ``param_rounding="kahan"``: one buffer per leaf, in the
+      parameter's dtype for bfloat16/float16 leaves, ``optax.MaskedNode()``
+      for the others; else None.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  nu_max: Any
+  key: Optional[jax.Array]
+  compensation: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The low-memory options of one transform, already checked (``_hyperparams``)."""
+
+  param_rounding: str = "nearest"
+  rounding_seed: int = 0
+  moment_bits: Optional[int] = None
+  moment_block_size: int = 256
+
+  @classmethod
+  def of(cls, checked: dict[str, Any]) -> "Options":
+    """From the checked keyword arguments (``_hyperparams.checked``); None: the default."""
+    seed, block = checked.get("rounding_seed"), checked.get("moment_block_size")
+    return cls(checked.get("param_rounding", "nearest"), 0 if seed is None else int(seed),
+               checked.get("moment_bits"),
+               _hyperparams.DEFAULT_BLOCK_SIZE if block is None else int(block))
+
+  @property
+  def enabled(self) -> bool:
+    return self.param_rounding != "nearest" or self.moment_bits is not None
+
+  def quantized(self, x) -> bool:
+    return self.moment_bits is not None and _quantize.quantizes(np.shape(x), self.moment_block_size)
+
+  def rounds(self, p) -> bool:
+    """Whether the parameter `p` is written by stochastic rounding or with Kahan compensation."""
+    if p is None or self.param_rounding == "nearest":
+      return False
+    if self.param_rounding == "stochastic":
+      return jnp.dtype(p.dtype) == jnp.bfloat16
+    return _lowprec.is_low_precision(p.dtype)
+
+
+def _check_leaf(options: Options, path: str, p, name: str) -> None:
+  at = _tree.where(path)
+  if options.moment_bits is not None and jnp.iscomplexobj(p):
+    raise ValueError(f"{name}: moment_bits={options.moment_bits} quantizes real moments; the "
+                     f"parameter at {at} is {p.dtype} (keep complex leaves in a param group "
+                     "without moment_bits)")
+  if options.param_rounding == "stochastic" and jnp.dtype(p.dtype) == jnp.float16:
+    raise ValueError(f"{name}: param_rounding='stochastic' rounds to bfloat16; the parameter at "
+                     f"{at} is float16 (use param_rounding='kahan' for float16)")
+  if options.quantized(p) and not isinstance(p, jax.core.Tracer):
+    _check_shards(p, options.moment_block_size, at, name)
+
+
+def _check_shards(p, block_size: int, at: str, name: str) -> None:
+  """Refuses a sharded leaf whose shards would split a quantization block."""
+  sharding = getattr(p, "sharding", None)
+  if sharding is None or len(sharding.device_set) == 1:
+    return
+  row = int(np.prod(p.shape[1:], dtype=np.int64))
+  for index in sharding.devices_indices_map(p.shape).values():
+    rows = range(p.shape[0])[index[0]] if p.ndim else range(1)
+    whole = all(range(n)[s] == range(n) for n, s in zip(p.shape[1:], index[1:]))
+    if not whole or (rows.start * row) % block_size or (len(rows) * row) % block_size:
+      raise ValueError(
+          f"{name}: the parameter at {at} (shape {p.shape}) is sharded so that a shard "
+          f"splits a block of moment_block_size={block_size} elements; shard it along its "
+          "first axis only, into shards of a multiple of the block size, or choose another "
+          "block size")
+
+
+def _zeros_like(p, dtype):
+  z = jnp.zeros_like(p, dtype=dtype)
+  return shard_alike(p, z)[1] if isinstance(p, jax.core.Tracer) else z
+
+
+def init(options: Options, params, *, name: str, amsgrad: bool,
+         moment_dtype: Callable[[Any, Any], Any], mu_dtype, nu_dtype) -> LowMemoryAdamState:
+  """The zero state: quantized zeros where :meth:`Options.quantized`, else as ScaleByAdamState's."""
+  for path, p in _tree.flatten_params(params)[0]:
+    _check_leaf(options, path, p, name)
+
+  def moment(p, requested):
+    if options.quantized(p):
+      return _quantize.zeros(p, options.moment_block_size)
+    return _zeros_like(p, moment_dtype(p.dtype, requested))
+
+  def compensation(p):
+    return _zeros_like(p, p.dtype) if options.rounds(p) else optax.MaskedNode()
+
+  mu = jax.tree.map(lambda p: moment(p, mu_dtype), params)
+  nu = jax.tree.map(lambda p: moment(p, nu_dtype), params)
+  nu_max = jax.tree.map(lambda p: moment(p, nu_dtype), params) if amsgrad else None
+  key = (jax.random.PRNGKey(options.rounding_seed)
+         if options.param_rounding == "stochastic" else None)
+  comp = jax.tree.map(compensation, params) if options.param_rounding == "kahan" else None
+  return LowMemoryAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max, key, comp)
+
+
+def _load(x, signed: bool):
+  return _quantize.dequantize(x, signed) if isinstance(x, _quantize.QuantizedMoment) else x
+
+
+def _store(new, old, block_size: int, signed: bool):
+  if isinstance(old, _quantize.QuantizedMoment):
+    return _quantize.quantize(new, block_size, signed)
+  return new.astype(old.dtype)
+
+
+def _flatten_like(treedef, tree, what: str, name: str) -> list:
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name}: the updates and the optimizer state ({what}) differ in tree "
+                     f"structure: {e}") from None
+
+
+class Step(NamedTuple):
+  """What one transform's step needs from ``_core``, fixed when the transform is built."""
+
+  name: str
+  writes_params: bool  # a learning rate is given: the update is new_param - param
+  needs_params: bool  # nonzero weight decay
+  decoupled: bool
+  amsgrad: bool
+  maximize: bool
+  mask: Any
+  coefficients: Callable  # (count, new_count, dtype) -> (Coefficients, decay)
+
+
+def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp, key,
+          decayed: bool, *, with_params: bool, fused: bool):
+  """One leaf: (update or new parameter, m, v, vm, compensation)."""
+  block = options.moment_block_size
+  m_f, v_f = _load(m, True), _load(v, False)
+  vm_f = None if vm is None else _load(vm, False)
+  rounds = options.rounds(p)
+  if rounds:
+    wide = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
+    g_c, m_f, v_f, vm_f, p_c = wide(g), wide(m_f), wide(v_f), wide(vm_f), wide(p)
+  else:
+    g_c, p_c = g, p
+  parts = [x for x in (g_c, m_f, v_f, p_c if (with_params or rounds) else None) if x is not None]
+  c, decay = scalars_for(_scalars.scalar_dtype(jnp.result_type(*parts)))
+  decay = decay if decayed else None
+  kw = dict(maximize=s.maximize, l2=None if s.decoupled else decay,
+            decay=decay if s.decoupled else None)
+  if rounds:
+    new32, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c, c, **kw)
+    if options.param_rounding == "stochastic":
+      new_p = _lowprec.stochastic_round_bf16(new32, key)
+    else:
+      new_p, comp = _lowprec.kahan_write(p, comp, new32 - p_c)
+    out = new_p if fused else new_p - p
+  else:
+    out, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c if with_params else None,
+                                            c, **kw)
+    if with_params:
+      out = out - p
+    if fused:
+      out = optax.apply_updates(p, out)
+  vm_n = None if vm is None else _store(vm_n, vm, block, False)
+  return out, _store(m_n, m, block, True), _store(v_n, v, block, False), vm_n, comp
+
+
+def functions(options: Options, s: Step):
+  """``(update, step)`` of the transform: optax's update and the fused step."""
+  kahan = options.param_rounding == "kahan"
+
+  def check(updates, state, params, fused: bool) -> None:
+    if not isinstance(state, LowMemoryAdamState):
+      raise TypeError(f"{s.name}: the optimizer state is a {type(state).__name__}, not the "
+                      "LowMemoryAdamState this transform's init makes")
+    if s.needs_params or options.param_rounding != "nearest" or fused:
+      _tree.check_params_given(updates, params, what=s.name)
+    if params is not None:
+      _tree.check_same_structure(updates, params, "updates", "params", what=s.name)
+
+  @functools.partial(jax.jit, static_argnames=("fused",))
+  def compute(updates, state: LowMemoryAdamState, params, fused: bool):
+    decay_mask = (jax.tree.map(lambda _: True, updates) if s.mask is None or params is None
+                  else _tree.resolve_mask(s.mask, params, what=s.name))
+    with_params = s.writes_params and params is not None and s.needs_params
+    count, new_count = state.count, optax.safe_increment(state.count)
+    cache: dict[Any, Any] = {}
+
+    def scalars_for(dtype):
+      if dtype not in cache:
+        cache[dtype] = s.coefficients(count, new_count, dtype)
+      return cache[dtype]
+
+    treedef = jax.tree.structure(updates)
+    flat = lambda tree, what: _flatten_like(treedef, tree, what, s.name)  # noqa: E731
+    n = treedef.num_leaves
+    g_l, m_l, v_l = flat(updates, "updates"), flat(state.mu, "mu"), flat(state.nu, "nu")
+    vm_l = flat(state.nu_max, "nu_max") if s.amsgrad else [None] * n
+    p_l = flat(params, "params") if params is not None else [None] * n
+    c_l = flat(state.compensation, "compensation") if kahan else [None] * n
+    d_l = flat(decay_mask, "mask")
+    key, step_key = (None, None) if state.key is None else jax.random.split(state.key)
+    results = []
+    for i, (g, m, v, vm, p, comp, decayed) in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, c_l, d_l)):
+      leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
+      results.append(_leaf(options, s, scalars_for, g, m, v, vm, p, comp, leaf_key,
+                           bool(decayed), with_params=with_params, fused=fused))
+    cols = [treedef.unflatten(list(col)) for col in zip(*results)] if results else (
+        [params if fused else updates, state.mu, state.nu, state.nu_max, state.compensation])
+    out, mu, nu, nu_max, comp = cols
+    return out, LowMemoryAdamState(new_count, mu, nu, nu_max if s.amsgrad else None, key,
+                                   comp if kahan else None)
+
+  def update_fn(updates, state, params=None):
+    check(updates, state, params, fused=False)
+    return compute(updates, state, params, fused=False)
+
+  def step_fn(grads, state, params):
+    if not s.writes_params:
+      raise TypeError(f"{s.name}: the fused step needs a learning rate (scale_by_adam has none)")
+    check(grads, state, params, fused=True)
+    return compute(grads, state, params, fused=True)
+
+  return update_fn, step_fn

@@ -1,0 +1,101 @@
+"""Block-wise 8-bit quantized moments, torchao's ``AdamW8bit`` state to the bit.
+
+Dettmers et al., *8-bit Optimizers via Block-wise Quantization* (2110.02861),
+as torchao writes it in plain PyTorch (``torchao/optim/quant_utils.py``,
+``subclass_8bit.py``): a leaf of ``n`` elements, read row-major, is cut into
+``n / block_size`` blocks of ``block_size`` consecutive elements; each block is
+divided by its largest magnitude (its ``scale``, at least 1e-12) and every
+element is stored as the uint8 index of the nearest entry of a 256-entry
+dynamic-exponent map (signed for the first moment, unsigned for the second).
+Blocks never span two leaves. As in torchao and bitsandbytes, only leaves of at
+least :data:`MIN_SIZE` elements whose size is a multiple of the block size are
+quantized; the others keep full-precision moments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_SIZE = 4096
+"""Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
+
+
+class QuantizedMoment(NamedTuple):
+  """One moment of one leaf, 8-bit block-wise quantized (torchao's ``OptimState8bit``).
+
+  Attributes:
+    codes: uint8, the leaf's shape: indices into the quantization map.
+    scale: float32, one per block (``codes.size // scale.size`` is the block size).
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+
+
+def _linspace(start: float, end: float, steps: int) -> np.ndarray:
+  """``torch.linspace`` in float32 on the CPU: fused multiply-adds from both ends to the middle."""
+  start32, end32 = np.float32(start), np.float32(end)
+  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
+  i = np.arange(steps)
+  low = (np.float64(start32) + step * i).astype(np.float32)  # exact product: one rounding, an FMA's
+  high = (np.float64(end32) - step * (steps - i - 1)).astype(np.float32)
+  return np.where(i < steps // 2, low, high).astype(np.float32)
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+  """The 256 sorted float32 values of bitsandbytes' dynamic map, as torchao builds it."""
+  data: list[np.ndarray] = []
+  max_exponent_bits, non_sign_bits = 7, 7
+  for i in range(max_exponent_bits):
+    items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
+    bounds = _linspace(0.1, 1.0, items)
+    means = ((bounds[:-1] + bounds[1:]) / np.float32(2.0)).astype(np.float32)
+    scaled = (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).astype(np.float32)
+    data += [scaled] + ([-scaled] if signed else [])
+  out = np.sort(np.concatenate(data + [np.array([0.0, 1.0], np.float32)]))
+  assert out.size == 256
+  return out
+
+
+_MAPS = {signed: dynamic_map(signed) for signed in (True, False)}
+
+
+def quantizes(shape: tuple[int, ...], block_size: int) -> bool:
+  """Whether a leaf of `shape` gets quantized moments (torchao's rule)."""
+  n = int(np.prod(shape, dtype=np.int64))
+  return n >= MIN_SIZE and n % block_size == 0
+
+
+def zeros(x: jax.Array, block_size: int) -> QuantizedMoment:
+  """The quantized zero moment for a leaf like `x` (codes 0 and scales 0, as torchao's)."""
+  return QuantizedMoment(jnp.zeros(x.shape, jnp.uint8),
+                         jnp.zeros((x.size // block_size,), jnp.float32))
+
+
+def _codes(x: jax.Array, qmap: jax.Array) -> jax.Array:
+  """torchao's ``quantize_8bit_with_qmap``: branchless binary search, then round to nearest."""
+  codes = jnp.where(x >= qmap[128], 128, 0)
+  for half in (64, 32, 16, 8, 4, 2, 1):
+    codes = codes + jnp.where(x >= qmap[codes + half], half, 0)
+  up = jnp.minimum(codes + 1, 255)
+  down_value, up_value = qmap[codes], qmap[up]
+  codes = jnp.where(x - down_value >= (up_value - down_value) * 0.5, up, codes)
+  return codes.astype(jnp.uint8)
+
+
+def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedMoment:
+  """`x` (float32) as a :class:`QuantizedMoment`, torchao's ``copy_`` into ``OptimState8bit``."""
+  blocks = x.astype(jnp.float32).reshape(-1, block_size)
+  scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), jnp.float32(1e-12))
+  codes = _codes(blocks / scale[:, None], jnp.asarray(_MAPS[signed]))
+  return QuantizedMoment(codes.reshape(x.shape), scale)
+
+
+def dequantize(q: QuantizedMoment, signed: bool) -> jax.Array:
+  """The float32 moment: ``qmap[codes] * scale``, block by block, as torchao's ``dequantize``."""
+  values = jnp.asarray(_MAPS[signed])[q.codes.astype(jnp.int32)]
+  return (values.reshape(q.scale.shape[0], -1) * q.scale[:, None]).reshape(q.codes.shape)

@@ -1,0 +1,331 @@
+"""Low-memory AdamW against its references: torchao (8-bit moments, stochastic rounding) and torch-optimi (Kahan).
+
+References: torchao 0.18.0 (``torchao.optim``: ``AdamW8bit``'s quantization and
+step, ``_fp32_to_bf16_sr``), torch-optimi 0.3.3 (``kahan_sum=True``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import optimi
+from torchao.optim import quant_utils
+from torchao.optim.adam import single_param_adam
+from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
+
+import adamw_jax
+from adamw_jax import _lowprec, _quantize
+
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+  return t.detach().numpy()
+
+
+# --------------------------------------------------------------------------
+# 8-bit moments: torchao's map, quantization and AdamW8bit step
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signed, reference", [(True, get_qmap_signed), (False, get_qmap_unsigned)])
+def test_quantization_map_is_torchaos(signed, reference):
+  np.testing.assert_array_equal(_quantize.dynamic_map(signed), np.asarray(reference(), np.float32))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_and_dequantize_are_torchaos_bit_for_bit(signed):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((32, 256)).astype(np.float32) * np.logspace(-8, 1, 256, dtype=np.float32)
+  x = x if signed else np.abs(x)
+  x[3] = 0.0  # an all-zero block: scale clipped to 1e-12
+  for block in (64, 256, 1024):
+    scaled, scale = quant_utils.scale_tensor(torch.tensor(x), block)
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned())
+    codes = quant_utils.quantize_8bit_with_qmap(scaled, qmap)
+    ours = _quantize.quantize(jnp.asarray(x), block, signed)
+    np.testing.assert_array_equal(np.asarray(ours.codes), _np(codes))
+    np.testing.assert_array_equal(np.asarray(ours.scale), _np(scale))
+    back = quant_utils.dequant_with_qmap(codes, qmap, scale)
+    np.testing.assert_array_equal(np.asarray(_quantize.dequantize(ours, signed)), _np(back))
+
+
+def _as_ours(t: OptimState8bit) -> adamw_jax.QuantizedMoment:
+  return adamw_jax.QuantizedMoment(jnp.asarray(_np(t.codes)), jnp.asarray(_np(t.scale)))
+
+
+def test_adamw8bit_step_against_torchao():
+  """From torchao's state at each step, one step of ours and of torchao's AdamW8bit.
+
+  The first moment, its codes and scales are torchao's bit for bit (the same
+  lerp). The second moment differs in one rounding: torch's (and ours)
+  ``v*b2 + (1-b2)*g*g`` against torchao's ``lerp(v, g*g, 1-b2)``; a code then
+  differs by one where the value lies within that rounding of a decision
+  boundary, and the parameters by torchao's other order of the step
+  (``p - lr*wd*p`` and ``p - lr*(m/bc1)/d``) plus those codes.
+  """
+  rng = np.random.default_rng(1)
+  shape, lr, wd, block = (64, 128), 1e-2, 0.1, 256
+  p = torch.tensor(rng.standard_normal(shape).astype(np.float32))
+  m = OptimState8bit.zeros(shape, True, block)
+  v = OptimState8bit.zeros(shape, False, block)
+  tx = adamw_jax.adamw(lr, weight_decay=wd, moment_bits=8, moment_block_size=block)
+  state = tx.init({"w": jnp.asarray(_np(p))})
+  assert isinstance(state.mu["w"], adamw_jax.QuantizedMoment)
+  step = torch.tensor(0.0)
+  v_mismatches = 0
+  for k in range(8):
+    g = rng.standard_normal(shape).astype(np.float32) * (1 + k)
+    params = {"w": jnp.asarray(_np(p))}
+    state = state._replace(count=jnp.asarray(k, jnp.int32), mu={"w": _as_ours(m)},
+                           nu={"w": _as_ours(v)})
+    updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    ours_p = np.asarray(optax.apply_updates(params, updates)["w"])
+    step += 1
+    single_param_adam(p, torch.tensor(g), step, m, v, None, torch.tensor(lr), 0.9, 0.999, wd,
+                      1e-8, True, False)
+    np.testing.assert_array_equal(np.asarray(state.mu["w"].codes), _np(m.codes))
+    np.testing.assert_array_equal(np.asarray(state.mu["w"].scale), _np(m.scale))
+    np.testing.assert_allclose(np.asarray(state.nu["w"].scale), _np(v.scale), rtol=2.0 ** -22)
+    diff = np.asarray(state.nu["w"].codes).astype(int) - _np(v.codes).astype(int)
+    assert np.abs(diff).max() <= 1
+    v_mismatches += int(np.count_nonzero(diff))
+    # Parameters: torchao rounds 1 - beta**t to float32 (step is a float32 tensor) where torch
+    # rounds it in double: the step differs by up to 2**-23 / (1 - beta**t) relative for each
+    # beta, and by torchao's other order (p - lr*wd*p, then p - lr*(m/bc1)/d) by 4 ulps of p.
+    # Where a second-moment code differs, the parameter is within 2% of lr.
+    err = np.abs(ours_p - _np(p))
+    t = k + 1
+    relative = 2.0 ** -23 * (1 / (1 - 0.9 ** t) + 1 / (1 - 0.999 ** t)) + 2.0 ** -20
+    moved = np.abs(ours_p - np.asarray(params["w"])) + lr * wd * np.abs(np.asarray(params["w"]))
+    bound = 4 * np.spacing(np.abs(_np(p))) + relative * moved
+    bad = ~np.where(diff == 0, err <= bound, err <= 0.02 * lr)
+    assert not bad.any(), (k, _np(p)[bad][:4], ours_p[bad][:4], (err / bound)[bad][:4])
+  assert v_mismatches <= 1e-3 * 8 * p.numel(), v_mismatches
+
+
+def test_8bit_state_is_a_quarter_and_small_leaves_are_unchanged():
+  params = {"big": jnp.ones((64, 128)), "small": jnp.linspace(-1, 1, 100),
+            "odd": jnp.ones((4097,))}
+  grads = jax.tree.map(lambda p: jnp.cos(p * 3 + 1), params)
+  tx8 = adamw_jax.adamw(1e-2, moment_bits=8)
+  s8 = tx8.init(params)
+  assert isinstance(s8.mu["big"], adamw_jax.QuantizedMoment)
+  assert s8.mu["big"].codes.dtype == jnp.uint8 and s8.mu["big"].scale.shape == (32,)
+  assert not isinstance(s8.mu["small"], adamw_jax.QuantizedMoment)  # < 4096 elements
+  assert not isinstance(s8.mu["odd"], adamw_jax.QuantizedMoment)  # not a multiple of 256
+  nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+  assert nbytes((s8.mu["big"], s8.nu["big"])) == 2 * 64 * 128 * (1 + 4 / 256)
+  u8, s8 = tx8.update(grads, s8, params)
+  tx = adamw_jax.adamw(1e-2)
+  u, s = tx.update(grads, tx.init(params), params)
+  for k in ("small", "odd"):  # the same kernel as without the option, bit for bit
+    np.testing.assert_array_equal(u8[k], u[k])
+    np.testing.assert_array_equal(s8.mu[k], s.mu[k])
+    np.testing.assert_array_equal(s8.nu[k], s.nu[k])
+
+
+def test_8bit_with_amsgrad_mask_flat_buffers_and_fused_step():
+  params = {"w": jnp.linspace(-1, 1, 8192).reshape(64, 128), "b": jnp.zeros(8)}
+  grads = jax.tree.map(lambda p: jnp.sin(p * 5 + 0.3), params)
+  mask = {"w": True, "b": False}
+  tx = adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, mask=mask, moment_bits=8)
+  state = tx.init(params)
+  assert isinstance(state.nu_max["w"], adamw_jax.QuantizedMoment)
+  updates, new_state = tx.update(grads, state, params)
+  fused_params, fused_state = adamw_jax.fused_step(tx, grads, state, params)
+  expected = optax.apply_updates(params, updates)
+  for k in params:
+    np.testing.assert_array_equal(fused_params[k], expected[k])
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), fused_state, new_state))
+  # Flat buffers: two leaves of 4096 elements, so blocks of 256 align with the leaves and the
+  # one buffer's quantized step is the two leaves' step.
+  tree = {"a": jnp.linspace(-1, 1, 4096), "b": jnp.linspace(2, 0, 4096).reshape(64, 64)}
+  tree_grads = jax.tree.map(lambda p: jnp.cos(p * 7), tree)
+  flat = adamw_jax.flatten(tree)
+  tx1 = adamw_jax.adamw(1e-2, moment_bits=8)
+  flat_state = tx1.init(flat)
+  assert [type(x) for x in jax.tree.leaves(flat_state.mu, is_leaf=lambda x: isinstance(
+      x, adamw_jax.QuantizedMoment))] == [adamw_jax.QuantizedMoment]
+  flat_updates, _ = tx1.update(flat.pack(tree_grads), flat_state, flat)
+  tree_updates, _ = tx1.update(tree_grads, tx1.init(tree), tree)
+  for k in tree:
+    np.testing.assert_array_equal(flat_updates.view()[k], tree_updates[k])
+
+
+def test_param_groups_with_and_without_8bit():
+  params = {"w": jnp.linspace(-1, 1, 8192).reshape(64, 128), "c": jnp.linspace(0, 1, 8192)}
+  grads = jax.tree.map(lambda p: jnp.sin(p * 5 + 0.3), params)
+  tx = adamw_jax.param_groups({"q": (r"^w$", {"moment_bits": 8})}, rest={},
+                              learning_rate=1e-2)
+  updates, state = tx.update(grads, tx.init(params), params)
+  q_updates, _ = adamw_jax.adamw(1e-2, moment_bits=8).update(
+      {"w": grads["w"]}, adamw_jax.adamw(1e-2, moment_bits=8).init({"w": params["w"]}),
+      {"w": params["w"]})
+  np.testing.assert_array_equal(updates["w"], q_updates["w"])
+  plain, _ = adamw_jax.adamw(1e-2).update({"c": grads["c"]}, adamw_jax.adamw(1e-2).init(
+      {"c": params["c"]}), {"c": params["c"]})
+  np.testing.assert_array_equal(updates["c"], plain["c"])
+  assert isinstance(state.inner_states["q"].inner_state, adamw_jax.LowMemoryAdamState)
+
+
+# --------------------------------------------------------------------------
+# Stochastic rounding (torchao's bf16_stochastic_round) and Kahan sums (torch-optimi)
+# --------------------------------------------------------------------------
+
+def test_stochastic_rounding_is_unbiased():
+  """Mean of 4096 roundings of each value within 5 standard errors of the exact value."""
+  rng = np.random.default_rng(2)
+  x = (rng.standard_normal(64) * np.logspace(-3, 3, 64)).astype(np.float32)
+  x[0] = 1.0 + 2.0 ** -12  # 1/32 of the way from 1 to the next bfloat16
+  draws = 4096
+  keys = jax.random.split(jax.random.PRNGKey(0), draws)
+  rounded = jax.vmap(lambda k: _lowprec.stochastic_round_bf16(jnp.asarray(x), k))(keys)
+  rounded = np.asarray(rounded.astype(jnp.float32), np.float64)
+  down = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))  # a neighbour
+  ulp = np.spacing(np.abs(x).astype(jnp.bfloat16).astype(np.float32)).astype(np.float64) * 2**16
+  assert np.all((rounded == down) | (np.abs(rounded - x) < ulp)), "not one of the two neighbours"
+  mean_error = np.abs(rounded.mean(axis=0) - x.astype(np.float64))
+  assert np.all(mean_error <= 5 * (ulp / 2) / np.sqrt(draws)), mean_error / ulp
+  assert 0 < np.mean(rounded[:, 0] > 1.0) < 0.1  # rounds up about 1/32 of the time
+  exact = jnp.asarray([1.0, -0.5, 3.0], jnp.float32)
+  np.testing.assert_array_equal(_lowprec.stochastic_round_bf16(exact, keys[0]), exact)
+
+
+def test_kahan_write_is_torch_optimis_bit_for_bit():
+  """torch-optimi's SGD(lr=1, kahan_sum=True) adds -grad with the same compensation steps."""
+  rng = np.random.default_rng(3)
+  p0 = rng.standard_normal(512).astype(np.float32)
+  param = torch.nn.Parameter(torch.tensor(p0).bfloat16())
+  opt = optimi.SGD([param], lr=1.0, kahan_sum=True)
+  p, comp = jnp.asarray(p0).astype(jnp.bfloat16), jnp.zeros(512, jnp.bfloat16)
+  for k in range(20):
+    u = (rng.standard_normal(512) * 10.0 ** rng.uniform(-6, -2, 512)).astype(np.float32)
+    u_bf16 = torch.tensor(u).bfloat16()
+    param.grad = -u_bf16
+    opt.step()
+    p, comp = _lowprec.kahan_write(p, comp, jnp.asarray(u_bf16.float().numpy()))
+    np.testing.assert_array_equal(np.asarray(p.astype(jnp.float32)), _np(param.float()))
+    np.testing.assert_array_equal(np.asarray(comp.astype(jnp.float32)),
+                                  _np(opt.state[param]["kahan_comp"].float()))
+
+
+def _tiny_steps(tx, steps: int, dtype=jnp.bfloat16):
+  """`steps` AdamW steps on a quadratic whose updates are far below half a bf16 ulp."""
+  params = {"w": jnp.full((4096,), 1.0, dtype)}
+  state = tx.init(params)
+  target = jnp.full((4096,), 0.0)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.tree.map(lambda p: (p.astype(jnp.float32) - target).astype(p.dtype), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_bf16_stall_and_its_cures_track_float32():
+  lr, steps = 1e-4, 200  # each step moves w by ~lr: 1/80 of a bf16 ulp at 1.0
+  fp32, _ = _tiny_steps(adamw_jax.adamw(lr, weight_decay=0.0), steps, jnp.float32)
+  plain, _ = _tiny_steps(adamw_jax.adamw(lr, weight_decay=0.0), steps)
+  sr, _ = _tiny_steps(adamw_jax.adamw(lr, weight_decay=0.0, param_rounding="stochastic"), steps)
+  kahan, state = _tiny_steps(adamw_jax.adamw(lr, weight_decay=0.0, param_rounding="kahan"), steps)
+  moved = 1.0 - float(fp32["w"].mean())
+  assert moved > 0.015
+  assert float(plain["w"].astype(jnp.float32).mean()) == 1.0  # the stall: nothing moves
+  for cured in (sr, kahan):
+    assert abs(1.0 - float(cured["w"].astype(jnp.float32).mean()) - moved) < 0.05 * moved
+  assert state.compensation["w"].dtype == jnp.bfloat16
+
+
+def test_stochastic_rounding_is_reproducible_and_resumable(tmp_path):
+  tx = adamw_jax.adamw(1e-3, param_rounding="stochastic", rounding_seed=5)
+  params = {"w": jnp.linspace(-1, 1, 300, dtype=jnp.bfloat16), "f": jnp.ones(3)}
+  grads = jax.tree.map(lambda p: jnp.sin(7 * p), params)
+
+  def run(params, state, n):
+    for _ in range(n):
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  a, sa = run(params, tx.init(params), 4)
+  b, sb = run(params, tx.init(params), 4)
+  np.testing.assert_array_equal(a["w"], b["w"])
+  half, s_half = run(params, tx.init(params), 2)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", s_half)
+  restored = adamw_jax.restore_opt_state(tmp_path / "ckpt", tx.init(params))
+  np.testing.assert_array_equal(restored.key, s_half.key)
+  c, sc = run(half, restored, 2)
+  np.testing.assert_array_equal(c["w"], a["w"])
+  np.testing.assert_array_equal(sc.key, sa.key)
+  other_tx = adamw_jax.adamw(1e-3, param_rounding="stochastic", rounding_seed=6)
+  other = optax.apply_updates(params, other_tx.update(grads, other_tx.init(params), params)[0])
+  first = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+  assert not np.array_equal(other["w"], first["w"])  # another seed, other roundings
+  assert a["w"].dtype == jnp.bfloat16 and sa.key.dtype == jnp.uint32
+
+
+def test_8bit_state_survives_a_checkpoint(tmp_path):
+  params = {"w": jnp.linspace(-1, 1, 8192)}
+  tx = adamw_jax.adamw(1e-2, moment_bits=8, param_rounding="kahan")
+  updates, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  restored = adamw_jax.restore_opt_state(tmp_path / "ckpt", tx.init(params))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+# --------------------------------------------------------------------------
+# Validation and defaults
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"moment_bits": 4}, ValueError, "4-bit moments are not implemented"),
+    ({"moment_bits": True}, ValueError, "Invalid moment_bits: True"),
+    ({"moment_bits": 8, "moment_block_size": 0}, ValueError, r"Invalid moment_block_size: 0.0"),
+    ({"moment_bits": 8, "moment_block_size": 2.5}, ValueError, "must be an integer"),
+    ({"moment_block_size": 128}, ValueError, "only used with moment_bits=8"),
+    ({"param_rounding": "up"}, ValueError, "Invalid param_rounding: 'up'"),
+    ({"rounding_seed": 3}, ValueError, "only used with param_rounding='stochastic'"),
+    ({"param_rounding": "stochastic", "rounding_seed": 2**32}, ValueError, "Invalid rounding_seed"),
+    ({"moment_bits": 8, "mu_dtype": jnp.bfloat16}, ValueError, "mu_dtype=bfloat16 cannot be used"),
+])
+def test_invalid_low_memory_options_are_refused(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    adamw_jax.adamw(**kwargs)
+
+
+def test_leaves_that_do_not_fit_are_refused_at_init():
+  with pytest.raises(ValueError, match="rounds to bfloat16; the parameter at 'w' is float16"):
+    adamw_jax.adamw(param_rounding="stochastic").init({"w": jnp.ones(3, jnp.float16)})
+  with pytest.raises(ValueError, match="quantizes real moments; the parameter at 'c' is complex64"):
+    adamw_jax.adamw(moment_bits=8).init({"c": jnp.ones(8, jnp.complex64)})
+  with pytest.raises(TypeError, match="unexpected keyword argument 'param_rounding'"):
+    adamw_jax.scale_by_adam(param_rounding="kahan")
+  with pytest.raises(ValueError, match="needs|params"):
+    tx = adamw_jax.adamw(param_rounding="kahan", weight_decay=0.0)
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    tx.update(params, tx.init(params))
+
+
+def test_scale_by_adam_with_8bit_moments():
+  grads = {"w": jnp.linspace(-1, 1, 4096)}
+  tx = adamw_jax.scale_by_adam(moment_bits=8, moment_block_size=512)
+  direction, state = tx.update(grads, tx.init(grads))
+  assert state.mu["w"].scale.shape == (8,)
+  np.testing.assert_allclose(direction["w"], jnp.sign(grads["w"]), atol=0.05)
+
+
+def test_defaults_keep_the_plain_state():
+  params = {"w": jnp.ones(3)}
+  for tx in (adamw_jax.adamw(), adamw_jax.adam(), adamw_jax.scale_by_adam()):
+    assert type(tx.init(params)) is adamw_jax.ScaleByAdamState
