@@ -24,7 +24,7 @@ def adamw(
     nu_dtype: Optional[Any] = None,
     decay_mode: str = "torch",
     peak_learning_rate: Optional[float] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with the semantics, defaults and rounding of ``torch.optim.AdamW``.
 
   Each step decays the decayed parameters by ``1 - lr_t * weight_decay``
@@ -71,11 +71,18 @@ def adamw(
       constant lr it defaults to the lr.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdamState` (``update`` accepts and ignores extra keyword
+    arguments, such as a chain's ``value=loss``).
 
   Raises:
     ValueError, TypeError: an invalid hyperparameter, when the transform is
-      built (a schedule is checked at step 0), with torch's wording.
+      built (a schedule is checked at step 0), with torch's wording; at
+      ``init``, parameters that are not floating-point or complex arrays and a
+      mask that does not match them, naming the path. Values known only inside
+      the compiled step (``optax.inject_hyperparams``, later values of a
+      schedule) are checked under ``jax.experimental.checkify`` (README, "Bad
+      inputs and non-finite gradients").
 
   References:
     Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -103,7 +110,7 @@ def adam(
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
     nu_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Adam with the semantics, defaults and rounding of ``torch.optim.Adam``.
 
   Weight decay is an L2 term added to the gradient before the moments

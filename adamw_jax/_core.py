@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import tree_util as jtu
+from jax.experimental import checkify
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _float2 as f2
@@ -82,10 +85,6 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
   return f2.one_minus_exp_times(log_beta, t, z)
 
 
-def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
-  return value(count) if callable(value) else value
-
-
 def _is_zero(value: Any) -> bool:
   return _is_number(value) and float(value) == 0.0
 
@@ -132,18 +131,89 @@ def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
 class AdamUpdate:
   """The ``update`` function of an Adam-family transform, which also knows its fused step.
 
-  Calling it is optax's ``update(updates, state, params=None)``;
-  :meth:`step` is :func:`adamw_jax.fused_step`.
+  Calling it is optax's ``update(updates, state, params=None, **extra_args)``
+  (the extra arguments, e.g. a loss ``value`` meant for another transform of a
+  chain, are ignored); :meth:`step` is :func:`adamw_jax.fused_step`.
   """
 
   def __init__(self, update: Callable, step: Callable):
     self._update, self._step = update, step
 
-  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None):
+  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None, **extra_args):
+    del extra_args
     return self._update(updates, state, params)
 
   def step(self, grads: Any, state: ScaleByAdamState, params: Any):
     return self._step(grads, state, params)
+
+
+def _leaf_dtype(p) -> jnp.dtype:
+  """A parameter's dtype; a Python float counts as a float32 scalar, as in optax."""
+  return jnp.dtype(jnp.result_type(p))
+
+
+def _describe_value(x: Any) -> str:
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return f"{jnp.dtype(x.dtype).name}{list(np.shape(x))}"
+  return f"the {type(x).__name__} {x!r}"
+
+
+def check_count(count: Any, what: str) -> None:
+  """The state's step count must be an integer scalar, and not negative.
+
+  The dtype and shape are checked when the step is traced. The value is
+  checked here only when it is a Python or NumPy integer (free to read); a
+  jax.Array is checked inside the step by ``checkify.debug_check``
+  (:func:`_check_count_traced`), as reading it here would cost a device round
+  trip per step.
+  """
+  integer = (isinstance(count, (int, np.integer)) and not isinstance(count, bool)) or (
+      hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer))
+  if not integer or np.ndim(count) != 0:
+    raise TypeError(
+        f"{what}: the state's count must be an integer scalar (int32: the number of steps "
+        f"taken, torch's step), got {_describe_value(count)}; give a converted or edited "
+        "state count=jnp.asarray(step, jnp.int32).")
+  if isinstance(count, (int, np.integer, np.ndarray)) and int(count) < 0:
+    raise ValueError(f"{what}: the state's count is {int(count)}; it must be >= 0 (the number "
+                     "of steps taken).")
+
+
+def _check_count_traced(count: jax.Array, what: str) -> None:
+  checkify.debug_check(count >= 0, f"{what}: the state's count is {{}}; it must be >= 0 (the "
+                       "number of steps taken)", count)
+
+
+def scheduled(hp_name: str, value: Any, count: jax.Array, what: str) -> Any:
+  """A hyperparameter at step `count`: a schedule's value (checked as a traced value), or itself."""
+  if not callable(value):
+    return value
+  try:
+    out = value(count)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+    raise TypeError(
+        f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
+        "with the step count as a traced array inside the compiled step, so it must not turn "
+        "it into a Python value (use jnp.where or optax.join_schedules, not Python's if).") from e
+  _hyperparams.check_traced(hp_name, out, ", the schedule's value at count {}", count)
+  return out
+
+
+def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str) -> None:
+  """Warns when `eps` rounds to 0 in a leaf's compute dtype (float16: eps < 3e-8)."""
+  x = _hyperparams.concrete("eps", eps)
+  if not x:
+    return
+  for path, p in jtu.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(_leaf_dtype(p), *(d for d in moment_dtypes if d is not None))
+    if jnp.issubdtype(dtype, jnp.floating) and np.asarray(x, dtype) == 0:
+      warnings.warn(
+          f"{what}: eps={x} rounds to 0 in {jnp.dtype(dtype).name} (the parameter at "
+          f"{_tree.where(path)}): where a gradient is zero the step is 0/0 and the parameter "
+          "becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
+          "float16), or float32 moments (mu_dtype=nu_dtype=jnp.float32).",
+          UserWarning, stacklevel=4)
+      return
 
 
 def _pure_leaf(g, m, v, vm, p, c: _kernel.Coefficients, decay, *, maximize: bool,
@@ -243,29 +313,36 @@ def adam_transform(
     nu_dtype: Any,
     decay_mode: str = "torch",
     peak_learning_rate: Optional[Scalar] = None,
-) -> optax.GradientTransformation:
+    direction_only: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """One Adam-family transform.
 
-  With ``learning_rate=None`` it returns the bias-corrected Adam direction
-  (``scale_by_adam``); otherwise it returns ``new_param - param`` for the full
-  torch step (lr, weight decay and all), so that ``optax.apply_updates``
-  reproduces torch's parameters. `decoupled` selects AdamW's ``p *= 1 - lr*wd``
-  over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
-  ``decay_mode="paper"`` makes the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
+  With ``direction_only`` (and ``learning_rate=None``) it returns the
+  bias-corrected Adam direction (``scale_by_adam``); otherwise it returns
+  ``new_param - param`` for the full torch step (lr, weight decay and all), so
+  that ``optax.apply_updates`` reproduces torch's parameters. `decoupled`
+  selects AdamW's ``p *= 1 - lr*wd`` over Adam's L2 term ``g += wd * p``;
+  `mask` limits weight decay to some leaves. ``decay_mode="paper"`` makes the
+  decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
   checked = _hyperparams.checked(
-      name, decoupled=decoupled, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      name, decoupled=decoupled, optional=("learning_rate",) if direction_only else (),
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
       eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
       peak_learning_rate=peak_learning_rate)
   mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
+  amsgrad, maximize = checked["amsgrad"], checked["maximize"]
   needs_params = _needs_params(weight_decay)
 
   def init_fn(params):
     check_params(params, name)
+    if mask is not None:
+      _tree.check_mask(mask, params, what=name)
+    _warn_if_eps_vanishes(params, eps, (mu_dtype, nu_dtype), name)
 
     def zeros(p, requested):
-      z = jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, requested))
+      z = jnp.zeros_like(p, dtype=_moment_dtype(_leaf_dtype(p), requested))
       if isinstance(p, jax.core.Tracer):
         # Under jit the zeros would not depend on p and lose its sharding
         # (jax-ml/jax#16080, optax.adamw too): tie them to p's sharding. Eager
@@ -278,13 +355,12 @@ def adam_transform(
     nu_max = jax.tree.map(lambda p: zeros(p, nu_dtype), params) if amsgrad else None
     return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
 
-  def coefficients(count: jax.Array, new_count: jax.Array, dtype):
+  def coefficients(lr: Any, wd: Any, new_count: jax.Array, dtype):
+    """The step's scalars in `dtype`, for the learning rate and weight decay at this step."""
     z = _steer.opaque_zero(new_count)
     const = lambda x: _f2_of(x, dtype, z)  # noqa: E731
     one = f2.constant(1.0, dtype, z)
     bias_correction = lambda beta: _bias_correction(beta, new_count, dtype, z)  # noqa: E731
-    lr = None if learning_rate is None else _evaluate(learning_rate, count)
-    wd = _evaluate(weight_decay, count)
     lr_number = lr is None or _is_number(lr)
     row = bc2 = None  # bc2: 1 - b2**t in double words, computed only where needed
     if dtype == jnp.float64:
@@ -346,6 +422,7 @@ def adam_transform(
     return c, decay
 
   def check_update_args(updates, state, params) -> None:
+    check_count(state.count, name)
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
     if needs_params:
       _tree.check_params_given(updates, params, what=name)
@@ -371,13 +448,16 @@ def adam_transform(
     # Without weight decay the step (s*m)/d is already torch's p_new - p.
     with_params = learning_rate is not None and params is not None and needs_params
     count = state.count
+    _check_count_traced(count, name)
     new_count = optax.safe_increment(count)
+    lr = None if learning_rate is None else scheduled("learning_rate", learning_rate, count, name)
+    wd = scheduled("weight_decay", weight_decay, count, name)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
     how = dict(maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
 
     def scalars_for(dtype):
       if dtype not in cache:
-        cache[dtype] = coefficients(count, new_count, dtype)
+        cache[dtype] = coefficients(lr, wd, new_count, dtype)
       return cache[dtype]
 
     def leaf(g, m, v, vm, p, decayed):
@@ -425,5 +505,5 @@ def adam_transform(
     new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
     return out, new_state
 
-  return optax.GradientTransformation(init_fn, AdamUpdate(update_fn, step_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))
 
