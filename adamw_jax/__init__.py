@@ -23,8 +23,7 @@ from adamw_jax._transforms import (
     masked,
     scale_by_adam,
 )
-
-__version__ = "0.1.0"
+from adamw_jax._version import __version__
 
 __all__ = [
     "DEFAULT_EXCLUDE",

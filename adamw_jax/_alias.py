@@ -28,7 +28,7 @@ def adamw(
     rounding_seed: Optional[int] = None,
     moment_bits: Optional[int] = None,
     moment_block_size: Optional[int] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with the semantics, defaults and rounding of ``torch.optim.AdamW``.
 
   Each step decays the decayed parameters by ``1 - lr_t * weight_decay``
@@ -89,11 +89,18 @@ def adamw(
       ``moment_block_size`` and ``rounding_seed`` in ``static_args``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`ScaleByAdamState` (``update`` accepts and ignores extra keyword
+    arguments, such as a chain's ``value=loss``).
 
   Raises:
     ValueError, TypeError: an invalid hyperparameter, when the transform is
-      built (a schedule is checked at step 0), with torch's wording.
+      built (a schedule is checked at step 0), with torch's wording; at
+      ``init``, parameters that are not floating-point or complex arrays and a
+      mask that does not match them, naming the path. Values known only inside
+      the compiled step (``optax.inject_hyperparams``, later values of a
+      schedule) are checked under ``jax.experimental.checkify`` (README, "Bad
+      inputs and non-finite gradients").
 
   References:
     Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -126,7 +133,7 @@ def adam(
     rounding_seed: Optional[int] = None,
     moment_bits: Optional[int] = None,
     moment_block_size: Optional[int] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Adam with the semantics, defaults and rounding of ``torch.optim.Adam``.
 
   Weight decay is an L2 term added to the gradient before the moments

@@ -1,30 +1,41 @@
-"""Optimizer state saved and restored with orbax-checkpoint; a misfit checkpoint is refused.
+"""Optimizer state saved and restored with orbax-checkpoint; a misfit or damaged checkpoint is refused.
 
 A checkpoint is an orbax composite of the state (``StandardSave``) and a JSON
 description of it: every leaf's path, shape and dtype (``None`` and
 ``optax.MaskedNode`` included, so AMSGrad and parameter groups show), the
-pytree node types, and an optional user ``config``. Restoring compares the
-description with the target first and names what differs, so a checkpoint of
-another transform, tree, shape or dtype is an error, never a partial restore.
+pytree node types, a CRC-32 of every array's bytes, the checkpoint format and
+library version, an optional user ``config``, and a CRC-32 of the description
+itself. Restoring checks the description, compares it with the target and
+names what differs, reads the arrays into the target's shardings and checks
+them against their CRCs: a checkpoint of another transform, tree, shape or
+dtype, of an unknown format, or one that is truncated, corrupted or partly
+written is an error naming the directory, never a partial or silently wrong
+restore.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
+import zlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import tree_util as jtu
 
 from adamw_jax import _tree
+from adamw_jax._version import __version__
 
-_FORMAT = 1
+_FORMAT = 2
+_READS = (1, 2)  # format 1: written before the CRCs, restored without checking them
 _STATE, _META = "opt_state", "adamw_jax"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes here, then renames to the directory
 
 
 def _ocp():
@@ -66,14 +77,45 @@ def _describe_leaf(x) -> str:
   return f"{dtype.name}{list(np.shape(x))}"
 
 
+def _key(path) -> str:
+  return _tree.path_str(path) or "<root>"
+
+
 def describe(tree) -> dict[str, Any]:
   """The JSON description a checkpoint stores: leaves by path, and the node types."""
   flat, treedef = jtu.tree_flatten_with_path(tree, is_leaf=_is_empty)
   return {
       "format": _FORMAT,
-      "leaves": {_tree.path_str(p) or "<root>": _describe_leaf(x) for p, x in flat},
+      "leaves": {_key(p): _describe_leaf(x) for p, x in flat},
       "structure": str(treedef),
   }
+
+
+def _crc(x) -> Optional[int]:
+  """CRC-32 of an array's bytes in C order; None where this process does not hold all of it."""
+  if not getattr(x, "is_fully_addressable", True):
+    return None
+  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))
+
+
+def _crcs(tree) -> dict[str, Optional[int]]:
+  flat = jtu.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
+  return {_key(p): _crc(x) for p, x in flat if not _is_empty(x)}
+
+
+def _zero_size(x) -> bool:
+  return not _is_empty(x) and int(np.prod(np.shape(x))) == 0
+
+
+def _stand_in(x) -> np.ndarray:
+  """What orbax stores for a zero-size array (it refuses them): one zero; the shape is described."""
+  return np.zeros((1,), x.dtype)
+
+
+def _self_crc(meta: Mapping[str, Any]) -> int:
+  """CRC-32 of the description without its own CRC, as JSON with sorted keys."""
+  rest = {k: v for k, v in meta.items() if k != "checksum"}
+  return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
 
 
 def _groups(leaves: Mapping[str, str]) -> list[str]:
@@ -165,11 +207,14 @@ def save_opt_state(directory: str | os.PathLike, opt_state: Any, *,
   """
   ocp = _ocp()
   tree = _pure(opt_state)
-  stored = None if config is None else json.loads(json.dumps(dict(config)))  # as JSON reads it back
-  meta = {**describe(tree), "config": stored}
+  meta = json.loads(json.dumps({  # as JSON reads it back
+      **describe(tree), "library": f"adamw_jax {__version__}", "checksums": _crcs(tree),
+      "config": None if config is None else dict(config)}))
+  meta["checksum"] = _self_crc(meta)
+  stored = jax.tree.map(lambda x: _stand_in(x) if _zero_size(x) else x, tree)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(os.path.abspath(directory), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(tree), _META: ocp.args.JsonSave(meta)}), force=force)
+        **{_STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}), force=force)
 
 
 def restore_opt_state(directory: str | os.PathLike, target: Any, *,
@@ -206,26 +251,130 @@ def restore_opt_state(directory: str | os.PathLike, target: Any, *,
     The restored state with the structure of `target` (the optimizer itself
     for an ``nnx.Optimizer``).
 
+  The arrays are restored into the shardings of `target`'s leaves (a
+  checkpoint saved on other devices, or sharded otherwise, is resharded on
+  reading); leaves without a sharding (``jax.eval_shape``) take the saved one.
+  Every array is checked against the CRC-32 saved with it (where this process
+  holds all of it), and nothing is returned or updated unless all of them pass.
+
   Raises:
-    ValueError: naming the first difference between the checkpoint and the
-      target: a leaf on one side only (another tree structure, AMSGrad on one
-      side only, other parameter groups), another shape or dtype, other node
-      types, or another config.
-    FileNotFoundError: no checkpoint at `directory`.
+    ValueError: naming the directory and the first difference between the
+      checkpoint and the target: a leaf on one side only (another tree
+      structure, AMSGrad on one side only, other parameter groups), another
+      shape or dtype, other node types, or another config; a checkpoint
+      format this version cannot read (naming the version that wrote it);
+      a damaged or incomplete checkpoint (truncated, corrupted or missing
+      files, an array or description that fails its CRC), with the error
+      underneath; a checkpoint from other devices restored into a target
+      without shardings.
+    FileNotFoundError: no checkpoint at `directory`, or only a partly written
+      one (a save that did not finish).
   """
   ocp = _ocp()
   path = os.path.abspath(directory)
-  if not os.path.isdir(os.path.join(path, _META)):
-    raise FileNotFoundError(f"restore_opt_state: no adamw_jax checkpoint at {path!r}.")
+  _check_exists(path)
   tree = _pure(target)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    meta = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    meta = _read_description(ckptr, ocp, path)
     _compare(meta, describe(tree), path)
     _compare_config(meta.get("config"), config, path)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
-    restored = ckptr.restore(path, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    restored = _read_arrays(ckptr, ocp, path, tree)
+  _verify(meta, restored, path)
   if _nnx_optimizer(target):
     _nnx().update(target, restored)
     return target
   return restored
+
+
+def _damaged(path: str, what: str, error: Optional[BaseException] = None) -> ValueError:
+  cause = "" if error is None else f": {type(error).__name__}: {_first_line(error)}"
+  return ValueError(f"restore_opt_state: the checkpoint at {path!r} is damaged or incomplete: "
+                    f"{what}{cause}. Nothing was restored.")
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0][:300] if text else ""
+
+
+def _check_exists(path: str) -> None:
+  """Raises FileNotFoundError unless `path` holds an adamw_jax checkpoint, saying what is there."""
+  if os.path.isdir(os.path.join(path, _META)):
+    return
+  partial = sorted(glob.glob(glob.escape(path) + _TMP_SUFFIX + "*"))
+  if partial:
+    raise FileNotFoundError(
+        f"restore_opt_state: the checkpoint at {path!r} was never finished: only the partly "
+        f"written {os.path.basename(partial[-1])!r} is there (orbax renames it to the "
+        "directory when a save completes); restore an earlier checkpoint.")
+  if os.path.isdir(path):
+    raise FileNotFoundError(
+        f"restore_opt_state: {path!r} is not an adamw_jax checkpoint (it has no {_META!r} "
+        f"description; it holds {sorted(os.listdir(path))[:8]}).")
+  raise FileNotFoundError(f"restore_opt_state: no adamw_jax checkpoint at {path!r}.")
+
+
+def _read_description(ckptr, ocp, path: str) -> Mapping[str, Any]:
+  """The checkpoint's JSON description, checked: a format this version reads, and its CRC."""
+  try:
+    meta = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+  except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many kinds
+    raise _damaged(path, f"its description ({_META}/) cannot be read", e) from e
+  if not isinstance(meta, Mapping) or not isinstance(meta.get("format"), int):
+    raise _damaged(path, "its description is not one adamw_jax writes (no format)")
+  if meta["format"] not in _READS:
+    raise ValueError(
+        f"restore_opt_state: the checkpoint at {path!r} is in checkpoint format "
+        f"{meta['format']}, written by {meta.get('library', 'an unknown adamw_jax')}; this is "
+        f"adamw_jax {__version__}, which reads formats {', '.join(map(str, _READS))}: restore "
+        "it with the version that wrote it.")
+  if meta["format"] >= 2 and meta.get("checksum") != _self_crc(meta):
+    raise _damaged(path, "its description does not match the CRC saved with it (the file "
+                   "was changed or corrupted after saving)")
+  if not (isinstance(meta.get("leaves"), Mapping) and isinstance(meta.get("structure"), str)):
+    raise _damaged(path, "its description lacks the leaves or the structure")
+  return meta
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  """What to restore a leaf as: its shape, dtype and sharding (None: the saved sharding)."""
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _refilled(restored, target):
+  """A zero-size leaf made anew from the target (no data: exact), placed as the target's."""
+  if not _zero_size(target):
+    return restored
+  zeros = jnp.zeros(np.shape(target), target.dtype)
+  sharding = getattr(target, "sharding", None)
+  return zeros if sharding is None else jax.device_put(zeros, sharding)
+
+
+def _read_arrays(ckptr, ocp, path: str, tree) -> Any:
+  abstract = jax.tree.map(lambda x: _stand_in(x) if _zero_size(x) else _abstract(x), tree)
+  try:
+    restored = ckptr.restore(path, args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    return jax.tree.map(_refilled, restored, tree)
+  except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many kinds
+    unsharded = any(getattr(a, "sharding", 0) is None for a in jax.tree.leaves(abstract))
+    if unsharded and "topology" in str(e).lower():
+      raise ValueError(
+          f"restore_opt_state: the checkpoint at {path!r} was saved on other devices, and the "
+          "target has leaves without a sharding (jax.eval_shape gives none): give a target "
+          "whose leaves have the shardings to restore to, e.g. tx.init(params) with params on "
+          "these devices, or jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves.") from e
+    raise _damaged(path, f"reading the arrays ({_STATE}/) failed", e) from e
+
+
+def _verify(meta: Mapping[str, Any], restored: Any, path: str) -> None:
+  """Every restored array against its saved CRC-32 (format 2; None: not recorded)."""
+  if meta["format"] < 2:
+    return
+  saved = meta.get("checksums")
+  if not isinstance(saved, Mapping):
+    raise _damaged(path, "its description lacks the arrays' CRCs")
+  for key, crc in _crcs(restored).items():
+    if saved.get(key) is not None and crc is not None and crc != saved[key]:
+      raise _damaged(path, f"the array at {key!r} does not match the CRC saved with it (a data "
+                     "file was changed or corrupted after saving)")

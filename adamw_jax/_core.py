@@ -9,11 +9,15 @@ twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import tree_util as jtu
+from jax.experimental import checkify
 from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _tree
@@ -52,18 +56,89 @@ def _moment_dtype(param_dtype, requested) -> jnp.dtype:
 class AdamUpdate:
   """The ``update`` function of an Adam-family transform, which also knows its fused step.
 
-  Calling it is optax's ``update(updates, state, params=None)``;
-  :meth:`step` is :func:`adamw_jax.fused_step`.
+  Calling it is optax's ``update(updates, state, params=None, **extra_args)``
+  (the extra arguments, e.g. a loss ``value`` meant for another transform of a
+  chain, are ignored); :meth:`step` is :func:`adamw_jax.fused_step`.
   """
 
   def __init__(self, update: Callable, step: Callable):
     self._update, self._step = update, step
 
-  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None):
+  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None, **extra_args):
+    del extra_args
     return self._update(updates, state, params)
 
   def step(self, grads: Any, state: ScaleByAdamState, params: Any):
     return self._step(grads, state, params)
+
+
+def _leaf_dtype(p) -> jnp.dtype:
+  """A parameter's dtype; a Python float counts as a float32 scalar, as in optax."""
+  return jnp.dtype(jnp.result_type(p))
+
+
+def _describe_value(x: Any) -> str:
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return f"{jnp.dtype(x.dtype).name}{list(np.shape(x))}"
+  return f"the {type(x).__name__} {x!r}"
+
+
+def check_count(count: Any, what: str) -> None:
+  """The state's step count must be an integer scalar, and not negative.
+
+  The dtype and shape are checked when the step is traced. The value is
+  checked here only when it is a Python or NumPy integer (free to read); a
+  jax.Array is checked inside the step by ``checkify.debug_check``
+  (:func:`_check_count_traced`), as reading it here would cost a device round
+  trip per step.
+  """
+  integer = (isinstance(count, (int, np.integer)) and not isinstance(count, bool)) or (
+      hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer))
+  if not integer or np.ndim(count) != 0:
+    raise TypeError(
+        f"{what}: the state's count must be an integer scalar (int32: the number of steps "
+        f"taken, torch's step), got {_describe_value(count)}; give a converted or edited "
+        "state count=jnp.asarray(step, jnp.int32).")
+  if isinstance(count, (int, np.integer, np.ndarray)) and int(count) < 0:
+    raise ValueError(f"{what}: the state's count is {int(count)}; it must be >= 0 (the number "
+                     "of steps taken).")
+
+
+def _check_count_traced(count: jax.Array, what: str) -> None:
+  checkify.debug_check(count >= 0, f"{what}: the state's count is {{}}; it must be >= 0 (the "
+                       "number of steps taken)", count)
+
+
+def scheduled(hp_name: str, value: Any, count: jax.Array, what: str) -> Any:
+  """A hyperparameter at step `count`: a schedule's value (checked as a traced value), or itself."""
+  if not callable(value):
+    return value
+  try:
+    out = value(count)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+    raise TypeError(
+        f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
+        "with the step count as a traced array inside the compiled step, so it must not turn "
+        "it into a Python value (use jnp.where or optax.join_schedules, not Python's if).") from e
+  _hyperparams.check_traced(hp_name, out, ", the schedule's value at count {}", count)
+  return out
+
+
+def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str) -> None:
+  """Warns when `eps` rounds to 0 in a leaf's compute dtype (float16: eps < 3e-8)."""
+  x = _hyperparams.concrete("eps", eps)
+  if not x:
+    return
+  for path, p in jtu.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(_leaf_dtype(p), *(d for d in moment_dtypes if d is not None))
+    if jnp.issubdtype(dtype, jnp.floating) and np.asarray(x, dtype) == 0:
+      warnings.warn(
+          f"{what}: eps={x} rounds to 0 in {jnp.dtype(dtype).name} (the parameter at "
+          f"{_tree.where(path)}): where a gradient is zero the step is 0/0 and the parameter "
+          "becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
+          "float16), or float32 moments (mu_dtype=nu_dtype=jnp.float32).",
+          UserWarning, stacklevel=4)
+      return
 
 
 def adam_transform(
@@ -87,23 +162,27 @@ def adam_transform(
     rounding_seed: Optional[int] = None,
     moment_bits: Optional[int] = None,
     moment_block_size: Optional[int] = None,
-) -> optax.GradientTransformation:
+    direction_only: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """One Adam-family transform.
 
-  With ``learning_rate=None`` it returns the bias-corrected Adam direction
-  (``scale_by_adam``); otherwise it returns ``new_param - param`` for the full
-  torch step (lr, weight decay and all), so that ``optax.apply_updates``
-  reproduces torch's parameters. `decoupled` selects AdamW's ``p *= 1 - lr*wd``
-  over Adam's L2 term ``g += wd * p``; `mask` limits weight decay to some leaves.
-  ``decay_mode="paper"`` makes the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
+  With ``direction_only`` (and ``learning_rate=None``) it returns the
+  bias-corrected Adam direction (``scale_by_adam``); otherwise it returns
+  ``new_param - param`` for the full torch step (lr, weight decay and all), so
+  that ``optax.apply_updates`` reproduces torch's parameters. `decoupled`
+  selects AdamW's ``p *= 1 - lr*wd`` over Adam's L2 term ``g += wd * p``;
+  `mask` limits weight decay to some leaves. ``decay_mode="paper"`` makes the
+  decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
   checked = _hyperparams.checked(
-      name, decoupled=decoupled, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      name, decoupled=decoupled, optional=("learning_rate",) if direction_only else (),
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
       eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
       peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
       rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
   mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
+  amsgrad, maximize = checked["amsgrad"], checked["maximize"]
   scalars_config = _scalars.Config(
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=weight_decay, decoupled=decoupled, decay_mode=decay_mode,
@@ -112,9 +191,12 @@ def adam_transform(
 
   def init_fn(params):
     check_params(params, name)
+    if mask is not None:
+      _tree.check_mask(mask, params, what=name)
+    _warn_if_eps_vanishes(params, eps, (mu_dtype, nu_dtype), name)
 
     def zeros(p, requested):
-      z = jnp.zeros_like(p, dtype=_moment_dtype(p.dtype, requested))
+      z = jnp.zeros_like(p, dtype=_moment_dtype(_leaf_dtype(p), requested))
       if isinstance(p, jax.core.Tracer):
         # Under jit the zeros would not depend on p and lose its sharding
         # (jax-ml/jax#16080, optax.adamw too): tie them to p's sharding. Eager
@@ -128,6 +210,7 @@ def adam_transform(
     return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
 
   def check_update_args(updates, state, params) -> None:
+    check_count(state.count, name)
     _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
     if needs_params:
       _tree.check_params_given(updates, params, what=name)
@@ -153,13 +236,16 @@ def adam_transform(
     # Without weight decay the step (s*m)/d is already torch's p_new - p.
     with_params = learning_rate is not None and params is not None and needs_params
     count = state.count
+    _check_count_traced(count, name)
     new_count = optax.safe_increment(count)
+    lr = None if learning_rate is None else scheduled("learning_rate", learning_rate, count, name)
+    wd = scheduled("weight_decay", weight_decay, count, name)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
     how = dict(maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
 
     def scalars_for(dtype):
       if dtype not in cache:
-        cache[dtype] = _scalars.coefficients(scalars_config, count, new_count, dtype)
+        cache[dtype] = _scalars.coefficients(scalars_config, lr, wd, new_count, dtype)
       return cache[dtype]
 
     def leaf(g, m, v, vm, p, decayed):
@@ -211,9 +297,9 @@ def adam_transform(
   if low_memory.enabled:  # their own state; the pure kernel only (_lowmem)
     return _low_memory_transform(low_memory, _lowmem.Step(
         name, learning_rate is not None, needs_params, decoupled, amsgrad, maximize, mask,
-        functools.partial(_scalars.coefficients, scalars_config)),
+        functools.partial(_scalars.at_count, scalars_config)),
         mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-  return optax.GradientTransformation(init_fn, AdamUpdate(update_fn, step_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))
 
 
 def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any,
@@ -225,5 +311,5 @@ def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dt
     return _lowmem.init(options, params, name=step.name, amsgrad=step.amsgrad,
                         moment_dtype=_moment_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
-  return optax.GradientTransformation(init_fn, AdamUpdate(*_lowmem.functions(options, step)))
+  return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(*_lowmem.functions(options, step)))
 

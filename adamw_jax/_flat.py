@@ -77,6 +77,38 @@ class Layout:
   def __repr__(self) -> str:
     return f"Layout({len(self.slots)} leaves in children {list(self.names)})"
 
+  def difference(self, other: "Layout") -> tuple[str, str]:
+    """The first difference from `other`, as one phrase for each side (for error messages).
+
+    Two layouts can have the same buffer names and sizes and still pack
+    different trees: messages show the model's leaves where they part.
+    """
+    mine, theirs = dict(zip(self.paths, self.slots)), dict(zip(other.paths, other.slots))
+    only_a = [p for p in mine if p not in theirs]
+    only_b = [p for p in theirs if p not in mine]
+    if only_a or only_b:
+      return _packing(only_a), _packing(only_b)
+    for path, a in mine.items():
+      b = theirs[path]
+      if a.shape != b.shape:
+        return (f"its leaf {_tree.where(path)} has shape {a.shape}",
+                f"its leaf {_tree.where(path)} has shape {b.shape}")
+      if a != b or self.names[a.child] != other.names[b.child]:
+        return _placed(path, a, self.names), _placed(path, b, other.names)
+    return f"packing the model tree {self.treedef}", f"packing {other.treedef}"
+
+
+def _packing(paths: list[str]) -> str:
+  if not paths:
+    return "packing no leaf the other lacks"
+  return f"packing {_tree.describe_paths(paths, limit=3)}, which the other does not"
+
+
+def _placed(path: str, slot: Slot, names: tuple[str, ...]) -> str:
+  if slot.start is None:
+    return f"its leaf {_tree.where(path)} is a child of its own"
+  return f"its leaf {_tree.where(path)} is in buffer '{names[slot.child]}' at offset {slot.start}"
+
 
 @jtu.register_pytree_with_keys_class
 class FlatParams(_tree.ResolvesMasks):

@@ -208,7 +208,9 @@ def param_groups(
   ``nnx.Param`` around a label counts as the label.
 
   **Safety.** The groups are assigned each time the transform is initialised
-  or traced, from the paths and structure of the tree it is given:
+  or traced, from the paths and structure of the tree it is given (at init on
+  traced parameters too, as every update assigns them, so that each error
+  below is raised by ``init`` already):
 
   - a rule, or a mask, that selects no parameter is an error, and so is a
     group name that no label carries (``allow_unmatched=True`` allows both);
@@ -289,4 +291,13 @@ def param_groups(
 
   assign = _Assigner(names, None if labels is not None else selectors, labels,
                      rest is not None, allow_unmatched, allow_overlap)
-  return optax.partition(transforms, assign)
+  tx = optax.partition(transforms, assign)
+
+  def init_fn(params):
+    state = tx.init(params)
+    # Every update assigns the groups on traced parameters: do so here too, so
+    # that a selector reading the parameters' values fails at init, as it would there.
+    _tree.trace_like_update(assign, _tree.unbox_all(params))
+    return state
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

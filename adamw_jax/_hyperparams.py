@@ -20,13 +20,15 @@ from typing import Any, Callable, Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 Kind = Literal["number", "flag", "dtype", "mask", "choice"]
-Rule = tuple[Callable[[float], bool], str]
+Rule = tuple[Callable[[Any], Any], str]
+"""``(predicate, what it must be)``; the predicate takes a float or a traced scalar."""
 
 _NON_NEGATIVE: Rule = (lambda x: x >= 0, "must be >= 0")
-_UNIT: Rule = (lambda x: 0 <= x < 1, "must be in [0, 1)")
-_POSITIVE: Rule = (lambda x: 0 < x < math.inf, "must be > 0 and finite")
+_UNIT: Rule = (lambda x: (0 <= x) & (x < 1), "must be in [0, 1)")
+_POSITIVE: Rule = (lambda x: (0 < x) & (x < math.inf), "must be > 0 and finite")
 _SEED: Rule = (lambda x: x == int(x) and 0 <= x < 2**32, "must be an integer in [0, 2**32)")
 _BLOCK: Rule = (lambda x: x == int(x) and 1 <= x <= 2**20, "must be an integer in [1, 2**20]")
 
@@ -169,6 +171,9 @@ def torch_renamed() -> dict[str, str]:
 
 def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
   """The value as a float if it is known now, None if it is traced."""
+  expected = "a number or a schedule" if hp.schedule else "a number"
+  if value is None:
+    raise TypeError(f"{hp.label}: expected {expected}, got None")
   if isinstance(value, bool) or (hasattr(value, "dtype") and np.dtype(value.dtype) == np.bool_):
     raise TypeError(f"{hp.label}: expected a number, got the boolean {value!r}")
   if isinstance(value, (int, float, np.integer, np.floating)):
@@ -182,8 +187,27 @@ def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
       return float(value)
     except jax.errors.ConcretizationTypeError:
       return None  # traced, e.g. under optax.inject_hyperparams or jax.grad
-  expected = "a number or a schedule" if hp.schedule else "a number"
   raise TypeError(f"{hp.label}: expected {expected}, got {type(value).__name__}")
+
+
+def _valid(hp: Hyperparameter, x: Any) -> Any:
+  """Whether `x` (a float or a traced scalar) satisfies `hp`'s rule; NaN never does."""
+  return ~jnp.isnan(x) & hp.rule[0](x) if isinstance(x, jax.Array) else (
+      not math.isnan(x) and bool(hp.rule[0](x)))
+
+
+def check_traced(name: str, value: jax.Array, context: str = "", *args: jax.Array) -> None:
+  """A check of a value known only inside the trace: a ``checkify.debug_check``.
+
+  It costs nothing (it compiles to no operation) unless the step runs under
+  ``jax.experimental.checkify.checkify``, which then reports the message; the
+  outcome without checkify is the README's ("Bad inputs and non-finite
+  gradients"). `context` is appended to the message, with ``{}`` for each of `args`.
+  """
+  hp = BY_NAME[name]
+  x = jnp.asarray(value)
+  checkify.debug_check(_valid(hp, x), f"{hp.label}: {{}}{context} ({hp.rule[1]})", x,
+                       *(jnp.asarray(a) for a in args))
 
 
 def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
@@ -194,18 +218,29 @@ def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
   except Exception:  # noqa: BLE001 - a schedule we cannot evaluate eagerly is checked nowhere else
     return
   x = _concrete_scalar(first, hp)
-  if x is not None and (math.isnan(x) or not hp.rule[0](x)):
+  if x is not None and not _valid(hp, x):
     raise ValueError(f"{hp.label}: the schedule returns {x} at step 0 ({hp.rule[1]})")
 
 
+def concrete(name: str, value: Any) -> Optional[float]:
+  """A number hyperparameter's value if it is known now: None for a schedule or a traced value."""
+  return None if callable(value) else _concrete_scalar(value, BY_NAME[name])
+
+
 def check(name: str, value: Any) -> None:
-  """Raises if a number hyperparameter given as a number (or a schedule, at step 0) is invalid."""
+  """Raises if a number hyperparameter given as a number (or a schedule, at step 0) is invalid.
+
+  A traced value (``optax.inject_hyperparams``, ``jax.grad`` with respect to
+  it) is checked by :func:`check_traced` instead.
+  """
   hp = BY_NAME[name]
   if callable(value):
     _check_schedule(hp, value)
     return
   x = _concrete_scalar(value, hp)
-  if x is not None and (math.isnan(x) or not hp.rule[0](x)):
+  if x is None:
+    check_traced(name, value, ", a traced value")
+  elif not _valid(hp, x):
     raise ValueError(f"{hp.label}: {x} ({hp.rule[1]})")
 
 
@@ -213,7 +248,10 @@ def check_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
   """A moment dtype given by the user: None or a floating or complex dtype."""
   if dtype is None:
     return None
-  dt = jnp.dtype(dtype)
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{BY_NAME[name].label}: {dtype!r} is not a dtype") from e
   if not jnp.issubdtype(dt, jnp.inexact):
     raise ValueError(f"{BY_NAME[name].label}: {dt} (must be a floating-point dtype)")
   return dt
@@ -244,21 +282,24 @@ def _check_decay_mode(what: str, values: Mapping[str, Any], decoupled: bool) -> 
         "is 1 - (lr_t / peak_learning_rate) * weight_decay")
 
 
-def checked(what: str, *, decoupled: bool, **values: Any) -> dict[str, Any]:
-  """`values` (keyword arguments of one transform) checked: dtypes normalised, all else as given.
+def checked(what: str, *, decoupled: bool, optional: tuple[str, ...] = (),
+            **values: Any) -> dict[str, Any]:
+  """`values` (keyword arguments of one transform) checked: dtypes and flags normalised.
 
-  A number that defaults to None may be None (not given), and so may
-  ``learning_rate`` (``scale_by_adam``, which has none). Raises ValueError or
-  TypeError naming the hyperparameter, with torch's wording where torch has one.
+  A number that defaults to None may be None (not given), and so may the ones
+  named in `optional` (``learning_rate`` of ``scale_by_adam``, which has none);
+  any other None is refused. Raises ValueError or TypeError naming the
+  hyperparameter, with torch's wording where torch has one.
   """
   out = dict(values)
   for name, value in values.items():
     hp = BY_NAME[name]
-    if hp.kind == "number" and not (value is None and (hp.default is None
-                                                       or name == "learning_rate")):
+    if hp.kind == "number" and not (value is None and (hp.default is None or name in optional)):
       check(name, value)
     elif hp.kind == "dtype":
       out[name] = check_dtype(name, value)
+    elif hp.kind == "flag":
+      out[name] = bool(value)  # its truth value, as torch takes it
   _check_decay_mode(what, values, decoupled)
   _check_low_memory(what, out)
   return out

@@ -10,6 +10,7 @@ torch's parameter names and a mapping (see :func:`flax_layout`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
@@ -157,7 +158,7 @@ def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any) -> bool:
 
 def _step_of(what: str, slot: _layout.TorchParam, value) -> int:
   step = float(value.item() if hasattr(value, "item") else value)
-  if step != int(step) or not 0 <= step <= 2**31 - 1:
+  if not math.isfinite(step) or step != int(step) or not 0 <= step <= 2**31 - 1:
     raise ValueError(f"{what}: {slot.label()} has step {step}; expected a whole number of steps "
                      "in [0, 2**31 - 1].")
   return int(step)

@@ -181,15 +181,20 @@ def _decay(cfg: Config, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.A
   return f2.round_(f2.sub(one, f2.mul(_f2_of(lr, dtype, z), _f2_of(wd, dtype, z))))
 
 
-def coefficients(cfg: Config, count: jax.Array, new_count: jax.Array, dtype):
+def at_count(cfg: Config, count: jax.Array, new_count: jax.Array, dtype):
+  """:func:`coefficients` with the schedules evaluated at `count`, the step count before this step."""
+  lr = None if cfg.learning_rate is None else _evaluate(cfg.learning_rate, count)
+  return coefficients(cfg, lr, _evaluate(cfg.weight_decay, count), new_count, dtype)
+
+
+def coefficients(cfg: Config, lr: Any, wd: Any, new_count: jax.Array, dtype):
   """One step's (:class:`~adamw_jax._kernel.Coefficients`, decay) for leaves computed in `dtype`.
 
-  `count` is the step count before this step (schedules are evaluated at
-  it), `new_count` the step number ``t`` of the bias corrections.
+  `lr` and `wd` are this step's learning rate (None for the unscaled
+  direction) and weight decay, schedules already evaluated; `new_count` is
+  the step number ``t`` of the bias corrections.
   """
   z = _steer.opaque_zero(new_count)
-  lr = None if cfg.learning_rate is None else _evaluate(cfg.learning_rate, count)
-  wd = _evaluate(cfg.weight_decay, count)
   tabulated = None if dtype == jnp.float64 else _tabulated(cfg, lr, new_count, dtype, z)
   if tabulated is not None:
     (step_size, bc2_sqrt), bc2 = tabulated, None

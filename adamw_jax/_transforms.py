@@ -30,7 +30,7 @@ def scale_by_adam(
     nu_dtype: Optional[Any] = None,
     moment_bits: Optional[int] = None,
     moment_block_size: Optional[int] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Rescale updates by Adam's bias-corrected moments, in torch's arithmetic.
 
   Returns ``m_hat / (sqrt(v_hat + eps_root) + eps)`` (not yet multiplied by
@@ -64,7 +64,7 @@ def scale_by_adam(
       name="scale_by_adam", learning_rate=None, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       weight_decay=0.0, decoupled=True, amsgrad=amsgrad, maximize=maximize, mask=None,
       mu_dtype=mu_dtype, nu_dtype=nu_dtype, moment_bits=moment_bits,
-      moment_block_size=moment_block_size)
+      moment_block_size=moment_block_size, direction_only=True)
 
 
 class AddDecayedWeightsState(NamedTuple):
@@ -76,7 +76,7 @@ class AddDecayedWeightsState(NamedTuple):
 def add_decayed_weights(
     weight_decay: _scalars.ScalarOrSchedule = 1e-2,
     mask: Optional[_tree.MaskOrFn] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).
 
   >>> import jax.numpy as jnp, adamw_jax
@@ -92,18 +92,22 @@ def add_decayed_weights(
     mask: which leaves are decayed: a bool pytree with the structure of the
       params (or a prefix of it), or a callable ``params -> such a pytree``.
       Leaves that are not decayed pass through unchanged. A mask that does not
-      match the params raises an error naming the first mismatching path.
+      match the params raises an error naming the first mismatching path, at
+      ``init`` already.
   """
   _hyperparams.check("weight_decay", weight_decay)
   name = "add_decayed_weights"
 
   def init_fn(params):
-    del params
+    if mask is not None:
+      _tree.check_mask(mask, params, what=name)
     return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # optax's contract: accepted, and ignored here
     _tree.check_params_given(updates, params, what=name)
-    wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    wd = (_core.scheduled("weight_decay", weight_decay, state.count, name)
+          if callable(weight_decay) else weight_decay)
     decayed = (jax.tree.map(lambda _: True, params) if mask is None
                else _tree.resolve_mask(mask, params, what=name))
 
@@ -115,16 +119,17 @@ def add_decayed_weights(
     new = jax.tree.map(leaf, updates, params, decayed)
     return new, AddDecayedWeightsState(optax.safe_increment(state.count))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def masked(inner: optax.GradientTransformation, mask: _tree.MaskOrFn) -> optax.GradientTransformationExtraArgs:
   """Apply `inner` only to the leaves selected by `mask`; the others pass through unchanged.
 
   Like ``optax.masked`` (which it wraps), but the mask is checked against the
-  updates on every trace: a mask that is not a bool pytree with the updates'
-  structure (or a prefix of it), or a callable returning one, raises an error
-  naming the first mismatching path and the keys of both trees there.
+  params at ``init`` and against the updates on every trace: a mask that is
+  not a bool pytree with the updates' structure (or a prefix of it), or a
+  callable returning one, raises an error naming the first mismatching path
+  and the keys of both trees there.
 
   >>> import jax.numpy as jnp, optax, adamw_jax
   >>> params = {"b": jnp.ones(2), "w": jnp.ones(2)}
@@ -138,7 +143,15 @@ def masked(inner: optax.GradientTransformation, mask: _tree.MaskOrFn) -> optax.G
     mask: a bool pytree (full or prefix of the params), or a callable
       ``params -> mask``.
   """
-  def resolved(tree):
-    return _tree.resolve_mask(mask, tree, what="masked")
+  what = "masked"
 
-  return optax.masked(inner, resolved)
+  def resolved(tree):
+    return _tree.resolve_mask(mask, tree, what=what)
+
+  tx = optax.masked(inner, resolved)
+
+  def init_fn(params):
+    _tree.check_mask(mask, params, what=what)
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -93,13 +93,29 @@ def describe_paths(paths: Sequence[str], limit: int = 8) -> str:
   return shown + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
 
 
+def _is_array_like(x) -> bool:
+  """An array, a NumPy scalar or a Python number: a leaf with a dtype."""
+  return (hasattr(x, "dtype") and hasattr(x, "shape")) or isinstance(
+      x, (int, float, complex, np.generic))
+
+
 def check_params(params: Any, what: str) -> None:
-  """Parameters must be floating or complex arrays."""
+  """Parameters must be floating or complex arrays (a Python float counts as a float32 scalar).
+
+  ``None`` and ``optax.MaskedNode`` are empty nodes, not leaves: they stay as they are.
+  """
   for path, leaf in jtu.tree_flatten_with_path(params)[0]:
+    if not _is_array_like(leaf):
+      raise TypeError(
+          f"{what}: the parameter at {where(path)} is a {type(leaf).__name__}, not an array; "
+          "parameters must be floating-point or complex arrays (keep other values out of "
+          "the tree given to the optimizer).")
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f"{what}: the parameter at {where(path)} has dtype {dtype}; Adam needs "
+          f"{what}: the parameter at {where(path)} has dtype {dtype}"
+          + (f" (a Python {type(leaf).__name__})" if isinstance(leaf, (bool, int)) else "")
+          + "; Adam needs "
           "floating-point or complex parameters (cast integer parameters, or mask "
           "them out of the optimizer with optax.partition / optax.set_to_zero).")
 
@@ -114,18 +130,39 @@ def check_params_given(updates: Any, params: Any, *, what: str) -> None:
 
 
 def _children(node):
-  """The immediate children of a pytree node as (key, child) pairs, or None for a leaf."""
+  """The immediate children of a pytree node as (key, child) pairs, or None for a leaf.
+
+  An empty node (``{}``, ``()``, ``None``, ``optax.MaskedNode()``) is a node without children.
+  """
   flat, treedef = jtu.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-  if jtu.treedef_is_leaf(treedef) and node is not None:
+  if jtu.treedef_is_leaf(treedef) and treedef.num_leaves == 1:
     return None
   return [(path[0], child) for path, child in flat], treedef
 
 
-def _node_keys(node) -> str:
+def _node_keys(node, detail: str = "") -> str:
   kids = _children(node)
   if kids is None:
     return f"a leaf of type {type(node).__name__}"
-  return f"{type(node).__name__} with keys {[key_str(k) for k, _ in kids[0]]}"
+  return f"{type(node).__name__} with keys {[key_str(k) for k, _ in kids[0]]}{detail}"
+
+
+def _aux_difference(a_def, b_def) -> tuple[str, str]:
+  """How two nodes of one type and the same keys differ in their static data, for messages.
+
+  Node data with a ``difference(other)`` method (a :class:`adamw_jax.FlatParams`
+  layout) says it in words; any other is shown as its repr.
+  """
+  a_aux, b_aux = a_def.node_data()[1], b_def.node_data()[1]
+  if type(a_aux) is type(b_aux) and hasattr(a_aux, "difference"):
+    a_text, b_text = a_aux.difference(b_aux)
+  else:
+    a_text, b_text = (f"node data {_short(repr(x))}" for x in (a_aux, b_aux))
+  return f" ({a_text})", f" ({b_text})"
+
+
+def _short(text: str, limit: int = 200) -> str:
+  return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _mapping_items(node, items):
@@ -161,6 +198,10 @@ def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True, mappings_al
   if mappings_alike and _alike_mappings(prefix, tree, p_items, t_items):
     t_by_key = _mapping_items(tree, t_items)
     pairs = [(key, p_child, t_by_key[key_str(key)][1]) for key, p_child in p_items]
+  elif p_keys == t_keys and p_def.node_data() != t_def.node_data() and (
+      p_def.node_data()[0] is t_def.node_data()[0]):
+    a_detail, b_detail = _aux_difference(p_def, t_def)
+    return path, _node_keys(prefix, a_detail), _node_keys(tree, b_detail)
   elif p_def.node_data() != t_def.node_data() or p_keys != t_keys:
     return path, _node_keys(prefix), _node_keys(tree)
   else:
@@ -276,4 +317,38 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
 
   expanded = expand_prefix(mask, tree, what=what, noun="mask", leaf_ok=_is_bool,
                            leaf_error=leaf_error)
-  return jax.tree.map(bool, expanded)
+  return jtu.tree_map_with_path(lambda path, m: _static_bool(m, path, what), expanded)
+
+
+def _static_bool(flag, path: KeyPath, what: str) -> bool:
+  """A mask leaf as a Python bool; a traced one cannot be (which leaves decay is static)."""
+  if isinstance(flag, jax.core.Tracer):
+    raise TypeError(
+        f"{what}: the mask at {where(path)} is a traced boolean ({flag.aval.str_short()}), "
+        "but which leaves are decayed must be known when the step is traced: give Python or "
+        "NumPy booleans (or concrete arrays), computed from the parameters' paths, shapes "
+        "or dtypes (e.g. adamw_jax.decay_mask), not from their values, and close over the "
+        "mask instead of passing it to jax.jit as an argument.")
+  return bool(flag)
+
+
+def check_mask(mask: MaskOrFn, params: Any, *, what: str) -> None:
+  """Resolves `mask` for `params` as an update will, to raise the update's errors at ``init``.
+
+  First on the parameters as given (boxes such as ``nnx.Param`` unboxed, as
+  ``nnx.Optimizer`` passes pure arrays to ``update``); then on traced ones
+  (under ``jax.eval_shape``, which computes nothing), as the update resolves
+  the mask inside its trace, so that a callable reading the parameters'
+  values fails here with the update's message.
+  """
+  pure = unbox_all(params)
+  resolve_mask(mask, pure, what=what)
+  trace_like_update(lambda tree: resolve_mask(mask, tree, what=what), pure)
+
+
+def trace_like_update(check: Callable[[Any], Any], params: Any) -> None:
+  """Runs `check` on traced `params` (under ``jax.eval_shape``: nothing is computed)."""
+  def traced(tree) -> None:
+    check(tree)
+
+  jax.eval_shape(traced, params)

@@ -3,10 +3,22 @@
 A run saved at step k and resumed must be bitwise the uninterrupted run (plain
 adamw, param_groups with AMSGrad in one group, and an ``nnx.Optimizer``); a
 checkpoint of another transform, tree, shape, dtype or config must fail with
-an error naming what differs.
+an error naming what differs; a damaged one (real files truncated, corrupted,
+deleted or rewritten), one of another format, or one never finished must fail
+naming the directory, never restoring part of it or other numbers; arrays are
+restored into the target's shardings.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +30,10 @@ from flax import core as flax_core
 from flax import nnx
 
 import adamw_jax
+
+# After a failed restore orbax's reader threads complain, when collected, that their event
+# loop is closed (during whichever test runs then).
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 K, STEPS = 5, 10
 PARAMS = {"dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.zeros(4)},
@@ -44,7 +60,7 @@ TRANSFORMS = {
 
 
 def _stepper(tx):
-  """Runs `tx` on the gradients of steps `steps`, with one compiled step."""
+  """Runs `tx` on the gradients of steps `steps` (numbers, or the gradients), one compiled step."""
   @jax.jit
   def step(p, s, g):
     updates, s = tx.update(g, s, p)
@@ -52,7 +68,7 @@ def _stepper(tx):
 
   def run(params, state, steps):
     for t in steps:
-      params, state = step(params, state, _grads(t))
+      params, state = step(params, state, _grads(t) if isinstance(t, int) else t)
     return params, state
 
   return run
@@ -79,6 +95,21 @@ def test_resume_is_bitwise(tmp_path, name):
   resumed_params, resumed_state = run(params, restored, range(K, STEPS))
   _assert_bitwise(resumed_params, full_params)
   _assert_bitwise(resumed_state, full_state)
+
+
+def test_zero_size_and_unusual_leaves_resume_bitwise(tmp_path):
+  """Zero-size leaves (which orbax refuses to store), scalars, bfloat16, float16 and complex64."""
+  params = {"empty": jnp.ones((0, 3)), "bf16": jnp.linspace(-1, 1, 4, dtype=jnp.bfloat16),
+            "half": jnp.float16(0.5), "z": jnp.ones(2, jnp.complex64) * (1 + 2j)}
+  tx = adamw_jax.adamw(1e-2, eps=1e-6, amsgrad=True)
+  run = _stepper(tx)
+  grads = lambda t: jax.tree.map(lambda p: p * (t + 1) / 3, params)  # noqa: E731
+  full = run(params, tx.init(params), [grads(t) for t in range(4)])
+  mid = run(params, tx.init(params), [grads(t) for t in range(2)])
+  adamw_jax.save_opt_state(tmp_path / "c", mid[1])
+  restored = adamw_jax.restore_opt_state(tmp_path / "c", tx.init(params))
+  _assert_bitwise(restored, mid[1])
+  _assert_bitwise(run(mid[0], restored, [grads(t) for t in range(2, 4)]), full)
 
 
 class _Mlp(nnx.Module):
@@ -206,3 +237,226 @@ def test_config_given_but_none_saved(tmp_path):
 def test_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"^restore_opt_state: no adamw_jax checkpoint at '.*nope'\.$"):
     adamw_jax.restore_opt_state(tmp_path / "nope", adamw_jax.adamw().init(PARAMS))
+
+
+# --------------------------------------------------------------------------
+# Damaged checkpoints: real files truncated, corrupted, deleted or rewritten
+# --------------------------------------------------------------------------
+
+_DAMAGED = r"^restore_opt_state: the checkpoint at '.*' is damaged or incomplete: "
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+  """A fresh copy of the `saved` checkpoint, to damage."""
+  target = tmp_path / "copy"
+  shutil.copytree(saved, target)
+  return target
+
+
+def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """The files of the arrays' OCDBT database (tensorstore's chunks and b-tree nodes)."""
+  return sorted(p for p in (path / "opt_state").rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def _truncate(file: pathlib.Path) -> None:
+  data = file.read_bytes()
+  file.write_bytes(data[:len(data) // 2])
+
+
+def _flip(file: pathlib.Path, at: float = 0.5) -> None:
+  data = bytearray(file.read_bytes())
+  data[int(len(data) * at)] ^= 0x10
+  file.write_bytes(bytes(data))
+
+
+def _description(path: pathlib.Path) -> dict:
+  return json.loads((path / "adamw_jax" / "metadata").read_text())
+
+
+def _rewrite(path: pathlib.Path, meta: dict, *, crc: bool = True) -> None:
+  """Writes `meta` as the description, with its CRC recomputed (as a writer would)."""
+  meta = {k: v for k, v in meta.items() if k != "checksum"}
+  if crc:
+    meta["checksum"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+  (path / "adamw_jax" / "metadata").write_text(json.dumps(meta))
+
+
+def _edit_config(path: pathlib.Path) -> None:
+  file = path / "adamw_jax" / "metadata"
+  text = file.read_text()
+  assert '"learning_rate": 0.01' in text
+  file.write_text(text.replace('"learning_rate": 0.01', '"learning_rate": 0.02'))
+
+
+DAMAGES = [
+    ("description truncated", lambda p: _truncate(p / "adamw_jax" / "metadata"), ValueError,
+     _DAMAGED + r"its description \(adamw_jax/\) cannot be read: JSONDecodeError: "),
+    ("description deleted", lambda p: (p / "adamw_jax" / "metadata").unlink(), ValueError,
+     _DAMAGED + r"its description \(adamw_jax/\) cannot be read: FileNotFoundError: "),
+    ("description edited", _edit_config, ValueError,
+     _DAMAGED + r"its description does not match the CRC saved with it \(the file was changed or "
+     r"corrupted after saving\)\. Nothing was restored\.$"),
+    ("description without a format", lambda p: _rewrite(p, {"leaves": {}}, crc=False), ValueError,
+     _DAMAGED + r"its description is not one adamw_jax writes \(no format\)"),
+    ("array metadata truncated", lambda p: _truncate(p / "opt_state" / "_METADATA"), ValueError,
+     _DAMAGED + r"reading the arrays \(opt_state/\) failed: JSONDecodeError: "),
+    ("array data truncated", lambda p: [_truncate(f) for f in _data_files(p)], ValueError,
+     _DAMAGED + r"reading the arrays \(opt_state/\) failed: "),
+    ("array manifest deleted", lambda p: (p / "opt_state" / "manifest.ocdbt").unlink(), ValueError,
+     _DAMAGED + r"reading the arrays \(opt_state/\) failed: ValueError: NOT_FOUND"),
+    ("arrays directory missing (partly copied)", lambda p: shutil.rmtree(p / "opt_state"),
+     ValueError, _DAMAGED + r"reading the arrays \(opt_state/\) failed: "),
+    ("never finished (orbax's temporary directory)",
+     lambda p: p.rename(p.with_name(p.name + ".orbax-checkpoint-tmp")), FileNotFoundError,
+     r"^restore_opt_state: the checkpoint at '.*copy' was never finished: only the partly written "
+     r"'copy\.orbax-checkpoint-tmp' is there"),
+    ("another library version", lambda p: _rewrite(
+        p, {**_description(p), "format": 3, "library": "adamw_jax 9.0.0"}), ValueError,
+     r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 3, written by "
+     r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2: restore it with the "
+     r"version that wrote it\.$"),
+    ("not a checkpoint", lambda p: [shutil.rmtree(p / "adamw_jax")], FileNotFoundError,
+     r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no 'adamw_jax' "
+     r"description; it holds \["),
+]
+
+
+@pytest.mark.parametrize("damage, error, message", [d[1:] for d in DAMAGES],
+                         ids=[d[0] for d in DAMAGES])
+def test_damaged_checkpoint_is_refused_naming_the_directory(copy, damage, error, message):
+  damage(copy)
+  with pytest.raises(error, match=message):
+    adamw_jax.restore_opt_state(copy, _grouped().init(PARAMS))
+
+
+def test_every_corrupted_data_file_is_refused_or_harmless(tmp_path):
+  """One byte flipped in each file of the arrays in turn: an error, or bitwise the saved state.
+
+  tensorstore detects some corruptions itself; a flipped byte inside a chunk's
+  compressed data decodes to other numbers without complaint, and only the
+  CRCs catch it. Files the restore does not read leave it unchanged. The
+  arrays are random, so that their chunks fill the files.
+  """
+  params = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 32)), jnp.float32)}
+  tx = adamw_jax.adamw(1e-2)
+  state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)[1]
+  adamw_jax.save_opt_state(tmp_path / "saved", state)
+  outcomes = []
+  files = len(_data_files(tmp_path / "saved"))
+  # Several places in each file: which file holds the chunks (and where) is
+  # tensorstore's choice, and differs between runs.
+  for i, at in ((i, at) for i in range(files) for at in (0.2, 0.4, 0.6, 0.8)):
+    path = tmp_path / f"flip{i}-{at}"
+    shutil.copytree(tmp_path / "saved", path)
+    _flip(_data_files(path)[i], at)
+    try:
+      got = adamw_jax.restore_opt_state(path, tx.init(params))
+    except ValueError as e:
+      assert re.match(_DAMAGED, str(e)), e
+      outcomes.append("CRC" if "does not match the CRC" in str(e) else "orbax")
+    else:
+      _assert_bitwise(got, state)
+      outcomes.append("same")
+  assert "CRC" in outcomes, outcomes  # the corruption only the CRCs catch did occur
+
+
+def test_format_1_checkpoint_without_crcs_still_restores(saved, tmp_path):
+  """A checkpoint of the format before the CRCs restores (its arrays unchecked)."""
+  path = tmp_path / "old"
+  shutil.copytree(saved, path)
+  meta = _description(path)
+  _rewrite(path, {k: v for k, v in meta.items() if k not in ("checksums", "library")} | {"format": 1},
+           crc=False)
+  target = _grouped().init(PARAMS)
+  _assert_bitwise(adamw_jax.restore_opt_state(path, target),
+                  adamw_jax.restore_opt_state(saved, target))
+
+
+def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
+  """Never a partial restore: a failed restore does not update the optimizer in place."""
+  model = _Mlp(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, adamw_jax.adamw(1e-2), wrt=nnx.Param)
+  adamw_jax.save_opt_state(tmp_path / "opt", optimizer)
+  for file in _data_files(tmp_path / "opt"):
+    _flip(file, 0.3)
+    _flip(file, 0.7)
+  fresh = nnx.Optimizer(_Mlp(nnx.Rngs(1)), adamw_jax.adamw(1e-2), wrt=nnx.Param)
+  fresh.step[...] = 7
+  before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(fresh)))
+  with pytest.raises(ValueError, match=_DAMAGED):
+    adamw_jax.restore_opt_state(tmp_path / "opt", fresh)
+  _assert_bitwise(nnx.as_pure(nnx.state(fresh)), before)
+
+
+# --------------------------------------------------------------------------
+# Other shardings: restored into the target's, or refused when it has none
+# --------------------------------------------------------------------------
+
+_SHARDED_CHILD = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, adamw_jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+directory = sys.argv[1]
+mesh = jax.make_mesh((4,), ("x",))
+params = {"w": jnp.arange(32.0).reshape(8, 4) / 7, "b": jnp.linspace(-1, 1, 8)}
+tx = adamw_jax.adamw(1e-2)
+split = jax.device_put(params, NamedSharding(mesh, P("x")))
+_, state = jax.jit(tx.update)(jax.tree.map(jnp.cos, split), tx.init(split), split)
+adamw_jax.save_opt_state(directory + "/ckpt", state)
+np.savez(directory + "/values.npz", **{str(i): np.asarray(x) for i, x in
+                                       enumerate(jax.tree.leaves(state))})
+targets = {
+    "replicated": jax.device_put(params, NamedSharding(mesh, P())),
+    "other axis": jax.device_put(params, {"w": NamedSharding(mesh, P(None, "x")),
+                                          "b": NamedSharding(mesh, P())}),
+    "one device": params,
+}
+report = {}
+for name, p in targets.items():
+  target = tx.init(p)
+  restored = adamw_jax.restore_opt_state(directory + "/ckpt", target)
+  report[name] = {
+      "equal": all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state))),
+      "target_sharding": all(a.sharding == b.sharding for a, b in
+                             zip(jax.tree.leaves(restored), jax.tree.leaves(target))),
+  }
+print(json.dumps(report), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  """A checkpoint saved with its arrays split over 4 devices (in a subprocess), and its report."""
+  directory = tmp_path_factory.mktemp("sharded")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                       + " --xla_force_host_platform_device_count=4").strip()}
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_CHILD, str(directory)], env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return directory, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_restore_into_other_shardings_takes_the_targets(sharded):
+  _, report = sharded
+  assert set(report) == {"replicated", "other axis", "one device"}
+  for name, result in report.items():
+    assert result == {"equal": True, "target_sharding": True}, name
+
+
+def test_restore_on_other_devices(sharded):
+  """Here (one device) into tx.init(params): the saved values; into eval_shape: refused."""
+  directory, _ = sharded
+  params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(8)}
+  tx = adamw_jax.adamw(1e-2)
+  restored = adamw_jax.restore_opt_state(directory / "ckpt", tx.init(params))
+  values = np.load(directory / "values.npz")
+  for i, leaf in enumerate(jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(leaf), values[str(i)])
+    assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(ValueError, match=r"^restore_opt_state: the checkpoint at '.*ckpt' was saved "
+                     r"on other devices, and the target has leaves without a sharding"):
+    adamw_jax.restore_opt_state(directory / "ckpt", jax.eval_shape(tx.init, params))

@@ -487,7 +487,7 @@ def test_scheduler_with_learning_rate_and_ignored_keys():
 TO_TORCH_ERRORS = [
     ("not a tx from from_torch", lambda: (adamw_jax.adamw(), adamw_jax.adamw().init(P), {}), TypeError,
      r"^to_torch_state_dict: expected the torch optimizer to load the state into, or a transform "
-     r"made by adamw_jax\.from_torch; got GradientTransformation\.$"),
+     r"made by adamw_jax\.from_torch; got GradientTransformationExtraArgs\.$"),
     ("no Adam state", lambda: (_opt(steps=0), optax.sgd(0.1).init(P), {}), ValueError,
      r"^to_torch_state_dict: the optimizer state holds no adamw_jax ScaleByAdamState"),
     ("amsgrad on one side", lambda: (_opt(steps=0, amsgrad=True), adamw_jax.adamw().init(P), {}),

@@ -576,7 +576,11 @@ def test_decay_mask_of_nnx_state_works_in_optax_too():
 ], ids=["root", "dense", "callable"])
 def test_nnx_mask_mismatch_names_path_and_keys(mask, message):
   model = _NnxSmall(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, adamw_jax.adamw(mask=mask), wrt=nnx.Param)
+  with pytest.raises(ValueError, match=message):  # at init: nnx.Optimizer calls tx.init
+    nnx.Optimizer(model, adamw_jax.adamw(mask=mask), wrt=nnx.Param)
+  # The update, given a state from a transform without the mask, says the same.
+  optimizer = nnx.Optimizer(model, adamw_jax.adamw(), wrt=nnx.Param)
+  optimizer.tx = adamw_jax.adamw(mask=mask)
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.arange(3))))(model)
   with pytest.raises(ValueError, match=message):
     optimizer.update(model, grads)

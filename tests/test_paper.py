@@ -267,7 +267,7 @@ BAD = [
     (lambda: _core.adam_transform(
         name="scale_by_adam", learning_rate=None, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
         weight_decay=0.0, decoupled=True, amsgrad=False, maximize=False, mask=None,
-        mu_dtype=None, nu_dtype=None, decay_mode="paper"), ValueError,
+        mu_dtype=None, nu_dtype=None, decay_mode="paper", direction_only=True), ValueError,
      r"scale_by_adam: decay_mode='paper' is for decoupled weight decay"),
     (lambda: adamw_jax.normalized_weight_decay(-0.1, 32, 1000, 8), ValueError,
      r"Invalid lambda_norm: -0.1"),
