@@ -125,7 +125,7 @@ struct Range {
   int64_t start, end;
 };
 
-constexpr int64_t kBlock = int64_t{1} << 14;        // elements per task
+constexpr int64_t kBlock = int64_t{1} << 16;        // elements per task
 constexpr int64_t kParallelMin = int64_t{1} << 15;  // below: on the calling thread only
 
 template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
