@@ -2,17 +2,13 @@
 //
 // One XLA FFI custom call ("adamw_jax_adam_step") updates any number of leaves of
 // one compute dtype (float32 or float64; complex leaves are their interleaved
-// real and imaginary parts). Per element it performs, in this order and with
-// these roundings, exactly what _kernel._real_step makes XLA emit:
+// real and imaginary parts). Per element it performs, in the same order and
+// with the same roundings, what _kernel._real_step makes XLA emit; that order
+// is written once, in adamw_jax/_kernel.py's docstring (AMSGrad's
+// max propagates NaN, as XLA's; the gradient's sign is a multiplication by +-1,
+// exact; the division by sqrt(1 - b2**t) is _steer.divide_by_scalar's Markstein
+// step). With q = p * (1 - lr*wd) (AdamW) or q = p, and s the step (s*m)/d:
 //
-//   g  <- g * sign                          sign = -1 if maximize (exact)
-//   g  <- fma(wd, p, g)                     Adam's L2 term
-//   m  <- fma(1 - b1, g - m, m)             exp_avg.lerp_(g, 1 - b1)
-//   v  <- fma((1 - b2) * g, g, v * b2)      exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
-//   vm <- max(vm, v)                        amsgrad (NaN propagates, as XLA's max)
-//   d  <- sqrt(vm or v + eps_root) / bc2_sqrt + eps    correctly rounded division and sqrt
-//   s  <- (step_size * m) / d
-//   q  <- p * (1 - lr*wd)                   AdamW's decoupled decay, rounded
 //   out:  s                                 (mode 0: the step, no parameter read)
 //         (q + s) - p                       (mode 1: the optax update)
 //         p + ((q + s) - p)                 (mode 2: update + optax.apply_updates, in place)
@@ -20,7 +16,7 @@
 //         nothing: m, v, vm only            (mode 4: the pure kernel computes the step)
 //
 // Compiled with -ffp-contract=off, so the only fused multiply-adds are the
-// std::fma calls above. The work is split into blocks run on XLA's intra-op
+// std::fma calls in Block, where XLA fuses them in the pure kernel. The work is split into blocks run on XLA's intra-op
 // thread pool and on the calling thread, each with the caller's floating-point
 // control word (XLA runs with denormals flushed to zero).
 

@@ -18,7 +18,9 @@ one float32 AdamW step (lr 1e-3, weight decay 1e-2) of
 on the workloads of ``benchmarks/workloads.py`` (after setting every method up,
 the live objects are frozen out of Python's garbage collector, ``gc.freeze``:
 otherwise each JAX step of the 2000-leaf tree rescans every method's 8,000
-arrays). It reports ms/step, the
+arrays), each timed repetition after a 20 ms pause (torch's OpenMP threads
+spin for milliseconds after a step and would slow whatever runs next). It
+reports ms/step, the
 effective bandwidth (28 bytes per parameter: read p, g, m, v and write p, m, v),
 the ratio to torch fused and the peak memory over the params + grads + moments
 minimum; then the compile time of the jitted step for 2,000 leaves (the
@@ -50,6 +52,7 @@ JAX_METHODS = METHODS[:5]
 PURE = "adamw_jax per-leaf, pure JAX"  # ADAMW_JAX_NATIVE=0 while it is traced
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 MINIMUM_PER_PARAM = 16  # p, g, m, v resident
+PAUSE_S = 0.02  # before each timed repetition (see _time_workload)
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
@@ -173,6 +176,9 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
   rng = np.random.default_rng(0)
   for rep in range(reps):
     for method in rng.permutation(list(runners)):
+      # A pause first: torch's OpenMP threads spin for milliseconds after a
+      # parallel region and would take the cores from whatever runs next.
+      time.sleep(PAUSE_S)
       times[method].append(runners[method](inner[method]))
   del runners
   gc.unfreeze()
