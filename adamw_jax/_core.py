@@ -105,6 +105,8 @@ def check_count(count: Any, what: str) -> None:
 
 
 def _check_count_traced(count: jax.Array, what: str) -> None:
+  if not _hyperparams.traced_checks():
+    return
   checkify.debug_check(count >= 0, f"{what}: the state's count is {{}}; it must be >= 0 (the "
                        "number of steps taken)", count)
 
@@ -217,19 +219,22 @@ def adam_transform(
 
   def update_fn(updates, state, params=None):
     check_update_args(updates, state, params)
-    return compute(updates, state, params, fused=False, native=_native.enabled())
+    return compute(updates, state, params, fused=False, native=_native.enabled(),
+                   checks=_hyperparams.traced_checks())
 
   def step_fn(grads, state, params):
     if learning_rate is None:
       raise TypeError(f"{name}: the fused step needs a learning rate (scale_by_adam has none)")
     check_update_args(grads, state, params)
     _tree.check_same_structure(grads, params, "grads", "params", what=name)
-    return compute(grads, state, params, fused=True, native=_native.enabled())
+    return compute(grads, state, params, fused=True, native=_native.enabled(),
+                   checks=_hyperparams.traced_checks())
 
   # Compiled even when called eagerly: op-by-op execution would not fuse the
   # moment updates into torch's multiply-adds and would round differently.
-  @functools.partial(jax.jit, static_argnames=("fused", "native"))
-  def compute(updates, state, params, fused: bool, native: bool):
+  @functools.partial(jax.jit, static_argnames=("fused", "native", "checks"))
+  def compute(updates, state, params, fused: bool, native: bool, checks: bool):
+    del checks  # read again by the checks themselves; a static argument so that it retraces
     decay_mask = (
         jax.tree.map(lambda _: True, updates) if mask is None or params is None
         else _tree.resolve_mask(mask, params, what=name))

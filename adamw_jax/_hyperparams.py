@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Literal, Optional
 
@@ -196,14 +197,31 @@ def _valid(hp: Hyperparameter, x: Any) -> Any:
       not math.isnan(x) and bool(hp.rule[0](x)))
 
 
+CHECKIFY_ENV = "ADAMW_JAX_CHECKIFY"
+
+
+def traced_checks() -> bool:
+  """Whether the step carries the checks of traced values (``ADAMW_JAX_CHECKIFY=1``).
+
+  Off by default: a ``checkify.debug_check`` compiles to no operation, but it
+  gives the jitted step an effect, and JAX then dispatches every call of it
+  through its Python path: a step of a 2,000-leaf tree took 90 ms instead of
+  24 ms (this machine). Read when the step is traced.
+  """
+  return os.environ.get(CHECKIFY_ENV, "0") == "1"
+
+
 def check_traced(name: str, value: jax.Array, context: str = "", *args: jax.Array) -> None:
   """A check of a value known only inside the trace: a ``checkify.debug_check``.
 
-  It costs nothing (it compiles to no operation) unless the step runs under
-  ``jax.experimental.checkify.checkify``, which then reports the message; the
+  Only with ``ADAMW_JAX_CHECKIFY=1`` (:func:`traced_checks`). It then
+  compiles to no operation unless the step runs under
+  ``jax.experimental.checkify.checkify``, which reports the message; the
   outcome without checkify is the README's ("Bad inputs and non-finite
   gradients"). `context` is appended to the message, with ``{}`` for each of `args`.
   """
+  if not traced_checks():
+    return
   hp = BY_NAME[name]
   x = jnp.asarray(value)
   checkify.debug_check(_valid(hp, x), f"{hp.label}: {{}}{context} ({hp.rule[1]})", x,

@@ -31,6 +31,12 @@ from tests.torch_reference import to_numpy, to_tensor
 INF, NAN = float("inf"), float("nan")
 
 
+@pytest.fixture(autouse=True)
+def _traced_checks(monkeypatch):
+  """The checks of traced values are opt-in (ADAMW_JAX_CHECKIFY=1): on for this module."""
+  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
+
+
 def _params():
   return {"layer": {"w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3) / 7 - 0.3,
                     "b": jnp.array([0.5, -0.25, 0.125], jnp.float32)},
@@ -625,7 +631,18 @@ def test_traced_checks_compile_to_nothing_without_checkify(make, monkeypatch):
   assert _ops(tx, state) == with_checks
   assert not any("callback" in op for op in with_checks)
   monkeypatch.undo()
+  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
   assert _checkified(tx, state=state) is None  # a valid step reports nothing
+
+
+def test_traced_checks_are_off_by_default(monkeypatch):
+  """Without ADAMW_JAX_CHECKIFY=1 the step has no effect, so JAX dispatches it on its fast path."""
+  monkeypatch.delenv(adamw_jax._hyperparams.CHECKIFY_ENV)
+  tx, state = _injected()
+  assert not jax.make_jaxpr(tx.update)(_grads(), state, _params()).effects
+  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
+  tx, state = _injected()
+  assert jax.make_jaxpr(tx.update)(_grads(), state, _params()).effects
 
 
 def test_readme_checkify_example():
