@@ -210,18 +210,8 @@ class SpeedSettings:
 
 def _accelerator_transformer() -> dict:
   """workloads.py's transformer tree at d_model 2048, MLP 8192, vocabulary 32768, 20 blocks (1.07B)."""
-  d, ff, vocab = 2048, 8192, 32768
-  block = {
-      "ln1": {"scale": (d,), "bias": (d,)},
-      "attn": {"qkv": {"kernel": (d, 3 * d), "bias": (3 * d,)},
-               "out": {"kernel": (d, d), "bias": (d,)}},
-      "ln2": {"scale": (d,), "bias": (d,)},
-      "mlp": {"fc1": {"kernel": (d, ff), "bias": (ff,)},
-              "fc2": {"kernel": (ff, d), "bias": (d,)}},
-  }
-  tree: dict[str, Any] = {f"block{i:02d}": block for i in range(20)}
-  tree["embed"] = {"embedding": (vocab, d)}
-  return tree
+  from benchmarks import workloads
+  return workloads.transformer(2048, 8192, 32768, 20)
 
 
 def _accelerator_resnet() -> dict:
@@ -260,47 +250,18 @@ def _jax_tree(shapes: dict, seed: int, scale: float):
   return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)])
 
 
-def _jax_step(method: str, shapes: dict):
-  """The donating jitted step of one JAX method and its initial (params, state, grads)."""
-  import jax
-  import optax
-
-  import adamw_jax
-  params, grads = _jax_tree(shapes, 0, 1.0), _jax_tree(shapes, 1, 1e-2)
-  if method == "optax.adamw":
-    tx = optax.adamw(1e-3, weight_decay=1e-2)
-  else:
-    tx = adamw_jax.adamw(1e-3, weight_decay=1e-2)
-  if method == "adamw_jax flat":
-    params = adamw_jax.flatten(params)
-    grads = params.pack(grads)
-
-  def step(p, s, g):
-    if method == "adamw_jax fused_step":
-      return adamw_jax.fused_step(tx, g, s, p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads
+_SPEED_NAMES = {"adamw_jax fused_step": "adamw_jax fused"}  # this report's names -> speed.py's
 
 
 def _jax_runner(method: str, shapes: dict) -> tuple[Callable[[int], float], float]:
-  """A function timing k steps of one JAX method, and the seconds its step took to compile."""
-  import jax
-  step, params, state, grads = _jax_step(method, shapes)
-  t0 = time.perf_counter()
-  compiled = step.lower(params, state, grads).compile()
-  compile_s = time.perf_counter() - t0
-  box = [params, state]
-  del params, state
+  """A function timing k steps of one JAX method, and the seconds its step took to compile.
 
-  def run(k: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(k):
-      box[0], box[1] = compiled(box[0], box[1], grads)
-    jax.block_until_ready(box[0])
-    return (time.perf_counter() - t0) / k
-
+  The step is ``benchmarks/speed.py``'s (jitted, params and state donated), on
+  trees drawn on the default device.
+  """
+  from benchmarks import speed
+  params, grads = _jax_tree(shapes, 0, 1.0), _jax_tree(shapes, 1, 1e-2)
+  run, _, compile_s = speed.jax_runner(_SPEED_NAMES.get(method, method), params, grads)
   return run, compile_s
 
 

@@ -100,7 +100,8 @@ def _compile(method: str, step, *args):
       os.environ[_native.ENV] = saved
 
 
-def _jax_runner(method: str, params_np: Any, grads_np: Any):
+def jax_runner(method: str, params_np: Any, grads_np: Any):
+  """(run(k) -> seconds per step, peak memory, compile seconds) of one JAX method; also ``benchmarks.device``'s."""
   import jax
   step, params, state, grads = _jax_setup(method, params_np, grads_np)
   t0 = time.perf_counter()
@@ -157,7 +158,7 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
   grads_np = workloads.arrays(shapes, seed=1, scale=1e-2)
   runners, peaks, compile_s, skipped = {}, {}, {}, {}
   for method in METHODS:
-    make = _jax_runner if method in JAX_METHODS else _torch_runner
+    make = jax_runner if method in JAX_METHODS else _torch_runner
     try:
       runners[method], peaks[method], compile_s[method] = make(method, params_np, grads_np)
     except AttributeError as e:  # adamw_jax.flatten not available

@@ -24,12 +24,8 @@ def _one_leaf(quick: bool) -> dict:
   return {"w": (100_000 if quick else 16_000_000,)}
 
 
-def _transformer(quick: bool) -> dict:
-  """A decoder-only transformer's tree: embedding + 6 blocks of 12 leaves (73 leaves).
-
-  d_model 512, MLP 2048, vocabulary 8192: 23.1M parameters.
-  """
-  d, ff, vocab = (32, 128, 64) if quick else (512, 2048, 8192)
+def transformer(d: int, ff: int, vocab: int, blocks: int) -> dict:
+  """A decoder-only transformer's tree: an embedding and `blocks` blocks of 12 leaves."""
   block = {
       "ln1": {"scale": (d,), "bias": (d,)},
       "attn": {"qkv": {"kernel": (d, 3 * d), "bias": (3 * d,)},
@@ -38,9 +34,14 @@ def _transformer(quick: bool) -> dict:
       "mlp": {"fc1": {"kernel": (d, ff), "bias": (ff,)},
               "fc2": {"kernel": (ff, d), "bias": (d,)}},
   }
-  tree = {f"block{i}": block for i in range(1 if quick else 6)}
+  tree = {f"block{i}": block for i in range(blocks)}
   tree["embed"] = {"embedding": (vocab, d)}
   return tree
+
+
+def _transformer(quick: bool) -> dict:
+  """:func:`transformer` with 6 blocks (73 leaves), d_model 512, MLP 2048, vocabulary 8192: 23.1M parameters."""
+  return transformer(32, 128, 64, 1) if quick else transformer(512, 2048, 8192, 6)
 
 
 def _many_leaves(quick: bool) -> dict:

@@ -85,21 +85,9 @@ def _compare(tx, params, grads, monkeypatch, *, serves: bool = True, fused: bool
     _assert_bitwise(g, w, f"step {t + 1}")
 
 
-def _problem(dtype, shapes=None, seed=0, scale_range=(-6, 2)):
-  rng = np.random.default_rng(seed)
-  shapes = shapes or ref.SHAPES
-  complex_ = np.issubdtype(dtype, np.complexfloating)
-
-  def draw(shape, scale):
-    x = rng.standard_normal(shape) * scale
-    if complex_:
-      x = x + 1j * rng.standard_normal(shape) * scale
-    return np.asarray(x, dtype)
-
-  params = {k: draw(s, 1.0) for k, s in shapes.items()}
-  bank = [{k: draw(s, 10.0 ** rng.uniform(*scale_range, s)) for k, s in shapes.items()}
-          for _ in range(5)]
-  return params, lambda t: {k: np.asarray(v * (1 + 0.01 * t), dtype) for k, v in bank[t % 5].items()}
+def _problem(dtype, shapes=None, scale_range=(-6, 2)):
+  """The fidelity tests' problem (``torch_reference.make_problem``) on `shapes`, a bank of 5 gradients."""
+  return ref.make_problem(dtype, STEPS, bank=5, shapes=shapes, log10_scale=scale_range)
 
 
 # fused_step takes adamw/adam, not a chain (test_fused_step_refuses_other_transforms).

@@ -84,8 +84,14 @@ CASES = [
 CHAIN = Case("public-pieces chain", algo="chain")
 
 
-def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20):
-  """Initial params and a gradient function ``t -> grads`` (magnitudes 1e-6 .. 1e2)."""
+def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20, shapes: Optional[dict] = None,
+                 log10_scale: tuple[float, float] = (-6, 2)):
+  """Initial params and a gradient function ``t -> grads`` (magnitudes 1e-6 .. 1e2).
+
+  `shapes` defaults to :data:`SHAPES`; the gradients' magnitudes are 10 to a
+  power drawn uniformly from `log10_scale`, per element.
+  """
+  shapes = SHAPES if shapes is None else shapes
   rng = np.random.default_rng(seed)
   is_complex = np.issubdtype(dtype, np.complexfloating)
 
@@ -95,9 +101,9 @@ def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20):
       x = x + 1j * rng.standard_normal(shape) * scale
     return np.asarray(x, dtype)
 
-  params = {k: draw(s, 1.0) for k, s in SHAPES.items()}
+  params = {k: draw(s, 1.0) for k, s in shapes.items()}
   grads_bank = [
-      {k: draw(s, 10.0 ** rng.uniform(-6, 2, s)) for k, s in SHAPES.items()} for _ in range(bank)]
+      {k: draw(s, 10.0 ** rng.uniform(*log10_scale, s)) for k, s in shapes.items()} for _ in range(bank)]
 
   def grads(t: int):
     scale = 1 + 0.01 * t
