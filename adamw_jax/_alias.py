@@ -6,15 +6,15 @@ from typing import Any, Optional
 
 import optax
 
-from adamw_jax import _core, _scalars, _tree
+from adamw_jax import _core, _hyperparams, _tree
 
 
 def adamw(
-    learning_rate: _scalars.ScalarOrSchedule = 1e-3,
+    learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _scalars.ScalarOrSchedule = 1e-2,
+    weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
     *,
     amsgrad: bool = False,
     maximize: bool = False,
@@ -108,20 +108,20 @@ def adamw(
     Reddi et al., *On the Convergence of Adam and Beyond* (AMSGrad), ICLR 2018.
     ``torch.optim.AdamW`` (PyTorch 2.13).
   """
-  return _core.adam_transform(
-      name="adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      weight_decay=weight_decay, decoupled=True, amsgrad=amsgrad, maximize=maximize,
-      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
+  return _core.adam_transform(_hyperparams.Settings.of(
+      "adamw", decoupled=True, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
+      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
       peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
-      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
+      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size))
 
 
 def adam(
-    learning_rate: _scalars.ScalarOrSchedule = 1e-3,
+    learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: _scalars.ScalarOrSchedule = 0.0,
+    weight_decay: _hyperparams.ScalarOrSchedule = 0.0,
     *,
     amsgrad: bool = False,
     maximize: bool = False,
@@ -149,8 +149,8 @@ def adam(
   >>> print(optax.apply_updates(params, updates)["w"])  # p - 0.1 * sign(g + 0.5 * p)
   [ 0.90000004 -1.9       ]
   """
-  return _core.adam_transform(
-      name="adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      weight_decay=weight_decay, decoupled=False, amsgrad=amsgrad, maximize=maximize,
-      mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_rounding=param_rounding,
-      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
+  return _core.adam_transform(_hyperparams.Settings.of(
+      "adam", decoupled=False, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
+      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_rounding=param_rounding,
+      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size))

@@ -20,7 +20,7 @@ from jax import tree_util as jtu
 from jax.experimental import checkify
 from jax.experimental.shard_alike import shard_alike
 
-from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _tree
+from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _steer, _tree
 from adamw_jax._tree import check_params
 
 
@@ -111,21 +111,6 @@ def _check_count_traced(count: jax.Array, what: str) -> None:
                        "number of steps taken)", count)
 
 
-def scheduled(hp_name: str, value: Any, count: jax.Array, what: str) -> Any:
-  """A hyperparameter at step `count`: a schedule's value (checked as a traced value), or itself."""
-  if not callable(value):
-    return value
-  try:
-    out = value(count)
-  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
-    raise TypeError(
-        f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
-        "with the step count as a traced array inside the compiled step, so it must not turn "
-        "it into a Python value (use jnp.where or optax.join_schedules, not Python's if).") from e
-  _hyperparams.check_traced(hp_name, out, ", the schedule's value at count {}", count)
-  return out
-
-
 def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str) -> None:
   """Warns when `eps` rounds to 0 in a leaf's compute dtype (float16: eps < 3e-8)."""
   x = _hyperparams.concrete("eps", eps)
@@ -143,59 +128,26 @@ def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str
       return
 
 
-def adam_transform(
-    *,
-    name: str,
-    learning_rate: Optional[_scalars.ScalarOrSchedule],
-    b1: _scalars.Scalar,
-    b2: _scalars.Scalar,
-    eps: _scalars.Scalar,
-    eps_root: _scalars.Scalar,
-    weight_decay: _scalars.ScalarOrSchedule,
-    decoupled: bool,
-    amsgrad: bool,
-    maximize: bool,
-    mask: Optional[_tree.MaskOrFn],
-    mu_dtype: Any,
-    nu_dtype: Any,
-    decay_mode: str = "torch",
-    peak_learning_rate: Optional[_scalars.Scalar] = None,
-    param_rounding: str = "nearest",
-    rounding_seed: Optional[int] = None,
-    moment_bits: Optional[int] = None,
-    moment_block_size: Optional[int] = None,
-    direction_only: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """One Adam-family transform.
+def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtraArgs:
+  """One Adam-family transform, from its checked settings (:class:`~adamw_jax._hyperparams.Settings`).
 
-  With ``direction_only`` (and ``learning_rate=None``) it returns the
+  With ``s.direction_only`` (and no learning rate) it returns the
   bias-corrected Adam direction (``scale_by_adam``); otherwise it returns
   ``new_param - param`` for the full torch step (lr, weight decay and all), so
-  that ``optax.apply_updates`` reproduces torch's parameters. `decoupled`
+  that ``optax.apply_updates`` reproduces torch's parameters. ``s.decoupled``
   selects AdamW's ``p *= 1 - lr*wd`` over Adam's L2 term ``g += wd * p``;
-  `mask` limits weight decay to some leaves. ``decay_mode="paper"`` makes the
-  decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
+  ``s.mask`` limits weight decay to some leaves. ``decay_mode="paper"`` makes
+  the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
   """
-  checked = _hyperparams.checked(
-      name, decoupled=decoupled, optional=("learning_rate",) if direction_only else (),
-      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
-      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
-      peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
-      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size)
-  mu_dtype, nu_dtype = checked["mu_dtype"], checked["nu_dtype"]
-  amsgrad, maximize = checked["amsgrad"], checked["maximize"]
-  scalars_config = _scalars.Config(
-      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      weight_decay=weight_decay, decoupled=decoupled, decay_mode=decay_mode,
-      peak_learning_rate=peak_learning_rate)
-  needs_params = scalars_config.needs_params
+  name, learning_rate, mask, amsgrad = s.name, s.learning_rate, s.mask, s.amsgrad
+  decoupled, maximize, needs_params = s.decoupled, s.maximize, s.needs_params
+  mu_dtype, nu_dtype = s.mu_dtype, s.nu_dtype
 
   def init_fn(params):
     check_params(params, name)
     if mask is not None:
       _tree.check_mask(mask, params, what=name)
-    _warn_if_eps_vanishes(params, eps, (mu_dtype, nu_dtype), name)
+    _warn_if_eps_vanishes(params, s.eps, (mu_dtype, nu_dtype), name)
 
     def zeros(p, requested):
       z = jnp.zeros_like(p, dtype=_moment_dtype(_leaf_dtype(p), requested))
@@ -243,14 +195,14 @@ def adam_transform(
     count = state.count
     _check_count_traced(count, name)
     new_count = optax.safe_increment(count)
-    lr = None if learning_rate is None else scheduled("learning_rate", learning_rate, count, name)
-    wd = scheduled("weight_decay", weight_decay, count, name)
+    z = _steer.opaque_zero(new_count)
+    lr, wd = _scalars.schedules_at(s, count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
-    how = dict(maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
+    how = dict(z=z, maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
 
     def scalars_for(dtype):
       if dtype not in cache:
-        cache[dtype] = _scalars.coefficients(scalars_config, lr, wd, new_count, dtype)
+        cache[dtype] = _scalars.coefficients(s, lr, wd, new_count, dtype)
       return cache[dtype]
 
     def leaf(g, m, v, vm, p, decayed):
@@ -298,11 +250,11 @@ def adam_transform(
     new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
     return out, new_state
 
-  low_memory = _lowmem.Options.of(checked)
+  low_memory = _lowmem.Options.of(s)
   if low_memory.enabled:  # their own state; the pure kernel only (_lowmem)
     return _low_memory_transform(low_memory, _lowmem.Step(
         name, learning_rate is not None, needs_params, decoupled, amsgrad, maximize, mask,
-        functools.partial(_scalars.at_count, scalars_config)),
+        functools.partial(_scalars.at_count, s)),
         mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))
 

@@ -16,13 +16,15 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+Scalar = Union[float, jax.Array]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 Kind = Literal["number", "flag", "dtype", "mask", "choice"]
 Rule = tuple[Callable[[Any], Any], str]
 """``(predicate, what it must be)``; the predicate takes a float or a traced scalar."""
@@ -321,6 +323,71 @@ def checked(what: str, *, decoupled: bool, optional: tuple[str, ...] = (),
   _check_decay_mode(what, values, decoupled)
   _check_low_memory(what, out)
   return out
+
+
+def is_number(value: Any) -> bool:
+  """Whether `value` is a Python or NumPy number (known now, not traced, not a schedule)."""
+  return isinstance(value, (int, float, np.floating, np.integer))
+
+
+def is_zero(value: Any) -> bool:
+  """Whether `value` is a number equal to 0 (a schedule or a traced value never is)."""
+  return is_number(value) and float(value) == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One transform's hyperparameters, checked: everything ``_core.adam_transform`` builds from.
+
+  Made by :meth:`of` from the factory's keyword arguments; those not given
+  take :data:`TABLE`'s default. The fields after `direction_only` are the
+  table's, in its order (``tests/test_hyperparams.py`` holds them together).
+
+  Attributes:
+    name: the factory (``"adamw"``, ``"adam"``, ``"scale_by_adam"``), which
+      error messages name.
+    decoupled: AdamW's ``p * (1 - lr*wd)``, else Adam's L2 term ``g + wd*p``.
+    direction_only: the bias-corrected Adam direction without a learning rate
+      (``scale_by_adam``), not ``new_param - param``.
+  """
+
+  name: str
+  decoupled: bool
+  direction_only: bool
+  learning_rate: Optional[ScalarOrSchedule]
+  b1: Scalar
+  b2: Scalar
+  eps: Scalar
+  weight_decay: ScalarOrSchedule
+  amsgrad: bool
+  maximize: bool
+  mask: Any
+  eps_root: Scalar
+  mu_dtype: Optional[jnp.dtype]
+  nu_dtype: Optional[jnp.dtype]
+  decay_mode: str
+  peak_learning_rate: Optional[Scalar]
+  param_rounding: str
+  rounding_seed: Optional[int]
+  moment_bits: Optional[int]
+  moment_block_size: Optional[int]
+
+  @classmethod
+  def of(cls, name: str, *, decoupled: bool, direction_only: bool = False,
+         **values: Any) -> Settings:
+    """The checked settings of the factory `name` given the keyword arguments `values`.
+
+    Raises ValueError or TypeError for an invalid value (:func:`checked`).
+    """
+    given = checked(name, decoupled=decoupled,
+                    optional=("learning_rate",) if direction_only else (), **values)
+    return cls(name=name, decoupled=decoupled, direction_only=direction_only,
+               **{h.name: given.get(h.name, default(h, name)) for h in TABLE})
+
+  @property
+  def needs_params(self) -> bool:
+    """Whether the step reads the parameters (any weight decay)."""
+    return not is_zero(self.weight_decay)
 
 
 def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:

@@ -50,7 +50,6 @@ class Coefficients(NamedTuple):
   eps: jax.Array
   eps_root: Optional[jax.Array]  # eps_root * (1 - b2**t), or None when eps_root == 0
   step_size: jax.Array  # s in p + (s * m) / d
-  opaque_zero: jax.Array  # int32 zero the compiler cannot prove is zero
 
 
 def _real_step(
@@ -61,6 +60,7 @@ def _real_step(
     param: Optional[jax.Array],
     c: Coefficients,
     *,
+    z: jax.Array,
     maximize: bool,
     l2: Optional[jax.Array],
     decay: Optional[jax.Array],
@@ -69,12 +69,13 @@ def _real_step(
   """The kernel on real arrays of one compute dtype. Returns (out, mu, nu, nu_max).
 
   `out` is the new parameter when `param` is given, else the step ``(s*m)/d``.
+  `z` is the step's :func:`adamw_jax._steer.opaque_zero`, for the steering tricks.
   `moments`: the new ``(mu, nu, nu_max)``, already computed by the native twin
   (``_native``), which leaves only the parameter's step to this kernel.
   """
   dtype = grad.dtype
   c = c._replace(**{f: getattr(c, f).astype(dtype) for f in c._fields
-                    if f != "opaque_zero" and getattr(c, f) is not None})
+                    if getattr(c, f) is not None})
   if decay is not None:
     decay = decay.astype(dtype)
   if l2 is not None:
@@ -82,12 +83,12 @@ def _real_step(
   if moments is None:
     # Hidden from XLA, which would otherwise move the negation into the products
     # and change which multiplication it fuses into an FMA.
-    g = _steer.rounded(-grad, c.opaque_zero) if maximize else grad
+    g = _steer.rounded(-grad, z) if maximize else grad
     if l2 is not None:
       g = l2 * param + g
     m = c.one_minus_b1 * (g - mu) + mu
     # Only one product may reach each addition, or XLA picks which one to fuse.
-    v = (c.one_minus_b2 * g) * g + _steer.rounded(nu * c.b2, c.opaque_zero)
+    v = (c.one_minus_b2 * g) * g + _steer.rounded(nu * c.b2, z)
     if nu_max is not None:
       nu_max = jnp.maximum(nu_max, v)
   else:
@@ -95,12 +96,12 @@ def _real_step(
   v_used = v if nu_max is None else nu_max
   if c.eps_root is not None:
     v_used = v_used + c.eps_root
-  denom = _steer.divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, c.opaque_zero) + c.eps
+  denom = _steer.divide_by_scalar(jnp.sqrt(v_used), c.bc2_sqrt, z) + c.eps
   step = (c.step_size * m) / denom
   if param is None:
     return step, m, v, nu_max
   if decay is not None:
-    param = _steer.rounded(param * decay, c.opaque_zero)
+    param = _steer.rounded(param * decay, z)
   return param + step, m, v, nu_max
 
 
@@ -112,6 +113,7 @@ def _real_kernel(
     param: Optional[jax.Array],
     c: Coefficients,
     *,
+    z: jax.Array,
     maximize: bool,
     l2: Optional[jax.Array],
     decay: Optional[jax.Array],
@@ -132,10 +134,10 @@ def _real_kernel(
   would make the parameter loop read the old moments after the moment loops
   overwrote them in place (a copy each), so it is only used with the flag.
   """
-  kw = dict(maximize=maximize, l2=l2, decay=decay)
+  kw = dict(z=z, maximize=maximize, l2=l2, decay=decay)
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
   if _steer.multi_output_fusion():
-    hide = lambda x: None if x is None else _steer.rounded(x, c.opaque_zero)  # noqa: E731
+    hide = lambda x: None if x is None else _steer.rounded(x, z)  # noqa: E731
     out = _real_step(hide(grad), mu, hide(nu), nu_max, hide(param), c, **kw)[0]
   return out, m, v, vm
 
@@ -155,12 +157,16 @@ def adam_leaf(
     param: Optional[jax.Array],
     c: Coefficients,
     *,
+    z: jax.Array,
     maximize: bool,
     l2: Optional[jax.Array] = None,
     decay: Optional[jax.Array] = None,
     moments: Optional[tuple] = None,
 ):
   """One leaf's Adam/AdamW step. Returns ``(out, mu, nu, nu_max)``.
+
+  `c` holds the step's scalars (``_scalars.coefficients``); `z` is the step's
+  :func:`adamw_jax._steer.opaque_zero`, which the steering tricks OR into bits.
 
   `out` is the new parameter if `param` is given, else the (unscaled) Adam step.
   The moments come back in their own dtypes and `out` in the dtype of `param`
@@ -175,7 +181,8 @@ def adam_leaf(
     if complex_:
       raise ValueError("adam_leaf: precomputed moments are for real leaves")
     out, mu_new, nu_new, nu_max_new = _real_step(
-        grad, mu, nu, nu_max, param, c, maximize=maximize, l2=l2, decay=decay, moments=moments)
+        grad, mu, nu, nu_max, param, c, z=z, maximize=maximize, l2=l2, decay=decay,
+        moments=moments)
   elif complex_:
     if l2 is not None:
       # torch adds the L2 term in complex arithmetic, before view_as_real.
@@ -183,7 +190,7 @@ def adam_leaf(
       maximize = False
       l2 = None
     parts = [
-        _real_kernel(g, m, v, vm, p, c, maximize=maximize, l2=l2, decay=decay)
+        _real_kernel(g, m, v, vm, p, c, z=z, maximize=maximize, l2=l2, decay=decay)
         for g, m, v, vm, p in zip(
             _components(grad), _components(mu), _components(nu),
             _components(nu_max), _components(param))
@@ -197,7 +204,7 @@ def adam_leaf(
     cast = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
     out, mu_new, nu_new, nu_max_new = _real_kernel(
         cast(grad), cast(mu), cast(nu), cast(nu_max), cast(param), c,
-        maximize=maximize, l2=l2, decay=decay)
+        z=z, maximize=maximize, l2=l2, decay=decay)
   return (
       out.astype(out_dtype),
       mu_new.astype(mu.dtype),
@@ -206,7 +213,7 @@ def adam_leaf(
   )
 
 
-def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, maximize: bool,
+def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, z: jax.Array, maximize: bool,
                decoupled: bool, with_params: bool, fused: bool, moments=None):
   """One leaf's result in optax's terms: (update, or new parameter if `fused`, m, v, vm).
 
@@ -218,7 +225,7 @@ def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, maximize: bool,
   """
   out, m, v, vm = adam_leaf(
       g, m, v, vm, p if with_params else None, c,
-      maximize=maximize,
+      z=z, maximize=maximize,
       l2=None if decoupled else decay,
       decay=decay if decoupled else None, moments=moments)
   if with_params:

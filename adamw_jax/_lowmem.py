@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
-from adamw_jax import _hyperparams, _kernel, _lowprec, _quantize, _scalars, _tree
+from adamw_jax import _hyperparams, _kernel, _lowprec, _quantize, _scalars, _steer, _tree
 
 
 class LowMemoryAdamState(NamedTuple):
@@ -63,11 +63,10 @@ class Options:
   moment_block_size: int = 256
 
   @classmethod
-  def of(cls, checked: dict[str, Any]) -> "Options":
-    """From the checked keyword arguments (``_hyperparams.checked``); None: the default."""
-    seed, block = checked.get("rounding_seed"), checked.get("moment_block_size")
-    return cls(checked.get("param_rounding", "nearest"), 0 if seed is None else int(seed),
-               checked.get("moment_bits"),
+  def of(cls, s: _hyperparams.Settings) -> "Options":
+    """From a transform's checked settings; None: the default."""
+    seed, block = s.rounding_seed, s.moment_block_size
+    return cls(s.param_rounding, 0 if seed is None else int(seed), s.moment_bits,
                _hyperparams.DEFAULT_BLOCK_SIZE if block is None else int(block))
 
   @property
@@ -188,9 +187,9 @@ def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp
   else:
     g_c, p_c = g, p
   parts = [x for x in (g_c, m_f, v_f, p_c if (with_params or rounds) else None) if x is not None]
-  c, decay = scalars_for(_scalars.scalar_dtype(jnp.result_type(*parts)))
+  c, decay, z = scalars_for(_scalars.scalar_dtype(jnp.result_type(*parts)))
   decay = decay if decayed else None
-  kw = dict(maximize=s.maximize, l2=None if s.decoupled else decay,
+  kw = dict(z=z, maximize=s.maximize, l2=None if s.decoupled else decay,
             decay=decay if s.decoupled else None)
   if rounds:
     new32, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c, c, **kw)
@@ -229,11 +228,12 @@ def functions(options: Options, s: Step):
                   else _tree.resolve_mask(s.mask, params, what=s.name))
     with_params = s.writes_params and params is not None and s.needs_params
     count, new_count = state.count, optax.safe_increment(state.count)
+    z = _steer.opaque_zero(new_count)
     cache: dict[Any, Any] = {}
 
-    def scalars_for(dtype):
+    def scalars_for(dtype):  # (Coefficients, decay, opaque zero)
       if dtype not in cache:
-        cache[dtype] = s.coefficients(count, new_count, dtype)
+        cache[dtype] = (*s.coefficients(count, new_count, dtype), z)
       return cache[dtype]
 
     treedef = jax.tree.structure(updates)

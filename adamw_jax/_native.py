@@ -160,10 +160,12 @@ def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Deca
           for i in range(0, len(flat), per_leaf)]
 
 
-def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
-                  mode: Mode, kind: Decay, amsgrad: bool, maximize: bool,
-                  decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
+def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.Array,
+          mode: Mode, kind: Decay, amsgrad: bool, maximize: bool,
+          decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
   """Leaves ``(g, m, v, vm, p)`` of compute dtype `cdtype` through one native call.
+
+  `z` is the step's opaque zero, for the pure kernel of the derivatives.
 
   The same results bit for bit as :func:`adamw_jax._kernel.optax_leaf` on each (``tests/test_native.py``);
   derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
@@ -202,19 +204,19 @@ def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *,
     s = [scalars[k] for k in range(len(fields))]
     coeffs = _kernel.Coefficients(
         one_minus_b1=s[0], b2=s[1], one_minus_b2=s[2], bc2_sqrt=s[3], eps=s[4],
-        eps_root=None if c.eps_root is None else s[5], step_size=s[6], opaque_zero=z)
+        eps_root=None if c.eps_root is None else s[5], step_size=s[6])
     back = []
     for g, m, v, vm, p in unflatten(flat):
       o, m, v, vm = _kernel.optax_leaf(g, m, v, vm, p, coeffs, None if decay is None else s[7],
-                               maximize=maximize, decoupled=decoupled,
-                               with_params=with_params and with_p, fused=fused)
+                                       z=z, maximize=maximize, decoupled=decoupled,
+                                       with_params=with_params and with_p, fused=fused)
       back += ([] if moments_only else [o]) + [m, v] + ([] if vm is None else [vm])
     return tuple(back)
 
   run.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
   flat = [x for g, m, v, vm, p in group
           for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())]
-  out = run(scalars, c.opaque_zero, *flat)
+  out = run(scalars, z, *flat)
   step = (not moments_only) + 2 + amsgrad
   return [((None,) if moments_only else ()) + tuple(out[k:k + step]) + (() if amsgrad else (None,))
           for k in range(0, len(out), step)]

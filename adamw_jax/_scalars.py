@@ -17,48 +17,16 @@ arithmetic runs inside the jitted step, by one of three strategies:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adamw_jax import _float2 as f2
-from adamw_jax import _kernel, _steer, _steps
-
-Scalar = Union[float, jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """The hyperparameters the per-step scalars depend on (validated by ``_hyperparams``)."""
-
-  learning_rate: Optional[ScalarOrSchedule]  # None: scale_by_adam's unscaled direction
-  b1: Scalar
-  b2: Scalar
-  eps: Scalar
-  eps_root: Scalar
-  weight_decay: ScalarOrSchedule
-  decoupled: bool  # AdamW's p * (1 - lr*wd), else Adam's L2 term g + wd*p
-  decay_mode: str = "torch"
-  peak_learning_rate: Optional[Scalar] = None
-
-  @property
-  def needs_params(self) -> bool:
-    """Whether the step reads the parameters (any weight decay)."""
-    return not is_zero(self.weight_decay)
-
-
-def is_number(value: Any) -> bool:
-  return isinstance(value, (int, float, np.floating, np.integer))
-
-
-def is_zero(value: Any) -> bool:
-  return is_number(value) and float(value) == 0.0
-
+from adamw_jax import _hyperparams, _kernel, _steer, _steps
+from adamw_jax._hyperparams import ScalarOrSchedule, Settings, is_number, is_zero
 
 def scalar_dtype(dtype) -> jnp.dtype:
   """The dtype the per-step scalars are computed in for a leaf of `dtype`."""
@@ -92,10 +60,6 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
   return f2.one_minus_exp_times(log_beta, t, z)
 
 
-def _evaluate(value: ScalarOrSchedule, count: jax.Array) -> Any:
-  return value(count) if callable(value) else value
-
-
 def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
   """A scalar torch computes in Python: a literal when `value` is a Python number."""
   if is_number(value):
@@ -111,7 +75,7 @@ def _step_size(lr: Any, bc1: f2.F2, dtype, z: jax.Array) -> jax.Array:
   return f2.round_(f2.neg(f2.div(_f2_of(lr, dtype, z), bc1)))
 
 
-def _float64(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+def _float64(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
   """(step size, sqrt(1 - b2**t), 1 - b2**t) for float64 leaves, as Python rounds them.
 
   torch rounds every Python operation to a double: so does this, after a
@@ -124,7 +88,7 @@ def _float64(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
   return numerator / bc1.hi, jnp.sqrt(bc2.hi), bc2
 
 
-def _tabulated(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+def _tabulated(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
   """(step size, sqrt(1 - b2**t)) from torch's own Python scalars (``_steps``), or None.
 
   None when a beta is not a Python number or `t` is beyond the table. With a
@@ -140,7 +104,7 @@ def _tabulated(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
   return step_size, row[-1]
 
 
-def _double_word(cfg: Config, lr: Any, t: jax.Array, dtype, z: jax.Array):
+def _double_word(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
   """(step size, sqrt(1 - b2**t), 1 - b2**t) in double words, rounded once each."""
   step_size = _step_size(lr, _bias_correction(cfg.b1, t, dtype, z), dtype, z)
   bc2 = _bias_correction(cfg.b2, t, dtype, z)
@@ -167,7 +131,7 @@ def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
   return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
 
 
-def _decay(cfg: Config, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.Array]:
+def _decay(cfg: Settings, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.Array]:
   """AdamW's factor ``1 - lr*wd`` (or the paper's), Adam's L2 coefficient, or None."""
   if not cfg.needs_params:
     return None
@@ -181,13 +145,34 @@ def _decay(cfg: Config, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.A
   return f2.round_(f2.sub(one, f2.mul(_f2_of(lr, dtype, z), _f2_of(wd, dtype, z))))
 
 
-def at_count(cfg: Config, count: jax.Array, new_count: jax.Array, dtype):
-  """:func:`coefficients` with the schedules evaluated at `count`, the step count before this step."""
-  lr = None if cfg.learning_rate is None else _evaluate(cfg.learning_rate, count)
-  return coefficients(cfg, lr, _evaluate(cfg.weight_decay, count), new_count, dtype)
+def scheduled(hp_name: str, value: ScalarOrSchedule, count: jax.Array, what: str) -> Any:
+  """A hyperparameter at step `count`: a schedule's value (checked as a traced value), or itself."""
+  if not callable(value):
+    return value
+  try:
+    out = value(count)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
+    raise TypeError(
+        f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
+        "with the step count as a traced array inside the compiled step, so it must not turn "
+        "it into a Python value (use jnp.where or optax.join_schedules, not Python's if).") from e
+  _hyperparams.check_traced(hp_name, out, ", the schedule's value at count {}", count)
+  return out
 
 
-def coefficients(cfg: Config, lr: Any, wd: Any, new_count: jax.Array, dtype):
+def schedules_at(cfg: Settings, count: jax.Array) -> tuple[Any, Any]:
+  """The learning rate (None without one) and weight decay of the step from `count`."""
+  lr = None if cfg.learning_rate is None else scheduled(
+      "learning_rate", cfg.learning_rate, count, cfg.name)
+  return lr, scheduled("weight_decay", cfg.weight_decay, count, cfg.name)
+
+
+def at_count(cfg: Settings, count: jax.Array, new_count: jax.Array, dtype):
+  """:func:`coefficients` with the schedules evaluated at `count` (:func:`schedules_at`)."""
+  return coefficients(cfg, *schedules_at(cfg, count), new_count, dtype)
+
+
+def coefficients(cfg: Settings, lr: Any, wd: Any, new_count: jax.Array, dtype):
   """One step's (:class:`~adamw_jax._kernel.Coefficients`, decay) for leaves computed in `dtype`.
 
   `lr` and `wd` are this step's learning rate (None for the unscaled
@@ -221,6 +206,5 @@ def coefficients(cfg: Config, lr: Any, wd: Any, new_count: jax.Array, dtype):
       eps_root=None if is_zero(cfg.eps_root)
       else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), bc2)),
       step_size=step_size,
-      opaque_zero=z,
   )
   return c, decay

@@ -60,11 +60,11 @@ def scale_by_adam(
     moment_bits: ``8``: 8-bit block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
     moment_block_size: elements per quantization block.
   """
-  return _core.adam_transform(
-      name="scale_by_adam", learning_rate=None, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      weight_decay=0.0, decoupled=True, amsgrad=amsgrad, maximize=maximize, mask=None,
-      mu_dtype=mu_dtype, nu_dtype=nu_dtype, moment_bits=moment_bits,
-      moment_block_size=moment_block_size, direction_only=True)
+  return _core.adam_transform(_hyperparams.Settings.of(
+      "scale_by_adam", decoupled=True, direction_only=True, learning_rate=None, b1=b1, b2=b2,
+      eps=eps, weight_decay=0.0, amsgrad=amsgrad, maximize=maximize, mask=None,
+      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, moment_bits=moment_bits,
+      moment_block_size=moment_block_size))
 
 
 class AddDecayedWeightsState(NamedTuple):
@@ -74,7 +74,7 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 def add_decayed_weights(
-    weight_decay: _scalars.ScalarOrSchedule = 1e-2,
+    weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
     mask: Optional[_tree.MaskOrFn] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).
@@ -106,7 +106,7 @@ def add_decayed_weights(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # optax's contract: accepted, and ignored here
     _tree.check_params_given(updates, params, what=name)
-    wd = (_core.scheduled("weight_decay", weight_decay, state.count, name)
+    wd = (_scalars.scheduled("weight_decay", weight_decay, state.count, name)
           if callable(weight_decay) else weight_decay)
     decayed = (jax.tree.map(lambda _: True, params) if mask is None
                else _tree.resolve_mask(mask, params, what=name))

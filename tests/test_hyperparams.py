@@ -94,6 +94,18 @@ def test_adamw_has_the_whole_table_in_its_order_and_adam_all_but_adamw_only():
   assert _keywords("adam") == [h.name for h in _hyperparams.TABLE if not h.adamw_only]
 
 
+def test_the_settings_object_holds_the_whole_table_in_its_order():
+  """``_core.adam_transform`` takes one frozen Settings; its fields are the table's, no more."""
+  import dataclasses
+  fields = [f.name for f in dataclasses.fields(_hyperparams.Settings)]
+  assert fields == ["name", "decoupled", "direction_only"] + [h.name for h in _hyperparams.TABLE]
+  s = _hyperparams.Settings.of("adam", decoupled=False)  # nothing given: adam's defaults
+  assert [getattr(s, h.name) for h in _hyperparams.TABLE] == [
+      _hyperparams.default(h, "adam") for h in _hyperparams.TABLE]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    s.b1 = 0.5  # type: ignore[misc]
+
+
 def test_every_row_is_complete():
   assert set(NON_DEFAULT) == set(_hyperparams.BY_NAME), "give each new hyperparameter an example"
   for hp in _hyperparams.TABLE:

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import adamw_jax
-from adamw_jax import _core
+from adamw_jax import _hyperparams
 from tests import torch_reference as ref
 
 
@@ -259,15 +259,13 @@ BAD = [
     (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=True), TypeError,
      r"Invalid peak_learning_rate: expected a number"),
     # Adam + L2 and the bare direction have no decoupled decay to rescale.
-    (lambda: _core.adam_transform(
-        name="adam", learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-        weight_decay=0.1, decoupled=False, amsgrad=False, maximize=False, mask=None,
-        mu_dtype=None, nu_dtype=None, decay_mode="paper"), ValueError,
+    (lambda: _hyperparams.Settings.of(
+        "adam", decoupled=False, learning_rate=1e-3, weight_decay=0.1, decay_mode="paper"),
+     ValueError,
      r"adam: decay_mode='paper' is for decoupled weight decay"),
-    (lambda: _core.adam_transform(
-        name="scale_by_adam", learning_rate=None, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-        weight_decay=0.0, decoupled=True, amsgrad=False, maximize=False, mask=None,
-        mu_dtype=None, nu_dtype=None, decay_mode="paper", direction_only=True), ValueError,
+    (lambda: _hyperparams.Settings.of(
+        "scale_by_adam", decoupled=True, direction_only=True, learning_rate=None,
+        weight_decay=0.0, decay_mode="paper"), ValueError,
      r"scale_by_adam: decay_mode='paper' is for decoupled weight decay"),
     (lambda: adamw_jax.normalized_weight_decay(-0.1, 32, 1000, 8), ValueError,
      r"Invalid lambda_norm: -0.1"),
