@@ -399,6 +399,15 @@ CASES = [
     Case("schedule with Python if", lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4)),
          raises(TypeError, r"^adamw: the learning_rate schedule cannot be traced "
                 r"\(TracerBoolConversionError\)")),
+    Case("schedule with Python if, 8-bit moments",
+         lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4, moment_bits=8)),
+         raises(TypeError, r"^adamw: the learning_rate schedule cannot be traced "
+                r"\(TracerBoolConversionError\)")),
+    Case("weight_decay schedule negative at step 1, stochastic rounding: checkify",
+         lambda: _checkified(adamw_jax.adamw(weight_decay=lambda c: jnp.where(c >= 1, -0.1, 0.1),
+                                             param_rounding="stochastic"), steps=2),
+         reports(r"^Invalid weight_decay value: -0\.100000\d*, the schedule's value at count 1 "
+                 r"\(must be >= 0\)")),
     # -- hyperparameters traced by optax.inject_hyperparams --
     Case("injected lr=-1: checkify", _injected_checkified(learning_rate=-1.0),
          reports(r"^Invalid learning_rate: -1\.0, a traced value \(must be >= 0\)")),
