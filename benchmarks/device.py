@@ -14,7 +14,7 @@ On whatever JAX sees first (GPU, TPU or CPU):
    and ``fused=True`` against the same reference.
 2. **Speed.** One float32 AdamW step (lr 1e-3, weight decay 1e-2) of
    adamw_jax per-leaf, adamw_jax flat (``adamw_jax.flatten``),
-   ``adamw_jax.fused_step`` where this version has it, ``optax.adamw`` (each
+   ``adamw_jax.fused_step``, ``optax.adamw`` (each
    jitted, params and state donated) and torch fused (on the same device
    only), on the workloads of ``benchmarks/workloads.py``: their CPU sizes on
    a CPU, scaled up to about 1B parameters on an accelerator. ms/step, GB/s at
@@ -295,13 +295,6 @@ def median_step_s(run: Callable[[int], float], settings: SpeedSettings) -> float
   return statistics.median(run(k) for _ in range(settings.reps))
 
 
-def speed_methods() -> list[str]:
-  """The timed methods: METHODS less ``adamw_jax fused_step`` where this adamw_jax has none."""
-  import adamw_jax
-  has_fused = getattr(adamw_jax, "fused_step", None) is not None
-  return [m for m in METHODS if has_fused or m != "adamw_jax fused_step"]
-
-
 def _measure(method: str, shapes: dict, device: str, settings: SpeedSettings) -> tuple[float, Optional[float]]:
   """(seconds per step, compile seconds or None) of one method; its buffers go when it returns."""
   if method == "torch fused":
@@ -340,11 +333,8 @@ def speed_row(name: str, shapes: dict, method: str, device: str, settings: Speed
 def run_speed(results: Results, device: str, settings: SpeedSettings, budget: Budget,
               write: Callable[[], None]) -> None:
   """Part 2: appends a row per workload and method until its share of the budget is spent; writes as it goes."""
-  methods = speed_methods()
-  if "adamw_jax fused_step" not in methods:
-    results.notes.append("adamw_jax.fused_step is not in this version of adamw_jax: its rows are left out.")
   for name, shapes in speed_workloads(settings.tier):
-    for method in methods:
+    for method in METHODS:
       if budget.left(SPEED_UNTIL) <= 0:
         results.notes.append(f"Speed stopped at its time share before '{name}', {method}.")
         write()
