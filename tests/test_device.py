@@ -9,9 +9,7 @@ import subprocess
 import sys
 
 import jax
-import optax
 
-import adamw_jax
 from benchmarks import device, workloads
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
