@@ -1,8 +1,8 @@
 """The public API of adamw_jax: torch.optim.AdamW as pure, chainable optax transformations.
 
 The math, the rounding and every difference from torch and optax are
-written once, in the README ("The math", "Differences from torch and optax",
-"How close to PyTorch?"); every public function's docstring has an example.
+written once, in the documentation (``docs/math.md``, ``docs/fidelity.md``);
+every public function's docstring has an example.
 """
 
 from adamw_jax._alias import adam, adamw

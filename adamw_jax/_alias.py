@@ -45,9 +45,9 @@ def adamw(
   [ 0.85 -2.  ]
 
   The math, the rounding and every deliberate difference from torch and
-  optax are written once, in the README: "The math", "Differences from torch
-  and optax", "How close to PyTorch?" and, for ``decay_mode="paper"``, "The
-  paper's decay".
+  optax are written once, in the documentation: ``docs/math.md`` (the math
+  and the differences from torch and optax), ``docs/fidelity.md`` (how close
+  to PyTorch) and, for ``decay_mode="paper"``, ``docs/paper-decay.md``.
 
   Args:
     learning_rate: a non-negative float, or a schedule ``count -> lr`` (torch's
@@ -63,7 +63,7 @@ def adamw(
     mask: which leaves are decayed: a bool pytree (full, or a prefix of the
       params), or a callable ``params -> mask``. All leaves get the Adam step.
       For parameters kept in flat buffers (:func:`adamw_jax.flatten`) it is
-      written for the model's tree (README, "Flat buffers").
+      written for the model's tree (``docs/flat.md``).
     eps_root: added to the bias-corrected second moment inside the square root.
     mu_dtype: dtype of the first moment (default: the parameter's).
     nu_dtype: dtype of the second moment (default: the parameter's).
@@ -78,7 +78,7 @@ def adamw(
       computed in float32, rounded up or down without bias, torchao's
       ``bf16_stochastic_round``) or ``"kahan"`` (a compensation buffer in the
       state keeps what rounding lost, torch-optimi's ``kahan_sum``). Leaves of
-      other dtypes are written as with ``"nearest"``. README, "Low-memory AdamW".
+      other dtypes are written as with ``"nearest"``. See ``docs/low-memory.md``.
     rounding_seed: the seed of the PRNG key in the state, with ``"stochastic"``
       (None: 0).
     moment_bits: ``8``: moments of leaves of at least 4096 elements (a multiple
@@ -99,8 +99,8 @@ def adamw(
       ``init``, parameters that are not floating-point or complex arrays and a
       mask that does not match them, naming the path. Values known only inside
       the compiled step (``optax.inject_hyperparams``, later values of a
-      schedule) are checked under ``jax.experimental.checkify`` (README, "Bad
-      inputs and non-finite gradients").
+      schedule) are checked under ``jax.experimental.checkify``
+      (``docs/bad-inputs.md``).
 
   References:
     Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.

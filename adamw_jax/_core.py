@@ -1,7 +1,7 @@
 """The Adam-family gradient transformation behind ``scale_by_adam``, ``adamw`` and ``adam``.
 
 The math and every deliberate difference from torch and optax are written
-once, in the README ("The math", "Differences from torch and optax"); this
+once, in ``docs/math.md`` (the math, the differences from torch and optax); this
 module wires the hyperparameters, the state, the per-step scalars and the two
 twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together.
 """
@@ -261,7 +261,7 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
 def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any,
                           nu_dtype: Any) -> optax.GradientTransformation:
-  """The transform with ``param_rounding`` or ``moment_bits`` on: README, "Low-memory AdamW"."""
+  """The transform with ``param_rounding`` or ``moment_bits`` on: ``docs/low-memory.md``."""
 
   def init_fn(params):
     check_params(params, step.name)

@@ -283,7 +283,7 @@ def _sharding(leaf):
   return None if isinstance(leaf, jax.core.Tracer) else leaf.sharding
 
 
-def flatten(params, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams:
+def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams:
   """`params` packed into one flat buffer per dtype: a :class:`FlatParams`.
 
   >>> import jax.numpy as jnp, adamw_jax

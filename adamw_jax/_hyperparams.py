@@ -219,8 +219,8 @@ def check_traced(name: str, value: jax.Array, context: str = "", *args: jax.Arra
   Only with ``ADAMW_JAX_CHECKIFY=1`` (:func:`traced_checks`). It then
   compiles to no operation unless the step runs under
   ``jax.experimental.checkify.checkify``, which reports the message; the
-  outcome without checkify is the README's ("Bad inputs and non-finite
-  gradients"). `context` is appended to the message, with ``{}`` for each of `args`.
+  outcome without checkify is in ``docs/bad-inputs.md``. `context` is
+  appended to the message, with ``{}`` for each of `args`.
   """
   if not traced_checks():
     return

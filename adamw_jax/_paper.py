@@ -4,7 +4,7 @@
 (Algorithm 2, line 12), where ``eta_t`` is the schedule multiplier and the base
 learning rate ``alpha`` does not enter; torch, optax and apex decay by
 ``lr_t * lambda = alpha * eta_t * lambda``. ``adamw(..., decay_mode="paper")``
-gives the paper's form (README, "The paper's decay"); this module adds the
+gives the paper's form (``docs/paper-decay.md``); this module adds the
 paper's normalized weight decay and warm restarts (AdamWR, built on optax
 schedules), both from its appendix.
 """

@@ -3,8 +3,8 @@
 Chained as ``optax.chain(scale_by_adam(), add_decayed_weights(wd),
 optax.scale_by_learning_rate(lr))`` they give AdamW, but one ulp-level rounding
 differs from torch at each of the three joins; :func:`adamw_jax.adamw` runs the
-same kernel in one piece and reproduces torch's rounding (README, "How close
-to PyTorch?").
+same kernel in one piece and reproduces torch's rounding
+(``docs/fidelity.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def scale_by_adam(
   sqrt(1 - b2**t) + eps)`` with torch's rounding. ``amsgrad`` takes the running
   maximum of the raw second moment before bias correction, as torch does;
   ``maximize`` negates the gradient first. The state is a
-  :class:`ScaleByAdamState`. The math: README, "The math".
+  :class:`ScaleByAdamState`. The math: ``docs/math.md``.
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> tx = adamw_jax.scale_by_adam()

@@ -1,4 +1,4 @@
-"""How close to PyTorch? Writes benchmarks/results/fidelity.md (the README's tables).
+"""How close to PyTorch? Writes benchmarks/results/fidelity.md (the tables of docs/fidelity.md).
 
 Run from the repository root:  python -m benchmarks.fidelity
 

@@ -2,7 +2,7 @@
 
     python notebooks/build.py            # rewrite the four notebooks from the cells below
     python notebooks/build.py --images   # also execute them with SAVE_IMAGES=1, which saves
-                                         # the figures the README shows into notebooks/images/
+                                         # the figures the docs show into notebooks/images/
 
 The cells live here, as Python strings, so that the notebooks stay reviewable
 as code and are stored without stale outputs; CI (tests/test_notebooks.py)
@@ -168,7 +168,7 @@ QUICKSTART = [
       (~1e-7 here). That residue comes from the convolutions, which XLA and
       PyTorch sum in different orders, not from the optimizer: on identical
       gradients `adamw_jax.adamw` lands on torch's parameters
-      (README, "How close to PyTorch?").
+      (docs/fidelity.md, "How close to PyTorch?").
     * The decay is torch's: each step multiplies a decayed kernel by
       `1 - lr_t * weight_decay`. For the paper's form, where the decay does not
       scale with the base learning rate, see `decay_mode="paper"` and
@@ -363,7 +363,7 @@ ADAM_VS_ADAMW = [
 
     The numbers above are regenerated on every execution; these remarks were
     written from them (three seeds, CPU, deterministic) and hold for the
-    figure in the README.
+    figure in the docs (getting-started.md).
 
     * **AdamW in torch's form is decoupled here.** One `weight_decay` (1) is
       within seed noise of the best for every good learning rate: tune the lr,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 import re
 import sys
 import time
@@ -31,11 +30,11 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adamw_jax
+from tests import docs_pages
 
 MARKER = "RESULTS "
 N = 8
 AXIS = "fsdp"
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
 _COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
@@ -406,23 +405,21 @@ for _name in ("amsgrad_bf16_leaf", "clip_by_global_norm"):
 
 
 # --------------------------------------------------------------------------
-# The README's example
+# The docs' 8-device example (docs/scaling-out.md)
 # --------------------------------------------------------------------------
 
-def readme_blocks() -> list[str]:
-  text = README.read_text()
-  start = text.index("## Scaling out")
-  end = text.find("\n## ", start + 5)
-  return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
+def docs_blocks() -> list[docs_pages.Block]:
+  """The blocks marked ``<!-- docs-test: 8-devices -->``: tests/test_docs.py leaves them to this check."""
+  return [b for p in docs_pages.pages() for b in docs_pages.blocks(p) if b.marker == docs_pages.EIGHT_DEVICES]
 
 
-@check("readme_scaling_out_example")
-def _readme() -> str:
-  blocks = readme_blocks()
-  assert blocks, "no python block in the README's Scaling out section"
-  namespace: dict = {"__name__": "readme"}
-  for i, code in enumerate(blocks):
-    exec(compile(code, f"README: Scaling out, block {i}", "exec"), namespace)  # noqa: S102
+@check("docs_scaling_out_example")
+def _docs_example() -> str:
+  blocks = docs_blocks()
+  assert blocks, "no block of the docs is marked for 8 devices"
+  namespace: dict = {"__name__": "docs"}
+  for block in blocks:
+    exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
   return f"ran {len(blocks)} python block(s)"
 
 

@@ -4,14 +4,13 @@ Every row says what happens to one input: refused (when the transform is
 built, at ``init``, or when the step is traced) with a message naming what is
 wrong; reported by ``checkify`` (values known only inside the compiled step);
 or accepted, with the outcome stated and checked (torch's, where torch has
-one). The README's "Bad inputs and non-finite gradients" is this table in
-words.
+one). docs/bad-inputs.md ("Bad inputs and non-finite gradients") is this
+table in words.
 """
 
 from __future__ import annotations
 
 import collections
-import pathlib
 import re
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -25,7 +24,7 @@ import torch
 from jax.experimental import checkify
 
 import adamw_jax
-from tests import test_errors
+from tests import docs_pages, test_errors
 from tests.torch_reference import to_numpy, to_tensor
 
 INF, NAN = float("inf"), float("nan")
@@ -654,17 +653,16 @@ def test_traced_checks_are_off_by_default(monkeypatch):
   assert jax.make_jaxpr(tx.update)(_grads(), state, _params()).effects
 
 
-def test_readme_checkify_example():
-  """The README's example runs and reports what its comment says."""
-  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = text.split("### Checked only under `checkify`", 1)[1].split("\n### ", 1)[0]
-  code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  namespace = {"jax": jax, "jnp": jnp, "optax": optax, "adamw_jax": adamw_jax,
-               "params": _params(), "grads": _grads()}
-  with pytest.raises(checkify.JaxRuntimeError, match=r"Invalid learning_rate: -1\.0"):
-    exec(compile(code, "README: Checked only under checkify", "exec"), namespace)  # noqa: S102
-  comment = re.search(r"err\.get\(\)\s+# '(.*)'", code).group(1)
+def test_docs_checkify_example(monkeypatch):
+  """The example of docs/bad-inputs.md runs and reports what its comment says."""
+  block = docs_pages.section(docs_pages.page("bad-inputs.md"), "Checked only under `checkify`")[0]
+  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "0")  # restored after the example sets it
+  namespace: dict = {}
+  exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+  comment = re.search(r"err\.get\(\)\s+# '(.*)'", block.code).group(1)
   assert namespace["err"].get() == comment
+  with pytest.raises(checkify.JaxRuntimeError, match=r"Invalid learning_rate: -1\.0"):
+    namespace["err"].throw()
 
 
 # --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 float64 runs prove the semantics (every tensor within 1e-12 relative); float32
 runs measure fidelity against torch's own spread, max|torch fused - torch
 single-tensor|, and require the moments to be bitwise torch's on every step.
-The numbers printed here (``pytest -s``) are the README's table.
+The numbers printed here (``pytest -s``) are the table of docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_float32_public_chain():
   torch rounds the decay factor (1 - lr*wd) to float32 (a relative error up to
   3e-8 of the factor, i.e. up to 0.3 % of the decay itself, the same every
   step); the chain computes p - lr*(u + wd*p) and cannot see that rounding, so
-  it drifts from torch like optax.adamw does (README, "How close to PyTorch?").
+  it drifts from torch like optax.adamw does (docs/fidelity.md).
   Its moments are still torch's, bit for bit.
   """
   case = ref.CHAIN
@@ -138,7 +138,7 @@ def test_division_by_bc2_sqrt_is_correctly_rounded(size):
   """Both ways the kernel divides by sqrt(1 - b2**t) give IEEE's a / b, special values included.
 
   `a` is sqrt(v): 0, inf, NaN or within [sqrt(FLT_MIN), sqrt(FLT_MAX)] (XLA on
-  CPU flushes subnormal v to zero; README, "How close to PyTorch?").
+  CPU flushes subnormal v to zero; docs/fidelity.md).
   """
   import jax.numpy as jnp
 

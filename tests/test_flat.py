@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import pathlib
 import subprocess
 import sys
 from typing import Any, Callable, NamedTuple, Optional
@@ -23,6 +22,7 @@ import optax
 import pytest
 
 import adamw_jax
+from tests import docs_pages
 
 # --------------------------------------------------------------------------
 # Helpers
@@ -446,17 +446,16 @@ def test_sharded_leaves_stay_whole_and_train_like_the_per_leaf_path():
 
 
 # --------------------------------------------------------------------------
-# The README's example
+# The docs' example (docs/flat.md)
 # --------------------------------------------------------------------------
 
 
-def test_readme_flat_buffers_example_runs_as_written():
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  title = "## Flat buffers: the fast path for many small leaves\n"
-  section = readme.split(title, 1)[1].split("\n## ", 1)[0]
-  code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  expected = section.split("```text\n", 1)[1].split("```", 1)[0]
+def test_docs_flat_buffers_example_runs_as_written():
+  blocks = docs_pages.section(docs_pages.page("flat.md"), "Flat buffers: the fast path for many small leaves",
+                              lang=None)
+  code = next(b for b in blocks if b.lang == "python")
+  expected = next(b for b in blocks if b.lang == "text")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    exec(compile(code, "README: Flat buffers", "exec"), {})  # noqa: S102
-  assert out.getvalue() == expected
+    exec(compile(code.code, code.where, "exec"), {})  # noqa: S102
+  assert out.getvalue() == expected.code

@@ -9,8 +9,6 @@ the same gradients: moments bit for bit, parameters within torch's own spread
 from __future__ import annotations
 
 import collections
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ import torch
 from flax import nnx
 
 import adamw_jax
-from tests import torch_reference as ref
+from tests import docs_pages, torch_reference as ref
 from tests.paths import by_path
 
 HALF = 50
@@ -29,7 +27,6 @@ NAMES = sorted(ref.SHAPES)  # the torch parameters in the order of the JAX dict'
 
 # One of each kind of math (the others differ only in numbers): AdamW, AMSGrad, maximize,
 # complex, Adam + L2. A torch LR scheduler is refused (see the error table).
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 CASES = [c for c in ref.CASES if c.name in
          ("default", "amsgrad", "maximize", "complex", "adam+L2", "adam amsgrad+maximize")]
@@ -357,14 +354,12 @@ def test_names_from_named_parameters():
   np.testing.assert_equal(np.asarray(state.mu["fc"]["kernel"]), opt.state[model.fc.weight]["exp_avg"].numpy().T)
 
 
-def test_readme_example(tmp_path, monkeypatch):
-  """The README's "Moving a run between PyTorch and JAX" example runs as written."""
-  section = README.read_text().split("## Moving a run between PyTorch and JAX\n", 1)[1].split("\n## ", 1)[0]
-  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-  assert blocks, "no python block in the README's section"
+def test_docs_example(tmp_path, monkeypatch):
+  """The example of docs/migrating.md ("Moving a run between PyTorch and JAX") runs as written."""
+  blocks = docs_pages.section(docs_pages.page("migrating.md"), "Moving a run between PyTorch and JAX")
   monkeypatch.chdir(tmp_path)  # it writes a checkpoint to ckpt/
-  for i, code in enumerate(blocks):
-    exec(compile(code, f"README: Moving a run, block {i}", "exec"), {})  # noqa: S102
+  for block in blocks:
+    exec(compile(block.code, block.where, "exec"), {})  # noqa: S102
   assert (tmp_path / "ckpt" / "opt_state").is_dir()
 
 

@@ -1,7 +1,7 @@
 """decay_mask, describe_mask, and masks of every kind in adamw, adam, add_decayed_weights, masked.
 
-Also runs the README's "Weight-decay masks and parameter groups" recipes and
-checks the tables and messages printed there.
+Also runs the recipes of docs/masks.md ("Weight-decay masks and parameter
+groups") and checks the tables and messages printed there.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import doctest
 import functools
 import io
-import pathlib
 import re
 
 import equinox as eqx
@@ -24,6 +23,7 @@ import pytest
 from flax import nnx
 
 import adamw_jax
+from tests import docs_pages
 from tests.paths import by_path
 from adamw_jax import _masks
 
@@ -599,21 +599,16 @@ def test_callable_pytree_mask_is_not_called():
 
 
 # --------------------------------------------------------------------------
-# The README's recipes
+# The recipes of docs/masks.md
 # --------------------------------------------------------------------------
 
-_README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
-
-def _readme_recipes() -> dict[str, list[tuple[str, str]]]:
-  text = _README.read_text()
-  start = text.index("## Weight-decay masks and parameter groups")
-  end = text.find("\n## ", start + 5)
-  section = text[start:end if end > 0 else None]
-  recipes = {}
-  for part in re.split(r"\n### ", section)[1:]:
-    title = part.splitlines()[0]
-    recipes[title] = re.findall(r"```(\w*)\n(.*?)```", part, re.S)
+def _docs_recipes() -> dict[str, list[docs_pages.Block]]:
+  """The page's blocks by subsection title."""
+  recipes: dict[str, list[docs_pages.Block]] = {}
+  for block in docs_pages.blocks(docs_pages.page("masks.md")):
+    if len(block.headings) > 1:
+      recipes.setdefault(block.headings[1], []).append(block)
   return recipes
 
 
@@ -625,30 +620,30 @@ _RECIPE_CHECKS = {
 }
 
 
-def test_readme_has_the_three_recipes_and_groups():
-  assert set(_readme_recipes()) == {*_RECIPE_CHECKS, "Parameter groups: torch's `param_groups`"}
+def test_docs_have_the_three_recipes_and_groups():
+  assert set(_docs_recipes()) == {*_RECIPE_CHECKS, "Parameter groups: torch's `param_groups`"}
 
 
 @pytest.mark.parametrize("title", sorted(_RECIPE_CHECKS) + ["Parameter groups: torch's `param_groups`"])
-def test_readme_recipe(title):
+def test_docs_recipe(title):
   """Runs the recipe's python blocks; a ```text block right after one is its exact output."""
-  blocks = _readme_recipes()[title]
+  blocks = _docs_recipes()[title]
   namespace: dict = {}
   checked = 0
-  for i, (lang, code) in enumerate(blocks):
-    if lang != "python":
+  for i, block in enumerate(blocks):
+    if block.lang != "python":
       continue
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      exec(compile(code, f"README: {title}", "exec"), namespace)  # noqa: S102
-    if i + 1 < len(blocks) and blocks[i + 1][0] == "text":
-      assert out.getvalue().rstrip("\n") == blocks[i + 1][1].rstrip("\n")
+      exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+    if i + 1 < len(blocks) and blocks[i + 1].lang == "text":
+      assert out.getvalue().rstrip("\n") == blocks[i + 1].code.rstrip("\n")
       checked += 1
   assert checked >= 1
   if title in _RECIPE_CHECKS:
     assert _RECIPE_CHECKS[title](namespace)
   else:
-    _check_readme_groups(namespace)
+    _check_docs_groups(namespace)
 
 
 def _partition(tx, params) -> set[frozenset[str]]:
@@ -660,16 +655,16 @@ def _partition(tx, params) -> set[frozenset[str]]:
   return set(groups)
 
 
-def _check_readme_groups(ns):
-  """The README's three ways of writing the groups split the same way; its messages are real."""
+def _check_docs_groups(ns):
+  """The page's three ways of writing the groups split the same way; its messages are real."""
   params = nnx.as_pure(ns["params"])
   split = _partition(ns["by_rule"], params)
   assert split == {frozenset({"layers/0/kernel", "layers/2/kernel"}),
                    frozenset({"layers/0/bias", "layers/1/bias", "layers/1/scale", "layers/2/bias"})}
   assert _partition(ns["by_rest"], params) == split
   assert _partition(ns["by_label"], params) == split
-  errors = [b for lang, b in _readme_recipes()["Parameter groups: torch's `param_groups`"]
-            if lang == "text" and b.startswith("ValueError")][0].splitlines()
+  errors = [b.code for b in _docs_recipes()["Parameter groups: torch's `param_groups`"]
+            if b.lang == "text" and b.code.startswith("ValueError")][0].splitlines()
   raised = []
   for make in (
       lambda: adamw_jax.param_groups({"no_decay": (r"(^|/)bias$", {"weight_decay": 0.0}),

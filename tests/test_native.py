@@ -315,7 +315,7 @@ print(len(mine), mine[0] if mine else "")
 
 
 def test_fused_step_in_a_linen_train_state():
-  """The README's Linen loop: fused_step on a TrainState equals apply_gradients bit for bit."""
+  """The Linen loop of docs/native.md: fused_step on a TrainState equals apply_gradients bit for bit."""
   import flax.linen as nn
   from flax.training import train_state
 
@@ -348,7 +348,7 @@ def test_fused_step_in_a_linen_train_state():
 
 
 def test_fused_step_with_nnx():
-  """The README's NNX loop: split the model, fused_step on its nnx.Param state, merge back."""
+  """The NNX loop of docs/native.md: split the model, fused_step on its nnx.Param state, merge back."""
   from flax import nnx
 
   class MLP(nnx.Module):

@@ -3,7 +3,7 @@
 One test per notebook, so a notebook added to notebooks/ is picked up without
 editing this file. Each runs in a fresh python3 (ipykernel) kernel with
 notebooks/ as working directory, as a reader would run it; without
-SAVE_IMAGES the notebooks do not overwrite the README's figures
+SAVE_IMAGES the notebooks do not overwrite the figures the docs show
 (``python notebooks/build.py --images`` regenerates those).
 """
 

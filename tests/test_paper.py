@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import pytest
 
 import adamw_jax
 from adamw_jax import _hyperparams
-from tests import torch_reference as ref
+from tests import docs_pages, torch_reference as ref
 
 
 def decay_factor(tx: optax.GradientTransformation, count) -> jax.Array:
@@ -119,7 +117,7 @@ def run_checked_against_torch(case: ref.Case, params, grads, steps: int) -> ref.
   """Our run of `case`, asserted to be torch.optim.AdamW's (moments bitwise every step).
 
   The parameters are torch's up to its square root: torch's single-tensor sqrt
-  (MKL) is not correctly rounded for ~0.7 % of inputs (README, "How close to
+  (MKL) is not correctly rounded for ~0.7 % of inputs (docs/fidelity.md, "How close to
   PyTorch?"), so a few parameters differ in the last bit.
   """
   states, on_step = ref.recorder(case)
@@ -300,14 +298,12 @@ def test_bad_inputs(make, error, match):
     make()
 
 
-def test_readme_section_runs():
-  """The README's "The paper's decay" code block builds what it says it builds."""
-  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = text.split("## The paper's decay (decay_mode=\"paper\")", 1)[1].split("\n## ", 1)[0]
-  blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def test_docs_section_runs():
+  """The code block of docs/paper-decay.md builds what it says it builds."""
+  blocks = docs_pages.section(docs_pages.page("paper-decay.md"), "The paper's decay (decay_mode=\"paper\")")
   assert len(blocks) == 1
-  namespace = {"optax": optax, "adamw_jax": adamw_jax}
-  exec(compile(blocks[0], "README: The paper's decay", "exec"), namespace)  # noqa: S102
+  namespace: dict = {}
+  exec(compile(blocks[0].code, blocks[0].where, "exec"), namespace)  # noqa: S102
   # 0.05 * sqrt(128 / (50_000 * 100)) = 0.05 * 0.00505964... = 2.5298221281347037e-4.
   assert namespace["lam"] == pytest.approx(2.5298221281347037e-4, rel=1e-12)
   restarts = namespace["restarts"]

@@ -56,7 +56,7 @@ def test_checks_cover_the_issue():
   assert {"fsdp_init[amsgrad_bf16_leaf-auto-jit]", "fsdp_init[amsgrad_bf16_leaf-explicit-jit]",
           "fsdp_init[amsgrad_bf16_leaf-auto-eager]", "fsdp_step[decay_mask_schedule]",
           "fsdp_step[amsgrad_bf16_leaf]", "fsdp_update_hlo[clip_by_global_norm-auto]",
-          "readme_scaling_out_example"} <= names
+          "docs_scaling_out_example"} <= names
   assert any(c.bf16_leaf for c in sharded_checks.CONFIGS.values())
   assert any(c.global_reduction for c in sharded_checks.CONFIGS.values())
 

@@ -1,7 +1,7 @@
 """Side-by-side runs of torch.optim.AdamW/Adam and adamw_jax on the same gradients.
 
 Shared by the fidelity tests and ``benchmarks/fidelity.py`` (which prints the
-README's "How close to PyTorch?" table).
+table of docs/fidelity.md, "How close to PyTorch?").
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def max_rel(a, b) -> float:
 
 
 def reference_workload(n: int = 100_000, steps: int = 1000, seed: int = 0):
-  """The README's reference workload: N(0,1) params, 50 gradients 10^U(-6,2) cycled, x(1+0.01t)."""
+  """The reference workload of docs/fidelity.md: N(0,1) params, 50 gradients 10^U(-6,2) cycled, x(1+0.01t)."""
   rng = np.random.default_rng(seed)
   params = {"w": rng.standard_normal(n).astype(np.float32)}
   bank = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 2, n)).astype(np.float32)

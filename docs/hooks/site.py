@@ -1,0 +1,74 @@
+"""mkdocs hooks: the package's version in the site name, the README as the home page, repository files.
+
+The home page (``docs/index.md``) is the README, with its links into ``docs/``
+made relative to the site.
+
+The pages link files outside ``docs/`` as ``../path`` (so the links also work
+when the Markdown is read in the repository); these hooks copy each such file
+into the site under ``_repo/`` and point the link there. A link to a file that
+does not exist is a warning, which ``mkdocs build --strict`` turns into an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import pathlib
+import re
+
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_PREFIX = "_repo/"
+_LINK = re.compile(r"\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
+log = logging.getLogger("mkdocs.hooks.site")
+
+
+def package_version() -> str:
+  """``__version__`` from ``adamw_jax/_version.py``, read without importing the package."""
+  tree = ast.parse((ROOT / "adamw_jax" / "_version.py").read_text())
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+      return ast.literal_eval(node.value)
+  raise RuntimeError("adamw_jax/_version.py defines no __version__")
+
+
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+  version = package_version()
+  config.site_name = f"{config.site_name} {version}"
+  config.extra["version"] = version
+  return config
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+  """Adds every repository file a page links as ``../path`` to the site, under ``_repo/``."""
+  docs = pathlib.Path(config.docs_dir)
+  targets: set[str] = set()
+  for page in docs.glob("*.md"):
+    targets.update(m.group(1) for m in _LINK.finditer(page.read_text()))
+  for target in sorted(targets):
+    path = ROOT / target
+    if path.is_file() and ROOT in path.resolve().parents:
+      files.append(File.generated(config, REPO_PREFIX + target, abs_src_path=str(path)))
+  return files
+
+
+def readme_for_site() -> str:
+  """The README, its links into ``docs/`` (and to the changelog) made relative to the site."""
+  text = (ROOT / "README.md").read_text()
+  return re.sub(r"\]\(docs/", "](", text).replace("](CHANGELOG.md)", "](changelog.md)")
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+  if page.file.src_uri == "index.md":
+    markdown = readme_for_site()
+  def repoint(m: re.Match) -> str:
+    target, anchor = m.group(1), m.group(2) or ""
+    if files.get_file_from_path(REPO_PREFIX + target) is None:
+      log.warning("%s links ../%s, which is not a file of the repository", page.file.src_uri, target)
+      return m.group(0)
+    return f"]({REPO_PREFIX}{target}{anchor})"
+  return _LINK.sub(repoint, markdown)
+
