@@ -21,7 +21,7 @@ import os
 import sys
 import zlib
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,9 @@ def _nnx_optimizer(x) -> bool:
 def _pure(tree):
   """The arrays of `tree`: an ``nnx.Optimizer`` becomes its pure state (step and opt_state)."""
   if _nnx_optimizer(tree):
-    return _nnx().as_pure(_nnx().state(tree))
+    nnx = _nnx()
+    assert nnx is not None  # loaded: there is an nnx.Optimizer
+    return nnx.as_pure(nnx.state(tree))
   return _tree.unbox_all(tree)
 
 
@@ -95,7 +97,9 @@ def _crc(x) -> Optional[int]:
   """CRC-32 of an array's bytes in C order; None where this process does not hold all of it."""
   if not getattr(x, "is_fully_addressable", True):
     return None
-  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))
+  data = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+  # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12.
+  return zlib.crc32(data)  # pyright: ignore[reportArgumentType]
 
 
 def _crcs(tree) -> dict[str, Optional[int]]:
@@ -174,7 +178,7 @@ def _compare_config(saved: Optional[Mapping], given: Optional[Mapping], director
   what = f"restore_opt_state: the checkpoint at {directory!r} was saved with another config"
   if saved is None:
     raise ValueError(f"{what}: it has none, and config={dict(given)!r} was given.")
-  given = json.loads(json.dumps(given))  # tuples -> lists, as stored
+  given = cast(Mapping, json.loads(json.dumps(given)))  # tuples -> lists, as stored
   for key in sorted(set(saved) | set(given)):
     if saved.get(key, "<missing>") != given.get(key, "<missing>"):
       raise ValueError(f"{what}: {key!r} is {saved.get(key, '<missing>')!r} in the checkpoint "
@@ -281,7 +285,9 @@ def restore_opt_state(directory: str | os.PathLike, target: Any, *,
     restored = _read_arrays(ckptr, ocp, path, tree)
   _verify(meta, restored, path)
   if _nnx_optimizer(target):
-    _nnx().update(target, restored)
+    nnx = _nnx()
+    assert nnx is not None  # loaded: there is an nnx.Optimizer
+    nnx.update(target, restored)
     return target
   return restored
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -39,7 +40,7 @@ class ScaleByAdamState(NamedTuple):
       ``max_exp_avg_sq``), else None.
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  # shadows tuple.count
   mu: Any
   nu: Any
   nu_max: Any
@@ -64,11 +65,11 @@ class AdamUpdate:
   def __init__(self, update: Callable, step: Callable):
     self._update, self._step = update, step
 
-  def __call__(self, updates: Any, state: ScaleByAdamState, params: Any = None, **extra_args):
+  def __call__(self, updates: Any, state: optax.OptState, params: Any = None, **extra_args):
     del extra_args
     return self._update(updates, state, params)
 
-  def step(self, grads: Any, state: ScaleByAdamState, params: Any):
+  def step(self, grads: Any, state: optax.OptState, params: Any):
     return self._step(grads, state, params)
 
 
@@ -92,8 +93,8 @@ def check_count(count: Any, what: str) -> None:
   (:func:`_check_count_traced`), as reading it here would cost a device round
   trip per step.
   """
-  integer = (isinstance(count, (int, np.integer)) and not isinstance(count, bool)) or (
-      hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer))
+  integer = (hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer)) or (
+      isinstance(count, (int, np.integer)) and not isinstance(count, bool))
   if not integer or np.ndim(count) != 0:
     raise TypeError(
         f"{what}: the state's count must be an integer scalar (int32: the number of steps "
@@ -194,11 +195,12 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     with_params = learning_rate is not None and params is not None and needs_params
     count = state.count
     _check_count_traced(count, name)
-    new_count = optax.safe_increment(count)
+    new_count = cast(jax.Array, optax.safe_increment(count))  # typed ArrayLike, is an Array
     z = _steer.opaque_zero(new_count)
     lr, wd = _scalars.schedules_at(s, count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
-    how = dict(z=z, maximize=maximize, decoupled=decoupled, with_params=with_params, fused=fused)
+    how: dict[str, Any] = dict(z=z, maximize=maximize, decoupled=decoupled,
+                               with_params=with_params, fused=fused)
 
     def scalars_for(dtype):
       if dtype not in cache:
@@ -260,13 +262,15 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
 
 def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any,
-                          nu_dtype: Any) -> optax.GradientTransformation:
+                          nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
   """The transform with ``param_rounding`` or ``moment_bits`` on: ``docs/low-memory.md``."""
 
-  def init_fn(params):
+  def init_fn(params) -> optax.OptState:
     check_params(params, step.name)
-    return _lowmem.init(options, params, name=step.name, amsgrad=step.amsgrad,
-                        moment_dtype=_moment_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    state = _lowmem.init(options, params, name=step.name, amsgrad=step.amsgrad,
+                         moment_dtype=_moment_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    # optax's OptState (ArrayTree) has no None, which a pytree node may be (state.key).
+    return state  # pyright: ignore[reportReturnType]
 
   return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(*_lowmem.functions(options, step)))
 

@@ -26,6 +26,7 @@ import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax import lax

@@ -16,15 +16,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
 Scalar = Union[float, jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.typing.ArrayLike]]
 Kind = Literal["number", "flag", "dtype", "mask", "choice"]
 Rule = tuple[Callable[[Any], Any], str]
 """``(predicate, what it must be)``; the predicate takes a float or a traced scalar."""
@@ -157,14 +158,14 @@ def torch_keyed() -> tuple[Hyperparameter, ...]:
 
 def torch_keys() -> tuple[str, ...]:
   """torch's param-group keys that from_torch reads: the hyperparameters' and AdamW-or-Adam."""
-  return tuple(dict.fromkeys(h.torch for h in torch_keyed())) + (TORCH_DECOUPLED,)
+  return tuple(dict.fromkeys(cast(str, h.torch) for h in torch_keyed())) + (TORCH_DECOUPLED,)
 
 
 def torch_renamed() -> dict[str, str]:
   """torch's param-group key -> the names it has here, where they differ (``'lr'``, ``'betas'``)."""
   names: dict[str, list[str]] = {}
   for h in torch_keyed():
-    names.setdefault(h.torch, []).append(h.name)
+    names.setdefault(cast(str, h.torch), []).append(h.name)
   return {key: " and ".join(n) for key, n in names.items() if n != [key]}
 
 
@@ -195,6 +196,7 @@ def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
 
 def _valid(hp: Hyperparameter, x: Any) -> Any:
   """Whether `x` (a float or a traced scalar) satisfies `hp`'s rule; NaN never does."""
+  assert hp.rule is not None  # a number's
   return ~jnp.isnan(x) & hp.rule[0](x) if isinstance(x, jax.Array) else (
       not math.isnan(x) and bool(hp.rule[0](x)))
 
@@ -213,7 +215,8 @@ def traced_checks() -> bool:
   return os.environ.get(CHECKIFY_ENV, "0") == "1"
 
 
-def check_traced(name: str, value: jax.Array, context: str = "", *args: jax.Array) -> None:
+def check_traced(name: str, value: jax.typing.ArrayLike, context: str = "",
+                  *args: jax.Array) -> None:
   """A check of a value known only inside the trace: a ``checkify.debug_check``.
 
   Only with ``ADAMW_JAX_CHECKIFY=1`` (:func:`traced_checks`). It then
@@ -225,6 +228,7 @@ def check_traced(name: str, value: jax.Array, context: str = "", *args: jax.Arra
   if not traced_checks():
     return
   hp = BY_NAME[name]
+  assert hp.rule is not None  # a number's
   x = jnp.asarray(value)
   checkify.debug_check(_valid(hp, x), f"{hp.label}: {{}}{context} ({hp.rule[1]})", x,
                        *(jnp.asarray(a) for a in args))
@@ -239,6 +243,7 @@ def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
     return
   x = _concrete_scalar(first, hp)
   if x is not None and not _valid(hp, x):
+    assert hp.rule is not None  # a number's
     raise ValueError(f"{hp.label}: the schedule returns {x} at step 0 ({hp.rule[1]})")
 
 
@@ -261,6 +266,7 @@ def check(name: str, value: Any) -> None:
   if x is None:
     check_traced(name, value, ", a traced value")
   elif not _valid(hp, x):
+    assert hp.rule is not None  # a number's
     raise ValueError(f"{hp.label}: {x} ({hp.rule[1]})")
 
 

@@ -369,7 +369,8 @@ def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
   order = [p for p, _ in _leaf_paths(states[0].mu)]
   out: dict[str, tuple] = {}
   for s in states:
-    cols = [dict(_leaf_paths(t)) if t is not None else None for t in (s.mu, s.nu, s.nu_max)]
+    cols: list[Any] = [dict(_leaf_paths(t)) if t is not None else None
+                       for t in (s.mu, s.nu, s.nu_max)]
     for path, m in cols[0].items():
       if _is_masked(m):
         continue
@@ -432,6 +433,7 @@ def to_torch_state_dict(
   if isinstance(tx_or_optimizer, torch.optim.Optimizer):
     opt = tx_or_optimizer
     sd, tensors = _read_optimizer(what, opt)
+    assert tensors is not None  # an optimizer's
     groups = [dict(g) for g in sd["param_groups"]]
     missing = [p for p in order if p not in entries]
     if missing:
@@ -442,7 +444,7 @@ def to_torch_state_dict(
                    {p: entries[p][1].shape for p in order}, mapping)
     shapes = {i: tuple(t.shape) for i, t in zip((s.index for s in slots), tensors)}
   else:
-    config = _CONFIGS.get(getattr(tx_or_optimizer, "init", None)) if callable(
+    config = _CONFIGS.get(tx_or_optimizer.init) if callable(
         getattr(tx_or_optimizer, "init", None)) else None
     if config is None:
       raise TypeError(f"{what}: expected the torch optimizer to load the state into, or a "

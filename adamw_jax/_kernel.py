@@ -31,7 +31,7 @@ that the results do not change by a bit.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, overload
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,7 @@ def _real_step(
     # and change which multiplication it fuses into an FMA.
     g = _steer.rounded(-grad, z) if maximize else grad
     if l2 is not None:
+      assert param is not None  # Adam's L2 term reads the parameter
       g = l2 * param + g
     m = c.one_minus_b1 * (g - mu) + mu
     # Only one product may reach each addition, or XLA picks which one to fuse.
@@ -134,15 +135,20 @@ def _real_kernel(
   would make the parameter loop read the old moments after the moment loops
   overwrote them in place (a copy each), so it is only used with the flag.
   """
-  kw = dict(z=z, maximize=maximize, l2=l2, decay=decay)
+  kw: dict[str, Any] = dict(z=z, maximize=maximize, l2=l2, decay=decay)
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
   if _steer.multi_output_fusion():
     hide = lambda x: None if x is None else _steer.rounded(x, z)  # noqa: E731
-    out = _real_step(hide(grad), mu, hide(nu), nu_max, hide(param), c, **kw)[0]
+    out = _real_step(_steer.rounded(grad, z), mu, _steer.rounded(nu, z), nu_max, hide(param), c,
+                     **kw)[0]
   return out, m, v, vm
 
 
-def _components(x: Optional[jax.Array]):
+@overload
+def _components(x: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def _components(x: Optional[jax.Array]) -> tuple[Optional[jax.Array], Optional[jax.Array]]: ...
+def _components(x: Optional[jax.Array]) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
   """torch's view_as_real: the real and imaginary parts as separate elements."""
   if x is None:
     return (None, None)
@@ -186,6 +192,7 @@ def adam_leaf(
   elif complex_:
     if l2 is not None:
       # torch adds the L2 term in complex arithmetic, before view_as_real.
+      assert param is not None  # Adam's L2 term reads the parameter
       grad = (-grad if maximize else grad) + l2 * param
       maximize = False
       l2 = None
@@ -198,18 +205,18 @@ def adam_leaf(
     (out_re, m_re, v_re, vm_re), (out_im, m_im, v_im, vm_im) = parts
     out = lax.complex(out_re, out_im)
     mu_new, nu_new = lax.complex(m_re, m_im), lax.complex(v_re, v_im)
-    nu_max_new = None if nu_max is None else lax.complex(vm_re, vm_im)
+    nu_max_new = None if vm_re is None or vm_im is None else lax.complex(vm_re, vm_im)
   else:
     cdtype = jnp.result_type(*[x for x in (grad, mu, nu, param) if x is not None])
     cast = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
     out, mu_new, nu_new, nu_max_new = _real_kernel(
-        cast(grad), cast(mu), cast(nu), cast(nu_max), cast(param), c,
+        grad.astype(cdtype), mu.astype(cdtype), nu.astype(cdtype), cast(nu_max), cast(param), c,
         z=z, maximize=maximize, l2=l2, decay=decay)
   return (
       out.astype(out_dtype),
       mu_new.astype(mu.dtype),
       nu_new.astype(nu.dtype),
-      None if nu_max is None else nu_max_new.astype(nu_max.dtype),
+      None if nu_max is None or nu_max_new is None else nu_max_new.astype(nu_max.dtype),
   )
 
 

@@ -20,6 +20,7 @@ from adamw_jax import _tree
 Axes = Optional[tuple[int, ...]]
 Target = Union[str, tuple[str, Axes]]
 Mapper = Union[Mapping[str, Target], Callable[[str], Target]]
+Rename = Union[Mapping[str, str], Callable[[str], str]]  # torch module name -> Flax module path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _module_candidates(module: str) -> list[str]:
   return out
 
 
-def flax_layout(params: Any, rename: Optional[Mapper] = None) -> Callable[[str], tuple[str, Axes]]:
+def flax_layout(params: Any, rename: Optional[Rename] = None) -> Callable[[str], tuple[str, Axes]]:
   """A mapping from torch parameter names to the leaves of a Flax (Linen or NNX) model.
 
   ``"<module>.weight"`` goes to the module's ``kernel``, ``scale`` or
@@ -174,6 +175,7 @@ def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
     return [TorchParam(i, None, gi, path, None) for (gi, i), path in zip(indices, paths)]
   slots, taken = [], {}
   for (gi, i), name in zip(indices, names):
+    assert name is not None  # matched by name: param_names gives every name
     try:
       path, axes = apply_mapping(mapping, name)
     except ValueError as e:

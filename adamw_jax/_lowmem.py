@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -45,7 +46,7 @@ class LowMemoryAdamState(NamedTuple):
       for the others; else None.
   """
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  # shadows tuple.count
   mu: Any
   nu: Any
   nu_max: Any
@@ -182,15 +183,16 @@ def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp
   vm_f = None if vm is None else _load(vm, False)
   rounds = options.rounds(p)
   if rounds:
-    wide = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    g_c, m_f, v_f, vm_f, p_c = wide(g), wide(m_f), wide(v_f), wide(vm_f), wide(p)
+    wide = lambda x: x.astype(jnp.float32)  # noqa: E731
+    g_c, m_f, v_f, p_c = wide(g), wide(m_f), wide(v_f), wide(p)  # p: a rounded leaf's
+    vm_f = None if vm_f is None else wide(vm_f)
   else:
     g_c, p_c = g, p
   parts = [x for x in (g_c, m_f, v_f, p_c if (with_params or rounds) else None) if x is not None]
   c, decay, z = scalars_for(_scalars.scalar_dtype(jnp.result_type(*parts)))
   decay = decay if decayed else None
-  kw = dict(z=z, maximize=s.maximize, l2=None if s.decoupled else decay,
-            decay=decay if s.decoupled else None)
+  kw: dict[str, Any] = dict(z=z, maximize=s.maximize, l2=None if s.decoupled else decay,
+                            decay=decay if s.decoupled else None)
   if rounds:
     new32, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c, c, **kw)
     if options.param_rounding == "stochastic":
@@ -227,7 +229,7 @@ def functions(options: Options, s: Step):
     decay_mask = (jax.tree.map(lambda _: True, updates) if s.mask is None or params is None
                   else _tree.resolve_mask(s.mask, params, what=s.name))
     with_params = s.writes_params and params is not None and s.needs_params
-    count, new_count = state.count, optax.safe_increment(state.count)
+    count, new_count = state.count, cast(jax.Array, optax.safe_increment(state.count))
     z = _steer.opaque_zero(new_count)
     cache: dict[Any, Any] = {}
 

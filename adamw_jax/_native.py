@@ -146,6 +146,7 @@ def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Deca
     operands += [g, *in_place] + ([] if p is None else [p])
     if has_out:
       out_like = p if mode in (Mode.FUSED, Mode.FUSED_STEP) else g
+      assert out_like is not None  # the fused modes read the parameter
       if out_like is p:
         aliases[len(operands) - 1] = len(results)
       results.append(jax.ShapeDtypeStruct(out_like.shape, out_like.dtype))

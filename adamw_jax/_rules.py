@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import TypeGuard, Union
 
 from adamw_jax import _tree
 
@@ -19,7 +19,7 @@ Pattern = Union[str, "re.Pattern[str]"]
 Patterns = Union[Pattern, Sequence[Pattern]]
 
 
-def is_patterns(value) -> bool:
+def is_patterns(value) -> TypeGuard[Patterns]:
   """Whether `value` is a rule or a non-empty sequence of rules (strings or compiled regexes)."""
   if isinstance(value, (str, re.Pattern)):
     return True

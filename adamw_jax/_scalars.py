@@ -18,7 +18,7 @@ arithmetic runs inside the jitted step, by one of three strategies:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,9 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
 def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
   """A scalar torch computes in Python: a literal when `value` is a Python number."""
   if is_number(value):
-    return np.asarray(float(value), dtype)
+    # A NumPy constant, folded into the jitted step as a literal (there, an Array's stand-in).
+    return cast(jax.Array, np.asarray(float(value), dtype))
+  assert traced is not None  # None only with a number
   return traced()
 
 
@@ -97,7 +99,8 @@ def _tabulated(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
   if not (is_number(cfg.b1) and is_number(cfg.b2)):
     return None
   lr_number = lr is None or is_number(lr)
-  row = _steps.lookup(cfg.b1, cfg.b2, lr if lr_number else None, t, dtype, scheduled=not lr_number)
+  row = _steps.lookup(float(cfg.b1), float(cfg.b2), lr if lr_number else None, t, dtype,
+                      scheduled=not lr_number)
   if row is None:
     return None
   step_size = row[0] if lr_number else _step_size(lr, f2.F2(row[0], row[1]), dtype, z)
@@ -204,7 +207,7 @@ def coefficients(cfg: Settings, lr: Any, wd: Any, new_count: jax.Array, dtype):
       bc2_sqrt=bc2_sqrt,
       eps=_rounded_number(cfg.eps, dtype, lambda: f2.round_(_f2_of(cfg.eps, dtype, z))),
       eps_root=None if is_zero(cfg.eps_root)
-      else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), bc2)),
+      else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), cast(f2.F2, bc2))),
       step_size=step_size,
   )
   return c, decay

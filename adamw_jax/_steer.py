@@ -48,7 +48,7 @@ def opaque_zero(count: jax.Array) -> jax.Array:
   return lax.shift_right_logical(count, jnp.int32(31))
 
 
-def hide(x: jax.Array, z: jax.Array) -> jax.Array:
+def hide(x: jax.typing.ArrayLike, z: jax.Array) -> jax.Array:
   """`x` with its value hidden from the compiler (its bits OR the opaque zero `z`)."""
   x = jnp.asarray(x)
   utype = UINT[x.dtype.itemsize]

@@ -9,7 +9,7 @@ same kernel in one piece and reproduces torch's rounding
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def scale_by_adam(
 class AddDecayedWeightsState(NamedTuple):
   """State of :func:`add_decayed_weights`: the step count, for weight-decay schedules."""
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  # shadows tuple.count
 
 
 def add_decayed_weights(
@@ -117,7 +117,7 @@ def add_decayed_weights(
       return (jnp.asarray(wd, u.dtype) * p + u).astype(u.dtype)
 
     new = jax.tree.map(leaf, updates, params, decayed)
-    return new, AddDecayedWeightsState(optax.safe_increment(state.count))
+    return new, AddDecayedWeightsState(cast(jax.Array, optax.safe_increment(state.count)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -8,10 +8,11 @@ that they read the same across the package.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
@@ -86,7 +87,7 @@ def where(path: Union[str, KeyPath]) -> str:
   return f"'{path if isinstance(path, str) else path_str(path)}'"
 
 
-def describe_paths(paths: Sequence[str], limit: int = 8) -> str:
+def describe_paths(paths: Iterable[str], limit: int = 8) -> str:
   """The first `limit` of `paths`, quoted, and how many there are in all if more, for messages."""
   paths = list(paths)
   shown = ", ".join(repr(p) for p in paths[:limit])
@@ -272,7 +273,9 @@ def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any]
       if not leaf_ok(p):
         raise TypeError(f"{what}: {leaf_error(p, where(path))}")
       return jax.tree.map(lambda _: p, subtree)
-    t_items, t_def = _children(subtree)
+    t_kids = _children(subtree)
+    assert t_kids is not None  # a node of the prefix is one of the tree (first_mismatch)
+    t_items, t_def = t_kids
     if isinstance(p, Mapping) and isinstance(subtree, Mapping):
       p_by_key = _mapping_items(p, p_kids[0])
       kids = [expand(path + (k,), p_by_key[key_str(k)][1], child) for k, child in t_items]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -71,11 +71,11 @@ def decay_mask(params: Params) -> Params:
 
 def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Digits as (N, 8, 8, 1) float32 in [0, 1], split 80/20, stratified, seed 0."""
-  digits = load_digits()
+  digits: Any = load_digits()  # a Bunch (sklearn infers Bunch | tuple: return_X_y is False)
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
-  x_tr, x_val, y_tr, y_val = train_test_split(
-      images, labels, test_size=0.2, stratify=labels, random_state=0)
+  x_tr, x_val, y_tr, y_val = cast(list[np.ndarray], train_test_split(
+      images, labels, test_size=0.2, stratify=labels, random_state=0))  # arrays in, arrays out
   return x_tr, y_tr, x_val, y_val
 
 
@@ -93,7 +93,8 @@ def positive(text: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m adamw_jax.demo", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m adamw_jax.demo",
+                              description=(__doc__ or "").split("\n")[0])
   p.add_argument("--epochs", type=positive, default=10, help="number of epochs (default: 10)")
   p.add_argument("--batch-size", type=positive, default=32, help="batch size (default: 32)")
   p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: 1e-2)")
@@ -207,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
       raise SystemExit(2) from e
 
   def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = model.apply({"params": params}, x)
+    logits = cast(jax.Array, model.apply({"params": params}, x))  # not (out, state): no mutable=
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   @jax.jit
@@ -218,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
   @jax.jit
   def accuracy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-    return (model.apply({"params": params}, x).argmax(-1) == y).mean()
+    return (cast(jax.Array, model.apply({"params": params}, x)).argmax(-1) == y).mean()
 
   columns = ["epoch", "lr", "train loss", "val acc"]
   if torch_run is not None:
