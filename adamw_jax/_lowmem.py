@@ -28,7 +28,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adamw_jax import _hyperparams, _kernel, _lowprec, _quantize, _scalars, _tree
+from adamw_jax import _flat, _hyperparams, _kernel, _lowprec, _quantize, _scalars, _tree
 
 
 class LowMemoryAdamState(NamedTuple):
@@ -143,6 +143,48 @@ def _check_shards(p, block_size: int, at: str, name: str) -> None:
       raise _split_error(p, block_size, at, name, False)
 
 
+def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name: str) -> bool:
+  """Whether a FlatParams buffer gets 8-bit moments: as its leaves would, all or none of them.
+
+  A buffer whose leaves all get them holds them end to end, each a multiple of
+  the block size, so its blocks are theirs; one with leaves of both kinds is
+  refused (its blocks would span leaves and quantize leaves that per leaf keep
+  full precision).
+  """
+  layout, block = flat.layout, options.moment_block_size
+  members = layout.members[child]
+  if len(members) == 1 and layout.slots[members[0]].start is None:  # a leaf kept whole
+    return options.quantized(flat.buffers[child])
+  eight = [i for i in members if _quantize.quantizes(layout.slots[i].shape, block)]
+  if eight and len(eight) < len(members):
+    full = next(i for i in members if i not in eight)
+    size = lambda i: int(np.prod(layout.slots[i].shape, dtype=np.int64))  # noqa: E731
+    raise ValueError(
+        f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get 8-bit moments "
+        f"({_tree.where(layout.paths[eight[0]])}, {size(eight[0])} elements) and leaves that "
+        f"keep full-precision ones ({_tree.where(layout.paths[full])}, {size(full)} elements: "
+        f"fewer than {_quantize.MIN_SIZE} or not a multiple of moment_block_size={block}), so "
+        "its blocks would span leaves; flatten the parameters with "
+        f"adamw_jax.flatten(params, moment_block_size={block}), which packs the two kinds "
+        "into separate buffers")
+  return bool(eight)
+
+
+def _quantized_leaves(options: Options, params, name: str) -> list[bool]:
+  """For each leaf of `params` (``jax.tree.leaves`` order): whether it gets 8-bit moments."""
+  if options.moment_bits is None:
+    return [False] * len(jax.tree.leaves(params))
+  out = []
+  for node in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _flat.FlatParams)):
+    if not isinstance(node, _flat.FlatParams):
+      out.append(options.quantized(node))
+      continue
+    for child, buffer in enumerate(node.buffers):
+      if jax.tree.leaves(buffer):  # not a MaskedNode (another group's buffer)
+        out.append(_buffer_quantized(options, node, child, name))
+  return out
+
+
 def _zeros_like(p, dtype):
   z = jnp.zeros_like(p, dtype=dtype)
   return shard_alike(p, z)[1] if isinstance(p, jax.core.Tracer) else z
@@ -196,17 +238,20 @@ def init(options: Options, params, *, name: str, amsgrad: bool,
   for path, p in _tree.flatten_params(params)[0]:
     _check_leaf(options, path, p, name)
 
-  def moment(p, requested):
-    if options.quantized(p):
+  def moment(p, requested, quantized: bool):
+    if quantized:
       return _quantized_zeros(p, options.moment_block_size)
     return _zeros_like(p, moment_dtype(p.dtype, requested))
 
   def compensation(p):
     return _zeros_like(p, p.dtype) if options.rounds(p) else optax.MaskedNode()
 
-  mu = jax.tree.map(lambda p: moment(p, mu_dtype), params)
-  nu = jax.tree.map(lambda p: moment(p, nu_dtype), params)
-  nu_max = jax.tree.map(lambda p: moment(p, nu_dtype), params) if amsgrad else None
+  leaves, treedef = jax.tree.flatten(params)
+  quantized = _quantized_leaves(options, params, name)
+  each = lambda requested: treedef.unflatten([  # noqa: E731
+      moment(p, requested, q) for p, q in zip(leaves, quantized)])
+  mu, nu = each(mu_dtype), each(nu_dtype)
+  nu_max = each(nu_dtype) if amsgrad else None
   key = (jax.random.PRNGKey(options.rounding_seed)
          if options.param_rounding == "stochastic" else None)
   comp = jax.tree.map(compensation, params) if options.param_rounding == "kahan" else None
