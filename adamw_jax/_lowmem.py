@@ -9,10 +9,19 @@ step. Leaves that use neither go through the same pure-JAX kernel exactly as
 without the options. These leaves never use the native CPU kernel. The state
 is a :class:`LowMemoryAdamState`, used only when an option is on.
 
-Sharding: a quantization block is ``block_size`` consecutive elements of one
-leaf in row-major order, so blocks never span leaves; :func:`init` refuses a
-leaf whose shards would split a block (a leaf sharded along anything but its
-first axis, or into shards whose sizes are not multiples of the block size).
+Layout: a quantization block is ``block_size`` consecutive elements of one
+leaf in row-major order, so blocks never span leaves; a ``FlatParams`` buffer
+gets 8-bit moments only if all its leaves would (``flatten(...,
+moment_block_size=)`` packs them apart), else none or, mixed, it is refused.
+
+Sharding: a leaf with 8-bit moments may be sharded along its first axis into
+shards of whole blocks; its codes are then sharded like it and its scales
+(one per block) along their one axis as its rows. :func:`init` refuses a
+leaf whose shards would split a block (sharded along another axis, or into
+shards whose sizes are not multiples of the block size) where it sees the
+sharding: a concrete leaf, or a traced one on a mesh with explicit axes.
+Under ``jit`` on a mesh with automatic axes it cannot; XLA then moves the
+blocks between devices, and the numbers are the unsharded ones.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ as torchao writes it in plain PyTorch (``torchao/optim/quant_utils.py``,
 divided by its largest magnitude (its ``scale``, at least 1e-12) and every
 element is stored as the uint8 index of the nearest entry of a 256-entry
 dynamic-exponent map (signed for the first moment, unsigned for the second).
-Blocks never span two leaves. As in torchao and bitsandbytes, only leaves of at
-least :data:`MIN_SIZE` elements whose size is a multiple of the block size are
-quantized; the others keep full-precision moments.
+Blocks never span two leaves (a flat buffer quantizes only leaves that are
+whole numbers of blocks, packed end to end). As in torchao and bitsandbytes,
+only leaves of at least :data:`MIN_SIZE` elements whose size is a multiple of
+the block size are quantized; the others keep full-precision moments.
 """
 
 from __future__ import annotations
