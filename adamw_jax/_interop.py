@@ -549,6 +549,13 @@ def _check_fits(what: str, ref: _references.Reference, slot: _layout.TorchParam,
     if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
       raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
                        "8-bit blocks cannot be transposed: keep the torch layout for this leaf.")
+  if ref.kind == _references.TORCHAO:
+    plain = [m for m in moments if m is not None and not isinstance(m, _quantize.QuantizedMoment)]
+    if plain and _quantize.quantizes(_shape(plain[0]), ref.block_size):
+      raise ValueError(f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
+                       f"{ref.label} keeps 8-bit ones for a parameter of shape "
+                       f"{_shape(plain[0])}; make the transform with moment_bits=8, "
+                       f"moment_block_size={ref.block_size}.")
   if comp is not None and ref.kind != _references.OPTIMI:
     raise ValueError(f"{what}: the JAX state of {slot.path!r} has a Kahan compensation "
                      f"(param_rounding='kahan'), which {ref.label} cannot hold; load it into "
@@ -670,6 +677,8 @@ def to_torch_state_dict(
       beta = group.get("beta1" if key == "exp_avg" else "beta2") if optimi else None
       entry[key] = _write_moment(x, key, back, ref, (beta, count))
     if optimi:
+      if comp is None and _references.optimi_kahan(group, [mu.dtype]):
+        comp = np.zeros(mu.shape, mu.dtype)  # optimi compensates this one: from zero
       entry["kahan_comp"] = None if comp is None else _to_tensor(_permute(comp, back))
       group["step"], group["setup"] = torch.tensor(count, dtype=torch.int32), True
     state[s.index] = entry

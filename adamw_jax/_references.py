@@ -196,7 +196,10 @@ def to_8bit(q: _quantize.QuantizedMoment, signed: bool, dtype):
 
 
 def optimi_kahan(group: Mapping, dtypes) -> bool:
-  """Whether optimi's group compensates: ``kahan_sum=True``, or None with a low-precision param."""
+  """Whether optimi compensates parameters of `dtypes`: a low-precision one, ``kahan_sum`` not False.
+
+  (optimi keeps ``kahan_comp`` for bfloat16 and float16 parameters only.)
+  """
   kahan = group.get("kahan_sum")
   low = any(np.dtype(d) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)) for d in dtypes)
-  return bool(kahan) or (kahan is None and low)
+  return low and (kahan is None or bool(kahan))

@@ -429,8 +429,11 @@ def lowmem_tx(block: int = 256):
 
 
 def lowmem_steps(tx, params, state, steps=2):
-  update = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))
+  @jax.jit
+  def update(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
   for i in range(steps):
     params, state = update(lowmem_grads(params, i), state, params)
   return params, state

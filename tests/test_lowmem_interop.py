@@ -200,6 +200,29 @@ def test_torchao_refusals():
     _mismatched_import(tp)
 
 
+def test_plain_states_into_the_references():
+  """A plain adamw state: refused by torchao where it quantizes; optimi's compensation from 0."""
+  tp = _torch_params(0)
+  params = _jax(tp)
+  tx = adamw_jax.adamw(LR, weight_decay=WD)
+  _, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
+  with pytest.raises(ValueError, match=r"'v' has full-precision moments, but "
+                     r"torchao\.optim\.adam\.AdamW8bit keeps 8-bit ones .* moment_bits=8, "
+                     r"moment_block_size=256"):
+    adamw_jax.to_torch_state_dict(AdamW8bit(list(tp.values())), state)
+  bf16 = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
+  _, state = tx.update(jax.tree.map(jnp.cos, bf16), tx.init(bf16), bf16)
+  opt = optimi.AdamW([torch.nn.Parameter(t.detach().bfloat16()) for t in tp.values()], lr=LR,
+                     kahan_sum=True, foreach=False, triton=False)
+  opt.load_state_dict(adamw_jax.to_torch_state_dict(opt, state))
+  for p in opt.param_groups[0]["params"]:
+    comp = opt.state[p]["kahan_comp"]
+    assert comp.dtype == torch.bfloat16 and not comp.any()
+    p.grad = torch.ones_like(p)
+  opt.step()  # optimi continues with the compensation from zero
+  assert int(opt.param_groups[0]["step"]) == 2
+
+
 def _mismatched_import(tp):
   """A torchao state whose 'w' was kept full precision (as under a DTensor with other shards)."""
   opt = AdamW8bit(list(tp.values()), lr=LR)
