@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax import tree_util as jtu
 
-from adamw_jax import _tree
+from adamw_jax import _hyperparams, _quantize, _tree
 
 
 class Slot(NamedTuple):
@@ -284,7 +284,8 @@ def _sharding(leaf):
   return None if isinstance(leaf, jax.core.Tracer) else leaf.sharding
 
 
-def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams:
+def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None,
+            moment_block_size: Optional[int] = None) -> FlatParams:
   """`params` packed into one flat buffer per dtype: a :class:`FlatParams`.
 
   >>> import jax.numpy as jnp, adamw_jax
@@ -293,6 +294,8 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams
   FlatParams(2 leaves in {float32: float32[9]})
   >>> flat.view()["w"].shape  # the model's tree, inside the loss
   (2, 3)
+  >>> adamw_jax.flatten({"b": jnp.zeros(3), "w": jnp.ones((64, 64))}, moment_block_size=256)
+  FlatParams(2 leaves in {float32: float32[3], float32/8bit: float32[4096]})
 
   Args:
     params: the model's parameters, a pytree of floating-point or complex arrays.
@@ -301,6 +304,13 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams
       non-decayed leaves then go to separate buffers, so that the same mask
       given to ``adamw_jax.adamw`` applies to whole buffers. It only groups the
       leaves: which are decayed is still decided by the transform's ``mask``.
+    moment_block_size: for ``adamw(moment_bits=8, moment_block_size=...)``:
+      the leaves that get 8-bit moments (at least 4096 elements, a multiple of
+      the block size) go to buffers of their own (``"<dtype>/8bit"``), where
+      every leaf starts on a block boundary, so that no block spans two
+      leaves and the flat step is the per-leaf step bit for bit. Without it,
+      8-bit moments take a packed buffer only if all or none of its leaves
+      would have them.
 
   Leaves sharded over several devices (not fully replicated) are not packed:
   each stays a child of its own, with its shape and sharding. Fully replicated
@@ -310,6 +320,9 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams
     A :class:`FlatParams`; ``flat.view()`` gives the model's pytree back.
   """
   _tree.check_params(params, "flatten")
+  if moment_block_size is not None:
+    _hyperparams.check("moment_block_size", moment_block_size)
+    moment_block_size = int(moment_block_size)
   path_leaves, treedef = jtu.tree_flatten_with_path(params)
   paths = tuple(_tree.path_str(p) for p, _ in path_leaves)
   leaves = [jnp.asarray(leaf) for _, leaf in path_leaves]
@@ -326,11 +339,14 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None) -> FlatParams
       names.append(path)
       sizes.append(0)
       continue
-    # One buffer per dtype, decay group and placement (device or replicated sharding).
-    key = (leaf.dtype, on, sharding)
+    # One buffer per dtype, decay group, placement (device or replicated sharding) and, with a
+    # block size, whether the leaf gets 8-bit moments.
+    eight = moment_block_size is not None and _quantize.quantizes(leaf.shape, moment_block_size)
+    key = (leaf.dtype, on, sharding, eight)
     if key not in groups:
       groups[key] = len(names)
-      name = leaf.dtype.name + ("" if on is None else "/decayed" if on else "/not_decayed")
+      name = (leaf.dtype.name + ("" if on is None else "/decayed" if on else "/not_decayed")
+              + ("/8bit" if eight else ""))
       names.append(name if name not in names else f"{name}/{len(names)}")
       sizes.append(0)
     child = groups[key]

@@ -4,7 +4,10 @@ torch keeps, per parameter, ``step``, ``exp_avg``, ``exp_avg_sq`` and (AMSGrad)
 ``max_exp_avg_sq``; :class:`adamw_jax.ScaleByAdamState` holds the same numbers
 as ``count``, ``mu``, ``nu`` and ``nu_max``, so a run moves across with its
 moments. Which torch parameter is which pytree leaf is decided by order, or by
-torch's parameter names and a mapping (see :func:`flax_layout`).
+torch's parameter names and a mapping (see :func:`flax_layout`). The
+low-memory references (torchao's ``AdamW8bit``, torch-optimi's ``AdamW``) come
+and go with their 8-bit moments and Kahan compensation into a
+:class:`adamw_jax.LowMemoryAdamState` (:mod:`adamw_jax._references`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ import numpy as np
 import optax
 from jax import tree_util as jtu
 
-from adamw_jax import _alias, _core, _groups, _hyperparams, _layout, _tree
+from adamw_jax import (
+  _alias,
+  _core,
+  _groups,
+  _hyperparams,
+  _layout,
+  _lowmem,
+  _quantize,
+  _references,
+  _tree,
+)
 
 Axes = _layout.Axes
 Mapper = _layout.Mapper
@@ -33,6 +46,7 @@ class _Config:
 
   param_groups: tuple[dict, ...]  # torch's param_groups entries, 'params' as indices
   slots: tuple[_layout.TorchParam, ...]
+  reference: _references.Reference = _references.PLAIN_TORCH
 
 
 # The transforms from_torch made, keyed by their init function (a GradientTransformation is
@@ -83,20 +97,18 @@ def _permute(x: np.ndarray, axes: Axes) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 def _read_optimizer(what: str, optimizer_or_state_dict: Any):
-  """(state_dict, the parameter tensors in state-dict order, or None for a state dict)."""
+  """(state_dict, the parameter tensors in state-dict order or None, its Reference)."""
   torch = _torch()
   if isinstance(optimizer_or_state_dict, torch.optim.Optimizer):
     opt = optimizer_or_state_dict
-    if not isinstance(opt, torch.optim.Adam):
-      raise TypeError(f"{what}: {type(opt).__module__}.{type(opt).__name__} is not supported; "
-                      "only torch.optim.AdamW and torch.optim.Adam are.")
+    ref = _references.of_optimizer(what, opt)
     tensors = [p for g in opt.param_groups for p in g["params"]]
-    return opt.state_dict(), tensors
+    return opt.state_dict(), tensors, ref
   sd = optimizer_or_state_dict
   if not (isinstance(sd, Mapping) and "state" in sd and "param_groups" in sd):
     raise TypeError(f"{what}: expected a torch.optim.AdamW / Adam or its state_dict(), got "
                     f"{type(sd).__name__}.")
-  return sd, None
+  return sd, None, _references.of_state_dict(what, sd)
 
 
 def _unmodelled(where: str, key: Any, value: Any) -> ValueError:
@@ -137,8 +149,11 @@ def _group_hyperparameters(what: str, i: int, group: Mapping, ignore: Sequence[s
   return out
 
 
-def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any) -> bool:
+def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any,
+               ref: _references.Reference) -> bool:
   torch = _torch()
+  if ref.decoupled is not None:
+    return ref.decoupled
   flags = set()
   for g in groups:
     if _hyperparams.TORCH_DECOUPLED in g:
@@ -164,50 +179,127 @@ def _step_of(what: str, slot: _layout.TorchParam, value) -> int:
   return int(step)
 
 
-def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], amsgrad: bool,
-                leaf) -> tuple:
-  """(step, mu, nu, nu_max) of one torch parameter, in the layout and dtype of `leaf`."""
+@dataclasses.dataclass(frozen=True)
+class _Reading:
+  """What reading one torch parameter's state needs beyond the state: from its group."""
+
+  ref: _references.Reference
+  amsgrad: bool
+  quantized: bool  # the leaf gets 8-bit moments (torchao)
+  step: Optional[int] = None  # optimi: the group's step count
+  betas: tuple[float, float] = (0.9, 0.999)
+
+
+def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading: _Reading):
+  """One moment of one torch parameter, in the layout and dtype of `leaf` (or quantized)."""
   shape, dtype = np.shape(leaf), jnp.result_type(leaf)
+  is_8bit = _references.is_8bit_state(value)
+  if reading.quantized != is_8bit:
+    raise ValueError(
+        f"{what}: {slot.label()} has {'an 8-bit' if is_8bit else 'a full-precision'} {key}, but "
+        f"the JAX leaf {slot.path!r} (shape {shape}) "
+        f"{'gets 8-bit moments' if reading.quantized else 'keeps full-precision moments'} "
+        f"with moment_block_size={reading.ref.block_size} (>= {_quantize.MIN_SIZE} elements, a "
+        "multiple of the block size).")
+  if is_8bit:
+    if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
+      raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; an "
+                       "8-bit moment's blocks are consecutive elements in torch's layout and "
+                       "cannot be transposed: keep the torch layout for this leaf.")
+    q = _references.from_8bit(what, slot.label(), key, value, reading.ref.block_size)
+    if q.codes.shape != shape:
+      raise ValueError(f"{what}: {slot.label()} has {key} of shape {q.codes.shape}, but the JAX "
+                       f"leaf {slot.path!r} has shape {shape}.")
+    return q
+  x = _permute(_to_numpy(value), slot.axes)
+  if x.shape != shape:
+    hint = (" Linear / Conv weights need a transposed layout: pass names= and "
+            "mapping=adamw_jax.flax_layout(params)." if slot.axes is None and len(shape) >= 2
+            and sorted(x.shape) == sorted(shape) else "")
+    raise ValueError(f"{what}: {slot.label()} has {key} of shape {x.shape}"
+                     + (f" (after axes {slot.axes})" if slot.axes else "")
+                     + f", but the JAX leaf {slot.path!r} has shape {shape}.{hint}")
+  if x.dtype != dtype:
+    raise ValueError(f"{what}: {slot.label()} has {key} of dtype {x.dtype}, but the JAX leaf "
+                     f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first.")
+  if reading.ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
+    beta = reading.betas[0 if key == "exp_avg" else 1]
+    x = _references.from_optimi_moment(x, beta, reading.step)
+  return x
+
+
+def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], leaf,
+                reading: _Reading) -> tuple:
+  """(step, mu, nu, nu_max, compensation) of one torch parameter, in the layout of `leaf`.
+
+  `compensation` is optimi's ``kahan_comp`` (None where it has none).
+  """
+  shape, dtype = np.shape(leaf), jnp.result_type(leaf)
+  amsgrad, optimi = reading.amsgrad, reading.ref.kind == _references.OPTIMI
   if not state:
     zeros = np.zeros(shape, dtype)
-    return 0, zeros, zeros, (zeros if amsgrad else None)
-  expected = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    if reading.quantized:
+      blocks = np.zeros((int(np.prod(shape)) // reading.ref.block_size,), np.float32)
+      moment = _quantize.QuantizedMoment(np.zeros(shape, np.uint8), blocks)
+    else:
+      moment = zeros
+    step = (reading.step or 0) if optimi else 0
+    return step, moment, moment, (moment if amsgrad else None), None
+  keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+  expected = ({"exp_avg", "exp_avg_sq", "kahan_comp"} if optimi
+              else {"step", *keys})
   if set(state) != expected:
     extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
     raise ValueError(f"{what}: the state of {slot.label()} has keys {sorted(state)}; expected "
-                     f"{sorted(expected)} (amsgrad={amsgrad})"
+                     f"{sorted(expected)} ("
+                     + ("" if reading.ref.kind == _references.TORCH else f"{reading.ref.label}, ")
+                     + f"amsgrad={amsgrad})"
                      + (f"; unexpected {extra}" if extra else "")
                      + (f"; missing {missing}" if missing else "")
                      + ".")
-  out = []
-  for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq"):
-    x = _permute(_to_numpy(state[key]), slot.axes)
-    if x.shape != shape:
-      hint = (" Linear / Conv weights need a transposed layout: pass names= and "
-              "mapping=adamw_jax.flax_layout(params)." if slot.axes is None and len(shape) >= 2
-              and sorted(x.shape) == sorted(shape) else "")
-      raise ValueError(f"{what}: {slot.label()} has {key} of shape {x.shape}"
-                       + (f" (after axes {slot.axes})" if slot.axes else "")
-                       + f", but the JAX leaf {slot.path!r} has shape {shape}.{hint}")
-    if x.dtype != dtype:
-      raise ValueError(f"{what}: {slot.label()} has {key} of dtype {x.dtype}, but the JAX leaf "
-                       f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first.")
-    out.append(x)
-  return (_step_of(what, slot, state["step"]), out[0], out[1], out[2] if amsgrad else None)
+  out = [_moment(what, slot, key, state[key], leaf, reading) for key in keys]
+  kahan = state["kahan_comp"] if optimi else None  # None, or a uint8 placeholder (triton)
+  comp = (_moment(what, slot, "kahan_comp", kahan, leaf, reading)
+          if kahan is not None and kahan.is_floating_point() else None)
+  step = reading.step if optimi else _step_of(what, slot, state["step"])
+  return (step, out[0], out[1], out[2] if amsgrad else None, comp)
 
 
-def _adam_states(state) -> list[_core.ScaleByAdamState]:
-  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _core.ScaleByAdamState))
-          if isinstance(s, _core.ScaleByAdamState)]
+_STATES = (_core.ScaleByAdamState, _lowmem.LowMemoryAdamState)
+
+
+def _is_state(x) -> bool:
+  return isinstance(x, _STATES)
+
+
+def _adam_states(state) -> list:
+  """Every ScaleByAdamState and LowMemoryAdamState in `state`, in tree order."""
+  return [s for s in jax.tree.leaves(state, is_leaf=_is_state) if _is_state(s)]
 
 
 def _is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def _is_moment_leaf(x) -> bool:
+  return _is_masked(x) or isinstance(x, _quantize.QuantizedMoment)
+
+
 def _leaf_paths(tree) -> list[tuple[str, Any]]:
+  """(path, leaf) pairs; a QuantizedMoment and a MaskedNode count as leaves."""
   return [(_tree.path_str(p), x)
-          for p, x in jtu.tree_flatten_with_path(tree, is_leaf=_is_masked)[0]]
+          for p, x in jtu.tree_flatten_with_path(tree, is_leaf=_is_moment_leaf)[0]]
+
+
+def _host(x):
+  """A moment as numpy: an array, or a QuantizedMoment of numpy arrays."""
+  if isinstance(x, _quantize.QuantizedMoment):
+    return _quantize.QuantizedMoment(np.asarray(x.codes), np.asarray(x.scale))
+  return np.asarray(x)
+
+
+def _shape(x) -> tuple[int, ...]:
+  return tuple(x.codes.shape if isinstance(x, _quantize.QuantizedMoment) else np.shape(x))
 
 
 def _hyperparameters(what: str, groups: Sequence[Mapping], learning_rate: Any,
@@ -242,22 +334,44 @@ def _check_steps(what: str, slots: Sequence[_layout.TorchParam], read: Mapping[s
           "(a parameter that has not had a gradient yet has no state in torch).")
 
 
-def _filled(state, read: Mapping[str, tuple]):
-  """A ScaleByAdamState from tx.init with torch's step and moments put in (others as they are)."""
-  if not isinstance(state, _core.ScaleByAdamState):
+def _filled(what: str, state, read: Mapping[str, tuple]):
+  """A state from tx.init with torch's step, moments (and compensation) put in."""
+  if not _is_state(state):
     return state
+  mine = [p for p, x in _leaf_paths(state.mu) if not _is_masked(x)]
 
   def put(tree, field):
     if tree is None:
       return None
-    flat, treedef = jtu.tree_flatten_with_path(tree, is_leaf=_is_masked)
-    return treedef.unflatten([x if _is_masked(x) else jnp.asarray(read[_tree.path_str(p)][field])
-                              for p, x in flat])
+    out = []
+    for path, x in _leaf_paths(tree):
+      value = read[path][field]
+      if _is_masked(x) or value is None:  # not this transform's leaf / optimi has no buffer yet
+        if value is not None and path in mine:
+          raise ValueError(f"{what}: the torch state has a Kahan compensation for {path!r}, "
+                           "but its JAX leaf gets none (param_rounding='kahan' compensates "
+                           "bfloat16 and float16 leaves).")
+        out.append(x)
+      else:
+        out.append(jax.tree.map(jnp.asarray, value))
+    return jax.tree.structure(tree, is_leaf=_is_moment_leaf).unflatten(out)
 
-  mine = [p for p, x in _leaf_paths(state.mu) if not _is_masked(x)]
-  count = read[mine[0]][0] if mine else 0
-  return _core.ScaleByAdamState(jnp.asarray(count, jnp.int32), put(state.mu, 1),
-                                put(state.nu, 2), put(state.nu_max, 3))
+  count = jnp.asarray(read[mine[0]][0] if mine else 0, jnp.int32)
+  moments = (put(state.mu, 1), put(state.nu, 2), put(state.nu_max, 3))
+  if isinstance(state, _core.ScaleByAdamState):
+    return _core.ScaleByAdamState(count, *moments)
+  return state._replace(count=count, mu=moments[0], nu=moments[1], nu_max=moments[2],
+                        compensation=put(state.compensation, 4))
+
+
+def _group_readings(what: str, ref: _references.Reference, raw: Sequence[Mapping],
+                    groups: Sequence[Mapping], hypers: Sequence[dict]) -> list[_Reading]:
+  out = []
+  for raw_group, group, h in zip(raw, groups, hypers):
+    out.append(_Reading(ref, h["amsgrad"], False,
+                        _references.optimi_step(raw_group) if ref.kind == _references.OPTIMI
+                        else None, tuple(float(b) for b in group["betas"])))
+  return out
 
 
 def from_torch(
@@ -303,6 +417,18 @@ def from_torch(
   transpose by: :func:`flax_layout` does Linear and Conv weights. Every leaf
   must get exactly one torch parameter.
 
+  **The low-memory references.** A ``torchao.optim.AdamW8bit`` /
+  ``Adam8bit`` gives ``moment_bits=8`` with its ``block_size`` (and
+  ``param_rounding="stochastic"`` with ``bf16_stochastic_round``): its 8-bit
+  moments' codes and scales become :class:`adamw_jax.QuantizedMoment` bit
+  for bit. Pass the optimizer, not its state dict (which lacks those
+  settings). An ``optimi.AdamW`` / ``Adam`` gives ``param_rounding="kahan"``
+  with its ``kahan_sum`` (its ``kahan_comp`` becomes the ``compensation``
+  bit for bit) and ``decay_mode="paper"`` with ``decouple_lr``; its debiased
+  moments are converted to torch's (``m = exp_avg * (1 - b1**t)``, one
+  rounding). The next step is then torch's AdamW, close to the reference's
+  (README, "Low-memory AdamW").
+
   **Refused, with an error saying what differs:** another optimizer class; a
   param group setting that AdamW / Adam do not have; an LR scheduler's
   ``initial_lr`` (pass `learning_rate`); counts, shapes or dtypes that do not
@@ -313,7 +439,8 @@ def from_torch(
 
   Args:
     optimizer_or_state_dict: a ``torch.optim.AdamW`` or ``torch.optim.Adam``,
-      or its ``state_dict()``.
+      or its ``state_dict()``; a torchao ``AdamW8bit`` / ``Adam8bit``; an
+      ``optimi.AdamW`` / ``Adam`` or its state dict.
     params: the JAX parameters (any pytree; ``nnx.State`` of ``nnx.Param``
       counts each ``Param`` as a leaf).
     names: torch parameter names in the optimizer's order: the torch module
@@ -329,16 +456,33 @@ def from_torch(
     ``(tx, opt_state)``; :func:`to_torch_state_dict` takes `tx` back to torch.
   """
   what = "from_torch"
-  sd, tensors = _read_optimizer(what, optimizer_or_state_dict)
-  groups = list(sd["param_groups"])
+  sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)
+  raw_groups = list(sd["param_groups"])
+  extras = [dict(ref.options) for _ in raw_groups]
+  groups = raw_groups
+  if ref.kind == _references.OPTIMI:
+    translated = [_references.optimi_group(what, i, g, ignore) for i, g in enumerate(raw_groups)]
+    groups = [g for g, _ in translated]
+    extras = [e for _, e in translated]
   hypers = _hyperparameters(what, groups, learning_rate, ignore)
-  decoupled = _decoupled(what, groups, optimizer_or_state_dict)
+  decoupled = _decoupled(what, groups, optimizer_or_state_dict, ref)
   flat, treedef = _tree.flatten_params(params)
   leaves = dict(flat)
   slots = _layout.match(what, groups, _layout.param_names(what, names, mapping, groups, tensors),
                         {p: np.shape(x) for p, x in flat}, mapping)
-  read = {s.path: _read_state(what, s, sd["state"].get(s.index), hypers[s.group]["amsgrad"],
-                              leaves[s.path]) for s in slots}
+  if ref.kind == _references.OPTIMI:
+    for i, g in enumerate(raw_groups):
+      dtypes = [jnp.result_type(leaves[s.path]) for s in slots if s.group == i]
+      if _references.optimi_kahan(g, dtypes):
+        extras[i]["param_rounding"] = "kahan"
+  for h, e in zip(hypers, extras):
+    h.update(e)
+  readings = _group_readings(what, ref, raw_groups, groups, hypers)
+  block = ref.block_size
+  read = {s.path: _read_state(
+      what, s, sd["state"].get(s.index), leaves[s.path],
+      dataclasses.replace(readings[s.group], quantized=block is not None and _quantize.quantizes(
+          np.shape(leaves[s.path]), block))) for s in slots}
   _check_steps(what, slots, read)
 
   factory = _alias.adamw if decoupled else _alias.adam
@@ -349,10 +493,11 @@ def from_torch(
     tx = _groups.param_groups({f"group{i}": h for i, h in enumerate(hypers)},
                               labels=treedef.unflatten([group_of[p] for p, _ in flat]),
                               optimizer=factory)
-  opt_state = jax.tree.map(lambda s: _filled(s, read), tx.init(_tree.unbox_all(params)),
-                           is_leaf=lambda x: isinstance(x, _core.ScaleByAdamState))
+  opt_state = jax.tree.map(lambda s: _filled(what, s, read), tx.init(_tree.unbox_all(params)),
+                           is_leaf=_is_state)
   _CONFIGS[tx.init] = _Config(
-      tuple({k: v for k, v in g.items() if k != "initial_lr"} for g in groups), tuple(slots))
+      tuple({k: v for k, v in g.items() if k != "initial_lr"} for g in raw_groups), tuple(slots),
+      ref)
   return tx, opt_state
 
 
@@ -361,7 +506,11 @@ def from_torch(
 # --------------------------------------------------------------------------
 
 def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
-  """Leaf paths in tree order, and path -> (count, mu, nu, nu_max) from every ScaleByAdamState."""
+  """Leaf paths in tree order, and path -> (count, mu, nu, nu_max, compensation) from every state.
+
+  The states are ScaleByAdamState and LowMemoryAdamState; `compensation` is
+  None where there is none; a quantized moment is a QuantizedMoment of numpy arrays.
+  """
   states = _adam_states(_tree.unbox_all(opt_state))
   if not states:
     raise ValueError(f"{what}: the optimizer state holds no adamw_jax ScaleByAdamState (it is "
@@ -369,17 +518,58 @@ def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
   order = [p for p, _ in _leaf_paths(states[0].mu)]
   out: dict[str, tuple] = {}
   for s in states:
+    comp = getattr(s, "compensation", None)
     cols: list[Any] = [dict(_leaf_paths(t)) if t is not None else None
-                       for t in (s.mu, s.nu, s.nu_max)]
+                       for t in (s.mu, s.nu, s.nu_max, comp)]
     for path, m in cols[0].items():
       if _is_masked(m):
         continue
       if path in out:
         raise ValueError(f"{what}: the leaf {path!r} has Adam state in two places of the "
                          "optimizer state; a torch optimizer keeps one per parameter.")
-      out[path] = (int(s.count), np.asarray(m), np.asarray(cols[1][path]),
-                   None if cols[2] is None else np.asarray(cols[2][path]))
+      c = None if cols[3] is None or _is_masked(cols[3][path]) else np.asarray(cols[3][path])
+      out[path] = (int(s.count), _host(m), _host(cols[1][path]),
+                   None if cols[2] is None else _host(cols[2][path]), c)
   return order, out
+
+
+def _check_fits(what: str, ref: _references.Reference, slot: _layout.TorchParam,
+                moments: Sequence, comp) -> None:
+  """Refuses state the target optimizer has no place for: 8-bit moments, a compensation."""
+  quantized = [m for m in moments if isinstance(m, _quantize.QuantizedMoment)]
+  if quantized and ref.kind != _references.TORCHAO:
+    raise ValueError(f"{what}: the JAX state of {slot.path!r} has 8-bit moments "
+                     f"(moment_bits=8), which {ref.label} cannot hold; load it into "
+                     "torchao.optim.AdamW8bit / Adam8bit.")
+  for q in quantized:
+    block = q.codes.size // q.scale.size
+    if block != ref.block_size:
+      raise ValueError(f"{what}: the JAX state of {slot.path!r} has 8-bit moments in blocks of "
+                       f"{block}, but the torchao optimizer's block_size is {ref.block_size}.")
+    if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
+      raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
+                       "8-bit blocks cannot be transposed: keep the torch layout for this leaf.")
+  if ref.kind == _references.TORCHAO:
+    plain = [m for m in moments if m is not None and not isinstance(m, _quantize.QuantizedMoment)]
+    if plain and _quantize.quantizes(_shape(plain[0]), ref.block_size):
+      raise ValueError(f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
+                       f"{ref.label} keeps 8-bit ones for a parameter of shape "
+                       f"{_shape(plain[0])}; make the transform with moment_bits=8, "
+                       f"moment_block_size={ref.block_size}.")
+  if comp is not None and ref.kind != _references.OPTIMI:
+    raise ValueError(f"{what}: the JAX state of {slot.path!r} has a Kahan compensation "
+                     f"(param_rounding='kahan'), which {ref.label} cannot hold; load it into "
+                     "optimi.AdamW / Adam with kahan_sum=True.")
+
+
+def _write_moment(x, key: str, back: Axes, ref: _references.Reference, optimi: tuple):
+  """One moment as the target's tensor: an OptimState8bit for a quantized one (torchao)."""
+  if isinstance(x, _quantize.QuantizedMoment):
+    return _references.to_8bit(x, key == "exp_avg", _torch().float32)
+  x = _permute(x, back)
+  if ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
+    x = _references.to_optimi_moment(x, *optimi)
+  return _to_tensor(x)
 
 
 def to_torch_state_dict(
@@ -407,7 +597,9 @@ def to_torch_state_dict(
   (tensor(1.), tensor([0.1000, 0.1000, 0.1000]))
 
   Args:
-    tx_or_optimizer: the torch optimizer that is to continue (its param groups
+    tx_or_optimizer: the torch optimizer that is to continue (torch's, torchao's
+      ``AdamW8bit`` / ``Adam8bit``, which get ``OptimState8bit`` moments, or
+      optimi's, which get ``kahan_comp`` and the group's ``step``; its param groups
       give the hyperparameters and group membership; `names` and `mapping`
       say which leaf is which parameter, as in :func:`from_torch`), or the
       `tx` that :func:`from_torch` returned (everything is known from it).
@@ -432,7 +624,7 @@ def to_torch_state_dict(
   order, entries = _entries(what, opt_state)
   if isinstance(tx_or_optimizer, torch.optim.Optimizer):
     opt = tx_or_optimizer
-    sd, tensors = _read_optimizer(what, opt)
+    sd, tensors, ref = _read_optimizer(what, opt)
     assert tensors is not None  # an optimizer's
     groups = [dict(g) for g in sd["param_groups"]]
     missing = [p for p in order if p not in entries]
@@ -441,7 +633,7 @@ def to_torch_state_dict(
                        "every adamw_jax transform), but the torch optimizer updates every "
                        "parameter.")
     slots = _layout.match(what, groups, _layout.param_names(what, names, mapping, groups, tensors),
-                   {p: entries[p][1].shape for p in order}, mapping)
+                          {p: _shape(entries[p][1]) for p in order}, mapping)
     shapes = {i: tuple(t.shape) for i, t in zip((s.index for s in slots), tensors)}
   else:
     config = _CONFIGS.get(tx_or_optimizer.init) if callable(
@@ -455,30 +647,40 @@ def to_torch_state_dict(
                        "from from_torch already knows its parameters.")
     groups = [dict(g) for g in config.param_groups]
     slots = list(config.slots)
+    ref = config.reference
     shapes = {}
     for s in slots:
       if s.path not in entries:
         raise ValueError(f"{what}: the optimizer state has no Adam state for the leaf {s.path!r} "
                          f"({s.label()}); is it the state of this transform?")
+  optimi = ref.kind == _references.OPTIMI
   state = {}
   for s in slots:
-    count, mu, nu, nu_max = entries[s.path]
-    amsgrad = bool(groups[s.group][_hyperparams.BY_NAME["amsgrad"].torch])
+    count, mu, nu, nu_max, comp = entries[s.path]
+    _check_fits(what, ref, s, (mu, nu, nu_max), comp)
+    amsgrad = bool(groups[s.group].get(_hyperparams.BY_NAME["amsgrad"].torch, False))
     if amsgrad != (nu_max is not None):
       raise ValueError(f"{what}: param group {s.group} has amsgrad={amsgrad}, but the JAX state "
                        f"of {s.path!r} {'has no' if amsgrad else 'has a'} nu_max "
                        f"(amsgrad={not amsgrad}).")
     back = _inverse(s.axes)
     arrays = {"exp_avg": mu, "exp_avg_sq": nu, "max_exp_avg_sq": nu_max}
-    entry = {"step": torch.tensor(float(count), dtype=torch.float32)}
+    entry = {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)}
+    group = groups[s.group]
     for key, x in arrays.items():
       if x is None:
         continue
-      x = _permute(x, back)
-      if s.index in shapes and x.shape != shapes[s.index]:
+      shape = tuple(np.shape(_permute(np.empty(_shape(x), np.bool_), back)))
+      if s.index in shapes and shape != shapes[s.index]:
         raise ValueError(f"{what}: {s.label()} has shape {shapes[s.index]}, but the JAX state of "
-                         f"{s.path!r} gives {key} of shape {x.shape}"
+                         f"{s.path!r} gives {key} of shape {shape}"
                          + (f" (after axes {back})" if back else "") + ".")
-      entry[key] = _to_tensor(x)
+      beta = group.get("beta1" if key == "exp_avg" else "beta2") if optimi else None
+      entry[key] = _write_moment(x, key, back, ref, (beta, count))
+    if optimi:
+      if comp is None and _references.optimi_kahan(group, [mu.dtype]):
+        comp = np.zeros(mu.shape, mu.dtype)  # optimi compensates this one: from zero
+      entry["kahan_comp"] = None if comp is None else _to_tensor(_permute(comp, back))
+      group["step"], group["setup"] = torch.tensor(count, dtype=torch.int32), True
     state[s.index] = entry
   return {"state": state, "param_groups": groups}

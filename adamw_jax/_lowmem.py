@@ -9,10 +9,19 @@ step. Leaves that use neither go through the same pure-JAX kernel exactly as
 without the options. These leaves never use the native CPU kernel. The state
 is a :class:`LowMemoryAdamState`, used only when an option is on.
 
-Sharding: a quantization block is ``block_size`` consecutive elements of one
-leaf in row-major order, so blocks never span leaves; :func:`init` refuses a
-leaf whose shards would split a block (a leaf sharded along anything but its
-first axis, or into shards whose sizes are not multiples of the block size).
+Layout: a quantization block is ``block_size`` consecutive elements of one
+leaf in row-major order, so blocks never span leaves; a ``FlatParams`` buffer
+gets 8-bit moments only if all its leaves would (``flatten(...,
+moment_block_size=)`` packs them apart), else none or, mixed, it is refused.
+
+Sharding: a leaf with 8-bit moments may be sharded along its first axis into
+shards of whole blocks; its codes are then sharded like it and its scales
+(one per block) along their one axis as its rows. :func:`init` refuses a
+leaf whose shards would split a block (sharded along another axis, or into
+shards whose sizes are not multiples of the block size) where it sees the
+sharding: a concrete leaf, or a traced one on a mesh with explicit axes.
+Under ``jit`` on a mesh with automatic axes it cannot; XLA then moves the
+blocks between devices, and the numbers are the unsharded ones.
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adamw_jax import _hyperparams, _kernel, _lowprec, _quantize, _scalars, _steer, _tree
+from adamw_jax import _flat, _hyperparams, _kernel, _lowprec, _quantize, _scalars, _steer, _tree
 
 
 class LowMemoryAdamState(NamedTuple):
@@ -95,30 +105,140 @@ def _check_leaf(options: Options, path: str, p, name: str) -> None:
   if options.param_rounding == "stochastic" and jnp.dtype(p.dtype) == jnp.float16:
     raise ValueError(f"{name}: param_rounding='stochastic' rounds to bfloat16; the parameter at "
                      f"{at} is float16 (use param_rounding='kahan' for float16)")
-  if options.quantized(p) and not isinstance(p, jax.core.Tracer):
+  if options.quantized(p):
     _check_shards(p, options.moment_block_size, at, name)
 
 
+def _split_error(p, block_size: int, at: str, name: str, traced: bool) -> ValueError:
+  return ValueError(
+      f"{name}: the parameter at {at} (shape {p.shape}) is sharded so that a shard "
+      f"splits a block of moment_block_size={block_size} elements (a block is "
+      f"{block_size} consecutive elements of the leaf in row-major order); shard it along its "
+      "first axis only, into shards of a multiple of the block size, or choose another "
+      "block size" + (" (seen in the traced sharding of a mesh with explicit axes)"
+                      if traced else ""))
+
+
 def _check_shards(p, block_size: int, at: str, name: str) -> None:
-  """Refuses a sharded leaf whose shards would split a quantization block."""
+  """Refuses a sharded leaf whose shards would split a quantization block.
+
+  Concrete leaves by their sharding; traced ones on a mesh with explicit axes
+  by their sharding type. Under ``jit`` on a mesh with automatic axes the
+  sharding is not known here: XLA then moves what a split block needs between
+  devices (the numbers are the unsharded ones; tests/sharded_checks.py).
+  """
+  row = int(np.prod(p.shape[1:], dtype=np.int64))
+  if isinstance(p, jax.core.Tracer):
+    sharding = jax.typeof(p).sharding
+    if not any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+      return
+    spec = tuple(sharding.spec)
+    axes = lambda entry: () if entry is None else (  # noqa: E731
+        (entry,) if isinstance(entry, str) else tuple(entry))
+    if any(axes(e) for e in spec[1:]):
+      raise _split_error(p, block_size, at, name, True)
+    shards = int(np.prod([sharding.mesh.shape[a] for a in axes(spec[0])] if spec else [],
+                         dtype=np.int64))
+    if shards > 1 and ((p.shape[0] // shards) * row % block_size or p.shape[0] % shards):
+      raise _split_error(p, block_size, at, name, True)
+    return
   sharding = getattr(p, "sharding", None)
   if sharding is None or len(sharding.device_set) == 1:
     return
-  row = int(np.prod(p.shape[1:], dtype=np.int64))
   for index in sharding.devices_indices_map(p.shape).values():
     rows = range(p.shape[0])[index[0]] if p.ndim else range(1)
     whole = all(range(n)[s] == range(n) for n, s in zip(p.shape[1:], index[1:]))
     if not whole or (rows.start * row) % block_size or (len(rows) * row) % block_size:
-      raise ValueError(
-          f"{name}: the parameter at {at} (shape {p.shape}) is sharded so that a shard "
-          f"splits a block of moment_block_size={block_size} elements; shard it along its "
-          "first axis only, into shards of a multiple of the block size, or choose another "
-          "block size")
+      raise _split_error(p, block_size, at, name, False)
+
+
+def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name: str) -> bool:
+  """Whether a FlatParams buffer gets 8-bit moments: as its leaves would, all or none of them.
+
+  A buffer whose leaves all get them holds them end to end, each a multiple of
+  the block size, so its blocks are theirs; one with leaves of both kinds is
+  refused (its blocks would span leaves and quantize leaves that per leaf keep
+  full precision).
+  """
+  layout, block = flat.layout, options.moment_block_size
+  members = layout.members[child]
+  if len(members) == 1 and layout.slots[members[0]].start is None:  # a leaf kept whole
+    return options.quantized(flat.buffers[child])
+  eight = [i for i in members if _quantize.quantizes(layout.slots[i].shape, block)]
+  if eight and len(eight) < len(members):
+    full = next(i for i in members if i not in eight)
+    size = lambda i: int(np.prod(layout.slots[i].shape, dtype=np.int64))  # noqa: E731
+    raise ValueError(
+        f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get 8-bit moments "
+        f"({_tree.where(layout.paths[eight[0]])}, {size(eight[0])} elements) and leaves that "
+        f"keep full-precision ones ({_tree.where(layout.paths[full])}, {size(full)} elements: "
+        f"fewer than {_quantize.MIN_SIZE} or not a multiple of moment_block_size={block}), so "
+        "its blocks would span leaves; flatten the parameters with "
+        f"adamw_jax.flatten(params, moment_block_size={block}), which packs the two kinds "
+        "into separate buffers")
+  return bool(eight)
+
+
+def _quantized_leaves(options: Options, params, name: str) -> list[bool]:
+  """For each leaf of `params` (``jax.tree.leaves`` order): whether it gets 8-bit moments."""
+  if options.moment_bits is None:
+    return [False] * len(jax.tree.leaves(params))
+  out = []
+  for node in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _flat.FlatParams)):
+    if not isinstance(node, _flat.FlatParams):
+      out.append(options.quantized(node))
+      continue
+    for child, buffer in enumerate(node.buffers):
+      if jax.tree.leaves(buffer):  # not a MaskedNode (another group's buffer)
+        out.append(_buffer_quantized(options, node, child, name))
+  return out
 
 
 def _zeros_like(p, dtype):
   z = jnp.zeros_like(p, dtype=dtype)
   return shard_alike(p, z)[1] if isinstance(p, jax.core.Tracer) else z
+
+
+def _blocks_sharding(sharding, ndim: int):
+  """The sharding of a leaf's per-block scales, from the leaf's: its first axis's, or None."""
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, P(spec[0] if ndim else None))
+  if sharding.is_fully_replicated:
+    return NamedSharding(jax.sharding.Mesh(list(sharding.device_set), ("_",)), P())
+  return None
+
+
+def _quantized_zeros(p, block_size: int) -> _quantize.QuantizedMoment:
+  """The zero 8-bit moment of `p`, its codes sharded like `p` and its scales along the blocks.
+
+  A leaf may be sharded along its first axis only (:func:`_check_shards`), so
+  each shard holds whole blocks and the scales (one per block, in row-major
+  order) split along their one axis as the leaf along its first. Traced on a
+  mesh with automatic axes, both are computed from the parameter (the sharding
+  propagates); with explicit axes, from its sharding type.
+  """
+  q = _quantize.zeros(p, block_size)
+  if not isinstance(p, jax.core.Tracer):
+    codes = _zeros_like(p, jnp.uint8)
+    target = _blocks_sharding(p.sharding, p.ndim) if hasattr(p, "sharding") else None
+    return q._replace(codes=codes, scale=q.scale if target is None
+                      else jax.device_put(q.scale, target))
+  sharding = jax.typeof(p).sharding
+  if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+    codes = _zeros_like(p, jnp.uint8)
+    return q._replace(codes=codes, scale=jax.sharding.reshard(
+        q.scale, _blocks_sharding(sharding, p.ndim)))
+  # Zeros computed from the parameter, so laid out as it is (the codes) and as its blocks (the
+  # scales, +0.0 from a reduction of each block), not constants shard_alike'd: equal constants
+  # of other leaves (their moments of the same shape) are one value to the partitioner, which
+  # then gives them all one sharding.
+  codes = (jnp.isnan(p) & jnp.isinf(p)).astype(jnp.uint8)
+  anchor = jnp.max(p.reshape(-1, block_size).astype(jnp.float32), axis=1)
+  return q._replace(codes=codes,
+                    scale=jnp.abs(jnp.where(jnp.isfinite(anchor), anchor, 0.0)) * 0.0)
 
 
 def init(options: Options, params, *, name: str, amsgrad: bool,
@@ -127,17 +247,20 @@ def init(options: Options, params, *, name: str, amsgrad: bool,
   for path, p in _tree.flatten_params(params)[0]:
     _check_leaf(options, path, p, name)
 
-  def moment(p, requested):
-    if options.quantized(p):
-      return _quantize.zeros(p, options.moment_block_size)
+  def moment(p, requested, quantized: bool):
+    if quantized:
+      return _quantized_zeros(p, options.moment_block_size)
     return _zeros_like(p, moment_dtype(p.dtype, requested))
 
   def compensation(p):
     return _zeros_like(p, p.dtype) if options.rounds(p) else optax.MaskedNode()
 
-  mu = jax.tree.map(lambda p: moment(p, mu_dtype), params)
-  nu = jax.tree.map(lambda p: moment(p, nu_dtype), params)
-  nu_max = jax.tree.map(lambda p: moment(p, nu_dtype), params) if amsgrad else None
+  leaves, treedef = jax.tree.flatten(params)
+  quantized = _quantized_leaves(options, params, name)
+  each = lambda requested: treedef.unflatten([  # noqa: E731
+      moment(p, requested, q) for p, q in zip(leaves, quantized)])
+  mu, nu = each(mu_dtype), each(nu_dtype)
+  nu_max = each(nu_dtype) if amsgrad else None
   key = (jax.random.PRNGKey(options.rounding_seed)
          if options.param_rounding == "stochastic" else None)
   comp = jax.tree.map(compensation, params) if options.param_rounding == "kahan" else None

@@ -7,18 +7,21 @@ as torchao writes it in plain PyTorch (``torchao/optim/quant_utils.py``,
 divided by its largest magnitude (its ``scale``, at least 1e-12) and every
 element is stored as the uint8 index of the nearest entry of a 256-entry
 dynamic-exponent map (signed for the first moment, unsigned for the second).
-Blocks never span two leaves. As in torchao and bitsandbytes, only leaves of at
-least :data:`MIN_SIZE` elements whose size is a multiple of the block size are
-quantized; the others keep full-precision moments.
+Blocks never span two leaves (a flat buffer quantizes only leaves that are
+whole numbers of blocks, packed end to end). As in torchao and bitsandbytes,
+only leaves of at least :data:`MIN_SIZE` elements whose size is a multiple of
+the block size are quantized; the others keep full-precision moments.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MIN_SIZE = 4096
 """Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
@@ -76,26 +79,58 @@ def zeros(x: jax.Array, block_size: int) -> QuantizedMoment:
                          jnp.zeros((x.size // block_size,), jnp.float32))
 
 
+def _lookup(qmap: jax.Array, codes: jax.Array) -> jax.Array:
+  """``qmap[codes]``; on a mesh with explicit axes, sharded as `codes` (a gather needs it said)."""
+  if _explicit_first_axis(codes) is None:
+    return qmap[codes]
+  return qmap.at[codes].get(out_sharding=jax.typeof(codes).sharding)
+
+
 def _codes(x: jax.Array, qmap: jax.Array) -> jax.Array:
   """torchao's ``quantize_8bit_with_qmap``: branchless binary search, then round to nearest."""
   codes = jnp.where(x >= qmap[128], 128, 0)
   for half in (64, 32, 16, 8, 4, 2, 1):
-    codes = codes + jnp.where(x >= qmap[codes + half], half, 0)
+    codes = codes + jnp.where(x >= _lookup(qmap, codes + half), half, 0)
   up = jnp.minimum(codes + 1, 255)
-  down_value, up_value = qmap[codes], qmap[up]
+  down_value, up_value = _lookup(qmap, codes), _lookup(qmap, up)
   codes = jnp.where(x - down_value >= (up_value - down_value) * 0.5, up, codes)
   return codes.astype(jnp.uint8)
 
 
+def _explicit_first_axis(x) -> Optional[tuple]:
+  """On a mesh with explicit axes: (mesh, mesh axes of `x`'s first axis); else None.
+
+  There a reshape needs its output's sharding: a leaf is sharded along its
+  first axis only (``_lowmem``), so the blocks are sharded along theirs.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = tuple(sharding.spec)
+  return mesh, (spec[0] if spec else None)
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], first: Optional[tuple]) -> jax.Array:
+  if first is None:
+    return x.reshape(shape)
+  mesh, axis = first
+  return lax.reshape(x, shape, out_sharding=NamedSharding(mesh, P(axis, *(None,) * (
+      len(shape) - 1))))
+
+
 def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedMoment:
   """`x` (float32) as a :class:`QuantizedMoment`, torchao's ``copy_`` into ``OptimState8bit``."""
-  blocks = x.astype(jnp.float32).reshape(-1, block_size)
+  first = _explicit_first_axis(x)
+  blocks = _reshape(x.astype(jnp.float32), (x.size // block_size, block_size), first)
   scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), jnp.float32(1e-12))
   codes = _codes(blocks / scale[:, None], jnp.asarray(_MAPS[signed]))
-  return QuantizedMoment(codes.reshape(x.shape), scale)
+  return QuantizedMoment(_reshape(codes, x.shape, first), scale)
 
 
 def dequantize(q: QuantizedMoment, signed: bool) -> jax.Array:
   """The float32 moment: ``qmap[codes] * scale``, block by block, as torchao's ``dequantize``."""
-  values = jnp.asarray(_MAPS[signed])[q.codes.astype(jnp.int32)]
-  return (values.reshape(q.scale.shape[0], -1) * q.scale[:, None]).reshape(q.codes.shape)
+  first = _explicit_first_axis(q.codes)
+  values = _lookup(jnp.asarray(_MAPS[signed]), q.codes.astype(jnp.int32))
+  blocks = _reshape(values, (q.scale.shape[0], q.codes.size // q.scale.shape[0]), first)
+  return _reshape(blocks * q.scale[:, None], q.codes.shape, first)

@@ -396,8 +396,8 @@ def _late_param():
 
 FROM_TORCH_ERRORS = [
     ("SGD", lambda: (_opt(torch.optim.SGD, lr=0.1), P, {}), TypeError,
-     r"^from_torch: torch\.optim\.sgd\.SGD is not supported; only torch\.optim\.AdamW and "
-     r"torch\.optim\.Adam are\.$"),
+     r"^from_torch: torch\.optim\.sgd\.SGD is not supported; only torch\.optim\.AdamW / Adam, "
+     r"torchao\.optim\.AdamW8bit / Adam8bit and optimi\.AdamW / Adam are\.$"),
     ("not an optimizer", lambda: ({"state": {}}, P, {}), TypeError,
      r"^from_torch: expected a torch\.optim\.AdamW / Adam or its state_dict\(\), got dict\.$"),
     ("NAdam-like setting", lambda: (_sd(_opt(), lambda sd: sd["param_groups"][0].update(

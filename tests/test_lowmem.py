@@ -156,6 +156,54 @@ def test_8bit_with_amsgrad_mask_flat_buffers_and_fused_step():
     np.testing.assert_array_equal(flat_updates.view()[k], tree_updates[k])
 
 
+def test_8bit_flat_buffers_equal_the_leaves_bit_for_bit():
+  """Leaves of sizes that are not multiples of the block size, packed with and without 8-bit ones.
+
+  ``flatten(moment_block_size=...)`` packs the leaves that get 8-bit moments
+  apart (each a whole number of blocks, so blocks never span leaves); the
+  other buffer (5376 elements, 21 blocks' worth) keeps full precision, as its
+  leaves do one by one.
+  """
+  sizes = {"a": (4096,), "b": (100,), "c": (5000,), "d": (64, 96), "e": (4352,), "f": (276,)}
+  rng = np.random.default_rng(4)
+  tree = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in sizes.items()}
+  tx = adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, moment_bits=8)
+  with pytest.raises(ValueError, match=r"the flat buffer 'float32' packs leaves that get 8-bit "
+                     r"moments \('a', 4096 elements\) and leaves that keep full-precision ones "
+                     r"\('b', 100 elements: fewer than 4096 or not a multiple of "
+                     r"moment_block_size=256\).*adamw_jax\.flatten\(params, "
+                     r"moment_block_size=256\)"):
+    tx.init(adamw_jax.flatten(tree))
+  flat = adamw_jax.flatten(tree, moment_block_size=256)
+  assert flat.layout.names == ("float32/8bit", "float32")
+  flat_state, tree_state = tx.init(flat), tx.init(tree)
+  assert isinstance(flat_state.mu.buffers[0], adamw_jax.QuantizedMoment)
+  assert not isinstance(flat_state.mu.buffers[1], adamw_jax.QuantizedMoment)
+  step = jax.jit(tx.update)
+  flat_params, tree_params = flat, tree
+  for k in range(3):
+    grads = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in sizes.items()}
+    flat_updates, flat_state = step(flat_params.pack(grads), flat_state, flat_params)
+    tree_updates, tree_state = step(grads, tree_state, tree_params)
+    flat_params = optax.apply_updates(flat_params, flat_updates)
+    tree_params = optax.apply_updates(tree_params, tree_updates)
+    for n in sizes:
+      np.testing.assert_array_equal(flat_params.view()[n], tree_params[n])
+  for field in ("mu", "nu", "nu_max"):
+    q, plain = getattr(flat_state, field).buffers
+    leaves = getattr(tree_state, field)
+    np.testing.assert_array_equal(q.codes, jnp.concatenate(
+        [leaves[n].codes.ravel() for n in ("a", "d", "e")]))
+    np.testing.assert_array_equal(q.scale, jnp.concatenate(
+        [leaves[n].scale for n in ("a", "d", "e")]))
+    np.testing.assert_array_equal(plain, jnp.concatenate([leaves[n] for n in ("b", "c", "f")]))
+  # Another block size in the transform than in flatten: 'g' (4224 = 33 * 128 elements) gets
+  # 8-bit moments with blocks of 128 but was packed with 's' as a leaf that does not.
+  with pytest.raises(ValueError, match=r"'g', 4224 elements.*moment_block_size=128"):
+    adamw_jax.adamw(1e-2, moment_bits=8, moment_block_size=128).init(adamw_jax.flatten(
+        {"g": jnp.ones(4224), "h": jnp.ones(4096), "s": jnp.ones(100)}, moment_block_size=256))
+
+
 def test_param_groups_with_and_without_8bit():
   params = {"w": jnp.linspace(-1, 1, 8192).reshape(64, 128), "c": jnp.linspace(0, 1, 8192)}
   grads = jax.tree.map(lambda p: jnp.sin(p * 5 + 0.3), params)

@@ -49,9 +49,14 @@ def test_sharded(results, name):
 
 
 def test_checks_cover_the_issue():
-  """The table has AMSGrad, masks, a bf16 leaf and a global reduction; every layout is checked."""
+  """The table has AMSGrad, masks, a bf16 leaf and a global reduction; every layout is checked.
+
+  8-bit moments: whole-block shards (eager and jit, both mesh kinds), block-splitting
+  shardings refused where init sees them, and computed right under jit where it cannot.
+  """
   names = set(sharded_checks.CHECKS)
-  for family in ("fsdp_init", "fsdp_step", "fsdp_update_hlo", "zero1", "data_parallel"):
+  for family in ("fsdp_init", "fsdp_step", "fsdp_update_hlo", "zero1", "data_parallel",
+                 "lowmem_8bit_sharded", "lowmem_8bit_split_refused", "lowmem_8bit_split_auto_jit"):
     assert any(n.startswith(family + "[") for n in names), family
   assert {"fsdp_init[amsgrad_bf16_leaf-auto-jit]", "fsdp_init[amsgrad_bf16_leaf-explicit-jit]",
           "fsdp_init[amsgrad_bf16_leaf-auto-eager]", "fsdp_step[decay_mask_schedule]",
