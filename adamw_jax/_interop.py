@@ -206,6 +206,7 @@ def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading:
       raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; an "
                        "8-bit moment's blocks are consecutive elements in torch's layout and "
                        "cannot be transposed: keep the torch layout for this leaf.")
+    assert reading.ref.block_size is not None  # torchao's
     q = _references.from_8bit(what, slot.label(), key, value, reading.ref.block_size)
     if q.codes.shape != shape:
       raise ValueError(f"{what}: {slot.label()} has {key} of shape {q.codes.shape}, but the JAX "
@@ -224,6 +225,7 @@ def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading:
                      f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first.")
   if reading.ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
     beta = reading.betas[0 if key == "exp_avg" else 1]
+    assert reading.step is not None  # optimi's group step
     x = _references.from_optimi_moment(x, beta, reading.step)
   return x
 
@@ -239,6 +241,7 @@ def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], l
   if not state:
     zeros = np.zeros(shape, dtype)
     if reading.quantized:
+      assert reading.ref.block_size is not None  # torchao's
       blocks = np.zeros((int(np.prod(shape)) // reading.ref.block_size,), np.float32)
       moment = _quantize.QuantizedMoment(np.zeros(shape, np.uint8), blocks)
     else:
@@ -370,7 +373,7 @@ def _group_readings(what: str, ref: _references.Reference, raw: Sequence[Mapping
   for raw_group, group, h in zip(raw, groups, hypers):
     out.append(_Reading(ref, h["amsgrad"], False,
                         _references.optimi_step(raw_group) if ref.kind == _references.OPTIMI
-                        else None, tuple(float(b) for b in group["betas"])))
+                        else None, (float(group["betas"][0]), float(group["betas"][1]))))
   return out
 
 
@@ -550,6 +553,7 @@ def _check_fits(what: str, ref: _references.Reference, slot: _layout.TorchParam,
       raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
                        "8-bit blocks cannot be transposed: keep the torch layout for this leaf.")
   if ref.kind == _references.TORCHAO:
+    assert ref.block_size is not None  # torchao's
     plain = [m for m in moments if m is not None and not isinstance(m, _quantize.QuantizedMoment)]
     if plain and _quantize.quantizes(_shape(plain[0]), ref.block_size):
       raise ValueError(f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
@@ -665,7 +669,8 @@ def to_torch_state_dict(
                        f"(amsgrad={not amsgrad}).")
     back = _inverse(s.axes)
     arrays = {"exp_avg": mu, "exp_avg_sq": nu, "max_exp_avg_sq": nu_max}
-    entry = {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)}
+    entry: dict[str, Any] = (
+        {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)})
     group = groups[s.group]
     for key, x in arrays.items():
       if x is None:

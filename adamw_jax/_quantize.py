@@ -35,8 +35,8 @@ class QuantizedMoment(NamedTuple):
     scale: float32, one per block (``codes.size // scale.size`` is the block size).
   """
 
-  codes: jax.Array
-  scale: jax.Array
+  codes: jax.Array | np.ndarray  # numpy on the host, in from_torch / to_torch_state_dict
+  scale: jax.Array | np.ndarray
 
 
 def _linspace(start: float, end: float, steps: int) -> np.ndarray:
@@ -107,6 +107,7 @@ def _explicit_first_axis(x) -> Optional[tuple]:
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
     return None
+  assert sharding is not None  # it has a mesh
   spec = tuple(sharding.spec)
   return mesh, (spec[0] if spec else None)
 
@@ -131,6 +132,6 @@ def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedMoment:
 def dequantize(q: QuantizedMoment, signed: bool) -> jax.Array:
   """The float32 moment: ``qmap[codes] * scale``, block by block, as torchao's ``dequantize``."""
   first = _explicit_first_axis(q.codes)
-  values = _lookup(jnp.asarray(_MAPS[signed]), q.codes.astype(jnp.int32))
+  values = _lookup(jnp.asarray(_MAPS[signed]), jnp.asarray(q.codes, jnp.int32))
   blocks = _reshape(values, (q.scale.shape[0], q.codes.size // q.scale.shape[0]), first)
   return _reshape(blocks * q.scale[:, None], q.codes.shape, first)
