@@ -17,10 +17,14 @@ from setuptools.command.build_ext import build_ext
 
 ERROR_FILE = "_native_lib.error"
 FLAGS = [
-    "-std=c++17", "-O3",
-    # The kernel's roundings are written out (std::fma where torch fuses):
-    # no contraction, no value-changing math; errno-free sqrt vectorizes.
-    "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-return-type",
+  "-std=c++17",
+  "-O3",
+  # The kernel's roundings are written out (std::fma where torch fuses):
+  # no contraction, no value-changing math; errno-free sqrt vectorizes.
+  "-ffp-contract=off",
+  "-fno-fast-math",
+  "-fno-math-errno",
+  "-Wno-return-type",
 ]
 
 
@@ -29,7 +33,7 @@ def _ffi_include_dir() -> str:
   spec = importlib.util.find_spec("jaxlib")
   if spec is None or not spec.submodule_search_locations:
     raise RuntimeError("jaxlib is not installed in the build environment")
-  include = pathlib.Path(list(spec.submodule_search_locations)[0]) / "include"
+  include = pathlib.Path(next(iter(spec.submodule_search_locations))) / "include"
   if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
     raise RuntimeError(f"jaxlib has no XLA FFI headers under {include}")
   return str(include)
@@ -45,15 +49,20 @@ class OptionalBuildExt(build_ext):
       ext.include_dirs.append(_ffi_include_dir())
       super().build_extension(ext)
       error_file.unlink(missing_ok=True)
-    except Exception as e:  # noqa: BLE001  (any failure leaves a working package)
+    except Exception as e:
       package_dir.mkdir(parents=True, exist_ok=True)
       error_file.write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-      print(f"adamw_jax: the native kernel was not built ({type(e).__name__}: {e}); "
-            "the pure-JAX kernel will be used.")
+      print(
+        f"adamw_jax: the native kernel was not built ({type(e).__name__}: {e}); "
+        "the pure-JAX kernel will be used."
+      )
 
 
 setup(
-    ext_modules=[Extension("adamw_jax._native_lib", ["adamw_jax/_native.cc"],
-                           extra_compile_args=FLAGS, language="c++")],
-    cmdclass={"build_ext": OptionalBuildExt},
+  ext_modules=[
+    Extension(
+      "adamw_jax._native_lib", ["adamw_jax/_native.cc"], extra_compile_args=FLAGS, language="c++"
+    )
+  ],
+  cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import optax
 
@@ -10,24 +10,24 @@ from adamw_jax import _core, _hyperparams, _tree
 
 
 def adamw(
-    learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
-    *,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    mask: Optional[_tree.MaskOrFn] = None,
-    eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    decay_mode: str = "torch",
-    peak_learning_rate: Optional[float] = None,
-    param_rounding: str = "nearest",
-    rounding_seed: Optional[int] = None,
-    moment_bits: Optional[int] = None,
-    moment_block_size: Optional[int] = None,
+  learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
+  *,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mask: _tree.MaskOrFn | None = None,
+  eps_root: float = 0.0,
+  mu_dtype: Any | None = None,
+  nu_dtype: Any | None = None,
+  decay_mode: str = "torch",
+  peak_learning_rate: float | None = None,
+  param_rounding: str = "nearest",
+  rounding_seed: int | None = None,
+  moment_bits: int | None = None,
+  moment_block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with the semantics, defaults and rounding of ``torch.optim.AdamW``.
 
@@ -108,31 +108,48 @@ def adamw(
     Reddi et al., *On the Convergence of Adam and Beyond* (AMSGrad), ICLR 2018.
     ``torch.optim.AdamW`` (PyTorch 2.13).
   """
-  return _core.adam_transform(_hyperparams.Settings.of(
-      "adamw", decoupled=True, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
-      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, decay_mode=decay_mode,
-      peak_learning_rate=peak_learning_rate, param_rounding=param_rounding,
-      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size))
+  return _core.adam_transform(
+    _hyperparams.Settings.of(
+      "adamw",
+      decoupled=True,
+      learning_rate=learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      amsgrad=amsgrad,
+      maximize=maximize,
+      mask=mask,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      decay_mode=decay_mode,
+      peak_learning_rate=peak_learning_rate,
+      param_rounding=param_rounding,
+      rounding_seed=rounding_seed,
+      moment_bits=moment_bits,
+      moment_block_size=moment_block_size,
+    )
+  )
 
 
 def adam(
-    learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: _hyperparams.ScalarOrSchedule = 0.0,
-    *,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    mask: Optional[_tree.MaskOrFn] = None,
-    eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    param_rounding: str = "nearest",
-    rounding_seed: Optional[int] = None,
-    moment_bits: Optional[int] = None,
-    moment_block_size: Optional[int] = None,
+  learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: _hyperparams.ScalarOrSchedule = 0.0,
+  *,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mask: _tree.MaskOrFn | None = None,
+  eps_root: float = 0.0,
+  mu_dtype: Any | None = None,
+  nu_dtype: Any | None = None,
+  param_rounding: str = "nearest",
+  rounding_seed: int | None = None,
+  moment_bits: int | None = None,
+  moment_block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with the semantics, defaults and rounding of ``torch.optim.Adam``.
 
@@ -149,8 +166,24 @@ def adam(
   >>> print(optax.apply_updates(params, updates)["w"])  # p - 0.1 * sign(g + 0.5 * p)
   [ 0.90000004 -1.9       ]
   """
-  return _core.adam_transform(_hyperparams.Settings.of(
-      "adam", decoupled=False, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask,
-      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, param_rounding=param_rounding,
-      rounding_seed=rounding_seed, moment_bits=moment_bits, moment_block_size=moment_block_size))
+  return _core.adam_transform(
+    _hyperparams.Settings.of(
+      "adam",
+      decoupled=False,
+      learning_rate=learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      amsgrad=amsgrad,
+      maximize=maximize,
+      mask=mask,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      param_rounding=param_rounding,
+      rounding_seed=rounding_seed,
+      moment_bits=moment_bits,
+      moment_block_size=moment_block_size,
+    )
+  )

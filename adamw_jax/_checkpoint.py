@@ -21,7 +21,7 @@ import os
 import sys
 import zlib
 from collections.abc import Mapping
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,10 @@ def _ocp():
   try:
     import orbax.checkpoint as ocp
   except ImportError as e:
-    raise ImportError("adamw_jax.save_opt_state / restore_opt_state need orbax-checkpoint: "
-                      "pip install 'adamw_jax[checkpoint]' (or orbax-checkpoint>=0.11).") from e
+    raise ImportError(
+      "adamw_jax.save_opt_state / restore_opt_state need orbax-checkpoint: "
+      "pip install 'adamw_jax[checkpoint]' (or orbax-checkpoint>=0.11)."
+    ) from e
   return ocp
 
 
@@ -87,13 +89,13 @@ def describe(tree) -> dict[str, Any]:
   """The JSON description a checkpoint stores: leaves by path, and the node types."""
   flat, treedef = jtu.tree_flatten_with_path(tree, is_leaf=_is_empty)
   return {
-      "format": _FORMAT,
-      "leaves": {_key(p): _describe_leaf(x) for p, x in flat},
-      "structure": str(treedef),
+    "format": _FORMAT,
+    "leaves": {_key(p): _describe_leaf(x) for p, x in flat},
+    "structure": str(treedef),
   }
 
 
-def _crc(x) -> Optional[int]:
+def _crc(x) -> int | None:
   """CRC-32 of an array's bytes in C order; None where this process does not hold all of it."""
   if not getattr(x, "is_fully_addressable", True):
     return None
@@ -102,7 +104,7 @@ def _crc(x) -> Optional[int]:
   return zlib.crc32(data)  # pyright: ignore[reportArgumentType]
 
 
-def _crcs(tree) -> dict[str, Optional[int]]:
+def _crcs(tree) -> dict[str, int | None]:
   flat = jtu.tree_flatten_with_path(tree, is_leaf=_is_empty)[0]
   return {_key(p): _crc(x) for p, x in flat if not _is_empty(x)}
 
@@ -141,7 +143,7 @@ def _without_amsgrad(leaves: Mapping[str, str]) -> set[str]:
 def _structure_hint(a: Mapping[str, str], b: Mapping[str, str]) -> str:
   ga, gb = _groups(a), _groups(b)
   if ga != gb:
-    describe_groups = lambda g: f"param groups {g}" if g else "no param groups"  # noqa: E731
+    describe_groups = lambda g: f"param groups {g}" if g else "no param groups"
     return f" (the checkpoint has {describe_groups(ga)}, the target {describe_groups(gb)})"
   off_a, off_b = _without_amsgrad(a), _without_amsgrad(b)
   if off_b - off_a:
@@ -160,19 +162,25 @@ def _compare(saved: Mapping[str, Any], wanted: Mapping[str, Any], directory: str
     lines = [f"  only in the checkpoint: {p!r} ({a[p]})" for p in only_saved[:4]]
     lines += [f"  only in the target: {p!r} ({b[p]})" for p in only_target[:4]]
     more = len(only_saved) + len(only_target) - len(lines)
-    raise ValueError(f"{what}: different tree structure{_structure_hint(a, b)}:\n"
-                     + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+    raise ValueError(
+      f"{what}: different tree structure{_structure_hint(a, b)}:\n"
+      + "\n".join(lines)
+      + (f"\n  ... and {more} more" if more > 0 else "")
+    )
   for path in b:
     if a[path] != b[path]:
       kind = "dtype" if a[path].split("[")[1:] == b[path].split("[")[1:] else "shape"
-      raise ValueError(f"{what}: different {kind} at {path!r}: the checkpoint has {a[path]}, "
-                       f"the target {b[path]}.")
+      raise ValueError(
+        f"{what}: different {kind} at {path!r}: the checkpoint has {a[path]}, the target {b[path]}."
+      )
   if saved["structure"] != wanted["structure"]:
-    raise ValueError(f"{what}: same leaves, different pytree node types:\n"
-                     f"  checkpoint: {saved['structure']}\n  target:     {wanted['structure']}")
+    raise ValueError(
+      f"{what}: same leaves, different pytree node types:\n"
+      f"  checkpoint: {saved['structure']}\n  target:     {wanted['structure']}"
+    )
 
 
-def _compare_config(saved: Optional[Mapping], given: Optional[Mapping], directory: str) -> None:
+def _compare_config(saved: Mapping | None, given: Mapping | None, directory: str) -> None:
   if given is None:
     return
   what = f"restore_opt_state: the checkpoint at {directory!r} was saved with another config"
@@ -181,12 +189,19 @@ def _compare_config(saved: Optional[Mapping], given: Optional[Mapping], director
   given = cast(Mapping, json.loads(json.dumps(given)))  # tuples -> lists, as stored
   for key in sorted(set(saved) | set(given)):
     if saved.get(key, "<missing>") != given.get(key, "<missing>"):
-      raise ValueError(f"{what}: {key!r} is {saved.get(key, '<missing>')!r} in the checkpoint "
-                       f"and {given.get(key, '<missing>')!r} here.")
+      raise ValueError(
+        f"{what}: {key!r} is {saved.get(key, '<missing>')!r} in the checkpoint "
+        f"and {given.get(key, '<missing>')!r} here."
+      )
 
 
-def save_opt_state(directory: str | os.PathLike, opt_state: Any, *,
-                   config: Optional[Mapping[str, Any]] = None, force: bool = False) -> None:
+def save_opt_state(
+  directory: str | os.PathLike,
+  opt_state: Any,
+  *,
+  config: Mapping[str, Any] | None = None,
+  force: bool = False,
+) -> None:
   """Saves an optimizer state (or an ``nnx.Optimizer``) to `directory` with orbax.
 
   Args:
@@ -211,18 +226,31 @@ def save_opt_state(directory: str | os.PathLike, opt_state: Any, *,
   """
   ocp = _ocp()
   tree = _pure(opt_state)
-  meta = json.loads(json.dumps({  # as JSON reads it back
-      **describe(tree), "library": f"adamw_jax {__version__}", "checksums": _crcs(tree),
-      "config": None if config is None else dict(config)}))
+  meta = json.loads(
+    json.dumps(
+      {  # as JSON reads it back
+        **describe(tree),
+        "library": f"adamw_jax {__version__}",
+        "checksums": _crcs(tree),
+        "config": None if config is None else dict(config),
+      }
+    )
+  )
   meta["checksum"] = _self_crc(meta)
   stored = jax.tree.map(lambda x: _stand_in(x) if _zero_size(x) else x, tree)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(os.path.abspath(directory), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}), force=force)
+    ckptr.save(
+      os.path.abspath(directory),
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(stored), _META: ocp.args.JsonSave(meta)}
+      ),
+      force=force,
+    )
 
 
-def restore_opt_state(directory: str | os.PathLike, target: Any, *,
-                      config: Optional[Mapping[str, Any]] = None) -> Any:
+def restore_opt_state(
+  directory: str | os.PathLike, target: Any, *, config: Mapping[str, Any] | None = None
+) -> Any:
   """Restores a state saved by :func:`save_opt_state`, checking that it fits `target` first.
 
   .. code-block:: python
@@ -292,10 +320,12 @@ def restore_opt_state(directory: str | os.PathLike, target: Any, *,
   return restored
 
 
-def _damaged(path: str, what: str, error: Optional[BaseException] = None) -> ValueError:
+def _damaged(path: str, what: str, error: BaseException | None = None) -> ValueError:
   cause = "" if error is None else f": {type(error).__name__}: {_first_line(error)}"
-  return ValueError(f"restore_opt_state: the checkpoint at {path!r} is damaged or incomplete: "
-                    f"{what}{cause}. Nothing was restored.")
+  return ValueError(
+    f"restore_opt_state: the checkpoint at {path!r} is damaged or incomplete: "
+    f"{what}{cause}. Nothing was restored."
+  )
 
 
 def _first_line(error: BaseException) -> str:
@@ -310,13 +340,15 @@ def _check_exists(path: str) -> None:
   partial = sorted(glob.glob(glob.escape(path) + _TMP_SUFFIX + "*"))
   if partial:
     raise FileNotFoundError(
-        f"restore_opt_state: the checkpoint at {path!r} was never finished: only the partly "
-        f"written {os.path.basename(partial[-1])!r} is there (orbax renames it to the "
-        "directory when a save completes); restore an earlier checkpoint.")
+      f"restore_opt_state: the checkpoint at {path!r} was never finished: only the partly "
+      f"written {os.path.basename(partial[-1])!r} is there (orbax renames it to the "
+      "directory when a save completes); restore an earlier checkpoint."
+    )
   if os.path.isdir(path):
     raise FileNotFoundError(
-        f"restore_opt_state: {path!r} is not an adamw_jax checkpoint (it has no {_META!r} "
-        f"description; it holds {sorted(os.listdir(path))[:8]}).")
+      f"restore_opt_state: {path!r} is not an adamw_jax checkpoint (it has no {_META!r} "
+      f"description; it holds {sorted(os.listdir(path))[:8]})."
+    )
   raise FileNotFoundError(f"restore_opt_state: no adamw_jax checkpoint at {path!r}.")
 
 
@@ -324,19 +356,23 @@ def _read_description(ckptr, ocp, path: str) -> Mapping[str, Any]:
   """The checkpoint's JSON description, checked: a format this version reads, and its CRC."""
   try:
     meta = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-  except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many kinds
+  except Exception as e:
     raise _damaged(path, f"its description ({_META}/) cannot be read", e) from e
   if not isinstance(meta, Mapping) or not isinstance(meta.get("format"), int):
     raise _damaged(path, "its description is not one adamw_jax writes (no format)")
   if meta["format"] not in _READS:
     raise ValueError(
-        f"restore_opt_state: the checkpoint at {path!r} is in checkpoint format "
-        f"{meta['format']}, written by {meta.get('library', 'an unknown adamw_jax')}; this is "
-        f"adamw_jax {__version__}, which reads formats {', '.join(map(str, _READS))}: restore "
-        "it with the version that wrote it.")
+      f"restore_opt_state: the checkpoint at {path!r} is in checkpoint format "
+      f"{meta['format']}, written by {meta.get('library', 'an unknown adamw_jax')}; this is "
+      f"adamw_jax {__version__}, which reads formats {', '.join(map(str, _READS))}: restore "
+      "it with the version that wrote it."
+    )
   if meta["format"] >= 2 and meta.get("checksum") != _self_crc(meta):
-    raise _damaged(path, "its description does not match the CRC saved with it (the file "
-                   "was changed or corrupted after saving)")
+    raise _damaged(
+      path,
+      "its description does not match the CRC saved with it (the file "
+      "was changed or corrupted after saving)",
+    )
   if not (isinstance(meta.get("leaves"), Mapping) and isinstance(meta.get("structure"), str)):
     raise _damaged(path, "its description lacks the leaves or the structure")
   return meta
@@ -359,17 +395,19 @@ def _refilled(restored, target):
 def _read_arrays(ckptr, ocp, path: str, tree) -> Any:
   abstract = jax.tree.map(lambda x: _stand_in(x) if _zero_size(x) else _abstract(x), tree)
   try:
-    restored = ckptr.restore(path, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract)}))[_STATE]
+    restored = ckptr.restore(
+      path, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
+    )[_STATE]
     return jax.tree.map(_refilled, restored, tree)
-  except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many kinds
+  except Exception as e:
     unsharded = any(getattr(a, "sharding", 0) is None for a in jax.tree.leaves(abstract))
     if unsharded and "topology" in str(e).lower():
       raise ValueError(
-          f"restore_opt_state: the checkpoint at {path!r} was saved on other devices, and the "
-          "target has leaves without a sharding (jax.eval_shape gives none): give a target "
-          "whose leaves have the shardings to restore to, e.g. tx.init(params) with params on "
-          "these devices, or jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves.") from e
+        f"restore_opt_state: the checkpoint at {path!r} was saved on other devices, and the "
+        "target has leaves without a sharding (jax.eval_shape gives none): give a target "
+        "whose leaves have the shardings to restore to, e.g. tx.init(params) with params on "
+        "these devices, or jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves."
+      ) from e
     raise _damaged(path, f"reading the arrays ({_STATE}/) failed", e) from e
 
 
@@ -382,5 +420,8 @@ def _verify(meta: Mapping[str, Any], restored: Any, path: str) -> None:
     raise _damaged(path, "its description lacks the arrays' CRCs")
   for key, crc in _crcs(restored).items():
     if saved.get(key) is not None and crc is not None and crc != saved[key]:
-      raise _damaged(path, f"the array at {key!r} does not match the CRC saved with it (a data "
-                     "file was changed or corrupted after saving)")
+      raise _damaged(
+        path,
+        f"the array at {key!r} does not match the CRC saved with it (a data "
+        "file was changed or corrupted after saving)",
+      )

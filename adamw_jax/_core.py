@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.core
@@ -23,7 +24,6 @@ from jax.experimental.shard_alike import shard_alike
 
 from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _steer, _tree
 from adamw_jax._tree import check_params
-
 
 
 class ScaleByAdamState(NamedTuple):
@@ -94,22 +94,28 @@ def check_count(count: Any, what: str) -> None:
   trip per step.
   """
   integer = (hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer)) or (
-      isinstance(count, (int, np.integer)) and not isinstance(count, bool))
+    isinstance(count, (int, np.integer)) and not isinstance(count, bool)
+  )
   if not integer or np.ndim(count) != 0:
     raise TypeError(
-        f"{what}: the state's count must be an integer scalar (int32: the number of steps "
-        f"taken, torch's step), got {_describe_value(count)}; give a converted or edited "
-        "state count=jnp.asarray(step, jnp.int32).")
+      f"{what}: the state's count must be an integer scalar (int32: the number of steps "
+      f"taken, torch's step), got {_describe_value(count)}; give a converted or edited "
+      "state count=jnp.asarray(step, jnp.int32)."
+    )
   if isinstance(count, (int, np.integer, np.ndarray)) and int(count) < 0:
-    raise ValueError(f"{what}: the state's count is {int(count)}; it must be >= 0 (the number "
-                     "of steps taken).")
+    raise ValueError(
+      f"{what}: the state's count is {int(count)}; it must be >= 0 (the number of steps taken)."
+    )
 
 
 def _check_count_traced(count: jax.Array, what: str) -> None:
   if not _hyperparams.traced_checks():
     return
-  checkify.debug_check(count >= 0, f"{what}: the state's count is {{}}; it must be >= 0 (the "
-                       "number of steps taken)", count)
+  checkify.debug_check(
+    count >= 0,
+    f"{what}: the state's count is {{}}; it must be >= 0 (the number of steps taken)",
+    count,
+  )
 
 
 def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str) -> None:
@@ -121,11 +127,13 @@ def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str
     dtype = jnp.result_type(_leaf_dtype(p), *(d for d in moment_dtypes if d is not None))
     if jnp.issubdtype(dtype, jnp.floating) and np.asarray(x, dtype) == 0:
       warnings.warn(
-          f"{what}: eps={x} rounds to 0 in {jnp.dtype(dtype).name} (the parameter at "
-          f"{_tree.where(path)}): where a gradient is zero the step is 0/0 and the parameter "
-          "becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
-          "float16), or float32 moments (mu_dtype=nu_dtype=jnp.float32).",
-          UserWarning, stacklevel=4)
+        f"{what}: eps={x} rounds to 0 in {jnp.dtype(dtype).name} (the parameter at "
+        f"{_tree.where(path)}): where a gradient is zero the step is 0/0 and the parameter "
+        "becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
+        "float16), or float32 moments (mu_dtype=nu_dtype=jnp.float32).",
+        UserWarning,
+        stacklevel=4,
+      )
       return
 
 
@@ -172,16 +180,28 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
   def update_fn(updates, state, params=None):
     check_update_args(updates, state, params)
-    return compute(updates, state, params, fused=False, native=_native.enabled(),
-                   checks=_hyperparams.traced_checks())
+    return compute(
+      updates,
+      state,
+      params,
+      fused=False,
+      native=_native.enabled(),
+      checks=_hyperparams.traced_checks(),
+    )
 
   def step_fn(grads, state, params):
     if learning_rate is None:
       raise TypeError(f"{name}: the fused step needs a learning rate (scale_by_adam has none)")
     check_update_args(grads, state, params)
     _tree.check_same_structure(grads, params, "grads", "params", what=name)
-    return compute(grads, state, params, fused=True, native=_native.enabled(),
-                   checks=_hyperparams.traced_checks())
+    return compute(
+      grads,
+      state,
+      params,
+      fused=True,
+      native=_native.enabled(),
+      checks=_hyperparams.traced_checks(),
+    )
 
   # Compiled even when called eagerly: op-by-op execution would not fuse the
   # moment updates into torch's multiply-adds and would round differently.
@@ -189,8 +209,10 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
   def compute(updates, state, params, fused: bool, native: bool, checks: bool):
     del checks  # read again by the checks themselves; a static argument so that it retraces
     decay_mask = (
-        jax.tree.map(lambda _: True, updates) if mask is None or params is None
-        else _tree.resolve_mask(mask, params, what=name))
+      jax.tree.map(lambda _: True, updates)
+      if mask is None or params is None
+      else _tree.resolve_mask(mask, params, what=name)
+    )
     # Without weight decay the step (s*m)/d is already torch's p_new - p.
     with_params = learning_rate is not None and params is not None and needs_params
     count = state.count
@@ -199,8 +221,13 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     z = _steer.opaque_zero(new_count)
     lr, wd = _scalars.schedules_at(s, count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
-    how: dict[str, Any] = dict(z=z, maximize=maximize, decoupled=decoupled,
-                               with_params=with_params, fused=fused)
+    how: dict[str, Any] = {
+      "z": z,
+      "maximize": maximize,
+      "decoupled": decoupled,
+      "with_params": with_params,
+      "fused": fused,
+    }
 
     def scalars_for(dtype):
       if dtype not in cache:
@@ -209,7 +236,9 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
     def leaf(g, m, v, vm, p, decayed):
       """The pure-JAX kernel: (update, or new parameter when fused, m, v, vm)."""
-      c, decay = scalars_for(_scalars.scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,)))))
+      c, decay = scalars_for(
+        _scalars.scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,))))
+      )
       return _kernel.optax_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
 
     treedef = jax.tree.structure(updates)
@@ -225,52 +254,87 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       g, m, v, vm, p, decayed = args
       p_read = p if (with_params or fused) else None
       cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,)))
-      if (native and cdtype == g.dtype
-          and _native.serves(g, p_read, l2=needs_params and not decoupled and decayed)):
+      if (
+        native
+        and cdtype == g.dtype
+        and _native.serves(g, p_read, l2=needs_params and not decoupled and decayed)
+      ):
         mode = _native.mode(g, m, v, vm, fused=fused, with_params=with_params)
         groups.setdefault((cdtype, bool(decayed), mode), []).append(i)
       else:
         results[i] = leaf(*args)
-    calls = [(key, members[k:k + _native.LEAVES_PER_CALL]) for key, members in groups.items()
-             for k in range(0, len(members), _native.LEAVES_PER_CALL)]
+    calls = [
+      (key, members[k : k + _native.LEAVES_PER_CALL])
+      for key, members in groups.items()
+      for k in range(0, len(members), _native.LEAVES_PER_CALL)
+    ]
     for (cdtype, decayed, mode), indices in calls:
       c, decay = scalars_for(_scalars.scalar_dtype(cdtype))
       decay = decay if (decayed and needs_params) else None
-      kind = (_native.Decay.NONE if decay is None
-              else _native.Decay.DECOUPLED if decoupled else _native.Decay.L2)
+      kind = (
+        _native.Decay.NONE
+        if decay is None
+        else _native.Decay.DECOUPLED
+        if decoupled
+        else _native.Decay.L2
+      )
       if mode == _native.Mode.MOMENTS and kind == _native.Decay.DECOUPLED:
         kind = _native.Decay.NONE  # the decoupled decay is in the parameter's step
       leaves = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]
       outs = _native.group(c, decay, leaves, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how)
       for i, (out, m, v, vm) in zip(indices, outs):
         if mode == _native.Mode.MOMENTS:  # the parameter's step, fused with apply_updates
-          out, m, v, vm = _kernel.optax_leaf(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay,
-                                     moments=(m, v, vm), **how)
+          out, m, v, vm = _kernel.optax_leaf(
+            g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay, moments=(m, v, vm), **how
+          )
         results[i] = (out, m, v, vm)
-    out, mu, nu, nu_max = (treedef.unflatten(list(col)) for col in zip(*results)) if results else (
-        updates if not fused else params, state.mu, state.nu, state.nu_max)
+    out, mu, nu, nu_max = (
+      (treedef.unflatten(list(col)) for col in zip(*results))
+      if results
+      else (updates if not fused else params, state.mu, state.nu, state.nu_max)
+    )
     new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
     return out, new_state
 
   low_memory = _lowmem.Options.of(s)
   if low_memory.enabled:  # their own state; the pure kernel only (_lowmem)
-    return _low_memory_transform(low_memory, _lowmem.Step(
-        name, learning_rate is not None, needs_params, decoupled, amsgrad, maximize, mask,
-        functools.partial(_scalars.at_count, s)),
-        mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    return _low_memory_transform(
+      low_memory,
+      _lowmem.Step(
+        name,
+        learning_rate is not None,
+        needs_params,
+        decoupled,
+        amsgrad,
+        maximize,
+        mask,
+        functools.partial(_scalars.at_count, s),
+      ),
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+    )
   return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))
 
 
-def _low_memory_transform(options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any,
-                          nu_dtype: Any) -> optax.GradientTransformationExtraArgs:
+def _low_memory_transform(
+  options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any, nu_dtype: Any
+) -> optax.GradientTransformationExtraArgs:
   """The transform with ``param_rounding`` or ``moment_bits`` on: ``docs/low-memory.md``."""
 
   def init_fn(params) -> optax.OptState:
     check_params(params, step.name)
-    state = _lowmem.init(options, params, name=step.name, amsgrad=step.amsgrad,
-                         moment_dtype=_moment_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+    state = _lowmem.init(
+      options,
+      params,
+      name=step.name,
+      amsgrad=step.amsgrad,
+      moment_dtype=_moment_dtype,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+    )
     # optax's OptState (ArrayTree) has no None, which a pytree node may be (state.key).
     return state  # pyright: ignore[reportReturnType]
 
-  return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(*_lowmem.functions(options, step)))
-
+  return optax.GradientTransformationExtraArgs(
+    init_fn, AdamUpdate(*_lowmem.functions(options, step))
+  )

@@ -23,7 +23,7 @@ are not packed: each stays a child of its own, with its shape and sharding.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.core
@@ -43,7 +43,7 @@ class Slot(NamedTuple):
   """
 
   child: int
-  start: Optional[int]
+  start: int | None
   shape: tuple[int, ...]
 
 
@@ -53,10 +53,11 @@ class Layout:
   Hashed once: jit hashes the pytree aux data on every call.
   """
 
-  __slots__ = ("treedef", "slots", "names", "paths", "members", "_key", "_hash")
+  __slots__ = ("_hash", "_key", "members", "names", "paths", "slots", "treedef")
 
-  def __init__(self, treedef, slots: tuple[Slot, ...], names: tuple[str, ...],
-               paths: tuple[str, ...]):
+  def __init__(
+    self, treedef, slots: tuple[Slot, ...], names: tuple[str, ...], paths: tuple[str, ...]
+  ):
     self.treedef = treedef
     self.slots = slots  # one per leaf of the model's tree, in tree order
     self.names = names  # one per child: its key in key paths ('float32', 'w/kernel', ...)
@@ -72,13 +73,14 @@ class Layout:
     return self._hash
 
   def __eq__(self, other) -> bool:
-    return self is other or (isinstance(other, Layout) and self._hash == other._hash
-                             and self._key == other._key)
+    return self is other or (
+      isinstance(other, Layout) and self._hash == other._hash and self._key == other._key
+    )
 
   def __repr__(self) -> str:
     return f"Layout({len(self.slots)} leaves in children {list(self.names)})"
 
-  def difference(self, other: "Layout") -> tuple[str, str]:
+  def difference(self, other: Layout) -> tuple[str, str]:
     """The first difference from `other`, as one phrase for each side (for error messages).
 
     Two layouts can have the same buffer names and sizes and still pack
@@ -92,8 +94,10 @@ class Layout:
     for path, a in mine.items():
       b = theirs[path]
       if a.shape != b.shape:
-        return (f"its leaf {_tree.where(path)} has shape {a.shape}",
-                f"its leaf {_tree.where(path)} has shape {b.shape}")
+        return (
+          f"its leaf {_tree.where(path)} has shape {a.shape}",
+          f"its leaf {_tree.where(path)} has shape {b.shape}",
+        )
       if a != b or self.names[a.child] != other.names[b.child]:
         return _placed(path, a, self.names), _placed(path, b, other.names)
     return f"packing the model tree {self.treedef}", f"packing {other.treedef}"
@@ -141,8 +145,10 @@ class FlatParams(_tree.ResolvesMasks):
     return cls(buffers, layout)
 
   def __repr__(self) -> str:
-    kids = ", ".join(f"{n}: {getattr(b, 'dtype', '?')}{list(getattr(b, 'shape', ()))}"
-                     for n, b in zip(self.layout.names, self.buffers))
+    kids = ", ".join(
+      f"{n}: {getattr(b, 'dtype', '?')}{list(getattr(b, 'shape', ()))}"
+      for n, b in zip(self.layout.names, self.buffers)
+    )
     return f"FlatParams({len(self.layout.slots)} leaves in {{{kids}}})"
 
   def view(self):
@@ -156,31 +162,47 @@ class FlatParams(_tree.ResolvesMasks):
     """
     return self.layout.treedef.unflatten(_view(self.layout, self.buffers))
 
-  def pack(self, tree) -> "FlatParams":
+  def pack(self, tree) -> FlatParams:
     """`tree` (same structure, shapes and dtypes as the model) packed with this layout."""
     treedef = self.layout.treedef
     if jax.tree.structure(tree) != treedef:
-      _tree.check_same_structure(tree, treedef.unflatten([0] * treedef.num_leaves),
-                                 "the tree", "the flattened parameters", what="FlatParams.pack")
+      _tree.check_same_structure(
+        tree,
+        treedef.unflatten([0] * treedef.num_leaves),
+        "the tree",
+        "the flattened parameters",
+        what="FlatParams.pack",
+      )
     leaves = treedef.flatten_up_to(tree)
-    for path, leaf, slot, buffer in zip(self.layout.paths, leaves, self.layout.slots,
-                                        (self.buffers[s.child] for s in self.layout.slots)):
+    for path, leaf, slot, buffer in zip(
+      self.layout.paths,
+      leaves,
+      self.layout.slots,
+      (self.buffers[s.child] for s in self.layout.slots),
+    ):
       where = _tree.where(path)
       if np.shape(leaf) != slot.shape:
-        raise ValueError(f"FlatParams.pack: the leaf at {where} has shape {np.shape(leaf)}, "
-                         f"the flattened parameter has shape {slot.shape}.")
+        raise ValueError(
+          f"FlatParams.pack: the leaf at {where} has shape {np.shape(leaf)}, "
+          f"the flattened parameter has shape {slot.shape}."
+        )
       if jnp.result_type(leaf) != buffer.dtype:
-        raise TypeError(f"FlatParams.pack: the leaf at {where} has dtype {jnp.result_type(leaf)}, "
-                        f"the flattened parameter has dtype {buffer.dtype}; cast it first.")
+        raise TypeError(
+          f"FlatParams.pack: the leaf at {where} has dtype {jnp.result_type(leaf)}, "
+          f"the flattened parameter has dtype {buffer.dtype}; cast it first."
+        )
     return FlatParams(_pack(self.layout, leaves), self.layout)
 
   def shapes(self):
     """The model's pytree with a ``jax.ShapeDtypeStruct`` per leaf (no data)."""
-    return self.layout.treedef.unflatten([
+    return self.layout.treedef.unflatten(
+      [
         jax.ShapeDtypeStruct(s.shape, jnp.result_type(self.buffers[s.child]))
-        for s in self.layout.slots])
+        for s in self.layout.slots
+      ]
+    )
 
-  def resolve_mask(self, mask: _tree.MaskOrFn, *, what: str) -> "FlatParams":
+  def resolve_mask(self, mask: _tree.MaskOrFn, *, what: str) -> FlatParams:
     """A mask written for the model's tree, as one bool per child.
 
     Raises ValueError if a child holds leaves the mask decays and leaves it
@@ -196,10 +218,11 @@ class FlatParams(_tree.ResolvesMasks):
         on = next(self.layout.paths[i] for i in members if leaf_mask[i])
         off = next(self.layout.paths[i] for i in members if not leaf_mask[i])
         raise ValueError(
-            f"{what}: the mask decays some but not all of the leaves packed into the "
-            f"flat buffer '{name}' (e.g. '{on}' is decayed, '{off}' is not); flatten "
-            "the parameters with the same mask, adamw_jax.flatten(params, mask=mask), "
-            "so that decayed and non-decayed leaves get separate buffers.")
+          f"{what}: the mask decays some but not all of the leaves packed into the "
+          f"flat buffer '{name}' (e.g. '{on}' is decayed, '{off}' is not); flatten "
+          "the parameters with the same mask, adamw_jax.flatten(params, mask=mask), "
+          "so that decayed and non-decayed leaves get separate buffers."
+        )
       per_child.append(values.pop() if values else True)
     return FlatParams(per_child, self.layout)
 
@@ -223,7 +246,8 @@ def _on_explicit_mesh(x) -> bool:
   traced before the gradient's sharding is known).
   """
   return isinstance(x, jax.core.Tracer) and any(
-      t == jax.sharding.AxisType.Explicit for t in jax.typeof(x).sharding.mesh.axis_types)
+    t == jax.sharding.AxisType.Explicit for t in jax.typeof(x).sharding.mesh.axis_types
+  )
 
 
 def _concatenate(parts) -> jax.Array:
@@ -252,7 +276,7 @@ def _concatenate(parts) -> jax.Array:
 def _pack(layout: Layout, leaves) -> list[jax.Array]:
   """One array per child: the leaves of each packed buffer raveled and joined."""
   out = []
-  for child, members in enumerate(layout.members):
+  for _child, members in enumerate(layout.members):
     if len(members) == 1 and layout.slots[members[0]].start is None:
       out.append(leaves[members[0]])
     else:
@@ -284,8 +308,9 @@ def _sharding(leaf):
   return None if isinstance(leaf, jax.core.Tracer) else leaf.sharding
 
 
-def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None,
-            moment_block_size: Optional[int] = None) -> FlatParams:
+def flatten(
+  params: Any, *, mask: _tree.MaskOrFn | None = None, moment_block_size: int | None = None
+) -> FlatParams:
   """`params` packed into one flat buffer per dtype: a :class:`FlatParams`.
 
   >>> import jax.numpy as jnp, adamw_jax
@@ -326,8 +351,11 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None,
   path_leaves, treedef = jtu.tree_flatten_with_path(params)
   paths = tuple(_tree.path_str(p) for p, _ in path_leaves)
   leaves = [jnp.asarray(leaf) for _, leaf in path_leaves]
-  decayed = ([None] * len(leaves) if mask is None
-             else treedef.flatten_up_to(_tree.resolve_mask(mask, params, what="flatten")))
+  decayed = (
+    [None] * len(leaves)
+    if mask is None
+    else treedef.flatten_up_to(_tree.resolve_mask(mask, params, what="flatten"))
+  )
   groups: dict[Any, int] = {}
   names: list[str] = []
   sizes: list[int] = []
@@ -345,8 +373,11 @@ def flatten(params: Any, *, mask: Optional[_tree.MaskOrFn] = None,
     key = (leaf.dtype, on, sharding, eight)
     if key not in groups:
       groups[key] = len(names)
-      name = (leaf.dtype.name + ("" if on is None else "/decayed" if on else "/not_decayed")
-              + ("/8bit" if eight else ""))
+      name = (
+        leaf.dtype.name
+        + ("" if on is None else "/decayed" if on else "/not_decayed")
+        + ("/8bit" if eight else "")
+      )
       names.append(name if name not in names else f"{name}/{len(names)}")
       sizes.append(0)
     child = groups[key]

@@ -28,6 +28,7 @@ from jax import lax
 
 from adamw_jax import _steer
 
+
 class F2(NamedTuple):
   """The value ``hi + lo`` with ``|lo| <= ulp(hi) / 2``."""
 
@@ -128,7 +129,8 @@ def _rsqrt(x: jax.Array) -> jax.Array:
   utype = _steer.UINT[jnp.dtype(dtype).itemsize]
   magic = 0x5F3759DF if dtype == jnp.float32 else 0x5FE6EB50C7B537A9
   r = lax.bitcast_convert_type(
-      jnp.asarray(magic, utype) - (lax.bitcast_convert_type(x, utype) >> 1), dtype)
+    jnp.asarray(magic, utype) - (lax.bitcast_convert_type(x, utype) >> 1), dtype
+  )
   for _ in range(_newton_steps(dtype)):
     r = r * (1.5 - 0.5 * x * r * r)
   return r
@@ -181,7 +183,7 @@ def one_minus_exp(x: F2, opaque_zero: jax.Array) -> F2:
   ``expm1(r)`` in double-word arithmetic; ``2**k`` is built exactly from bits.
   """
   dtype = x.hi.dtype
-  const = lambda v: constant(v, dtype, opaque_zero)  # noqa: E731
+  const = lambda v: constant(v, dtype, opaque_zero)
   # Beyond -60, 1 - e**x is 1 to well past double precision.
   big = x.hi < -60
   x = F2(jnp.where(big, jnp.asarray(-60, dtype), x.hi), jnp.where(big, jnp.zeros_like(x.lo), x.lo))
@@ -214,8 +216,9 @@ def log(b: F2, opaque_zero: jax.Array) -> F2:
 def one_minus_exp_times(log_base: F2, exponent: jax.Array, opaque_zero: jax.Array) -> F2:
   """``1 - exp(exponent * log_base)``, i.e. ``1 - base**exponent``, for log_base <= 0."""
   t = _exact_int(exponent, log_base.hi.dtype)
-  x = add(mul(F2(t.hi, jnp.zeros_like(t.hi)), log_base),
-          mul(F2(t.lo, jnp.zeros_like(t.lo)), log_base))
+  x = add(
+    mul(F2(t.hi, jnp.zeros_like(t.hi)), log_base), mul(F2(t.lo, jnp.zeros_like(t.lo)), log_base)
+  )
   return one_minus_exp(x, opaque_zero)
 
 
@@ -283,6 +286,8 @@ def one_minus_power(beta: float, t: jax.Array, dtype, opaque_zero: jax.Array) ->
       power = mul(power, F2(row[0], row[1]))
   if len(rows) * _CHUNK_BITS < 31:  # counts beyond the table: beta**t < 2**-60
     beyond = t >= (1 << (_CHUNK_BITS * len(rows)))
-    rest = F2(jnp.where(beyond, _steer.hide(jnp.ones([], dtype), opaque_zero), rest.hi),
-              jnp.where(beyond, jnp.zeros([], dtype), rest.lo))
+    rest = F2(
+      jnp.where(beyond, _steer.hide(jnp.ones([], dtype), opaque_zero), rest.hi),
+      jnp.where(beyond, jnp.zeros([], dtype), rest.lo),
+    )
   return rest

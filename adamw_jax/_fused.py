@@ -9,8 +9,9 @@ import optax
 from adamw_jax import _core
 
 
-def fused_step(tx: optax.GradientTransformation, grads: Any, state: _core.ScaleByAdamState,
-               params: Any) -> tuple[Any, _core.ScaleByAdamState]:
+def fused_step(
+  tx: optax.GradientTransformation, grads: Any, state: _core.ScaleByAdamState, params: Any
+) -> tuple[Any, _core.ScaleByAdamState]:
   """One optimizer step in place: returns ``(new_params, new_state)``.
 
   The same results bit for bit as ``updates, state = tx.update(grads, state,
@@ -48,7 +49,8 @@ def fused_step(tx: optax.GradientTransformation, grads: Any, state: _core.ScaleB
   update = getattr(tx, "update", None)
   if not isinstance(update, _core.AdamUpdate):
     raise TypeError(
-        "fused_step: tx must be made by adamw_jax.adamw or adamw_jax.adam (not a chain, "
-        f"a wrapper or another optimizer); got a transform whose update is {update!r}. "
-        "For other transforms use tx.update followed by optax.apply_updates.")
+      "fused_step: tx must be made by adamw_jax.adamw or adamw_jax.adam (not a chain, "
+      f"a wrapper or another optimizer); got a transform whose update is {update!r}. "
+      "For other transforms use tx.update followed by optax.apply_updates."
+    )
   return update.step(grads, state, params)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
 
 from adamw_jax import _alias, _hyperparams, _rules, _tree
 
-Selector = Union[_rules.Patterns, _tree.MaskOrFn]
-GroupSpec = Union[tuple[Selector, Mapping[str, Any]], Mapping[str, Any]]
+Selector = _rules.Patterns | _tree.MaskOrFn
+GroupSpec = tuple[Selector, Mapping[str, Any]] | Mapping[str, Any]
 
 _SELECTOR_NAMES = {"params": "the selector"}  # torch's other param-group key, not a hyperparameter
 REST = "rest"
@@ -57,16 +57,21 @@ def _hint(key: Any, accepted: Sequence[str], optimizer: Callable[..., Any]) -> s
   return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_hyperparameters(where: str, hyper: Mapping[str, Any],
-                           optimizer: Callable[..., Any]) -> dict[str, Any]:
+def _check_hyperparameters(
+  where: str, hyper: Mapping[str, Any], optimizer: Callable[..., Any]
+) -> dict[str, Any]:
   if not isinstance(hyper, Mapping):
-    raise TypeError(f"param_groups: {where}: hyperparameters must be a mapping "
-                    f"(e.g. {{'weight_decay': 0.0}}), got {type(hyper).__name__}.")
+    raise TypeError(
+      f"param_groups: {where}: hyperparameters must be a mapping "
+      f"(e.g. {{'weight_decay': 0.0}}), got {type(hyper).__name__}."
+    )
   accepted = _accepted(optimizer)
   for key in hyper:
     if key not in accepted:
-      raise TypeError(f"param_groups: {where}: unknown hyperparameter {key!r}"
-                      f"{_hint(key, accepted, optimizer)}; {_listing(optimizer, accepted)}")
+      raise TypeError(
+        f"param_groups: {where}: unknown hyperparameter {key!r}"
+        f"{_hint(key, accepted, optimizer)}; {_listing(optimizer, accepted)}"
+      )
   return dict(hyper)
 
 
@@ -78,8 +83,15 @@ def _is_labels_fn(labels) -> bool:
 class _Assigner:
   """Gives each parameter of a tree the name of its group, checking overlaps and misses."""
 
-  def __init__(self, names: list[str], selectors: Optional[list[Selector]], labels: Any,
-               rest: bool, allow_unmatched: bool, allow_overlap: bool):
+  def __init__(
+    self,
+    names: list[str],
+    selectors: list[Selector] | None,
+    labels: Any,
+    rest: bool,
+    allow_unmatched: bool,
+    allow_overlap: bool,
+  ):
     self.names = names
     self.labels = labels
     self.rest = rest
@@ -106,13 +118,15 @@ class _Assigner:
           _rules.check_all_matched(rules, paths, what=where, role="")
         chosen = [bool(_rules.matching(rules, p)) for p in paths]
       else:
-        chosen = [bool(f) for _, f in _tree.flatten_params(
-            _tree.resolve_mask(mask, tree, what=where))[0]]
+        chosen = [
+          bool(f) for _, f in _tree.flatten_params(_tree.resolve_mask(mask, tree, what=where))[0]
+        ]
         if not self.allow_unmatched and not any(chosen):
           raise ValueError(
-              f"{where} selects no parameter (its mask is False everywhere); the parameter "
-              f"paths are {_tree.describe_paths(paths)}. Pass allow_unmatched=True if "
-              "that is intended.")
+            f"{where} selects no parameter (its mask is False everywhere); the parameter "
+            f"paths are {_tree.describe_paths(paths)}. Pass allow_unmatched=True if "
+            "that is intended."
+          )
       for claim, on in zip(claims, chosen):
         if on:
           claim.append(name)
@@ -120,15 +134,17 @@ class _Assigner:
     for path, claim in zip(paths, claims):
       if len(claim) > 1 and not self.allow_overlap:
         raise ValueError(
-            f"param_groups: the parameter at {_tree.where(path)} is claimed by groups "
-            f"{' and '.join(repr(c) for c in claim)}; make the selectors disjoint, or pass "
-            "allow_overlap=True (the group listed first wins).")
+          f"param_groups: the parameter at {_tree.where(path)} is claimed by groups "
+          f"{' and '.join(repr(c) for c in claim)}; make the selectors disjoint, or pass "
+          "allow_overlap=True (the group listed first wins)."
+        )
       if not claim:
         if not self.rest:
           raise ValueError(
-              f"param_groups: the parameter at {_tree.where(path)} belongs to no group; add it "
-              "to a group, or pass rest={...} (the hyperparameters of the parameters no group "
-              "selects; rest={} for the shared ones).")
+            f"param_groups: the parameter at {_tree.where(path)} belongs to no group; add it "
+            "to a group, or pass rest={...} (the hyperparameters of the parameters no group "
+            "selects; rest={} for the shared ones)."
+          )
         claim.append(REST)
       out.append(claim[0])
     return treedef.unflatten(out)
@@ -137,36 +153,43 @@ class _Assigner:
     labels = self.labels(tree) if _is_labels_fn(self.labels) else self.labels
 
     def leaf_error(label, where):
-      return (f"labels must be group names, got {type(label).__name__} {label!r} at {where}.")
+      return f"labels must be group names, got {type(label).__name__} {label!r} at {where}."
 
     expanded = _tree.expand_prefix(
-        labels, tree, what="param_groups", noun="label tree",
-        leaf_ok=lambda x: isinstance(x, Hashable), leaf_error=leaf_error)
+      labels,
+      tree,
+      what="param_groups",
+      noun="label tree",
+      leaf_ok=lambda x: isinstance(x, Hashable),
+      leaf_error=leaf_error,
+    )
     out = [label for _, label in _tree.flatten_params(expanded)[0]]
     for path, label in zip(paths, out):
       if label not in self.names:
         raise ValueError(
-            f"param_groups: the parameter at {_tree.where(path)} has the label {label!r}, which "
-            f"is not a group; the groups are {', '.join(repr(n) for n in self.names)}.")
+          f"param_groups: the parameter at {_tree.where(path)} has the label {label!r}, which "
+          f"is not a group; the groups are {', '.join(repr(n) for n in self.names)}."
+        )
     if not self.allow_unmatched:
       for name in self.names:
         if name not in out:
           raise ValueError(
-              f"param_groups: no parameter is labelled {name!r}; the labels used are "
-              f"{', '.join(repr(n) for n in self.names if n in out)}. Pass "
-              "allow_unmatched=True if that is intended.")
+            f"param_groups: no parameter is labelled {name!r}; the labels used are "
+            f"{', '.join(repr(n) for n in self.names if n in out)}. Pass "
+            "allow_unmatched=True if that is intended."
+          )
     return treedef.unflatten(out)
 
 
 def param_groups(
-    groups: Mapping[str, GroupSpec],
-    *,
-    labels: Optional[Union[Any, Callable[[Any], Any]]] = None,
-    rest: Optional[Mapping[str, Any]] = None,
-    optimizer: Callable[..., optax.GradientTransformation] = _alias.adamw,
-    allow_unmatched: bool = False,
-    allow_overlap: bool = False,
-    **hyperparameters: Any,
+  groups: Mapping[str, GroupSpec],
+  *,
+  labels: Any | Callable[[Any], Any] | None = None,
+  rest: Mapping[str, Any] | None = None,
+  optimizer: Callable[..., optax.GradientTransformation] = _alias.adamw,
+  allow_unmatched: bool = False,
+  allow_overlap: bool = False,
+  **hyperparameters: Any,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Different hyperparameters for groups of parameters: torch's ``param_groups`` for optax.
 
@@ -251,35 +274,42 @@ def param_groups(
       the transform is initialised or updated, the selection errors above.
   """
   if not isinstance(groups, Mapping) or not groups:
-    raise TypeError("param_groups: groups must be a non-empty mapping of group name -> "
-                    "(selector, hyperparameters).")
+    raise TypeError(
+      "param_groups: groups must be a non-empty mapping of group name -> "
+      "(selector, hyperparameters)."
+    )
   shared = _check_hyperparameters("shared hyperparameters", hyperparameters, optimizer)
   names = list(groups)
   if rest is not None and REST in groups:
-    raise ValueError(f"param_groups: a group is named {REST!r}, the name of the group rest= "
-                     "makes; rename it.")
+    raise ValueError(
+      f"param_groups: a group is named {REST!r}, the name of the group rest= makes; rename it."
+    )
   overrides: dict[str, dict[str, Any]] = {}
   selectors: list[Selector] = []
   for name, spec in groups.items():
     if labels is None:
       if not (isinstance(spec, tuple) and len(spec) == 2):
         raise TypeError(
-            f"param_groups: group {name!r} must be a pair (selector, hyperparameters), got "
-            f"{type(spec).__name__}; without selectors, pass labels=... and give each group "
-            "its hyperparameters only.")
+          f"param_groups: group {name!r} must be a pair (selector, hyperparameters), got "
+          f"{type(spec).__name__}; without selectors, pass labels=... and give each group "
+          "its hyperparameters only."
+        )
       selector, hyper = spec
       selectors.append(selector)
     else:
       if isinstance(spec, tuple):
         raise TypeError(
-            f"param_groups: with labels=..., group {name!r} must be a mapping of "
-            "hyperparameters, not a (selector, hyperparameters) pair.")
+          f"param_groups: with labels=..., group {name!r} must be a mapping of "
+          "hyperparameters, not a (selector, hyperparameters) pair."
+        )
       hyper = spec
     overrides[name] = _check_hyperparameters(f"group {name!r}", hyper, optimizer)
   if rest is not None:
     if labels is not None:
-      raise ValueError("param_groups: rest= applies to selectors; with labels=..., every "
-                       "parameter already has a group.")
+      raise ValueError(
+        "param_groups: rest= applies to selectors; with labels=..., every "
+        "parameter already has a group."
+      )
     overrides[REST] = _check_hyperparameters("rest", rest, optimizer)
 
   transforms = {}
@@ -289,8 +319,14 @@ def param_groups(
     except (TypeError, ValueError) as e:
       raise type(e)(f"param_groups: group {name!r}: {e}") from e
 
-  assign = _Assigner(names, None if labels is not None else selectors, labels,
-                     rest is not None, allow_unmatched, allow_overlap)
+  assign = _Assigner(
+    names,
+    None if labels is not None else selectors,
+    labels,
+    rest is not None,
+    allow_unmatched,
+    allow_overlap,
+  )
   tx = optax.partition(transforms, assign)
 
   def init_fn(params):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional, Union, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast
 
 import jax
 import jax.core
@@ -24,15 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-Scalar = Union[float, jax.Array]
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.typing.ArrayLike]]
+Scalar = float | jax.Array
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
 Kind = Literal["number", "flag", "dtype", "mask", "choice"]
 Rule = tuple[Callable[[Any], Any], str]
 """``(predicate, what it must be)``; the predicate takes a float or a traced scalar."""
 
 _NON_NEGATIVE: Rule = (lambda x: x >= 0, "must be >= 0")
-_UNIT: Rule = (lambda x: (0 <= x) & (x < 1), "must be in [0, 1)")
-_POSITIVE: Rule = (lambda x: (0 < x) & (x < math.inf), "must be > 0 and finite")
+_UNIT: Rule = (lambda x: (x >= 0) & (x < 1), "must be in [0, 1)")
+_POSITIVE: Rule = (lambda x: (x > 0) & (x < math.inf), "must be > 0 and finite")
 _SEED: Rule = (lambda x: x == int(x) and 0 <= x < 2**32, "must be an integer in [0, 2**32)")
 _BLOCK: Rule = (lambda x: x == int(x) and 1 <= x <= 2**20, "must be an integer in [1, 2**20]")
 
@@ -68,11 +68,11 @@ class Hyperparameter:
   kind: Kind
   default: Any
   label: str = ""
-  rule: Optional[Rule] = None
+  rule: Rule | None = None
   schedule: bool = False
   choices: tuple[Any, ...] = ()
-  torch: Optional[str] = None
-  torch_index: Optional[int] = None
+  torch: str | None = None
+  torch_index: int | None = None
   torch_optional: bool = False
   no_torch: str = ""
   adam_default: Any = None
@@ -85,47 +85,122 @@ class Hyperparameter:
 
 
 TABLE: tuple[Hyperparameter, ...] = (
-    Hyperparameter("learning_rate", "number", 1e-3, "Invalid learning_rate", _NON_NEGATIVE,
-                   schedule=True, torch="lr"),
-    Hyperparameter("b1", "number", 0.9, "Invalid beta parameter at index 0 (b1)", _UNIT,
-                   torch="betas", torch_index=0),
-    Hyperparameter("b2", "number", 0.999, "Invalid beta parameter at index 1 (b2)", _UNIT,
-                   torch="betas", torch_index=1),
-    Hyperparameter("eps", "number", 1e-8, "Invalid epsilon value (eps)", _NON_NEGATIVE,
-                   torch="eps"),
-    Hyperparameter("weight_decay", "number", 1e-2, "Invalid weight_decay value", _NON_NEGATIVE,
-                   schedule=True, torch="weight_decay", adam_default=0.0),
-    Hyperparameter("amsgrad", "flag", False, torch="amsgrad"),
-    Hyperparameter("maximize", "flag", False, torch="maximize", torch_optional=True),
-    Hyperparameter(
-        "mask", "mask", None,
-        no_torch="torch leaves parameters undecayed by putting them in a param group with "
-        "weight_decay=0 (adamw_jax.param_groups, as from_torch builds it)",
-        not_per_group="make a group with weight_decay=0.0 instead of a mask inside a group"),
-    Hyperparameter("eps_root", "number", 0.0, "Invalid eps_root value", _NON_NEGATIVE,
-                   no_torch="torch adds nothing inside the square root (eps_root=0.0)"),
-    Hyperparameter("mu_dtype", "dtype", None,
-                   no_torch="torch keeps exp_avg in the parameter's dtype (mu_dtype=None)"),
-    Hyperparameter("nu_dtype", "dtype", None,
-                   no_torch="torch keeps exp_avg_sq in the parameter's dtype (nu_dtype=None)"),
-    Hyperparameter("decay_mode", "choice", "torch", choices=("torch", "paper"), adamw_only=True,
-                   no_torch="torch decays by 1 - lr * weight_decay (decay_mode='torch')"),
-    Hyperparameter("peak_learning_rate", "number", None, "Invalid peak_learning_rate", _POSITIVE,
-                   adamw_only=True,
-                   no_torch="torch's decay does not depend on a peak learning rate "
-                   "(decay_mode='torch')"),
-    # Low-memory AdamW (_lowmem): bfloat16 parameter writes and 8-bit moments.
-    Hyperparameter("param_rounding", "choice", "nearest",
-                   choices=("nearest", "stochastic", "kahan"),
-                   no_torch="torch.optim.AdamW writes parameters rounded to nearest "
-                   "(param_rounding='nearest')"),
-    Hyperparameter("rounding_seed", "number", None, "Invalid rounding_seed", _SEED,
-                   no_torch="torch.optim.AdamW draws no random numbers (rounding_seed=None)"),
-    Hyperparameter("moment_bits", "choice", None, choices=(None, 8),
-                   no_torch="torch.optim.AdamW keeps full-precision moments (moment_bits=None)"),
-    Hyperparameter("moment_block_size", "number", None, "Invalid moment_block_size", _BLOCK,
-                   no_torch="torch.optim.AdamW does not quantize its moments "
-                   "(moment_block_size=None)"),
+  Hyperparameter(
+    "learning_rate",
+    "number",
+    1e-3,
+    "Invalid learning_rate",
+    _NON_NEGATIVE,
+    schedule=True,
+    torch="lr",
+  ),
+  Hyperparameter(
+    "b1",
+    "number",
+    0.9,
+    "Invalid beta parameter at index 0 (b1)",
+    _UNIT,
+    torch="betas",
+    torch_index=0,
+  ),
+  Hyperparameter(
+    "b2",
+    "number",
+    0.999,
+    "Invalid beta parameter at index 1 (b2)",
+    _UNIT,
+    torch="betas",
+    torch_index=1,
+  ),
+  Hyperparameter("eps", "number", 1e-8, "Invalid epsilon value (eps)", _NON_NEGATIVE, torch="eps"),
+  Hyperparameter(
+    "weight_decay",
+    "number",
+    1e-2,
+    "Invalid weight_decay value",
+    _NON_NEGATIVE,
+    schedule=True,
+    torch="weight_decay",
+    adam_default=0.0,
+  ),
+  Hyperparameter("amsgrad", "flag", False, torch="amsgrad"),
+  Hyperparameter("maximize", "flag", False, torch="maximize", torch_optional=True),
+  Hyperparameter(
+    "mask",
+    "mask",
+    None,
+    no_torch="torch leaves parameters undecayed by putting them in a param group with "
+    "weight_decay=0 (adamw_jax.param_groups, as from_torch builds it)",
+    not_per_group="make a group with weight_decay=0.0 instead of a mask inside a group",
+  ),
+  Hyperparameter(
+    "eps_root",
+    "number",
+    0.0,
+    "Invalid eps_root value",
+    _NON_NEGATIVE,
+    no_torch="torch adds nothing inside the square root (eps_root=0.0)",
+  ),
+  Hyperparameter(
+    "mu_dtype",
+    "dtype",
+    None,
+    no_torch="torch keeps exp_avg in the parameter's dtype (mu_dtype=None)",
+  ),
+  Hyperparameter(
+    "nu_dtype",
+    "dtype",
+    None,
+    no_torch="torch keeps exp_avg_sq in the parameter's dtype (nu_dtype=None)",
+  ),
+  Hyperparameter(
+    "decay_mode",
+    "choice",
+    "torch",
+    choices=("torch", "paper"),
+    adamw_only=True,
+    no_torch="torch decays by 1 - lr * weight_decay (decay_mode='torch')",
+  ),
+  Hyperparameter(
+    "peak_learning_rate",
+    "number",
+    None,
+    "Invalid peak_learning_rate",
+    _POSITIVE,
+    adamw_only=True,
+    no_torch="torch's decay does not depend on a peak learning rate (decay_mode='torch')",
+  ),
+  # Low-memory AdamW (_lowmem): bfloat16 parameter writes and 8-bit moments.
+  Hyperparameter(
+    "param_rounding",
+    "choice",
+    "nearest",
+    choices=("nearest", "stochastic", "kahan"),
+    no_torch="torch.optim.AdamW writes parameters rounded to nearest (param_rounding='nearest')",
+  ),
+  Hyperparameter(
+    "rounding_seed",
+    "number",
+    None,
+    "Invalid rounding_seed",
+    _SEED,
+    no_torch="torch.optim.AdamW draws no random numbers (rounding_seed=None)",
+  ),
+  Hyperparameter(
+    "moment_bits",
+    "choice",
+    None,
+    choices=(None, 8),
+    no_torch="torch.optim.AdamW keeps full-precision moments (moment_bits=None)",
+  ),
+  Hyperparameter(
+    "moment_block_size",
+    "number",
+    None,
+    "Invalid moment_block_size",
+    _BLOCK,
+    no_torch="torch.optim.AdamW does not quantize its moments (moment_block_size=None)",
+  ),
 )
 """Every hyperparameter, in the order of ``adamw``'s signature."""
 
@@ -135,7 +210,13 @@ TORCH_DECOUPLED = "decoupled_weight_decay"
 """torch's param-group key that tells AdamW (True) from Adam (False): a factory, not a value."""
 
 TORCH_IGNORED: tuple[str, ...] = (
-    "params", "param_names", "foreach", "fused", "capturable", "differentiable")
+  "params",
+  "param_names",
+  "foreach",
+  "fused",
+  "capturable",
+  "differentiable",
+)
 """torch's param-group keys that choose an implementation, not the math, or name the parameters."""
 
 
@@ -158,7 +239,7 @@ def torch_keyed() -> tuple[Hyperparameter, ...]:
 
 def torch_keys() -> tuple[str, ...]:
   """torch's param-group keys that from_torch reads: the hyperparameters' and AdamW-or-Adam."""
-  return tuple(dict.fromkeys(cast(str, h.torch) for h in torch_keyed())) + (TORCH_DECOUPLED,)
+  return (*tuple(dict.fromkeys(cast(str, h.torch) for h in torch_keyed())), TORCH_DECOUPLED)
 
 
 def torch_renamed() -> dict[str, str]:
@@ -173,7 +254,8 @@ def torch_renamed() -> dict[str, str]:
 # Checks made when a transform is built
 # --------------------------------------------------------------------------
 
-def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
+
+def _concrete_scalar(value: Any, hp: Hyperparameter) -> float | None:
   """The value as a float if it is known now, None if it is traced."""
   expected = "a number or a schedule" if hp.schedule else "a number"
   if value is None:
@@ -197,8 +279,11 @@ def _concrete_scalar(value: Any, hp: Hyperparameter) -> Optional[float]:
 def _valid(hp: Hyperparameter, x: Any) -> Any:
   """Whether `x` (a float or a traced scalar) satisfies `hp`'s rule; NaN never does."""
   assert hp.rule is not None  # a number's
-  return ~jnp.isnan(x) & hp.rule[0](x) if isinstance(x, jax.Array) else (
-      not math.isnan(x) and bool(hp.rule[0](x)))
+  return (
+    ~jnp.isnan(x) & hp.rule[0](x)
+    if isinstance(x, jax.Array)
+    else (not math.isnan(x) and bool(hp.rule[0](x)))
+  )
 
 
 CHECKIFY_ENV = "ADAMW_JAX_CHECKIFY"
@@ -215,8 +300,9 @@ def traced_checks() -> bool:
   return os.environ.get(CHECKIFY_ENV, "0") == "1"
 
 
-def check_traced(name: str, value: jax.typing.ArrayLike, context: str = "",
-                  *args: jax.Array) -> None:
+def check_traced(
+  name: str, value: jax.typing.ArrayLike, context: str = "", *args: jax.Array
+) -> None:
   """A check of a value known only inside the trace: a ``checkify.debug_check``.
 
   Only with ``ADAMW_JAX_CHECKIFY=1`` (:func:`traced_checks`). It then
@@ -230,8 +316,9 @@ def check_traced(name: str, value: jax.typing.ArrayLike, context: str = "",
   hp = BY_NAME[name]
   assert hp.rule is not None  # a number's
   x = jnp.asarray(value)
-  checkify.debug_check(_valid(hp, x), f"{hp.label}: {{}}{context} ({hp.rule[1]})", x,
-                       *(jnp.asarray(a) for a in args))
+  checkify.debug_check(
+    _valid(hp, x), f"{hp.label}: {{}}{context} ({hp.rule[1]})", x, *(jnp.asarray(a) for a in args)
+  )
 
 
 def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
@@ -239,7 +326,7 @@ def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
     raise TypeError(f"{hp.label}: expected a number, got a callable")
   try:
     first = schedule(jnp.zeros([], jnp.int32))
-  except Exception:  # noqa: BLE001 - a schedule we cannot evaluate eagerly is checked nowhere else
+  except Exception:
     return
   x = _concrete_scalar(first, hp)
   if x is not None and not _valid(hp, x):
@@ -247,7 +334,7 @@ def _check_schedule(hp: Hyperparameter, schedule: Callable) -> None:
     raise ValueError(f"{hp.label}: the schedule returns {x} at step 0 ({hp.rule[1]})")
 
 
-def concrete(name: str, value: Any) -> Optional[float]:
+def concrete(name: str, value: Any) -> float | None:
   """A number hyperparameter's value if it is known now: None for a schedule or a traced value."""
   return None if callable(value) else _concrete_scalar(value, BY_NAME[name])
 
@@ -270,7 +357,7 @@ def check(name: str, value: Any) -> None:
     raise ValueError(f"{hp.label}: {x} ({hp.rule[1]})")
 
 
-def check_dtype(name: str, dtype: Any) -> Optional[jnp.dtype]:
+def check_dtype(name: str, dtype: Any) -> jnp.dtype | None:
   """A moment dtype given by the user: None or a floating or complex dtype."""
   if dtype is None:
     return None
@@ -289,27 +376,32 @@ def _check_decay_mode(what: str, values: Mapping[str, Any], decoupled: bool) -> 
   mode = values.get("decay_mode", hp.default)
   peak, lr = values.get("peak_learning_rate"), values.get("learning_rate")
   if not isinstance(mode, str) or mode not in hp.choices:
-    raise ValueError(f"{what}: {hp.label}: {mode!r} (must be "
-                     f"{' or '.join(repr(c) for c in hp.choices)})")
+    raise ValueError(
+      f"{what}: {hp.label}: {mode!r} (must be {' or '.join(repr(c) for c in hp.choices)})"
+    )
   if mode == "torch":
     if peak is not None:
       raise ValueError(
-          f"{what}: peak_learning_rate is only used with decay_mode='paper' "
-          "(torch's decay is 1 - lr_t * weight_decay, whatever the peak)")
+        f"{what}: peak_learning_rate is only used with decay_mode='paper' "
+        "(torch's decay is 1 - lr_t * weight_decay, whatever the peak)"
+      )
     return
   if not decoupled or lr is None:
     raise ValueError(
-        f"{what}: decay_mode='paper' is for decoupled weight decay with a learning "
-        "rate (adamw); Adam's L2 term and scale_by_adam have no decay to rescale")
+      f"{what}: decay_mode='paper' is for decoupled weight decay with a learning "
+      "rate (adamw); Adam's L2 term and scale_by_adam have no decay to rescale"
+    )
   if peak is None and callable(lr):
     raise ValueError(
-        f"{what}: decay_mode='paper' with a learning-rate schedule needs "
-        "peak_learning_rate (the schedule's maximum, the paper's alpha): the decay "
-        "is 1 - (lr_t / peak_learning_rate) * weight_decay")
+      f"{what}: decay_mode='paper' with a learning-rate schedule needs "
+      "peak_learning_rate (the schedule's maximum, the paper's alpha): the decay "
+      "is 1 - (lr_t / peak_learning_rate) * weight_decay"
+    )
 
 
-def checked(what: str, *, decoupled: bool, optional: tuple[str, ...] = (),
-            **values: Any) -> dict[str, Any]:
+def checked(
+  what: str, *, decoupled: bool, optional: tuple[str, ...] = (), **values: Any
+) -> dict[str, Any]:
   """`values` (keyword arguments of one transform) checked: dtypes and flags normalised.
 
   A number that defaults to None may be None (not given), and so may the ones
@@ -360,7 +452,7 @@ class Settings:
   name: str
   decoupled: bool
   direction_only: bool
-  learning_rate: Optional[ScalarOrSchedule]
+  learning_rate: ScalarOrSchedule | None
   b1: Scalar
   b2: Scalar
   eps: Scalar
@@ -369,26 +461,32 @@ class Settings:
   maximize: bool
   mask: Any
   eps_root: Scalar
-  mu_dtype: Optional[jnp.dtype]
-  nu_dtype: Optional[jnp.dtype]
+  mu_dtype: jnp.dtype | None
+  nu_dtype: jnp.dtype | None
   decay_mode: str
-  peak_learning_rate: Optional[Scalar]
+  peak_learning_rate: Scalar | None
   param_rounding: str
-  rounding_seed: Optional[int]
-  moment_bits: Optional[int]
-  moment_block_size: Optional[int]
+  rounding_seed: int | None
+  moment_bits: int | None
+  moment_block_size: int | None
 
   @classmethod
-  def of(cls, name: str, *, decoupled: bool, direction_only: bool = False,
-         **values: Any) -> Settings:
+  def of(
+    cls, name: str, *, decoupled: bool, direction_only: bool = False, **values: Any
+  ) -> Settings:
     """The checked settings of the factory `name` given the keyword arguments `values`.
 
     Raises ValueError or TypeError for an invalid value (:func:`checked`).
     """
-    given = checked(name, decoupled=decoupled,
-                    optional=("learning_rate",) if direction_only else (), **values)
-    return cls(name=name, decoupled=decoupled, direction_only=direction_only,
-               **{h.name: given.get(h.name, default(h, name)) for h in TABLE})
+    given = checked(
+      name, decoupled=decoupled, optional=("learning_rate",) if direction_only else (), **values
+    )
+    return cls(
+      name=name,
+      decoupled=decoupled,
+      direction_only=direction_only,
+      **{h.name: given.get(h.name, default(h, name)) for h in TABLE},
+    )
 
   @property
   def needs_params(self) -> bool:
@@ -401,7 +499,8 @@ def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
   if value is None or isinstance(value, bool):
     return value is None and None in choices
   return any(c is not None and type(c) is type(value) and c == value for c in choices) or (
-      isinstance(value, np.integer) and int(value) in choices)
+    isinstance(value, np.integer) and int(value) in choices
+  )
 
 
 LAYOUT = ("moment_bits", "moment_block_size", "rounding_seed")
@@ -415,10 +514,15 @@ def _static_ints(what: str, out: dict[str, Any]) -> None:
   for name in LAYOUT:
     value = out.get(name)
     if isinstance(value, jax.core.Tracer):
-      raise TypeError(f"{what}: {name} fixes the optimizer state's layout and cannot be traced; "
-                      f"with optax.inject_hyperparams pass static_args=({name!r},)")
-    if isinstance(value, (np.ndarray, jax.Array, np.integer)) and np.ndim(value) == 0 and (
-        np.issubdtype(np.asarray(value).dtype, np.integer)):
+      raise TypeError(
+        f"{what}: {name} fixes the optimizer state's layout and cannot be traced; "
+        f"with optax.inject_hyperparams pass static_args=({name!r},)"
+      )
+    if (
+      isinstance(value, (np.ndarray, jax.Array, np.integer))
+      and np.ndim(value) == 0
+      and (np.issubdtype(np.asarray(value).dtype, np.integer))
+    ):
       out[name] = int(value)
 
 
@@ -430,20 +534,27 @@ def _check_low_memory(what: str, values: dict[str, Any]) -> None:
     value = values.get(name, hp.default)
     if not _is_choice(value, hp.choices):
       hint = " (4-bit moments are not implemented)" if name == "moment_bits" and value == 4 else ""
-      raise ValueError(f"{what}: {hp.label}: {value!r} (must be "
-                       f"{' or '.join(repr(c) for c in hp.choices)}){hint}")
+      raise ValueError(
+        f"{what}: {hp.label}: {value!r} (must be {' or '.join(repr(c) for c in hp.choices)}){hint}"
+      )
   rounding = values.get("param_rounding", "nearest")
   bits = values.get("moment_bits")
   if rounding != "stochastic" and values.get("rounding_seed") is not None:
-    raise ValueError(f"{what}: rounding_seed is only used with param_rounding='stochastic' "
-                     f"(param_rounding={rounding!r} draws no random numbers)")
+    raise ValueError(
+      f"{what}: rounding_seed is only used with param_rounding='stochastic' "
+      f"(param_rounding={rounding!r} draws no random numbers)"
+    )
   if rounding != "nearest" and values.get("learning_rate") is None:
-    raise ValueError(f"{what}: param_rounding={rounding!r} rounds the parameter's write; "
-                     "scale_by_adam returns a direction and writes no parameter")
+    raise ValueError(
+      f"{what}: param_rounding={rounding!r} rounds the parameter's write; "
+      "scale_by_adam returns a direction and writes no parameter"
+    )
   if bits is None and values.get("moment_block_size") is not None:
     raise ValueError(f"{what}: moment_block_size is only used with moment_bits=8")
   if bits is not None:
     for name in ("mu_dtype", "nu_dtype"):
       if values.get(name) is not None:
-        raise ValueError(f"{what}: moment_bits={bits} stores the moments quantized (float32 "
-                         f"to compute); {name}={values[name]} cannot be used with it")
+        raise ValueError(
+          f"{what}: moment_bits={bits} stores the moments quantized (float32 "
+          f"to compute); {name}={values[name]} cannot be used with it"
+        )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +52,23 @@ class _Config:
 # The transforms from_torch made, keyed by their init function (a GradientTransformation is
 # a tuple and carries no attributes), so that to_torch_state_dict(tx, ...) can write
 # torch's param groups back.
-_CONFIGS: "weakref.WeakKeyDictionary[Callable, _Config]" = weakref.WeakKeyDictionary()
+_CONFIGS: weakref.WeakKeyDictionary[Callable, _Config] = weakref.WeakKeyDictionary()
 
 
 def _torch():
   try:
     import torch
   except ImportError as e:  # pragma: no cover - torch is in the test extra
-    raise ImportError("adamw_jax.from_torch / to_torch_state_dict need PyTorch: "
-                      "pip install 'adamw_jax[torch]'.") from e
+    raise ImportError(
+      "adamw_jax.from_torch / to_torch_state_dict need PyTorch: pip install 'adamw_jax[torch]'."
+    ) from e
   return torch
 
 
 # --------------------------------------------------------------------------
 # Arrays
 # --------------------------------------------------------------------------
+
 
 def _to_numpy(t) -> np.ndarray:
   torch = _torch()
@@ -96,6 +98,7 @@ def _permute(x: np.ndarray, axes: Axes) -> np.ndarray:
 # torch -> JAX
 # --------------------------------------------------------------------------
 
+
 def _read_optimizer(what: str, optimizer_or_state_dict: Any):
   """(state_dict, the parameter tensors in state-dict order or None, its Reference)."""
   torch = _torch()
@@ -106,8 +109,9 @@ def _read_optimizer(what: str, optimizer_or_state_dict: Any):
     return opt.state_dict(), tensors, ref
   sd = optimizer_or_state_dict
   if not (isinstance(sd, Mapping) and "state" in sd and "param_groups" in sd):
-    raise TypeError(f"{what}: expected a torch.optim.AdamW / Adam or its state_dict(), got "
-                    f"{type(sd).__name__}.")
+    raise TypeError(
+      f"{what}: expected a torch.optim.AdamW / Adam or its state_dict(), got {type(sd).__name__}."
+    )
   return sd, None, _references.of_state_dict(what, sd)
 
 
@@ -115,29 +119,38 @@ def _unmodelled(where: str, key: Any, value: Any) -> ValueError:
   """The error for a param-group key that from_torch does not read, saying why."""
   if key == "initial_lr":
     return ValueError(
-        f"{where} has 'initial_lr': an LR scheduler is attached, and its state is not part of "
-        "the optimizer's. Pass learning_rate= (a float or an optax schedule, continuing from "
-        "the current step) to say what the learning rate is from here on.")
+      f"{where} has 'initial_lr': an LR scheduler is attached, and its state is not part of "
+      "the optimizer's. Pass learning_rate= (a float or an optax schedule, continuing from "
+      "the current step) to say what the learning rate is from here on."
+    )
   hp = _hyperparams.BY_NAME.get(key) if isinstance(key, str) else None
   if hp is not None and hp.torch is not None:
-    return ValueError(f"{where} has {key!r}, adamw_jax's name for torch's {hp.torch!r}: a torch "
-                      f"param group has {hp.torch!r}.")
+    return ValueError(
+      f"{where} has {key!r}, adamw_jax's name for torch's {hp.torch!r}: a torch "
+      f"param group has {hp.torch!r}."
+    )
   if hp is not None:
-    return ValueError(f"{where} has {key!r}={value!r}, a hyperparameter of adamw_jax that "
-                      f"torch.optim.AdamW / Adam do not have: {hp.no_torch}. from_torch gives "
-                      f"torch's update; pass ignore=({key!r},) to have that.")
+    return ValueError(
+      f"{where} has {key!r}={value!r}, a hyperparameter of adamw_jax that "
+      f"torch.optim.AdamW / Adam do not have: {hp.no_torch}. from_torch gives "
+      f"torch's update; pass ignore=({key!r},) to have that."
+    )
   return ValueError(
-      f"{where} has the setting {key!r}={value!r}, which torch.optim.AdamW / Adam do not "
-      "have and adamw_jax does not model. If it does not change the update (a label, say), "
-      f"pass ignore=({key!r},).")
+    f"{where} has the setting {key!r}={value!r}, which torch.optim.AdamW / Adam do not "
+    "have and adamw_jax does not model. If it does not change the update (a label, say), "
+    f"pass ignore=({key!r},)."
+  )
 
 
 def _group_hyperparameters(what: str, i: int, group: Mapping, ignore: Sequence[str]) -> dict:
   """The keyword arguments of adamw / adam that torch's param group `group` sets."""
   where = f"{what}: param group {i}"
   for key in group:
-    if key not in _hyperparams.torch_keys() and key not in _hyperparams.TORCH_IGNORED and (
-        key not in ignore):
+    if (
+      key not in _hyperparams.torch_keys()
+      and key not in _hyperparams.TORCH_IGNORED
+      and (key not in ignore)
+    ):
       raise _unmodelled(where, key, group[key])
   out = {}
   for hp in _hyperparams.torch_keyed():
@@ -149,8 +162,9 @@ def _group_hyperparameters(what: str, i: int, group: Mapping, ignore: Sequence[s
   return out
 
 
-def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any,
-               ref: _references.Reference) -> bool:
+def _decoupled(
+  what: str, groups: Sequence[Mapping], optimizer: Any, ref: _references.Reference
+) -> bool:
   torch = _torch()
   if ref.decoupled is not None:
     return ref.decoupled
@@ -163,19 +177,24 @@ def _decoupled(what: str, groups: Sequence[Mapping], optimizer: Any,
     elif isinstance(optimizer, torch.optim.Adam):
       flags.add(False)
     else:
-      raise ValueError(f"{what}: the state dict has no 'decoupled_weight_decay' (an older torch): "
-                       "pass the optimizer itself, which tells AdamW from Adam.")
+      raise ValueError(
+        f"{what}: the state dict has no 'decoupled_weight_decay' (an older torch): "
+        "pass the optimizer itself, which tells AdamW from Adam."
+      )
   if len(flags) > 1:
-    raise ValueError(f"{what}: some param groups decouple weight decay (AdamW) and others do not "
-                     "(Adam); adamw_jax builds all groups with one of the two.")
+    raise ValueError(
+      f"{what}: some param groups decouple weight decay (AdamW) and others do not "
+      "(Adam); adamw_jax builds all groups with one of the two."
+    )
   return flags.pop() if flags else True
 
 
 def _step_of(what: str, slot: _layout.TorchParam, value) -> int:
   step = float(value.item() if hasattr(value, "item") else value)
   if not math.isfinite(step) or step != int(step) or not 0 <= step <= 2**31 - 1:
-    raise ValueError(f"{what}: {slot.label()} has step {step}; expected a whole number of steps "
-                     "in [0, 2**31 - 1].")
+    raise ValueError(
+      f"{what}: {slot.label()} has step {step}; expected a whole number of steps in [0, 2**31 - 1]."
+    )
   return int(step)
 
 
@@ -186,7 +205,7 @@ class _Reading:
   ref: _references.Reference
   amsgrad: bool
   quantized: bool  # the leaf gets 8-bit moments (torchao)
-  step: Optional[int] = None  # optimi: the group's step count
+  step: int | None = None  # optimi: the group's step count
   betas: tuple[float, float] = (0.9, 0.999)
 
 
@@ -196,33 +215,45 @@ def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading:
   is_8bit = _references.is_8bit_state(value)
   if reading.quantized != is_8bit:
     raise ValueError(
-        f"{what}: {slot.label()} has {'an 8-bit' if is_8bit else 'a full-precision'} {key}, but "
-        f"the JAX leaf {slot.path!r} (shape {shape}) "
-        f"{'gets 8-bit moments' if reading.quantized else 'keeps full-precision moments'} "
-        f"with moment_block_size={reading.ref.block_size} (>= {_quantize.MIN_SIZE} elements, a "
-        "multiple of the block size).")
+      f"{what}: {slot.label()} has {'an 8-bit' if is_8bit else 'a full-precision'} {key}, but "
+      f"the JAX leaf {slot.path!r} (shape {shape}) "
+      f"{'gets 8-bit moments' if reading.quantized else 'keeps full-precision moments'} "
+      f"with moment_block_size={reading.ref.block_size} (>= {_quantize.MIN_SIZE} elements, a "
+      "multiple of the block size)."
+    )
   if is_8bit:
     if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
-      raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; an "
-                       "8-bit moment's blocks are consecutive elements in torch's layout and "
-                       "cannot be transposed: keep the torch layout for this leaf.")
+      raise ValueError(
+        f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; an "
+        "8-bit moment's blocks are consecutive elements in torch's layout and "
+        "cannot be transposed: keep the torch layout for this leaf."
+      )
     assert reading.ref.block_size is not None  # torchao's
     q = _references.from_8bit(what, slot.label(), key, value, reading.ref.block_size)
     if q.codes.shape != shape:
-      raise ValueError(f"{what}: {slot.label()} has {key} of shape {q.codes.shape}, but the JAX "
-                       f"leaf {slot.path!r} has shape {shape}.")
+      raise ValueError(
+        f"{what}: {slot.label()} has {key} of shape {q.codes.shape}, but the JAX "
+        f"leaf {slot.path!r} has shape {shape}."
+      )
     return q
   x = _permute(_to_numpy(value), slot.axes)
   if x.shape != shape:
-    hint = (" Linear / Conv weights need a transposed layout: pass names= and "
-            "mapping=adamw_jax.flax_layout(params)." if slot.axes is None and len(shape) >= 2
-            and sorted(x.shape) == sorted(shape) else "")
-    raise ValueError(f"{what}: {slot.label()} has {key} of shape {x.shape}"
-                     + (f" (after axes {slot.axes})" if slot.axes else "")
-                     + f", but the JAX leaf {slot.path!r} has shape {shape}.{hint}")
+    hint = (
+      " Linear / Conv weights need a transposed layout: pass names= and "
+      "mapping=adamw_jax.flax_layout(params)."
+      if slot.axes is None and len(shape) >= 2 and sorted(x.shape) == sorted(shape)
+      else ""
+    )
+    raise ValueError(
+      f"{what}: {slot.label()} has {key} of shape {x.shape}"
+      + (f" (after axes {slot.axes})" if slot.axes else "")
+      + f", but the JAX leaf {slot.path!r} has shape {shape}.{hint}"
+    )
   if x.dtype != dtype:
-    raise ValueError(f"{what}: {slot.label()} has {key} of dtype {x.dtype}, but the JAX leaf "
-                     f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first.")
+    raise ValueError(
+      f"{what}: {slot.label()} has {key} of dtype {x.dtype}, but the JAX leaf "
+      f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first."
+    )
   if reading.ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
     beta = reading.betas[0 if key == "exp_avg" else 1]
     assert reading.step is not None  # optimi's group step
@@ -230,8 +261,9 @@ def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading:
   return x
 
 
-def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], leaf,
-                reading: _Reading) -> tuple:
+def _read_state(
+  what: str, slot: _layout.TorchParam, state: Mapping | None, leaf, reading: _Reading
+) -> tuple:
   """(step, mu, nu, nu_max, compensation) of one torch parameter, in the layout of `leaf`.
 
   `compensation` is optimi's ``kahan_comp`` (None where it has none).
@@ -249,21 +281,25 @@ def _read_state(what: str, slot: _layout.TorchParam, state: Optional[Mapping], l
     step = (reading.step or 0) if optimi else 0
     return step, moment, moment, (moment if amsgrad else None), None
   keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-  expected = ({"exp_avg", "exp_avg_sq", "kahan_comp"} if optimi
-              else {"step", *keys})
+  expected = {"exp_avg", "exp_avg_sq", "kahan_comp"} if optimi else {"step", *keys}
   if set(state) != expected:
     extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
-    raise ValueError(f"{what}: the state of {slot.label()} has keys {sorted(state)}; expected "
-                     f"{sorted(expected)} ("
-                     + ("" if reading.ref.kind == _references.TORCH else f"{reading.ref.label}, ")
-                     + f"amsgrad={amsgrad})"
-                     + (f"; unexpected {extra}" if extra else "")
-                     + (f"; missing {missing}" if missing else "")
-                     + ".")
+    raise ValueError(
+      f"{what}: the state of {slot.label()} has keys {sorted(state)}; expected "
+      f"{sorted(expected)} ("
+      + ("" if reading.ref.kind == _references.TORCH else f"{reading.ref.label}, ")
+      + f"amsgrad={amsgrad})"
+      + (f"; unexpected {extra}" if extra else "")
+      + (f"; missing {missing}" if missing else "")
+      + "."
+    )
   out = [_moment(what, slot, key, state[key], leaf, reading) for key in keys]
   kahan = state["kahan_comp"] if optimi else None  # None, or a uint8 placeholder (triton)
-  comp = (_moment(what, slot, "kahan_comp", kahan, leaf, reading)
-          if kahan is not None and kahan.is_floating_point() else None)
+  comp = (
+    _moment(what, slot, "kahan_comp", kahan, leaf, reading)
+    if kahan is not None and kahan.is_floating_point()
+    else None
+  )
   step = reading.step if optimi else _step_of(what, slot, state["step"])
   return (step, out[0], out[1], out[2] if amsgrad else None, comp)
 
@@ -290,8 +326,9 @@ def _is_moment_leaf(x) -> bool:
 
 def _leaf_paths(tree) -> list[tuple[str, Any]]:
   """(path, leaf) pairs; a QuantizedMoment and a MaskedNode count as leaves."""
-  return [(_tree.path_str(p), x)
-          for p, x in jtu.tree_flatten_with_path(tree, is_leaf=_is_moment_leaf)[0]]
+  return [
+    (_tree.path_str(p), x) for p, x in jtu.tree_flatten_with_path(tree, is_leaf=_is_moment_leaf)[0]
+  ]
 
 
 def _host(x):
@@ -305,8 +342,9 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(x.codes.shape if isinstance(x, _quantize.QuantizedMoment) else np.shape(x))
 
 
-def _hyperparameters(what: str, groups: Sequence[Mapping], learning_rate: Any,
-                     ignore: Sequence[str]) -> list[dict]:
+def _hyperparameters(
+  what: str, groups: Sequence[Mapping], learning_rate: Any, ignore: Sequence[str]
+) -> list[dict]:
   """Each param group's hyperparameters, as keyword arguments of adamw / adam."""
   if learning_rate is not None:
     ignore = (*ignore, "initial_lr")
@@ -315,11 +353,15 @@ def _hyperparameters(what: str, groups: Sequence[Mapping], learning_rate: Any,
     if not g["params"]:
       raise ValueError(f"{what}: param group {i} has no parameters.")
   if learning_rate is not None:
-    lrs = (list(learning_rate) if isinstance(learning_rate, (list, tuple))
-           else [learning_rate] * len(groups))
+    lrs = (
+      list(learning_rate)
+      if isinstance(learning_rate, (list, tuple))
+      else [learning_rate] * len(groups)
+    )
     if len(lrs) != len(groups):
-      raise ValueError(f"{what}: learning_rate= has {len(lrs)} entries for {len(groups)} "
-                       "param groups.")
+      raise ValueError(
+        f"{what}: learning_rate= has {len(lrs)} entries for {len(groups)} param groups."
+      )
     for h, lr in zip(hypers, lrs):
       h["learning_rate"] = lr
   return hypers
@@ -332,9 +374,10 @@ def _check_steps(what: str, slots: Sequence[_layout.TorchParam], read: Mapping[s
     f = first.setdefault(s.group, s)
     if read[s.path][0] != read[f.path][0]:
       raise ValueError(
-          f"{what}: in param group {s.group}, {f.label()} is at step {read[f.path][0]} "
-          f"and {s.label()} at step {read[s.path][0]}; adamw_jax keeps one step count per group "
-          "(a parameter that has not had a gradient yet has no state in torch).")
+        f"{what}: in param group {s.group}, {f.label()} is at step {read[f.path][0]} "
+        f"and {s.label()} at step {read[s.path][0]}; adamw_jax keeps one step count per group "
+        "(a parameter that has not had a gradient yet has no state in torch)."
+      )
 
 
 def _filled(what: str, state, read: Mapping[str, tuple]):
@@ -351,9 +394,11 @@ def _filled(what: str, state, read: Mapping[str, tuple]):
       value = read[path][field]
       if _is_masked(x) or value is None:  # not this transform's leaf / optimi has no buffer yet
         if value is not None and path in mine:
-          raise ValueError(f"{what}: the torch state has a Kahan compensation for {path!r}, "
-                           "but its JAX leaf gets none (param_rounding='kahan' compensates "
-                           "bfloat16 and float16 leaves).")
+          raise ValueError(
+            f"{what}: the torch state has a Kahan compensation for {path!r}, "
+            "but its JAX leaf gets none (param_rounding='kahan' compensates "
+            "bfloat16 and float16 leaves)."
+          )
         out.append(x)
       else:
         out.append(jax.tree.map(jnp.asarray, value))
@@ -363,28 +408,44 @@ def _filled(what: str, state, read: Mapping[str, tuple]):
   moments = (put(state.mu, 1), put(state.nu, 2), put(state.nu_max, 3))
   if isinstance(state, _core.ScaleByAdamState):
     return _core.ScaleByAdamState(count, *moments)
-  return state._replace(count=count, mu=moments[0], nu=moments[1], nu_max=moments[2],
-                        compensation=put(state.compensation, 4))
+  return state._replace(
+    count=count,
+    mu=moments[0],
+    nu=moments[1],
+    nu_max=moments[2],
+    compensation=put(state.compensation, 4),
+  )
 
 
-def _group_readings(what: str, ref: _references.Reference, raw: Sequence[Mapping],
-                    groups: Sequence[Mapping], hypers: Sequence[dict]) -> list[_Reading]:
+def _group_readings(
+  what: str,
+  ref: _references.Reference,
+  raw: Sequence[Mapping],
+  groups: Sequence[Mapping],
+  hypers: Sequence[dict],
+) -> list[_Reading]:
   out = []
   for raw_group, group, h in zip(raw, groups, hypers):
-    out.append(_Reading(ref, h["amsgrad"], False,
-                        _references.optimi_step(raw_group) if ref.kind == _references.OPTIMI
-                        else None, (float(group["betas"][0]), float(group["betas"][1]))))
+    out.append(
+      _Reading(
+        ref,
+        h["amsgrad"],
+        False,
+        _references.optimi_step(raw_group) if ref.kind == _references.OPTIMI else None,
+        (float(group["betas"][0]), float(group["betas"][1])),
+      )
+    )
   return out
 
 
 def from_torch(
-    optimizer_or_state_dict: Any,
-    params: Any,
-    *,
-    names: Any = None,
-    mapping: Optional[Mapper] = None,
-    learning_rate: Any = None,
-    ignore: Sequence[str] = (),
+  optimizer_or_state_dict: Any,
+  params: Any,
+  *,
+  names: Any = None,
+  mapping: Mapper | None = None,
+  learning_rate: Any = None,
+  ignore: Sequence[str] = (),
 ) -> tuple[optax.GradientTransformation, Any]:
   """A torch AdamW / Adam run as ``(tx, opt_state)``: the transform and its state, moments and all.
 
@@ -471,8 +532,13 @@ def from_torch(
   decoupled = _decoupled(what, groups, optimizer_or_state_dict, ref)
   flat, treedef = _tree.flatten_params(params)
   leaves = dict(flat)
-  slots = _layout.match(what, groups, _layout.param_names(what, names, mapping, groups, tensors),
-                        {p: np.shape(x) for p, x in flat}, mapping)
+  slots = _layout.match(
+    what,
+    groups,
+    _layout.param_names(what, names, mapping, groups, tensors),
+    {p: np.shape(x) for p, x in flat},
+    mapping,
+  )
   if ref.kind == _references.OPTIMI:
     for i, g in enumerate(raw_groups):
       dtypes = [jnp.result_type(leaves[s.path]) for s in slots if s.group == i]
@@ -482,10 +548,19 @@ def from_torch(
     h.update(e)
   readings = _group_readings(what, ref, raw_groups, groups, hypers)
   block = ref.block_size
-  read = {s.path: _read_state(
-      what, s, sd["state"].get(s.index), leaves[s.path],
-      dataclasses.replace(readings[s.group], quantized=block is not None and _quantize.quantizes(
-          np.shape(leaves[s.path]), block))) for s in slots}
+  read = {
+    s.path: _read_state(
+      what,
+      s,
+      sd["state"].get(s.index),
+      leaves[s.path],
+      dataclasses.replace(
+        readings[s.group],
+        quantized=block is not None and _quantize.quantizes(np.shape(leaves[s.path]), block),
+      ),
+    )
+    for s in slots
+  }
   _check_steps(what, slots, read)
 
   factory = _alias.adamw if decoupled else _alias.adam
@@ -493,20 +568,24 @@ def from_torch(
     tx = factory(**hypers[0])
   else:
     group_of = {s.path: f"group{s.group}" for s in slots}
-    tx = _groups.param_groups({f"group{i}": h for i, h in enumerate(hypers)},
-                              labels=treedef.unflatten([group_of[p] for p, _ in flat]),
-                              optimizer=factory)
-  opt_state = jax.tree.map(lambda s: _filled(what, s, read), tx.init(_tree.unbox_all(params)),
-                           is_leaf=_is_state)
+    tx = _groups.param_groups(
+      {f"group{i}": h for i, h in enumerate(hypers)},
+      labels=treedef.unflatten([group_of[p] for p, _ in flat]),
+      optimizer=factory,
+    )
+  opt_state = jax.tree.map(
+    lambda s: _filled(what, s, read), tx.init(_tree.unbox_all(params)), is_leaf=_is_state
+  )
   _CONFIGS[tx.init] = _Config(
-      tuple({k: v for k, v in g.items() if k != "initial_lr"} for g in raw_groups), tuple(slots),
-      ref)
+    tuple({k: v for k, v in g.items() if k != "initial_lr"} for g in raw_groups), tuple(slots), ref
+  )
   return tx, opt_state
 
 
 # --------------------------------------------------------------------------
 # JAX -> torch
 # --------------------------------------------------------------------------
+
 
 def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
   """Leaf paths in tree order, and path -> (count, mu, nu, nu_max, compensation) from every state.
@@ -516,54 +595,75 @@ def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
   """
   states = _adam_states(_tree.unbox_all(opt_state))
   if not states:
-    raise ValueError(f"{what}: the optimizer state holds no adamw_jax ScaleByAdamState (it is "
-                     "not the state of adamw, adam, scale_by_adam or param_groups).")
+    raise ValueError(
+      f"{what}: the optimizer state holds no adamw_jax ScaleByAdamState (it is "
+      "not the state of adamw, adam, scale_by_adam or param_groups)."
+    )
   order = [p for p, _ in _leaf_paths(states[0].mu)]
   out: dict[str, tuple] = {}
   for s in states:
     comp = getattr(s, "compensation", None)
-    cols: list[Any] = [dict(_leaf_paths(t)) if t is not None else None
-                       for t in (s.mu, s.nu, s.nu_max, comp)]
+    cols: list[Any] = [
+      dict(_leaf_paths(t)) if t is not None else None for t in (s.mu, s.nu, s.nu_max, comp)
+    ]
     for path, m in cols[0].items():
       if _is_masked(m):
         continue
       if path in out:
-        raise ValueError(f"{what}: the leaf {path!r} has Adam state in two places of the "
-                         "optimizer state; a torch optimizer keeps one per parameter.")
+        raise ValueError(
+          f"{what}: the leaf {path!r} has Adam state in two places of the "
+          "optimizer state; a torch optimizer keeps one per parameter."
+        )
       c = None if cols[3] is None or _is_masked(cols[3][path]) else np.asarray(cols[3][path])
-      out[path] = (int(s.count), _host(m), _host(cols[1][path]),
-                   None if cols[2] is None else _host(cols[2][path]), c)
+      out[path] = (
+        int(s.count),
+        _host(m),
+        _host(cols[1][path]),
+        None if cols[2] is None else _host(cols[2][path]),
+        c,
+      )
   return order, out
 
 
-def _check_fits(what: str, ref: _references.Reference, slot: _layout.TorchParam,
-                moments: Sequence, comp) -> None:
+def _check_fits(
+  what: str, ref: _references.Reference, slot: _layout.TorchParam, moments: Sequence, comp
+) -> None:
   """Refuses state the target optimizer has no place for: 8-bit moments, a compensation."""
   quantized = [m for m in moments if isinstance(m, _quantize.QuantizedMoment)]
   if quantized and ref.kind != _references.TORCHAO:
-    raise ValueError(f"{what}: the JAX state of {slot.path!r} has 8-bit moments "
-                     f"(moment_bits=8), which {ref.label} cannot hold; load it into "
-                     "torchao.optim.AdamW8bit / Adam8bit.")
+    raise ValueError(
+      f"{what}: the JAX state of {slot.path!r} has 8-bit moments "
+      f"(moment_bits=8), which {ref.label} cannot hold; load it into "
+      "torchao.optim.AdamW8bit / Adam8bit."
+    )
   for q in quantized:
     block = q.codes.size // q.scale.size
     if block != ref.block_size:
-      raise ValueError(f"{what}: the JAX state of {slot.path!r} has 8-bit moments in blocks of "
-                       f"{block}, but the torchao optimizer's block_size is {ref.block_size}.")
+      raise ValueError(
+        f"{what}: the JAX state of {slot.path!r} has 8-bit moments in blocks of "
+        f"{block}, but the torchao optimizer's block_size is {ref.block_size}."
+      )
     if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
-      raise ValueError(f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
-                       "8-bit blocks cannot be transposed: keep the torch layout for this leaf.")
+      raise ValueError(
+        f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
+        "8-bit blocks cannot be transposed: keep the torch layout for this leaf."
+      )
   if ref.kind == _references.TORCHAO:
     assert ref.block_size is not None  # torchao's
     plain = [m for m in moments if m is not None and not isinstance(m, _quantize.QuantizedMoment)]
     if plain and _quantize.quantizes(_shape(plain[0]), ref.block_size):
-      raise ValueError(f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
-                       f"{ref.label} keeps 8-bit ones for a parameter of shape "
-                       f"{_shape(plain[0])}; make the transform with moment_bits=8, "
-                       f"moment_block_size={ref.block_size}.")
+      raise ValueError(
+        f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
+        f"{ref.label} keeps 8-bit ones for a parameter of shape "
+        f"{_shape(plain[0])}; make the transform with moment_bits=8, "
+        f"moment_block_size={ref.block_size}."
+      )
   if comp is not None and ref.kind != _references.OPTIMI:
-    raise ValueError(f"{what}: the JAX state of {slot.path!r} has a Kahan compensation "
-                     f"(param_rounding='kahan'), which {ref.label} cannot hold; load it into "
-                     "optimi.AdamW / Adam with kahan_sum=True.")
+    raise ValueError(
+      f"{what}: the JAX state of {slot.path!r} has a Kahan compensation "
+      f"(param_rounding='kahan'), which {ref.label} cannot hold; load it into "
+      "optimi.AdamW / Adam with kahan_sum=True."
+    )
 
 
 def _write_moment(x, key: str, back: Axes, ref: _references.Reference, optimi: tuple):
@@ -577,11 +677,11 @@ def _write_moment(x, key: str, back: Axes, ref: _references.Reference, optimi: t
 
 
 def to_torch_state_dict(
-    tx_or_optimizer: Any,
-    opt_state: Any,
-    *,
-    names: Any = None,
-    mapping: Optional[Mapper] = None,
+  tx_or_optimizer: Any,
+  opt_state: Any,
+  *,
+  names: Any = None,
+  mapping: Mapper | None = None,
 ) -> dict:
   """The ``state_dict()`` of a torch AdamW / Adam that continues a JAX run.
 
@@ -633,30 +733,46 @@ def to_torch_state_dict(
     groups = [dict(g) for g in sd["param_groups"]]
     missing = [p for p in order if p not in entries]
     if missing:
-      raise ValueError(f"{what}: the JAX leaf {missing[0]!r} has no Adam state (it is outside "
-                       "every adamw_jax transform), but the torch optimizer updates every "
-                       "parameter.")
-    slots = _layout.match(what, groups, _layout.param_names(what, names, mapping, groups, tensors),
-                          {p: _shape(entries[p][1]) for p in order}, mapping)
+      raise ValueError(
+        f"{what}: the JAX leaf {missing[0]!r} has no Adam state (it is outside "
+        "every adamw_jax transform), but the torch optimizer updates every "
+        "parameter."
+      )
+    slots = _layout.match(
+      what,
+      groups,
+      _layout.param_names(what, names, mapping, groups, tensors),
+      {p: _shape(entries[p][1]) for p in order},
+      mapping,
+    )
     shapes = {i: tuple(t.shape) for i, t in zip((s.index for s in slots), tensors)}
   else:
-    config = _CONFIGS.get(tx_or_optimizer.init) if callable(
-        getattr(tx_or_optimizer, "init", None)) else None
+    config = (
+      _CONFIGS.get(tx_or_optimizer.init)
+      if callable(getattr(tx_or_optimizer, "init", None))
+      else None
+    )
     if config is None:
-      raise TypeError(f"{what}: expected the torch optimizer to load the state into, or a "
-                      "transform made by adamw_jax.from_torch; got "
-                      f"{type(tx_or_optimizer).__name__}.")
+      raise TypeError(
+        f"{what}: expected the torch optimizer to load the state into, or a "
+        "transform made by adamw_jax.from_torch; got "
+        f"{type(tx_or_optimizer).__name__}."
+      )
     if names is not None or mapping is not None:
-      raise ValueError(f"{what}: names= and mapping= go with a torch optimizer; the transform "
-                       "from from_torch already knows its parameters.")
+      raise ValueError(
+        f"{what}: names= and mapping= go with a torch optimizer; the transform "
+        "from from_torch already knows its parameters."
+      )
     groups = [dict(g) for g in config.param_groups]
     slots = list(config.slots)
     ref = config.reference
     shapes = {}
     for s in slots:
       if s.path not in entries:
-        raise ValueError(f"{what}: the optimizer state has no Adam state for the leaf {s.path!r} "
-                         f"({s.label()}); is it the state of this transform?")
+        raise ValueError(
+          f"{what}: the optimizer state has no Adam state for the leaf {s.path!r} "
+          f"({s.label()}); is it the state of this transform?"
+        )
   optimi = ref.kind == _references.OPTIMI
   state = {}
   for s in slots:
@@ -664,22 +780,28 @@ def to_torch_state_dict(
     _check_fits(what, ref, s, (mu, nu, nu_max), comp)
     amsgrad = bool(groups[s.group].get(_hyperparams.BY_NAME["amsgrad"].torch, False))
     if amsgrad != (nu_max is not None):
-      raise ValueError(f"{what}: param group {s.group} has amsgrad={amsgrad}, but the JAX state "
-                       f"of {s.path!r} {'has no' if amsgrad else 'has a'} nu_max "
-                       f"(amsgrad={not amsgrad}).")
+      raise ValueError(
+        f"{what}: param group {s.group} has amsgrad={amsgrad}, but the JAX state "
+        f"of {s.path!r} {'has no' if amsgrad else 'has a'} nu_max "
+        f"(amsgrad={not amsgrad})."
+      )
     back = _inverse(s.axes)
     arrays = {"exp_avg": mu, "exp_avg_sq": nu, "max_exp_avg_sq": nu_max}
     entry: dict[str, Any] = (
-        {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)})
+      {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)}
+    )
     group = groups[s.group]
     for key, x in arrays.items():
       if x is None:
         continue
       shape = tuple(np.shape(_permute(np.empty(_shape(x), np.bool_), back)))
       if s.index in shapes and shape != shapes[s.index]:
-        raise ValueError(f"{what}: {s.label()} has shape {shapes[s.index]}, but the JAX state of "
-                         f"{s.path!r} gives {key} of shape {shape}"
-                         + (f" (after axes {back})" if back else "") + ".")
+        raise ValueError(
+          f"{what}: {s.label()} has shape {shapes[s.index]}, but the JAX state of "
+          f"{s.path!r} gives {key} of shape {shape}"
+          + (f" (after axes {back})" if back else "")
+          + "."
+        )
       beta = group.get("beta1" if key == "exp_avg" else "beta2") if optimi else None
       entry[key] = _write_moment(x, key, back, ref, (beta, count))
     if optimi:

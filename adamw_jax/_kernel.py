@@ -31,7 +31,7 @@ that the results do not change by a bit.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, overload
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ import optax
 from jax import lax
 
 from adamw_jax import _steer
+
 
 class Coefficients(NamedTuple):
   """One step's scalars, each rounded to the compute dtype as torch rounds it."""
@@ -48,23 +49,23 @@ class Coefficients(NamedTuple):
   one_minus_b2: jax.Array
   bc2_sqrt: jax.Array  # sqrt(1 - b2**t)
   eps: jax.Array
-  eps_root: Optional[jax.Array]  # eps_root * (1 - b2**t), or None when eps_root == 0
+  eps_root: jax.Array | None  # eps_root * (1 - b2**t), or None when eps_root == 0
   step_size: jax.Array  # s in p + (s * m) / d
 
 
 def _real_step(
-    grad: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    nu_max: Optional[jax.Array],
-    param: Optional[jax.Array],
-    c: Coefficients,
-    *,
-    z: jax.Array,
-    maximize: bool,
-    l2: Optional[jax.Array],
-    decay: Optional[jax.Array],
-    moments: Optional[tuple] = None,
+  grad: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  nu_max: jax.Array | None,
+  param: jax.Array | None,
+  c: Coefficients,
+  *,
+  z: jax.Array,
+  maximize: bool,
+  l2: jax.Array | None,
+  decay: jax.Array | None,
+  moments: tuple | None = None,
 ):
   """The kernel on real arrays of one compute dtype. Returns (out, mu, nu, nu_max).
 
@@ -74,8 +75,7 @@ def _real_step(
   (``_native``), which leaves only the parameter's step to this kernel.
   """
   dtype = grad.dtype
-  c = c._replace(**{f: getattr(c, f).astype(dtype) for f in c._fields
-                    if getattr(c, f) is not None})
+  c = c._replace(**{f: getattr(c, f).astype(dtype) for f in c._fields if getattr(c, f) is not None})
   if decay is not None:
     decay = decay.astype(dtype)
   if l2 is not None:
@@ -107,17 +107,17 @@ def _real_step(
 
 
 def _real_kernel(
-    grad: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    nu_max: Optional[jax.Array],
-    param: Optional[jax.Array],
-    c: Coefficients,
-    *,
-    z: jax.Array,
-    maximize: bool,
-    l2: Optional[jax.Array],
-    decay: Optional[jax.Array],
+  grad: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  nu_max: jax.Array | None,
+  param: jax.Array | None,
+  c: Coefficients,
+  *,
+  z: jax.Array,
+  maximize: bool,
+  l2: jax.Array | None,
+  decay: jax.Array | None,
 ):
   """:func:`_real_step`, laid out for one pass over memory when XLA can fuse it so.
 
@@ -135,20 +135,21 @@ def _real_kernel(
   would make the parameter loop read the old moments after the moment loops
   overwrote them in place (a copy each), so it is only used with the flag.
   """
-  kw: dict[str, Any] = dict(z=z, maximize=maximize, l2=l2, decay=decay)
+  kw: dict[str, Any] = {"z": z, "maximize": maximize, "l2": l2, "decay": decay}
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
   if _steer.multi_output_fusion():
-    hide = lambda x: None if x is None else _steer.rounded(x, z)  # noqa: E731
-    out = _real_step(_steer.rounded(grad, z), mu, _steer.rounded(nu, z), nu_max, hide(param), c,
-                     **kw)[0]
+    hide = lambda x: None if x is None else _steer.rounded(x, z)
+    out = _real_step(
+      _steer.rounded(grad, z), mu, _steer.rounded(nu, z), nu_max, hide(param), c, **kw
+    )[0]
   return out, m, v, vm
 
 
 @overload
 def _components(x: jax.Array) -> tuple[jax.Array, jax.Array]: ...
 @overload
-def _components(x: Optional[jax.Array]) -> tuple[Optional[jax.Array], Optional[jax.Array]]: ...
-def _components(x: Optional[jax.Array]) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+def _components(x: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]: ...
+def _components(x: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
   """torch's view_as_real: the real and imaginary parts as separate elements."""
   if x is None:
     return (None, None)
@@ -156,18 +157,18 @@ def _components(x: Optional[jax.Array]) -> tuple[Optional[jax.Array], Optional[j
 
 
 def adam_leaf(
-    grad: jax.Array,
-    mu: jax.Array,
-    nu: jax.Array,
-    nu_max: Optional[jax.Array],
-    param: Optional[jax.Array],
-    c: Coefficients,
-    *,
-    z: jax.Array,
-    maximize: bool,
-    l2: Optional[jax.Array] = None,
-    decay: Optional[jax.Array] = None,
-    moments: Optional[tuple] = None,
+  grad: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  nu_max: jax.Array | None,
+  param: jax.Array | None,
+  c: Coefficients,
+  *,
+  z: jax.Array,
+  maximize: bool,
+  l2: jax.Array | None = None,
+  decay: jax.Array | None = None,
+  moments: tuple | None = None,
 ):
   """One leaf's Adam/AdamW step. Returns ``(out, mu, nu, nu_max)``.
 
@@ -181,14 +182,17 @@ def adam_leaf(
   updated (in the compute dtype), the new ``(mu, nu, nu_max)``.
   """
   out_dtype = (param if param is not None else grad).dtype
-  complex_ = jnp.iscomplexobj(grad) or jnp.iscomplexobj(mu) or (
-      param is not None and jnp.iscomplexobj(param))
+  complex_ = (
+    jnp.iscomplexobj(grad)
+    or jnp.iscomplexobj(mu)
+    or (param is not None and jnp.iscomplexobj(param))
+  )
   if moments is not None:
     if complex_:
       raise ValueError("adam_leaf: precomputed moments are for real leaves")
     out, mu_new, nu_new, nu_max_new = _real_step(
-        grad, mu, nu, nu_max, param, c, z=z, maximize=maximize, l2=l2, decay=decay,
-        moments=moments)
+      grad, mu, nu, nu_max, param, c, z=z, maximize=maximize, l2=l2, decay=decay, moments=moments
+    )
   elif complex_:
     if l2 is not None:
       # torch adds the L2 term in complex arithmetic, before view_as_real.
@@ -197,10 +201,10 @@ def adam_leaf(
       maximize = False
       l2 = None
     parts = [
-        _real_kernel(g, m, v, vm, p, c, z=z, maximize=maximize, l2=l2, decay=decay)
-        for g, m, v, vm, p in zip(
-            _components(grad), _components(mu), _components(nu),
-            _components(nu_max), _components(param))
+      _real_kernel(g, m, v, vm, p, c, z=z, maximize=maximize, l2=l2, decay=decay)
+      for g, m, v, vm, p in zip(
+        _components(grad), _components(mu), _components(nu), _components(nu_max), _components(param)
+      )
     ]
     (out_re, m_re, v_re, vm_re), (out_im, m_im, v_im, vm_im) = parts
     out = lax.complex(out_re, out_im)
@@ -208,20 +212,43 @@ def adam_leaf(
     nu_max_new = None if vm_re is None or vm_im is None else lax.complex(vm_re, vm_im)
   else:
     cdtype = jnp.result_type(*[x for x in (grad, mu, nu, param) if x is not None])
-    cast = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
+    cast = lambda x: None if x is None else x.astype(cdtype)
     out, mu_new, nu_new, nu_max_new = _real_kernel(
-        grad.astype(cdtype), mu.astype(cdtype), nu.astype(cdtype), cast(nu_max), cast(param), c,
-        z=z, maximize=maximize, l2=l2, decay=decay)
+      grad.astype(cdtype),
+      mu.astype(cdtype),
+      nu.astype(cdtype),
+      cast(nu_max),
+      cast(param),
+      c,
+      z=z,
+      maximize=maximize,
+      l2=l2,
+      decay=decay,
+    )
   return (
-      out.astype(out_dtype),
-      mu_new.astype(mu.dtype),
-      nu_new.astype(nu.dtype),
-      None if nu_max is None or nu_max_new is None else nu_max_new.astype(nu_max.dtype),
+    out.astype(out_dtype),
+    mu_new.astype(mu.dtype),
+    nu_new.astype(nu.dtype),
+    None if nu_max is None or nu_max_new is None else nu_max_new.astype(nu_max.dtype),
   )
 
 
-def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, z: jax.Array, maximize: bool,
-               decoupled: bool, with_params: bool, fused: bool, moments=None):
+def optax_leaf(
+  g,
+  m,
+  v,
+  vm,
+  p,
+  c: Coefficients,
+  decay,
+  *,
+  z: jax.Array,
+  maximize: bool,
+  decoupled: bool,
+  with_params: bool,
+  fused: bool,
+  moments=None,
+):
   """One leaf's result in optax's terms: (update, or new parameter if `fused`, m, v, vm).
 
   The update is ``new_param - param`` with the parameters (`with_params`),
@@ -231,10 +258,18 @@ def optax_leaf(g, m, v, vm, p, c: Coefficients, decay, *, z: jax.Array, maximize
   `moments`: the new (m, v, vm), already computed by the native kernel.
   """
   out, m, v, vm = adam_leaf(
-      g, m, v, vm, p if with_params else None, c,
-      z=z, maximize=maximize,
-      l2=None if decoupled else decay,
-      decay=decay if decoupled else None, moments=moments)
+    g,
+    m,
+    v,
+    vm,
+    p if with_params else None,
+    c,
+    z=z,
+    maximize=maximize,
+    l2=None if decoupled else decay,
+    decay=decay if decoupled else None,
+    moments=moments,
+  )
   if with_params:
     # torch's new parameter, as an update: exact when new and old parameters
     # are within a factor of two of each other, so p + update lands on it.

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from adamw_jax import _tree
 
-Axes = Optional[tuple[int, ...]]
-Target = Union[str, tuple[str, Axes]]
-Mapper = Union[Mapping[str, Target], Callable[[str], Target]]
-Rename = Union[Mapping[str, str], Callable[[str], str]]  # torch module name -> Flax module path
+Axes = tuple[int, ...] | None
+Target = str | tuple[str, Axes]
+Mapper = Mapping[str, Target] | Callable[[str], Target]
+Rename = Mapping[str, str] | Callable[[str], str]  # torch module name -> Flax module path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TorchParam:
   """One torch parameter: its state-dict index, name, group and pytree leaf."""
 
   index: int
-  name: Optional[str]
+  name: str | None
   group: int
   path: str
   axes: Axes  # torch array -> JAX array is np.transpose(x, axes); None: as is
@@ -41,11 +41,11 @@ def _module_candidates(module: str) -> list[str]:
   parts = module.split(".") if module else []
   out = ["/".join(parts)]
   if len(parts) > 1:
-    out.append("/".join(parts[:-2] + ["_".join(parts[-2:])]))  # Linen: layers.0 -> layers_0
+    out.append("/".join([*parts[:-2], "_".join(parts[-2:])]))  # Linen: layers.0 -> layers_0
   return out
 
 
-def flax_layout(params: Any, rename: Optional[Rename] = None) -> Callable[[str], tuple[str, Axes]]:
+def flax_layout(params: Any, rename: Rename | None = None) -> Callable[[str], tuple[str, Axes]]:
   """A mapping from torch parameter names to the leaves of a Flax (Linen or NNX) model.
 
   ``"<module>.weight"`` goes to the module's ``kernel``, ``scale`` or
@@ -82,7 +82,7 @@ def flax_layout(params: Any, rename: Optional[Rename] = None) -> Callable[[str],
     ``name -> (path, axes)``, for the `mapping` argument of :func:`from_torch`
     and :func:`to_torch_state_dict`.
   """
-  paths = {path: leaf for path, leaf in _tree.flatten_params(params)[0]}
+  paths = dict(_tree.flatten_params(params)[0])
 
   def renamed(module: str) -> list[str]:
     if rename is None:
@@ -100,20 +100,21 @@ def flax_layout(params: Any, rename: Optional[Rename] = None) -> Callable[[str],
           leaf = paths.get(prefix + child)
           if leaf is not None:
             ndim = np.ndim(leaf)
-            axes = tuple(range(2, ndim)) + (1, 0) if child == "kernel" and ndim >= 2 else None
+            axes = (*tuple(range(2, ndim)), 1, 0) if child == "kernel" and ndim >= 2 else None
             return prefix + child, axes
       elif prefix + attr in paths:
         return prefix + attr, None
     wanted = "kernel, scale or embedding" if attr == "weight" else repr(attr)
     raise ValueError(
-        f"flax_layout: no Flax leaf for the torch parameter {name!r}: looked for {wanted} under "
-        f"{' and '.join(repr(c or '<root>') for c in candidates)}; the parameter paths are "
-        f"{_tree.describe_paths(paths, limit=12)}. Pass rename= for modules named differently.")
+      f"flax_layout: no Flax leaf for the torch parameter {name!r}: looked for {wanted} under "
+      f"{' and '.join(repr(c or '<root>') for c in candidates)}; the parameter paths are "
+      f"{_tree.describe_paths(paths, limit=12)}. Pass rename= for modules named differently."
+    )
 
   return mapping
 
 
-def apply_mapping(mapping: Optional[Mapper], name: str) -> tuple[str, Axes]:
+def apply_mapping(mapping: Mapper | None, name: str) -> tuple[str, Axes]:
   if mapping is None:
     target: Any = name.replace(".", "/")
   elif isinstance(mapping, Mapping):
@@ -128,8 +129,9 @@ def apply_mapping(mapping: Optional[Mapper], name: str) -> tuple[str, Axes]:
   return path, None if axes is None else tuple(int(a) for a in axes)
 
 
-def param_names(what: str, names: Any, mapping: Optional[Mapper], groups: Sequence[Mapping],
-                 tensors) -> list[Optional[str]]:
+def param_names(
+  what: str, names: Any, mapping: Mapper | None, groups: Sequence[Mapping], tensors
+) -> list[str | None]:
   """Each torch parameter's name, in state-dict order (None when matching by order).
 
   Without `names`, a `mapping` takes the names torch stores in the state dict
@@ -140,38 +142,52 @@ def param_names(what: str, names: Any, mapping: Optional[Mapper], groups: Sequen
     if mapping is None:
       return [None] * count
     if not all("param_names" in g for g in groups):
-      raise ValueError(f"{what}: mapping= needs the torch parameter names: pass names= (the "
-                       "torch module, or a list of names), or build the optimizer from "
-                       "model.named_parameters() so that its state dict has them.")
+      raise ValueError(
+        f"{what}: mapping= needs the torch parameter names: pass names= (the "
+        "torch module, or a list of names), or build the optimizer from "
+        "model.named_parameters() so that its state dict has them."
+      )
     return [n for g in groups for n in g["param_names"]]
   if callable(getattr(names, "named_parameters", None)):  # a torch.nn.Module
     if tensors is None:
-      raise TypeError(f"{what}: names=<module> needs the optimizer itself (its parameters are "
-                      "matched to the module's by identity), not its state_dict().")
+      raise TypeError(
+        f"{what}: names=<module> needs the optimizer itself (its parameters are "
+        "matched to the module's by identity), not its state_dict()."
+      )
     by_id = {id(p): n for n, p in names.named_parameters()}
     missing = [i for i, t in enumerate(tensors) if id(t) not in by_id]
     if missing:
-      raise ValueError(f"{what}: torch parameter {missing[0]} of the optimizer is not a parameter "
-                       "of the module given as names=.")
+      raise ValueError(
+        f"{what}: torch parameter {missing[0]} of the optimizer is not a parameter "
+        "of the module given as names=."
+      )
     return [by_id[id(t)] for t in tensors]
   names = list(names)
   if len(names) != count or not all(isinstance(n, str) for n in names):
-    raise ValueError(f"{what}: names= must be {count} strings (one per torch parameter, in the "
-                     f"optimizer's order), got {len(names)} items.")
+    raise ValueError(
+      f"{what}: names= must be {count} strings (one per torch parameter, in the "
+      f"optimizer's order), got {len(names)} items."
+    )
   return names
 
 
-def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
-           leaves: Mapping[str, tuple], mapping: Optional[Mapper]) -> list[TorchParam]:
+def match(
+  what: str,
+  groups: Sequence[Mapping],
+  names: list[str | None],
+  leaves: Mapping[str, tuple],
+  mapping: Mapper | None,
+) -> list[TorchParam]:
   """Pairs each torch parameter with a leaf; every leaf exactly once."""
   indices = [(gi, i) for gi, g in enumerate(groups) for i in g["params"]]
   paths = list(leaves)
   if names[0] is None and indices:
     if len(indices) != len(paths):
       raise ValueError(
-          f"{what}: the torch optimizer has {len(indices)} parameters and the JAX params have "
-          f"{len(paths)} leaves; matched by order they must be as many (pass names= and "
-          "mapping= to match by name).")
+        f"{what}: the torch optimizer has {len(indices)} parameters and the JAX params have "
+        f"{len(paths)} leaves; matched by order they must be as many (pass names= and "
+        "mapping= to match by name)."
+      )
     return [TorchParam(i, None, gi, path, None) for (gi, i), path in zip(indices, paths)]
   slots, taken = [], {}
   for (gi, i), name in zip(indices, names):
@@ -182,18 +198,26 @@ def match(what: str, groups: Sequence[Mapping], names: list[Optional[str]],
       raise ValueError(f"{what}: {e}") from e
     if path not in leaves:
       close = difflib.get_close_matches(path, paths, n=1)
-      hint = (f" (did you mean {close[0]!r}?)" if close
-              else f"; the paths are {_tree.describe_paths(paths, limit=12)}")
-      raise ValueError(f"{what}: the torch parameter {name!r} maps to {path!r}, which is not a "
-                       f"leaf of the JAX params{hint}.")
+      hint = (
+        f" (did you mean {close[0]!r}?)"
+        if close
+        else f"; the paths are {_tree.describe_paths(paths, limit=12)}"
+      )
+      raise ValueError(
+        f"{what}: the torch parameter {name!r} maps to {path!r}, which is not a "
+        f"leaf of the JAX params{hint}."
+      )
     if path in taken:
-      raise ValueError(f"{what}: the torch parameters {taken[path]!r} and {name!r} both map to "
-                       f"the leaf {path!r}.")
+      raise ValueError(
+        f"{what}: the torch parameters {taken[path]!r} and {name!r} both map to the leaf {path!r}."
+      )
     taken[path] = name
     slots.append(TorchParam(i, name, gi, path, axes))
   left = [p for p in paths if p not in taken]
   if left:
-    raise ValueError(f"{what}: no torch parameter maps to the JAX leaf {left[0]!r}"
-                     + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
-                     + "; the optimizer must hold every leaf of the params.")
+    raise ValueError(
+      f"{what}: no torch parameter maps to the JAX leaf {left[0]!r}"
+      + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
+      + "; the optimizer must hold every leaf of the params."
+    )
   return slots

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.core
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from adamw_jax import _flat, _hyperparams, _kernel, _lowprec, _quantize, _scalars, _steer, _tree
 
@@ -60,7 +62,7 @@ class LowMemoryAdamState(NamedTuple):
   mu: Any
   nu: Any
   nu_max: Any
-  key: Optional[jax.Array]
+  key: jax.Array | None
   compensation: Any
 
 
@@ -70,15 +72,19 @@ class Options:
 
   param_rounding: str = "nearest"
   rounding_seed: int = 0
-  moment_bits: Optional[int] = None
+  moment_bits: int | None = None
   moment_block_size: int = 256
 
   @classmethod
-  def of(cls, s: _hyperparams.Settings) -> "Options":
+  def of(cls, s: _hyperparams.Settings) -> Options:
     """From a transform's checked settings; None: the default."""
     seed, block = s.rounding_seed, s.moment_block_size
-    return cls(s.param_rounding, 0 if seed is None else int(seed), s.moment_bits,
-               _hyperparams.DEFAULT_BLOCK_SIZE if block is None else int(block))
+    return cls(
+      s.param_rounding,
+      0 if seed is None else int(seed),
+      s.moment_bits,
+      _hyperparams.DEFAULT_BLOCK_SIZE if block is None else int(block),
+    )
 
   @property
   def enabled(self) -> bool:
@@ -99,24 +105,28 @@ class Options:
 def _check_leaf(options: Options, path: str, p, name: str) -> None:
   at = _tree.where(path)
   if options.moment_bits is not None and jnp.iscomplexobj(p):
-    raise ValueError(f"{name}: moment_bits={options.moment_bits} quantizes real moments; the "
-                     f"parameter at {at} is {p.dtype} (keep complex leaves in a param group "
-                     "without moment_bits)")
+    raise ValueError(
+      f"{name}: moment_bits={options.moment_bits} quantizes real moments; the "
+      f"parameter at {at} is {p.dtype} (keep complex leaves in a param group "
+      "without moment_bits)"
+    )
   if options.param_rounding == "stochastic" and jnp.dtype(p.dtype) == jnp.float16:
-    raise ValueError(f"{name}: param_rounding='stochastic' rounds to bfloat16; the parameter at "
-                     f"{at} is float16 (use param_rounding='kahan' for float16)")
+    raise ValueError(
+      f"{name}: param_rounding='stochastic' rounds to bfloat16; the parameter at "
+      f"{at} is float16 (use param_rounding='kahan' for float16)"
+    )
   if options.quantized(p):
     _check_shards(p, options.moment_block_size, at, name)
 
 
 def _split_error(p, block_size: int, at: str, name: str, traced: bool) -> ValueError:
   return ValueError(
-      f"{name}: the parameter at {at} (shape {p.shape}) is sharded so that a shard "
-      f"splits a block of moment_block_size={block_size} elements (a block is "
-      f"{block_size} consecutive elements of the leaf in row-major order); shard it along its "
-      "first axis only, into shards of a multiple of the block size, or choose another "
-      "block size" + (" (seen in the traced sharding of a mesh with explicit axes)"
-                      if traced else ""))
+    f"{name}: the parameter at {at} (shape {p.shape}) is sharded so that a shard "
+    f"splits a block of moment_block_size={block_size} elements (a block is "
+    f"{block_size} consecutive elements of the leaf in row-major order); shard it along its "
+    "first axis only, into shards of a multiple of the block size, or choose another "
+    "block size" + (" (seen in the traced sharding of a mesh with explicit axes)" if traced else "")
+  )
 
 
 def _check_shards(p, block_size: int, at: str, name: str) -> None:
@@ -133,12 +143,14 @@ def _check_shards(p, block_size: int, at: str, name: str) -> None:
     if not any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
       return
     spec = tuple(sharding.spec)
-    axes = lambda entry: () if entry is None else (  # noqa: E731
-        (entry,) if isinstance(entry, str) else tuple(entry))
+    axes = lambda entry: (
+      () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    )
     if any(axes(e) for e in spec[1:]):
       raise _split_error(p, block_size, at, name, True)
-    shards = int(np.prod([sharding.mesh.shape[a] for a in axes(spec[0])] if spec else [],
-                         dtype=np.int64))
+    shards = int(
+      np.prod([sharding.mesh.shape[a] for a in axes(spec[0])] if spec else [], dtype=np.int64)
+    )
     if shards > 1 and ((p.shape[0] // shards) * row % block_size or p.shape[0] % shards):
       raise _split_error(p, block_size, at, name, True)
     return
@@ -167,15 +179,16 @@ def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name
   eight = [i for i in members if _quantize.quantizes(layout.slots[i].shape, block)]
   if eight and len(eight) < len(members):
     full = next(i for i in members if i not in eight)
-    size = lambda i: int(np.prod(layout.slots[i].shape, dtype=np.int64))  # noqa: E731
+    size = lambda i: int(np.prod(layout.slots[i].shape, dtype=np.int64))
     raise ValueError(
-        f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get 8-bit moments "
-        f"({_tree.where(layout.paths[eight[0]])}, {size(eight[0])} elements) and leaves that "
-        f"keep full-precision ones ({_tree.where(layout.paths[full])}, {size(full)} elements: "
-        f"fewer than {_quantize.MIN_SIZE} or not a multiple of moment_block_size={block}), so "
-        "its blocks would span leaves; flatten the parameters with "
-        f"adamw_jax.flatten(params, moment_block_size={block}), which packs the two kinds "
-        "into separate buffers")
+      f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get 8-bit moments "
+      f"({_tree.where(layout.paths[eight[0]])}, {size(eight[0])} elements) and leaves that "
+      f"keep full-precision ones ({_tree.where(layout.paths[full])}, {size(full)} elements: "
+      f"fewer than {_quantize.MIN_SIZE} or not a multiple of moment_block_size={block}), so "
+      "its blocks would span leaves; flatten the parameters with "
+      f"adamw_jax.flatten(params, moment_block_size={block}), which packs the two kinds "
+      "into separate buffers"
+    )
   return bool(eight)
 
 
@@ -224,25 +237,34 @@ def _quantized_zeros(p, block_size: int) -> _quantize.QuantizedMoment:
   if not isinstance(p, jax.core.Tracer):
     codes = _zeros_like(p, jnp.uint8)
     target = _blocks_sharding(p.sharding, p.ndim) if hasattr(p, "sharding") else None
-    return q._replace(codes=codes, scale=q.scale if target is None
-                      else jax.device_put(q.scale, target))
+    return q._replace(
+      codes=codes, scale=q.scale if target is None else jax.device_put(q.scale, target)
+    )
   sharding = jax.typeof(p).sharding
   if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
     codes = _zeros_like(p, jnp.uint8)
-    return q._replace(codes=codes, scale=jax.sharding.reshard(
-        q.scale, _blocks_sharding(sharding, p.ndim)))
+    return q._replace(
+      codes=codes, scale=jax.sharding.reshard(q.scale, _blocks_sharding(sharding, p.ndim))
+    )
   # Zeros computed from the parameter, so laid out as it is (the codes) and as its blocks (the
   # scales, +0.0 from a reduction of each block), not constants shard_alike'd: equal constants
   # of other leaves (their moments of the same shape) are one value to the partitioner, which
   # then gives them all one sharding.
   codes = (jnp.isnan(p) & jnp.isinf(p)).astype(jnp.uint8)
   anchor = jnp.max(p.reshape(-1, block_size).astype(jnp.float32), axis=1)
-  return q._replace(codes=codes,
-                    scale=jnp.abs(jnp.where(jnp.isfinite(anchor), anchor, 0.0)) * 0.0)
+  return q._replace(codes=codes, scale=jnp.abs(jnp.where(jnp.isfinite(anchor), anchor, 0.0)) * 0.0)
 
 
-def init(options: Options, params, *, name: str, amsgrad: bool,
-         moment_dtype: Callable[[Any, Any], Any], mu_dtype, nu_dtype) -> LowMemoryAdamState:
+def init(
+  options: Options,
+  params,
+  *,
+  name: str,
+  amsgrad: bool,
+  moment_dtype: Callable[[Any, Any], Any],
+  mu_dtype,
+  nu_dtype,
+) -> LowMemoryAdamState:
   """The zero state: quantized zeros where :meth:`Options.quantized`, else as ScaleByAdamState's."""
   for path, p in _tree.flatten_params(params)[0]:
     _check_leaf(options, path, p, name)
@@ -257,12 +279,14 @@ def init(options: Options, params, *, name: str, amsgrad: bool,
 
   leaves, treedef = jax.tree.flatten(params)
   quantized = _quantized_leaves(options, params, name)
-  each = lambda requested: treedef.unflatten([  # noqa: E731
-      moment(p, requested, q) for p, q in zip(leaves, quantized)])
+  each = lambda requested: treedef.unflatten(
+    [moment(p, requested, q) for p, q in zip(leaves, quantized)]
+  )
   mu, nu = each(mu_dtype), each(nu_dtype)
   nu_max = each(nu_dtype) if amsgrad else None
-  key = (jax.random.PRNGKey(options.rounding_seed)
-         if options.param_rounding == "stochastic" else None)
+  key = (
+    jax.random.PRNGKey(options.rounding_seed) if options.param_rounding == "stochastic" else None
+  )
   comp = jax.tree.map(compensation, params) if options.param_rounding == "kahan" else None
   return LowMemoryAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max, key, comp)
 
@@ -281,8 +305,9 @@ def _flatten_like(treedef, tree, what: str, name: str) -> list:
   try:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
-    raise ValueError(f"{name}: the updates and the optimizer state ({what}) differ in tree "
-                     f"structure: {e}") from None
+    raise ValueError(
+      f"{name}: the updates and the optimizer state ({what}) differ in tree structure: {e}"
+    ) from None
 
 
 class Step(NamedTuple):
@@ -298,15 +323,29 @@ class Step(NamedTuple):
   coefficients: Callable  # (count, new_count, dtype) -> (Coefficients, decay)
 
 
-def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp, key,
-          decayed: bool, *, with_params: bool, fused: bool):
+def _leaf(
+  options: Options,
+  s: Step,
+  scalars_for: Callable,
+  g,
+  m,
+  v,
+  vm,
+  p,
+  comp,
+  key,
+  decayed: bool,
+  *,
+  with_params: bool,
+  fused: bool,
+):
   """One leaf: (update or new parameter, m, v, vm, compensation)."""
   block = options.moment_block_size
   m_f, v_f = _load(m, True), _load(v, False)
   vm_f = None if vm is None else _load(vm, False)
   rounds = options.rounds(p)
   if rounds:
-    wide = lambda x: x.astype(jnp.float32)  # noqa: E731
+    wide = lambda x: x.astype(jnp.float32)
     g_c, m_f, v_f, p_c = wide(g), wide(m_f), wide(v_f), wide(p)  # p: a rounded leaf's
     vm_f = None if vm_f is None else wide(vm_f)
   else:
@@ -314,8 +353,12 @@ def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp
   parts = [x for x in (g_c, m_f, v_f, p_c if (with_params or rounds) else None) if x is not None]
   c, decay, z = scalars_for(_scalars.scalar_dtype(jnp.result_type(*parts)))
   decay = decay if decayed else None
-  kw: dict[str, Any] = dict(z=z, maximize=s.maximize, l2=None if s.decoupled else decay,
-                            decay=decay if s.decoupled else None)
+  kw: dict[str, Any] = {
+    "z": z,
+    "maximize": s.maximize,
+    "l2": None if s.decoupled else decay,
+    "decay": decay if s.decoupled else None,
+  }
   if rounds:
     new32, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c, c, **kw)
     if options.param_rounding == "stochastic":
@@ -324,8 +367,9 @@ def _leaf(options: Options, s: Step, scalars_for: Callable, g, m, v, vm, p, comp
       new_p, comp = _lowprec.kahan_write(p, comp, new32 - p_c)
     out = new_p if fused else new_p - p
   else:
-    out, m_n, v_n, vm_n = _kernel.adam_leaf(g_c, m_f, v_f, vm_f, p_c if with_params else None,
-                                            c, **kw)
+    out, m_n, v_n, vm_n = _kernel.adam_leaf(
+      g_c, m_f, v_f, vm_f, p_c if with_params else None, c, **kw
+    )
     if with_params:
       out = out - p
     if fused:
@@ -340,8 +384,10 @@ def functions(options: Options, s: Step):
 
   def check(updates, state, params, fused: bool) -> None:
     if not isinstance(state, LowMemoryAdamState):
-      raise TypeError(f"{s.name}: the optimizer state is a {type(state).__name__}, not the "
-                      "LowMemoryAdamState this transform's init makes")
+      raise TypeError(
+        f"{s.name}: the optimizer state is a {type(state).__name__}, not the "
+        "LowMemoryAdamState this transform's init makes"
+      )
     if s.needs_params or options.param_rounding != "nearest" or fused:
       _tree.check_params_given(updates, params, what=s.name)
     if params is not None:
@@ -349,8 +395,11 @@ def functions(options: Options, s: Step):
 
   @functools.partial(jax.jit, static_argnames=("fused",))
   def compute(updates, state: LowMemoryAdamState, params, fused: bool):
-    decay_mask = (jax.tree.map(lambda _: True, updates) if s.mask is None or params is None
-                  else _tree.resolve_mask(s.mask, params, what=s.name))
+    decay_mask = (
+      jax.tree.map(lambda _: True, updates)
+      if s.mask is None or params is None
+      else _tree.resolve_mask(s.mask, params, what=s.name)
+    )
     with_params = s.writes_params and params is not None and s.needs_params
     count, new_count = state.count, cast(jax.Array, optax.safe_increment(state.count))
     z = _steer.opaque_zero(new_count)
@@ -362,7 +411,7 @@ def functions(options: Options, s: Step):
       return cache[dtype]
 
     treedef = jax.tree.structure(updates)
-    flat = lambda tree, what: _flatten_like(treedef, tree, what, s.name)  # noqa: E731
+    flat = lambda tree, what: _flatten_like(treedef, tree, what, s.name)
     n = treedef.num_leaves
     g_l, m_l, v_l = flat(updates, "updates"), flat(state.mu, "mu"), flat(state.nu, "nu")
     vm_l = flat(state.nu_max, "nu_max") if s.amsgrad else [None] * n
@@ -373,13 +422,32 @@ def functions(options: Options, s: Step):
     results = []
     for i, (g, m, v, vm, p, comp, decayed) in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, c_l, d_l)):
       leaf_key = None if step_key is None else jax.random.fold_in(step_key, i)
-      results.append(_leaf(options, s, scalars_for, g, m, v, vm, p, comp, leaf_key,
-                           bool(decayed), with_params=with_params, fused=fused))
-    cols = [treedef.unflatten(list(col)) for col in zip(*results)] if results else (
-        [params if fused else updates, state.mu, state.nu, state.nu_max, state.compensation])
+      results.append(
+        _leaf(
+          options,
+          s,
+          scalars_for,
+          g,
+          m,
+          v,
+          vm,
+          p,
+          comp,
+          leaf_key,
+          bool(decayed),
+          with_params=with_params,
+          fused=fused,
+        )
+      )
+    cols = (
+      [treedef.unflatten(list(col)) for col in zip(*results)]
+      if results
+      else ([params if fused else updates, state.mu, state.nu, state.nu_max, state.compensation])
+    )
     out, mu, nu, nu_max, comp = cols
-    return out, LowMemoryAdamState(new_count, mu, nu, nu_max if s.amsgrad else None, key,
-                                   comp if kahan else None)
+    return out, LowMemoryAdamState(
+      new_count, mu, nu, nu_max if s.amsgrad else None, key, comp if kahan else None
+    )
 
   def update_fn(updates, state, params=None):
     check(updates, state, params, fused=False)

@@ -53,7 +53,7 @@ def kahan_write(param: jax.Array, compensation: jax.Array, update: jax.Array):
   weight decay included.
   """
   dtype = param.dtype
-  wide = lambda x: x.astype(jnp.float32)  # noqa: E731
+  wide = lambda x: x.astype(jnp.float32)
   c = (wide(compensation) + update.astype(jnp.float32)).astype(dtype)
   new = (wide(param) + wide(c)).astype(dtype)
   lost = (wide(param) - wide(new)).astype(dtype)

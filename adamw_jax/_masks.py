@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +13,9 @@ import numpy as np
 from adamw_jax import _flat, _rules, _tree
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|/)bias$",
-    r"(^|/)(scale|offset)$",
-    r"(?i)(^|/)([^/]*norm[^/]*|(ln|bn|gn)[^/]*)/weight$",
+  r"(^|/)bias$",
+  r"(^|/)(scale|offset)$",
+  r"(?i)(^|/)([^/]*norm[^/]*|(ln|bn|gn)[^/]*)/weight$",
 )
 """The rules :func:`decay_mask` excludes by default.
 
@@ -30,7 +30,7 @@ Kernels and embeddings match none of them. Extend rather than replace:
 ``exclude=DEFAULT_EXCLUDE + (r"pos_embedding$",)``.
 """
 
-StackedAxes = Union[int, Mapping[_rules.Pattern, int]]
+StackedAxes = int | Mapping[_rules.Pattern, int]
 
 
 def _count(name: str, value: Any, *, what: str) -> int:
@@ -45,13 +45,13 @@ def _is_parameter(x: Any) -> bool:
 
 
 def decay_mask(
-    params: Any,
-    *,
-    exclude: _rules.Patterns = DEFAULT_EXCLUDE,
-    include: _rules.Patterns = (),
-    min_ndim: int = 2,
-    stacked_axes: StackedAxes = 0,
-    allow_unmatched: bool = False,
+  params: Any,
+  *,
+  exclude: _rules.Patterns = DEFAULT_EXCLUDE,
+  include: _rules.Patterns = (),
+  min_ndim: int = 2,
+  stacked_axes: StackedAxes = 0,
+  allow_unmatched: bool = False,
 ) -> Any:
   r"""Which parameters to decay, by path rules and by ndim: a bool pytree like `params`.
 
@@ -139,16 +139,25 @@ def decay_mask(
   """
   what = "decay_mask"
   if isinstance(params, _flat.FlatParams):  # decided on the model's tree, then per buffer
-    return params.resolve_mask(functools.partial(
-        decay_mask, exclude=exclude, include=include, min_ndim=min_ndim, stacked_axes=stacked_axes,
-        allow_unmatched=allow_unmatched), what=what)
+    return params.resolve_mask(
+      functools.partial(
+        decay_mask,
+        exclude=exclude,
+        include=include,
+        min_ndim=min_ndim,
+        stacked_axes=stacked_axes,
+        allow_unmatched=allow_unmatched,
+      ),
+      what=what,
+    )
   include_rules = _rules.compile_rules(include, what=what, role="include")
   exclude_rules = _rules.compile_rules(exclude, what=what, role="exclude")
   min_ndim = _count("min_ndim", min_ndim, what=what)
   if isinstance(stacked_axes, Mapping):
     stacked_rules = _rules.compile_rules(tuple(stacked_axes), what=what, role="stacked_axes")
-    stacked_counts = tuple(_count(f"stacked_axes[{k!r}]", v, what=what)
-                           for k, v in stacked_axes.items())
+    stacked_counts = tuple(
+      _count(f"stacked_axes[{k!r}]", v, what=what) for k, v in stacked_axes.items()
+    )
     every = 0
   else:
     stacked_rules, stacked_counts = (), ()
@@ -165,8 +174,9 @@ def decay_mask(
     ndim = len(leaf.shape) - stacked
     if ndim < 0:
       raise ValueError(
-          f"{what}: '{path}' has shape {tuple(leaf.shape)} (ndim {len(leaf.shape)}), fewer "
-          f"dimensions than its stacked_axes={stacked}.")
+        f"{what}: '{path}' has shape {tuple(leaf.shape)} (ndim {len(leaf.shape)}), fewer "
+        f"dimensions than its stacked_axes={stacked}."
+      )
     if _rules.matching(include_rules, path):
       decisions.append(True)
     elif _rules.matching(exclude_rules, path):
@@ -175,7 +185,9 @@ def decay_mask(
       decisions.append(ndim >= min_ndim)
   if not allow_unmatched:
     _rules.check_all_matched(include_rules, paths, what=what, role="include")
-    _rules.check_all_matched(exclude_rules, paths, what=what, role="exclude", exempt=DEFAULT_EXCLUDE)
+    _rules.check_all_matched(
+      exclude_rules, paths, what=what, role="exclude", exempt=DEFAULT_EXCLUDE
+    )
     _rules.check_all_matched(stacked_rules, paths, what=what, role="stacked_axes")
   return treedef.unflatten(decisions)
 
@@ -224,11 +236,17 @@ def describe_mask(params: Any, mask: _tree.MaskOrFn) -> str:
     size = math.prod(leaf.shape)
     totals[flag][0] += 1
     totals[flag][1] += size
-    rows.append((path or "(root)", _shape_text(leaf.shape), str(np.dtype(leaf.dtype)),
-                 "yes" if flag else "no"))
+    rows.append(
+      (
+        path or "(root)",
+        _shape_text(leaf.shape),
+        str(np.dtype(leaf.dtype)),
+        "yes" if flag else "no",
+      )
+    )
   header = ("path", "shape", "dtype", "decayed")
-  widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+  widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
+  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
   total = totals[True][1] + totals[False][1]
 
   def summary(flag: bool, label: str) -> str:

@@ -32,7 +32,7 @@ import importlib.util
 import os
 import pathlib
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ class Decay(enum.IntEnum):
   L2 = 2  # g + wd * p
 
 
-def _load() -> Optional[str]:
+def _load() -> str | None:
   """Registers the kernel with XLA. Returns None, or why it is not available."""
   spec = importlib.util.find_spec("adamw_jax._native_lib")
   if spec is None or spec.origin is None:
@@ -78,17 +78,25 @@ def _load() -> Optional[str]:
 
 UNAVAILABLE = _load()
 if UNAVAILABLE is not None:
-  warnings.warn(f"adamw_jax: the native CPU kernel is not available ({UNAVAILABLE}); "
-                "the pure-JAX kernel is used.", RuntimeWarning, stacklevel=2)
+  warnings.warn(
+    f"adamw_jax: the native CPU kernel is not available ({UNAVAILABLE}); "
+    "the pure-JAX kernel is used.",
+    RuntimeWarning,
+    stacklevel=2,
+  )
 
 
 def enabled() -> bool:
   """Whether the native kernel may be used for the step being traced."""
-  return (UNAVAILABLE is None and os.environ.get(ENV, "1") != "0"
-          and jax.default_backend() == "cpu" and jax.device_count() == 1)
+  return (
+    UNAVAILABLE is None
+    and os.environ.get(ENV, "1") != "0"
+    and jax.default_backend() == "cpu"
+    and jax.device_count() == 1
+  )
 
 
-def serves(grad: jax.Array, param: Optional[jax.Array], l2: bool) -> bool:
+def serves(grad: jax.Array, param: jax.Array | None, l2: bool) -> bool:
   """Whether the kernel computes this leaf (given :func:`enabled`)."""
   dtype = jnp.dtype(grad.dtype)
   if dtype not in _DTYPES or (param is not None and jnp.dtype(param.dtype) != dtype):
@@ -115,19 +123,30 @@ MOMENTS_FROM = 1 << 16
 LEAVES_PER_CALL = 128
 
 
-def mode(g: jax.Array, m: jax.Array, v: jax.Array, vm: Optional[jax.Array], *,
-         fused: bool, with_params: bool) -> Mode:
+def mode(
+  g: jax.Array,
+  m: jax.Array,
+  v: jax.Array,
+  vm: jax.Array | None,
+  *,
+  fused: bool,
+  with_params: bool,
+) -> Mode:
   """The native mode for one leaf that the kernel :func:`serves`."""
   if fused:
     return Mode.FUSED if with_params else Mode.FUSED_STEP
-  if (g.size >= MOMENTS_FROM and not jnp.issubdtype(g.dtype, jnp.complexfloating)
-      and all(x.dtype == g.dtype for x in (m, v) + (() if vm is None else (vm,)))):
+  if (
+    g.size >= MOMENTS_FROM
+    and not jnp.issubdtype(g.dtype, jnp.complexfloating)
+    and all(x.dtype == g.dtype for x in (m, v) + (() if vm is None else (vm,)))
+  ):
     return Mode.MOMENTS
   return Mode.UPDATE if with_params else Mode.STEP
 
 
-def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Decay,
-         amsgrad: bool) -> list[tuple]:
+def call(
+  scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Decay, amsgrad: bool
+) -> list[tuple]:
   """One kernel call over `leaves`, each ``(g, m, v, vm, p)`` in one compute dtype.
 
   `scalars` holds, in the compute dtype's real type: 1 - b1, b2, 1 - b2,
@@ -150,20 +169,36 @@ def call(scalars: jax.Array, leaves: Sequence[tuple], *, mode: Mode, decay: Deca
       if out_like is p:
         aliases[len(operands) - 1] = len(results)
       results.append(jax.ShapeDtypeStruct(out_like.shape, out_like.dtype))
-    for k, x in enumerate(in_place):
+    for k, _x in enumerate(in_place):
       aliases[first + 1 + k] = len(results) + k
     results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in in_place]
-  flat = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
-                          vmap_method="sequential")(
-      *operands, mode=int(mode), decay=int(decay), amsgrad=bool(amsgrad))
+  flat = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases, vmap_method="sequential")(
+    *operands, mode=int(mode), decay=int(decay), amsgrad=bool(amsgrad)
+  )
   per_leaf = has_out + 2 + amsgrad
-  return [((None,) if not has_out else ()) + tuple(flat[i:i + per_leaf]) + ((None,) if not amsgrad else ())
-          for i in range(0, len(flat), per_leaf)]
+  return [
+    ((None,) if not has_out else ())
+    + tuple(flat[i : i + per_leaf])
+    + ((None,) if not amsgrad else ())
+    for i in range(0, len(flat), per_leaf)
+  ]
 
 
-def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.Array,
-          mode: Mode, kind: Decay, amsgrad: bool, maximize: bool,
-          decoupled: bool, with_params: bool, fused: bool) -> list[tuple]:
+def group(
+  c: _kernel.Coefficients,
+  decay,
+  group: list[tuple],
+  cdtype,
+  *,
+  z: jax.Array,
+  mode: Mode,
+  kind: Decay,
+  amsgrad: bool,
+  maximize: bool,
+  decoupled: bool,
+  with_params: bool,
+  fused: bool,
+) -> list[tuple]:
   """Leaves ``(g, m, v, vm, p)`` of compute dtype `cdtype` through one native call.
 
   `z` is the step's opaque zero, for the pure kernel of the derivatives.
@@ -172,9 +207,17 @@ def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.
   derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
   """
   real = jnp.finfo(cdtype).dtype
-  fields = (c.one_minus_b1, c.b2, c.one_minus_b2, c.bc2_sqrt, c.eps,
-            0.0 if c.eps_root is None else c.eps_root, c.step_size,
-            0.0 if decay is None else decay, -1.0 if maximize else 1.0)
+  fields = (
+    c.one_minus_b1,
+    c.b2,
+    c.one_minus_b2,
+    c.bc2_sqrt,
+    c.eps,
+    0.0 if c.eps_root is None else c.eps_root,
+    c.step_size,
+    0.0 if decay is None else decay,
+    -1.0 if maximize else 1.0,
+  )
   scalars = jnp.stack([jnp.asarray(x).astype(real) for x in fields])
   moments_only = mode == Mode.MOMENTS
   with_p = mode != Mode.STEP and (not moments_only or kind == Decay.L2)
@@ -183,7 +226,7 @@ def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.
   def unflatten(flat):
     leaves = []
     for k in range(0, len(flat), per_leaf):
-      g, m, v, *rest = flat[k:k + per_leaf]
+      g, m, v, *rest = flat[k : k + per_leaf]
       vm = rest.pop(0) if amsgrad else None
       leaves.append((g, m, v, vm, rest[0] if with_p else None))
     return leaves
@@ -192,9 +235,14 @@ def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.
   def run(scalars, z, *flat):
     del z
     leaves = unflatten(flat)
-    as_c = lambda x: None if x is None else x.astype(cdtype)  # noqa: E731
-    outs = call(scalars, [(g, as_c(m), as_c(v), as_c(vm), p) for g, m, v, vm, p in leaves],
-                        mode=mode, decay=kind, amsgrad=amsgrad)
+    as_c = lambda x: None if x is None else x.astype(cdtype)
+    outs = call(
+      scalars,
+      [(g, as_c(m), as_c(v), as_c(vm), p) for g, m, v, vm, p in leaves],
+      mode=mode,
+      decay=kind,
+      amsgrad=amsgrad,
+    )
     back = []
     for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
       back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
@@ -204,20 +252,42 @@ def group(c: _kernel.Coefficients, decay, group: list[tuple], cdtype, *, z: jax.
   def pure(scalars, z, *flat):
     s = [scalars[k] for k in range(len(fields))]
     coeffs = _kernel.Coefficients(
-        one_minus_b1=s[0], b2=s[1], one_minus_b2=s[2], bc2_sqrt=s[3], eps=s[4],
-        eps_root=None if c.eps_root is None else s[5], step_size=s[6])
+      one_minus_b1=s[0],
+      b2=s[1],
+      one_minus_b2=s[2],
+      bc2_sqrt=s[3],
+      eps=s[4],
+      eps_root=None if c.eps_root is None else s[5],
+      step_size=s[6],
+    )
     back = []
     for g, m, v, vm, p in unflatten(flat):
-      o, m, v, vm = _kernel.optax_leaf(g, m, v, vm, p, coeffs, None if decay is None else s[7],
-                                       z=z, maximize=maximize, decoupled=decoupled,
-                                       with_params=with_params and with_p, fused=fused)
+      o, m, v, vm = _kernel.optax_leaf(
+        g,
+        m,
+        v,
+        vm,
+        p,
+        coeffs,
+        None if decay is None else s[7],
+        z=z,
+        maximize=maximize,
+        decoupled=decoupled,
+        with_params=with_params and with_p,
+        fused=fused,
+      )
       back += ([] if moments_only else [o]) + [m, v] + ([] if vm is None else [vm])
     return tuple(back)
 
   run.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
-  flat = [x for g, m, v, vm, p in group
-          for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())]
+  flat = [
+    x
+    for g, m, v, vm, p in group
+    for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())
+  ]
   out = run(scalars, z, *flat)
   step = (not moments_only) + 2 + amsgrad
-  return [((None,) if moments_only else ()) + tuple(out[k:k + step]) + (() if amsgrad else (None,))
-          for k in range(0, len(out), step)]
+  return [
+    ((None,) if moments_only else ()) + tuple(out[k : k + step]) + (() if amsgrad else (None,))
+    for k in range(0, len(out), step)
+  ]

@@ -17,6 +17,7 @@ from typing import Any
 
 import optax
 
+
 def _positive(name: str, value: Any, integer: bool) -> float:
   kind = numbers.Integral if integer else numbers.Real
   if isinstance(value, bool) or not isinstance(value, kind):
@@ -27,8 +28,9 @@ def _positive(name: str, value: Any, integer: bool) -> float:
   return float(value)
 
 
-def normalized_weight_decay(lambda_norm: float, batch_size: int, dataset_size: int,
-                            epochs: float) -> float:
+def normalized_weight_decay(
+  lambda_norm: float, batch_size: int, dataset_size: int, epochs: float
+) -> float:
   r"""The paper's normalized weight decay: :math:`\lambda = \lambda_{norm}\sqrt{b / (B\,T)}`.
 
   Loshchilov & Hutter (appendix) make the best weight decay independent of
@@ -65,8 +67,14 @@ def normalized_weight_decay(lambda_norm: float, batch_size: int, dataset_size: i
   return float(lambda_norm) * math.sqrt(b / (n * t))
 
 
-def warm_restarts(peak_value: float, first_period: int, period_mult: float = 2.0, *,
-                  num_periods: int, min_value: float = 0.0) -> optax.Schedule:
+def warm_restarts(
+  peak_value: float,
+  first_period: int,
+  period_mult: float = 2.0,
+  *,
+  num_periods: int,
+  min_value: float = 0.0,
+) -> optax.Schedule:
   r"""Cosine annealing with warm restarts (SGDR; with AdamW, the paper's AdamWR).
 
   Period :math:`i = 0, 1, \dots` lasts :math:`T_i = T_0 m^i` steps (rounded
@@ -115,7 +123,15 @@ def warm_restarts(peak_value: float, first_period: int, period_mult: float = 2.0
   if not 0 <= float(min_value) <= peak:
     raise ValueError(f"Invalid min_value: {min_value} (must be in [0, peak_value={peak_value}])")
   periods = [max(1, math.floor(first * mult**i + 0.5)) for i in range(count)]  # half up
-  return optax.sgdr_schedule([
-      dict(init_value=peak, peak_value=peak, warmup_steps=0, decay_steps=n,
-           end_value=float(min_value)) for n in periods])
-
+  return optax.sgdr_schedule(
+    [
+      {
+        "init_value": peak,
+        "peak_value": peak,
+        "warmup_steps": 0,
+        "decay_steps": n,
+        "end_value": float(min_value),
+      }
+      for n in periods
+    ]
+  )

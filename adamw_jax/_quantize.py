@@ -15,13 +15,14 @@ the block size are quantized; the others keep full-precision moments.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MIN_SIZE = 4096
 """Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
@@ -59,7 +60,7 @@ def dynamic_map(signed: bool) -> np.ndarray:
     means = ((bounds[:-1] + bounds[1:]) / np.float32(2.0)).astype(np.float32)
     scaled = (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).astype(np.float32)
     data += [scaled] + ([-scaled] if signed else [])
-  out = np.sort(np.concatenate(data + [np.array([0.0, 1.0], np.float32)]))
+  out = np.sort(np.concatenate([*data, np.array([0.0, 1.0], np.float32)]))
   assert out.size == 256
   return out
 
@@ -75,8 +76,9 @@ def quantizes(shape: tuple[int, ...], block_size: int) -> bool:
 
 def zeros(x: jax.Array, block_size: int) -> QuantizedMoment:
   """The quantized zero moment for a leaf like `x` (codes 0 and scales 0, as torchao's)."""
-  return QuantizedMoment(jnp.zeros(x.shape, jnp.uint8),
-                         jnp.zeros((x.size // block_size,), jnp.float32))
+  return QuantizedMoment(
+    jnp.zeros(x.shape, jnp.uint8), jnp.zeros((x.size // block_size,), jnp.float32)
+  )
 
 
 def _lookup(qmap: jax.Array, codes: jax.Array) -> jax.Array:
@@ -97,7 +99,7 @@ def _codes(x: jax.Array, qmap: jax.Array) -> jax.Array:
   return codes.astype(jnp.uint8)
 
 
-def _explicit_first_axis(x) -> Optional[tuple]:
+def _explicit_first_axis(x) -> tuple | None:
   """On a mesh with explicit axes: (mesh, mesh axes of `x`'s first axis); else None.
 
   There a reshape needs its output's sharding: a leaf is sharded along its
@@ -112,12 +114,13 @@ def _explicit_first_axis(x) -> Optional[tuple]:
   return mesh, (spec[0] if spec else None)
 
 
-def _reshape(x: jax.Array, shape: tuple[int, ...], first: Optional[tuple]) -> jax.Array:
+def _reshape(x: jax.Array, shape: tuple[int, ...], first: tuple | None) -> jax.Array:
   if first is None:
     return x.reshape(shape)
   mesh, axis = first
-  return lax.reshape(x, shape, out_sharding=NamedSharding(mesh, P(axis, *(None,) * (
-      len(shape) - 1))))
+  return lax.reshape(
+    x, shape, out_sharding=NamedSharding(mesh, P(axis, *(None,) * (len(shape) - 1)))
+  )
 
 
 def quantize(x: jax.Array, block_size: int, signed: bool) -> QuantizedMoment:

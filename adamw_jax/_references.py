@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,11 +54,11 @@ class Reference:
 
   kind: str
   label: str
-  decoupled: Optional[bool] = None
+  decoupled: bool | None = None
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
-  def block_size(self) -> Optional[int]:
+  def block_size(self) -> int | None:
     return self.options.get("moment_block_size")
 
 
@@ -72,6 +72,7 @@ def _label(optimizer: Any) -> str:
 def of_optimizer(what: str, optimizer: Any) -> Reference:
   """The reference of a torch optimizer object; refuses the ones not supported."""
   import torch
+
   label = _label(optimizer)
   module, name = type(optimizer).__module__, type(optimizer).__name__
   if isinstance(optimizer, torch.optim.Adam):
@@ -79,14 +80,24 @@ def of_optimizer(what: str, optimizer: Any) -> Reference:
   if module.startswith("torchao.optim") and name in ("AdamW8bit", "Adam8bit"):
     block = int(optimizer.block_size)
     rounding = "stochastic" if optimizer.bf16_stochastic_round else "nearest"
-    return Reference(TORCHAO, label, bool(optimizer.is_adamw),
-                     {"moment_bits": 8, "moment_block_size": block, "param_rounding": rounding})
+    return Reference(
+      TORCHAO,
+      label,
+      bool(optimizer.is_adamw),
+      {"moment_bits": 8, "moment_block_size": block, "param_rounding": rounding},
+    )
   if module.startswith("optimi") and name in ("AdamW", "Adam"):
     return Reference(OPTIMI, label)
-  hint = (" (of torchao's optimizers only AdamW8bit and Adam8bit: 4-bit and FP8 moments are "
-          "not implemented)" if module.startswith("torchao") else "")
-  raise TypeError(f"{what}: {label} is not supported; only torch.optim.AdamW / Adam, "
-                  f"torchao.optim.AdamW8bit / Adam8bit and optimi.AdamW / Adam are{hint}.")
+  hint = (
+    " (of torchao's optimizers only AdamW8bit and Adam8bit: 4-bit and FP8 moments are "
+    "not implemented)"
+    if module.startswith("torchao")
+    else ""
+  )
+  raise TypeError(
+    f"{what}: {label} is not supported; only torch.optim.AdamW / Adam, "
+    f"torchao.optim.AdamW8bit / Adam8bit and optimi.AdamW / Adam are{hint}."
+  )
 
 
 def is_8bit_state(x: Any) -> bool:
@@ -96,11 +107,14 @@ def is_8bit_state(x: Any) -> bool:
 
 def of_state_dict(what: str, sd: Mapping) -> Reference:
   """The reference of a state dict: torch-optimi's by its keys; torchao's is refused."""
-  if any(is_8bit_state(v) for s in sd["state"].values() if isinstance(s, Mapping)
-         for v in s.values()):
-    raise ValueError(f"{what}: the state dict holds torchao OptimState8bit moments; torchao "
-                     "keeps block_size, bf16_stochastic_round and AdamW-or-Adam on the optimizer, "
-                     "not in the state dict: pass the torchao optimizer itself.")
+  if any(
+    is_8bit_state(v) for s in sd["state"].values() if isinstance(s, Mapping) for v in s.values()
+  ):
+    raise ValueError(
+      f"{what}: the state dict holds torchao OptimState8bit moments; torchao "
+      "keeps block_size, bf16_stochastic_round and AdamW-or-Adam on the optimizer, "
+      "not in the state dict: pass the torchao optimizer itself."
+    )
   if any("kahan_sum" in g or "beta1" in g for g in sd["param_groups"]):
     return Reference(OPTIMI, "optimi state dict")
   return Reference(TORCH, "torch state dict")
@@ -110,35 +124,57 @@ def of_state_dict(what: str, sd: Mapping) -> Reference:
 # torch-optimi's param groups
 # --------------------------------------------------------------------------
 
+
 def optimi_group(what: str, i: int, group: Mapping, ignore) -> tuple[dict, dict]:
   """(a torch-keyed param group, the extra keyword arguments) for optimi's group `group`.
 
   ``kahan_sum`` is read by :func:`optimi_kahan`, once the parameters' dtypes are known.
   """
   where = f"{what}: param group {i}"
-  known = {"lr", "beta1", "beta2", "eps", "weight_decay", "decouple_wd", "decouple_lr", "max_lr",
-           "kahan_sum", "gradient_release", *OPTIMI_IGNORED}
+  known = {
+    "lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "decouple_wd",
+    "decouple_lr",
+    "max_lr",
+    "kahan_sum",
+    "gradient_release",
+    *OPTIMI_IGNORED,
+  }
   for key in group:
     if key not in known and key not in ignore:
-      raise ValueError(f"{where} has the setting {key!r}={group[key]!r}, which torch-optimi's "
-                       "AdamW / Adam do not have and adamw_jax does not model. If it does not "
-                       f"change the update, pass ignore=({key!r},).")
+      raise ValueError(
+        f"{where} has the setting {key!r}={group[key]!r}, which torch-optimi's "
+        "AdamW / Adam do not have and adamw_jax does not model. If it does not "
+        f"change the update, pass ignore=({key!r},)."
+      )
   if group.get("gradient_release"):
-    raise ValueError(f"{where} has gradient_release=True: optimi then keeps a step per "
-                     "parameter and steps in the backward pass; from_torch reads optimi's "
-                     "optimizer step (gradient_release=False).")
-  torch_group = {"params": group["params"], "lr": group["lr"],
-                 "betas": (group["beta1"], group["beta2"]), "eps": group["eps"],
-                 "weight_decay": group["weight_decay"], "amsgrad": False, "maximize": False,
-                 _hyperparams.TORCH_DECOUPLED: bool(group.get("decouple_wd")
-                                                    or group.get("decouple_lr"))}
+    raise ValueError(
+      f"{where} has gradient_release=True: optimi then keeps a step per "
+      "parameter and steps in the backward pass; from_torch reads optimi's "
+      "optimizer step (gradient_release=False)."
+    )
+  torch_group = {
+    "params": group["params"],
+    "lr": group["lr"],
+    "betas": (group["beta1"], group["beta2"]),
+    "eps": group["eps"],
+    "weight_decay": group["weight_decay"],
+    "amsgrad": False,
+    "maximize": False,
+    _hyperparams.TORCH_DECOUPLED: bool(group.get("decouple_wd") or group.get("decouple_lr")),
+  }
   if "param_names" in group:
     torch_group["param_names"] = group["param_names"]
   extra: dict[str, Any] = {}
   if group.get("decouple_lr"):
     peak = group.get("max_lr")
-    extra.update(decay_mode="paper", peak_learning_rate=float(group["lr"] if peak is None
-                                                              else peak))
+    extra.update(
+      decay_mode="paper", peak_learning_rate=float(group["lr"] if peak is None else peak)
+    )
   return torch_group, extra
 
 
@@ -167,17 +203,23 @@ def to_optimi_moment(x: np.ndarray, beta: float, step: int) -> np.ndarray:
 # torchao's 8-bit moments
 # --------------------------------------------------------------------------
 
-def from_8bit(what: str, where: str, key: str, x: Any, block_size: int
-              ) -> _quantize.QuantizedMoment:
+
+def from_8bit(
+  what: str, where: str, key: str, x: Any, block_size: int
+) -> _quantize.QuantizedMoment:
   """A torchao ``OptimState8bit`` as a :class:`QuantizedMoment` (its codes and scales)."""
   codes, scale = x.codes.detach().cpu().numpy(), x.scale.detach().cpu().numpy()
   signed = key == "exp_avg"
   if bool(x.signed) != signed:
-    raise ValueError(f"{what}: {where} has a {'signed' if x.signed else 'unsigned'} {key}; "
-                     f"torchao's {key} is {'signed' if signed else 'unsigned'}.")
+    raise ValueError(
+      f"{what}: {where} has a {'signed' if x.signed else 'unsigned'} {key}; "
+      f"torchao's {key} is {'signed' if signed else 'unsigned'}."
+    )
   if scale.size == 0 or codes.size // scale.size != block_size:
-    raise ValueError(f"{what}: {where} has {key} in blocks of {codes.size // max(scale.size, 1)} "
-                     f"elements, but the optimizer's block_size is {block_size}.")
+    raise ValueError(
+      f"{what}: {where} has {key} in blocks of {codes.size // max(scale.size, 1)} "
+      f"elements, but the optimizer's block_size is {block_size}."
+    )
   return _quantize.QuantizedMoment(codes, scale.astype(np.float32))
 
 
@@ -189,6 +231,7 @@ def to_8bit(q: _quantize.QuantizedMoment, signed: bool, dtype):
     get_qmap_signed,
     get_qmap_unsigned,
   )
+
   qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned(), dtype=torch.float32)
   codes = torch.from_numpy(np.array(q.codes, np.uint8, order="C"))
   scale = torch.from_numpy(np.array(q.scale, np.float32, order="C"))

@@ -16,15 +16,18 @@ from typing import TypeGuard, Union
 from adamw_jax import _tree
 
 Pattern = Union[str, "re.Pattern[str]"]
-Patterns = Union[Pattern, Sequence[Pattern]]
+Patterns = Pattern | Sequence[Pattern]
 
 
 def is_patterns(value) -> TypeGuard[Patterns]:
   """Whether `value` is a rule or a non-empty sequence of rules (strings or compiled regexes)."""
   if isinstance(value, (str, re.Pattern)):
     return True
-  return (isinstance(value, (list, tuple)) and len(value) > 0
-          and all(isinstance(v, (str, re.Pattern)) for v in value))
+  return (
+    isinstance(value, (list, tuple))
+    and len(value) > 0
+    and all(isinstance(v, (str, re.Pattern)) for v in value)
+  )
 
 
 def compile_rules(rules: Patterns, *, what: str, role: str) -> tuple[re.Pattern[str], ...]:
@@ -35,8 +38,9 @@ def compile_rules(rules: Patterns, *, what: str, role: str) -> tuple[re.Pattern[
   if isinstance(rules, (str, re.Pattern)):
     rules = (rules,)
   if not isinstance(rules, Iterable):
-    raise TypeError(f"{what}: {role} must be a regex string or a sequence of them, "
-                    f"got {type(rules).__name__}.")
+    raise TypeError(
+      f"{what}: {role} must be a regex string or a sequence of them, got {type(rules).__name__}."
+    )
   out = []
   for rule in rules:
     if isinstance(rule, re.Pattern):
@@ -45,11 +49,14 @@ def compile_rules(rules: Patterns, *, what: str, role: str) -> tuple[re.Pattern[
       try:
         out.append(re.compile(rule))
       except re.error as e:
-        raise ValueError(f"{what}: the {role + ' ' if role else ''}rule {rule!r} is not a "
-                         f"valid regex: {e}") from e
+        raise ValueError(
+          f"{what}: the {role + ' ' if role else ''}rule {rule!r} is not a valid regex: {e}"
+        ) from e
     else:
-      raise TypeError(f"{what}: {role + ' ' if role else ''}rules must be regex strings, got "
-                      f"{type(rule).__name__} {rule!r}.")
+      raise TypeError(
+        f"{what}: {role + ' ' if role else ''}rules must be regex strings, got "
+        f"{type(rule).__name__} {rule!r}."
+      )
   return tuple(out)
 
 
@@ -58,8 +65,14 @@ def matching(rules: Sequence[re.Pattern[str]], path: str) -> list[re.Pattern[str
   return [r for r in rules if r.search(path) is not None]
 
 
-def check_all_matched(rules: Sequence[re.Pattern[str]], paths: Sequence[str], *, what: str,
-                      role: str, exempt: Iterable[str] = ()) -> None:
+def check_all_matched(
+  rules: Sequence[re.Pattern[str]],
+  paths: Sequence[str],
+  *,
+  what: str,
+  role: str,
+  exempt: Iterable[str] = (),
+) -> None:
   """Raises ValueError for the first rule (not in `exempt`) that matches none of `paths`."""
   exempt = set(exempt)
   for rule in rules:
@@ -67,7 +80,8 @@ def check_all_matched(rules: Sequence[re.Pattern[str]], paths: Sequence[str], *,
       continue
     if not any(rule.search(p) for p in paths):
       raise ValueError(
-          f"{what}: the {role + ' ' if role else ''}rule {rule.pattern!r} matches no "
-          "parameter; the parameter "
-          f"paths are {_tree.describe_paths(paths) if paths else '(none)'}. Fix the rule, or pass "
-          "allow_unmatched=True if it is meant to match nothing in this model.")
+        f"{what}: the {role + ' ' if role else ''}rule {rule.pattern!r} matches no "
+        "parameter; the parameter "
+        f"paths are {_tree.describe_paths(paths) if paths else '(none)'}. Fix the rule, or pass "
+        "allow_unmatched=True if it is meant to match nothing in this model."
+      )

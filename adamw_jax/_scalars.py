@@ -18,7 +18,8 @@ arithmetic runs inside the jitted step, by one of three strategies:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from adamw_jax import _float2 as f2
 from adamw_jax import _hyperparams, _kernel, _steer, _steps
 from adamw_jax._hyperparams import ScalarOrSchedule, Settings, is_number, is_zero
+
 
 def scalar_dtype(dtype) -> jnp.dtype:
   """The dtype the per-step scalars are computed in for a leaf of `dtype`."""
@@ -60,7 +62,7 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
   return f2.one_minus_exp_times(log_beta, t, z)
 
 
-def _rounded_number(value: Any, dtype, traced: Optional[Callable[[], jax.Array]]) -> jax.Array:
+def _rounded_number(value: Any, dtype, traced: Callable[[], jax.Array] | None) -> jax.Array:
   """A scalar torch computes in Python: a literal when `value` is a Python number."""
   if is_number(value):
     # A NumPy constant, folded into the jitted step as a literal (there, an Array's stand-in).
@@ -99,8 +101,9 @@ def _tabulated(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
   if not (is_number(cfg.b1) and is_number(cfg.b2)):
     return None
   lr_number = lr is None or is_number(lr)
-  row = _steps.lookup(float(cfg.b1), float(cfg.b2), lr if lr_number else None, t, dtype,
-                      scheduled=not lr_number)
+  row = _steps.lookup(
+    float(cfg.b1), float(cfg.b2), lr if lr_number else None, t, dtype, scheduled=not lr_number
+  )
   if row is None:
     return None
   step_size = row[0] if lr_number else _step_size(lr, f2.F2(row[0], row[1]), dtype, z)
@@ -124,8 +127,11 @@ def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
   """
   one = f2.constant(1.0, dtype, z)
   if peak is None:
-    return _rounded_number(1.0 - float(wd) if is_number(wd) else None, dtype,
-                           lambda: f2.round_(f2.sub(one, _f2_of(wd, dtype, z))))
+    return _rounded_number(
+      1.0 - float(wd) if is_number(wd) else None,
+      dtype,
+      lambda: f2.round_(f2.sub(one, _f2_of(wd, dtype, z))),
+    )
   if is_number(lr) and is_number(peak) and is_number(wd):
     return _rounded_number(1.0 - float(lr) / float(peak) * float(wd), dtype, None)
   if is_number(peak) and not is_number(lr):
@@ -134,7 +140,7 @@ def _paper_decay(lr: Any, peak: Any, wd: Any, dtype, z: jax.Array) -> jax.Array:
   return f2.round_(f2.sub(one, f2.mul(eta, _f2_of(wd, dtype, z))))
 
 
-def _decay(cfg: Settings, lr: Any, wd: Any, dtype, z: jax.Array) -> Optional[jax.Array]:
+def _decay(cfg: Settings, lr: Any, wd: Any, dtype, z: jax.Array) -> jax.Array | None:
   """AdamW's factor ``1 - lr*wd`` (or the paper's), Adam's L2 coefficient, or None."""
   if not cfg.needs_params:
     return None
@@ -156,17 +162,21 @@ def scheduled(hp_name: str, value: ScalarOrSchedule, count: jax.Array, what: str
     out = value(count)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError) as e:
     raise TypeError(
-        f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
-        "with the step count as a traced array inside the compiled step, so it must not turn "
-        "it into a Python value (use jnp.where or optax.join_schedules, not Python's if).") from e
+      f"{what}: the {hp_name} schedule cannot be traced ({type(e).__name__}): it is called "
+      "with the step count as a traced array inside the compiled step, so it must not turn "
+      "it into a Python value (use jnp.where or optax.join_schedules, not Python's if)."
+    ) from e
   _hyperparams.check_traced(hp_name, out, ", the schedule's value at count {}", count)
   return out
 
 
 def schedules_at(cfg: Settings, count: jax.Array) -> tuple[Any, Any]:
   """The learning rate (None without one) and weight decay of the step from `count`."""
-  lr = None if cfg.learning_rate is None else scheduled(
-      "learning_rate", cfg.learning_rate, count, cfg.name)
+  lr = (
+    None
+    if cfg.learning_rate is None
+    else scheduled("learning_rate", cfg.learning_rate, count, cfg.name)
+  )
   return lr, scheduled("weight_decay", cfg.weight_decay, count, cfg.name)
 
 
@@ -199,15 +209,18 @@ def coefficients(cfg: Settings, lr: Any, wd: Any, new_count: jax.Array, dtype):
     bc2 = _bias_correction(cfg.b2, new_count, dtype, z)
   b1, b2 = cfg.b1, cfg.b2
   c = _kernel.Coefficients(
-      one_minus_b1=_rounded_number(1.0 - float(b1) if is_number(b1) else None, dtype,
-                                   lambda: f2.round_(_one_minus(b1, dtype, z))),
-      b2=_rounded_number(b2, dtype, lambda: f2.round_(_f2_of(b2, dtype, z))),
-      one_minus_b2=_rounded_number(1.0 - float(b2) if is_number(b2) else None, dtype,
-                                   lambda: f2.round_(_one_minus(b2, dtype, z))),
-      bc2_sqrt=bc2_sqrt,
-      eps=_rounded_number(cfg.eps, dtype, lambda: f2.round_(_f2_of(cfg.eps, dtype, z))),
-      eps_root=None if is_zero(cfg.eps_root)
-      else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), cast(f2.F2, bc2))),
-      step_size=step_size,
+    one_minus_b1=_rounded_number(
+      1.0 - float(b1) if is_number(b1) else None, dtype, lambda: f2.round_(_one_minus(b1, dtype, z))
+    ),
+    b2=_rounded_number(b2, dtype, lambda: f2.round_(_f2_of(b2, dtype, z))),
+    one_minus_b2=_rounded_number(
+      1.0 - float(b2) if is_number(b2) else None, dtype, lambda: f2.round_(_one_minus(b2, dtype, z))
+    ),
+    bc2_sqrt=bc2_sqrt,
+    eps=_rounded_number(cfg.eps, dtype, lambda: f2.round_(_f2_of(cfg.eps, dtype, z))),
+    eps_root=None
+    if is_zero(cfg.eps_root)
+    else f2.round_(f2.mul(_f2_of(cfg.eps_root, dtype, z), cast(f2.F2, bc2))),
+    step_size=step_size,
   )
   return c, decay

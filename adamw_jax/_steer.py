@@ -28,7 +28,6 @@ machine, ``benchmarks/overhead.py``) are selected by platform with
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +101,7 @@ def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   return residual * inv_b + q0
 
 
-def computed_once(a: jax.Array, b: Optional[jax.Array], z: jax.Array):
+def computed_once(a: jax.Array, b: jax.Array | None, z: jax.Array):
   """Two per-step scalars, computed once in one kernel, outside the elementwise loops.
 
   On XLA:CPU the pair travels as one complex number (one kernel launch, not

@@ -14,7 +14,6 @@ the double-word series of ``_float2``.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,9 @@ def rows_until_one(beta: float) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _table(b1: float, b2: float, lr: Optional[float], scheduled: bool, rows: int,
-           dtype_name: str) -> np.ndarray:
+def _table(
+  b1: float, b2: float, lr: float | None, scheduled: bool, rows: int, dtype_name: str
+) -> np.ndarray:
   """``table[t]`` for t in [0, rows]; row 0 is a copy of row 1 (t = 0 never occurs).
 
   Columns: torch's ``value=-step_size`` (``-(lr / (1 - b1**t))``; ``1 / bc1``
@@ -58,12 +58,14 @@ def _table(b1: float, b2: float, lr: Optional[float], scheduled: bool, rows: int
   return out
 
 
-def lookup(b1: float, b2: float, lr: Optional[float], t: jax.Array, dtype, *,
-           scheduled: bool) -> Optional[jax.Array]:
+def lookup(
+  b1: float, b2: float, lr: float | None, t: jax.Array, dtype, *, scheduled: bool
+) -> jax.Array | None:
   """Row ``min(t, rows)`` of the table (see :func:`_table`), or None when it would be too long."""
   rows = max(rows_until_one(float(b1)), rows_until_one(float(b2)))
   if rows > MAX_ROWS:
     return None
-  table = _table(float(b1), float(b2), None if lr is None else float(lr), scheduled, rows,
-                 jnp.dtype(dtype).name)
+  table = _table(
+    float(b1), float(b2), None if lr is None else float(lr), scheduled, rows, jnp.dtype(dtype).name
+  )
   return jnp.asarray(table)[jnp.minimum(t, rows)]

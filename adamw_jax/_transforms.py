@@ -9,7 +9,7 @@ same kernel in one piece and reproduces torch's rounding
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +19,17 @@ from adamw_jax import _core, _hyperparams, _scalars, _tree
 
 
 def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
-    moment_bits: Optional[int] = None,
-    moment_block_size: Optional[int] = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  *,
+  amsgrad: bool = False,
+  maximize: bool = False,
+  mu_dtype: Any | None = None,
+  nu_dtype: Any | None = None,
+  moment_bits: int | None = None,
+  moment_block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescale updates by Adam's bias-corrected moments, in torch's arithmetic.
 
@@ -60,11 +60,26 @@ def scale_by_adam(
     moment_bits: ``8``: 8-bit block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
     moment_block_size: elements per quantization block.
   """
-  return _core.adam_transform(_hyperparams.Settings.of(
-      "scale_by_adam", decoupled=True, direction_only=True, learning_rate=None, b1=b1, b2=b2,
-      eps=eps, weight_decay=0.0, amsgrad=amsgrad, maximize=maximize, mask=None,
-      eps_root=eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype, moment_bits=moment_bits,
-      moment_block_size=moment_block_size))
+  return _core.adam_transform(
+    _hyperparams.Settings.of(
+      "scale_by_adam",
+      decoupled=True,
+      direction_only=True,
+      learning_rate=None,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=0.0,
+      amsgrad=amsgrad,
+      maximize=maximize,
+      mask=None,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      moment_bits=moment_bits,
+      moment_block_size=moment_block_size,
+    )
+  )
 
 
 class AddDecayedWeightsState(NamedTuple):
@@ -74,8 +89,8 @@ class AddDecayedWeightsState(NamedTuple):
 
 
 def add_decayed_weights(
-    weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
-    mask: Optional[_tree.MaskOrFn] = None,
+  weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
+  mask: _tree.MaskOrFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Add ``weight_decay * param`` to the updates (decoupled weight decay when chained after Adam).
 
@@ -106,10 +121,16 @@ def add_decayed_weights(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # optax's contract: accepted, and ignored here
     _tree.check_params_given(updates, params, what=name)
-    wd = (_scalars.scheduled("weight_decay", weight_decay, state.count, name)
-          if callable(weight_decay) else weight_decay)
-    decayed = (jax.tree.map(lambda _: True, params) if mask is None
-               else _tree.resolve_mask(mask, params, what=name))
+    wd = (
+      _scalars.scheduled("weight_decay", weight_decay, state.count, name)
+      if callable(weight_decay)
+      else weight_decay
+    )
+    decayed = (
+      jax.tree.map(lambda _: True, params)
+      if mask is None
+      else _tree.resolve_mask(mask, params, what=name)
+    )
 
     def leaf(u, p, on):
       if not on:
@@ -122,7 +143,9 @@ def add_decayed_weights(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def masked(inner: optax.GradientTransformation, mask: _tree.MaskOrFn) -> optax.GradientTransformationExtraArgs:
+def masked(
+  inner: optax.GradientTransformation, mask: _tree.MaskOrFn
+) -> optax.GradientTransformationExtraArgs:
   """Apply `inner` only to the leaves selected by `mask`; the others pass through unchanged.
 
   Like ``optax.masked`` (which it wraps), but the mask is checked against the

@@ -8,8 +8,8 @@ that they read the same across the package.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.core
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
 
-MaskOrFn = Union[Any, Callable[[Any], Any]]
+MaskOrFn = Any | Callable[[Any], Any]
 KeyPath = tuple[Any, ...]
 
 
@@ -32,8 +32,11 @@ def is_box(x) -> bool:
   """
   nnx_vars = sys.modules.get("flax.nnx.variablelib")
   if nnx_vars is not None:
-    kinds = tuple(k for k in (vars(nnx_vars).get("Variable"), vars(nnx_vars).get("VariableState"))
-                  if isinstance(k, type))
+    kinds = tuple(
+      k
+      for k in (vars(nnx_vars).get("Variable"), vars(nnx_vars).get("VariableState"))
+      if isinstance(k, type)
+    )
     if kinds and isinstance(x, kinds):
       return True
   meta = sys.modules.get("flax.core.meta")
@@ -80,7 +83,7 @@ def path_str(path) -> str:
   return "/".join(key_str(k) for k in path)
 
 
-def where(path: Union[str, KeyPath]) -> str:
+def where(path: str | KeyPath) -> str:
   """A place in a tree, for messages: the quoted '/'-joined path, or "the root"."""
   if not path:
     return "the root"
@@ -97,7 +100,8 @@ def describe_paths(paths: Iterable[str], limit: int = 8) -> str:
 def _is_array_like(x) -> bool:
   """An array, a NumPy scalar or a Python number: a leaf with a dtype."""
   return (hasattr(x, "dtype") and hasattr(x, "shape")) or isinstance(
-      x, (int, float, complex, np.generic))
+    x, (int, float, complex, np.generic)
+  )
 
 
 def check_params(params: Any, what: str) -> None:
@@ -108,25 +112,27 @@ def check_params(params: Any, what: str) -> None:
   for path, leaf in jtu.tree_flatten_with_path(params)[0]:
     if not _is_array_like(leaf):
       raise TypeError(
-          f"{what}: the parameter at {where(path)} is a {type(leaf).__name__}, not an array; "
-          "parameters must be floating-point or complex arrays (keep other values out of "
-          "the tree given to the optimizer).")
+        f"{what}: the parameter at {where(path)} is a {type(leaf).__name__}, not an array; "
+        "parameters must be floating-point or complex arrays (keep other values out of "
+        "the tree given to the optimizer)."
+      )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f"{what}: the parameter at {where(path)} has dtype {dtype}"
-          + (f" (a Python {type(leaf).__name__})" if isinstance(leaf, (bool, int)) else "")
-          + "; Adam needs "
-          "floating-point or complex parameters (cast integer parameters, or mask "
-          "them out of the optimizer with optax.partition / optax.set_to_zero).")
+        f"{what}: the parameter at {where(path)} has dtype {dtype}"
+        + (f" (a Python {type(leaf).__name__})" if isinstance(leaf, (bool, int)) else "")
+        + "; Adam needs "
+        "floating-point or complex parameters (cast integer parameters, or mask "
+        "them out of the optimizer with optax.partition / optax.set_to_zero)."
+      )
 
 
 def check_params_given(updates: Any, params: Any, *, what: str) -> None:
   """Weight decay reads the parameters: they must be given, shaped like the updates."""
   if params is None:
     raise ValueError(
-        f"{what}: weight decay needs the parameters; call "
-        "update(updates, state, params) with params.")
+      f"{what}: weight decay needs the parameters; call update(updates, state, params) with params."
+    )
   check_same_structure(updates, params, "updates", "params", what=what)
 
 
@@ -173,8 +179,11 @@ def _mapping_items(node, items):
 
 def _alike_mappings(a, b, a_items, b_items) -> bool:
   """Two mappings of different types (dict, FrozenDict, nnx.State) with the same keys."""
-  return (isinstance(a, Mapping) and isinstance(b, Mapping)
-          and sorted(key_str(k) for k, _ in a_items) == sorted(key_str(k) for k, _ in b_items))
+  return (
+    isinstance(a, Mapping)
+    and isinstance(b, Mapping)
+    and sorted(key_str(k) for k, _ in a_items) == sorted(key_str(k) for k, _ in b_items)
+  )
 
 
 def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True, mappings_alike: bool = False):
@@ -199,8 +208,11 @@ def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True, mappings_al
   if mappings_alike and _alike_mappings(prefix, tree, p_items, t_items):
     t_by_key = _mapping_items(tree, t_items)
     pairs = [(key, p_child, t_by_key[key_str(key)][1]) for key, p_child in p_items]
-  elif p_keys == t_keys and p_def.node_data() != t_def.node_data() and (
-      p_def.node_data()[0] is t_def.node_data()[0]):
+  elif (
+    p_keys == t_keys
+    and p_def.node_data() != t_def.node_data()
+    and (p_def.node_data()[0] is t_def.node_data()[0])
+  ):
     a_detail, b_detail = _aux_difference(p_def, t_def)
     return path, _node_keys(prefix, a_detail), _node_keys(tree, b_detail)
   elif p_def.node_data() != t_def.node_data() or p_keys != t_keys:
@@ -208,8 +220,9 @@ def first_mismatch(prefix, tree, path=(), *, prefix_ok: bool = True, mappings_al
   else:
     pairs = [(key, p_child, t_child) for (key, p_child), (_, t_child) in zip(p_items, t_items)]
   for key, p_child, t_child in pairs:
-    found = first_mismatch(p_child, t_child, path + (key,), prefix_ok=prefix_ok,
-                           mappings_alike=mappings_alike)
+    found = first_mismatch(
+      p_child, t_child, (*path, key), prefix_ok=prefix_ok, mappings_alike=mappings_alike
+    )
     if found is not None:
       return found
   return None
@@ -221,23 +234,27 @@ def check_same_structure(a, b, a_name: str, b_name: str, *, what: str) -> None:
     for (path, x), y in zip(jtu.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
       if np.shape(x) != np.shape(y):
         raise ValueError(
-            f"{what}: {a_name} and {b_name} differ in shape at {where(path)}: "
-            f"{a_name} has shape {np.shape(x)}, {b_name} has shape {np.shape(y)}.")
+          f"{what}: {a_name} and {b_name} differ in shape at {where(path)}: "
+          f"{a_name} has shape {np.shape(x)}, {b_name} has shape {np.shape(y)}."
+        )
     return
   found = first_mismatch(a, b, prefix_ok=False)
   if found is None:  # same keys but different node types deeper down
     raise ValueError(
-        f"{what}: {a_name} and {b_name} have different tree structures:\n"
-        f"  {a_name}: {jax.tree.structure(a)}\n  {b_name}: {jax.tree.structure(b)}")
+      f"{what}: {a_name} and {b_name} have different tree structures:\n"
+      f"  {a_name}: {jax.tree.structure(a)}\n  {b_name}: {jax.tree.structure(b)}"
+    )
   path, a_desc, b_desc = found
   raise ValueError(
-      f"{what}: {a_name} and {b_name} differ in tree structure at {where(path)}: "
-      f"{a_name} has {a_desc}, {b_name} has {b_desc}.")
+    f"{what}: {a_name} and {b_name} differ in tree structure at {where(path)}: "
+    f"{a_name} has {a_desc}, {b_name} has {b_desc}."
+  )
 
 
 def _is_bool(x) -> bool:
   return isinstance(x, (bool, np.bool_)) or (
-      hasattr(x, "dtype") and np.shape(x) == () and np.dtype(x.dtype) == np.bool_)
+    hasattr(x, "dtype") and np.shape(x) == () and np.dtype(x.dtype) == np.bool_
+  )
 
 
 def is_mask_fn(mask) -> bool:
@@ -249,8 +266,15 @@ def is_mask_fn(mask) -> bool:
   return callable(mask) and not any(_is_bool(x) for x in jax.tree.leaves(mask))
 
 
-def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any], bool],
-                  leaf_error: Callable[[Any, str], str]) -> Any:
+def expand_prefix(
+  prefix,
+  tree,
+  *,
+  what: str,
+  noun: str,
+  leaf_ok: Callable[[Any], bool],
+  leaf_error: Callable[[Any, str], str],
+) -> Any:
   """A prefix of `tree` (a mask or a label tree) broadcast to the full structure of `tree`.
 
   Boxes in `prefix` (``nnx.Param(True)``, from ``jax.tree.map`` over an
@@ -264,8 +288,9 @@ def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any]
   if found is not None:
     path, p_desc, t_desc = found
     raise ValueError(
-        f"{what}: the {noun} does not match the parameters at {where(path)}: "
-        f"the {noun} has {p_desc}, the parameters have {t_desc}.")
+      f"{what}: the {noun} does not match the parameters at {where(path)}: "
+      f"the {noun} has {p_desc}, the parameters have {t_desc}."
+    )
 
   def expand(path, p, subtree):
     p_kids = _children(p)
@@ -278,10 +303,11 @@ def expand_prefix(prefix, tree, *, what: str, noun: str, leaf_ok: Callable[[Any]
     t_items, t_def = t_kids
     if isinstance(p, Mapping) and isinstance(subtree, Mapping):
       p_by_key = _mapping_items(p, p_kids[0])
-      kids = [expand(path + (k,), p_by_key[key_str(k)][1], child) for k, child in t_items]
+      kids = [expand((*path, k), p_by_key[key_str(k)][1], child) for k, child in t_items]
     else:
-      kids = [expand(path + (k,), p_child, child)
-              for (k, child), (_, p_child) in zip(t_items, p_kids[0])]
+      kids = [
+        expand((*path, k), p_child, child) for (k, child), (_, p_child) in zip(t_items, p_kids[0])
+      ]
     return t_def.unflatten(kids)
 
   return expand((), prefix, tree)
@@ -318,8 +344,9 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
   def leaf_error(m, place):
     return f"mask leaves must be booleans, got {type(m).__name__} {m!r} at {place}."
 
-  expanded = expand_prefix(mask, tree, what=what, noun="mask", leaf_ok=_is_bool,
-                           leaf_error=leaf_error)
+  expanded = expand_prefix(
+    mask, tree, what=what, noun="mask", leaf_ok=_is_bool, leaf_error=leaf_error
+  )
   return jtu.tree_map_with_path(lambda path, m: _static_bool(m, path, what), expanded)
 
 
@@ -327,11 +354,12 @@ def _static_bool(flag, path: KeyPath, what: str) -> bool:
   """A mask leaf as a Python bool; a traced one cannot be (which leaves decay is static)."""
   if isinstance(flag, jax.core.Tracer):
     raise TypeError(
-        f"{what}: the mask at {where(path)} is a traced boolean ({flag.aval.str_short()}), "
-        "but which leaves are decayed must be known when the step is traced: give Python or "
-        "NumPy booleans (or concrete arrays), computed from the parameters' paths, shapes "
-        "or dtypes (e.g. adamw_jax.decay_mask), not from their values, and close over the "
-        "mask instead of passing it to jax.jit as an argument.")
+      f"{what}: the mask at {where(path)} is a traced boolean ({flag.aval.str_short()}), "
+      "but which leaves are decayed must be known when the step is traced: give Python or "
+      "NumPy booleans (or concrete arrays), computed from the parameters' paths, shapes "
+      "or dtypes (e.g. adamw_jax.decay_mask), not from their values, and close over the "
+      "mask instead of passing it to jax.jit as an argument."
+    )
   return bool(flag)
 
 
@@ -351,6 +379,7 @@ def check_mask(mask: MaskOrFn, params: Any, *, what: str) -> None:
 
 def trace_like_update(check: Callable[[Any], Any], params: Any) -> None:
   """Runs `check` on traced `params` (under ``jax.eval_shape``: nothing is computed)."""
+
   def traced(tree) -> None:
     check(tree)
 

@@ -35,7 +35,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -66,7 +67,8 @@ class CNN(nn.Module):
 def decay_mask(params: Params) -> Params:
   """True for the leaves that get weight decay: the kernels (named 'kernel', ndim >= 2)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: path[-1].key == "kernel" and p.ndim >= 2, params)
+    lambda path, p: path[-1].key == "kernel" and p.ndim >= 2, params
+  )
 
 
 def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -74,8 +76,10 @@ def load_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   digits: Any = load_digits()  # a Bunch (sklearn infers Bunch | tuple: return_X_y is False)
   images = (digits.images / 16.0).astype(np.float32)[..., None]
   labels = digits.target.astype(np.int32)
-  x_tr, x_val, y_tr, y_val = cast(list[np.ndarray], train_test_split(
-      images, labels, test_size=0.2, stratify=labels, random_state=0))  # arrays in, arrays out
+  x_tr, x_val, y_tr, y_val = cast(
+    list[np.ndarray],
+    train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0),
+  )  # arrays in, arrays out
   return x_tr, y_tr, x_val, y_val
 
 
@@ -83,7 +87,7 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
   """Indices of one epoch's shuffled batches; the last partial batch is dropped."""
   order = rng.permutation(n)
   for start in range(0, n - batch_size + 1, batch_size):
-    yield order[start:start + batch_size]
+    yield order[start : start + batch_size]
 
 
 def positive(text: str) -> int:
@@ -92,17 +96,25 @@ def positive(text: str) -> int:
   return int(text)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m adamw_jax.demo",
-                              description=(__doc__ or "").split("\n")[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+    prog="python -m adamw_jax.demo", description=(__doc__ or "").split("\n")[0]
+  )
   p.add_argument("--epochs", type=positive, default=10, help="number of epochs (default: 10)")
   p.add_argument("--batch-size", type=positive, default=32, help="batch size (default: 32)")
   p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default: 1e-2)")
-  p.add_argument("--weight-decay", type=float, default=5e-2,
-                 help="AdamW weight decay, kernels only (default: 5e-2)")
+  p.add_argument(
+    "--weight-decay",
+    type=float,
+    default=5e-2,
+    help="AdamW weight decay, kernels only (default: 5e-2)",
+  )
   p.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default: 0)")
-  p.add_argument("--compare-torch", action="store_true",
-                 help="also train the same CNN with torch.optim.AdamW and compare")
+  p.add_argument(
+    "--compare-torch",
+    action="store_true",
+    help="also train the same CNN with torch.optim.AdamW and compare",
+  )
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   return p.parse_args(argv)
 
@@ -142,12 +154,15 @@ class TorchRun:
 
     self.torch = torch
     self.model = TorchCNN()
-    self.model.load_state_dict({k: torch.from_numpy(a.copy())
-                                for k, a in torch_layout(params).items()})
+    self.model.load_state_dict(
+      {k: torch.from_numpy(a.copy()) for k, a in torch_layout(params).items()}
+    )
     decayed = torch_layout(decay_mask(params))  # the same mask, under torch's names
     named = list(self.model.named_parameters())
-    groups = [{"params": [p for n, p in named if decayed[n]], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not decayed[n]], "weight_decay": 0.0}]
+    groups = [
+      {"params": [p for n, p in named if decayed[n]], "weight_decay": weight_decay},
+      {"params": [p for n, p in named if not decayed[n]], "weight_decay": 0.0},
+    ]
     # foreach=False (torch's CPU default) is the path adamw_jax follows op for op.
     # LambdaLR: lr = 1.0 * lr_at(t) for the t-th step, as optax's count.
     self.opt = torch.optim.AdamW(groups, lr=1.0, foreach=False)
@@ -158,7 +173,8 @@ class TorchRun:
 
   def step(self, x: np.ndarray, y: np.ndarray) -> float:
     loss = self.torch.nn.functional.cross_entropy(
-        self.model(self._nchw(x)), self.torch.from_numpy(y).long())
+      self.model(self._nchw(x)), self.torch.from_numpy(y).long()
+    )
     self.opt.zero_grad()
     loss.backward()
     self.opt.step()
@@ -174,7 +190,7 @@ class TorchRun:
     return max(float(np.abs(a - theirs[k]).max()) for k, a in torch_layout(params).items())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> float:
+def main(argv: Sequence[str] | None = None) -> float:
   """Trains the CNN, prints the per-epoch table and returns the final validation accuracy."""
   args = parse_args(argv)
   t0 = time.perf_counter()
@@ -187,8 +203,12 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
   model = CNN()
   params = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, 8, 8, 1)))["params"]
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=args.lr, warmup_steps=max(1, total_steps // 10),
-      decay_steps=total_steps, end_value=args.lr / 100)
+    init_value=0.0,
+    peak_value=args.lr,
+    warmup_steps=max(1, total_steps // 10),
+    decay_steps=total_steps,
+    end_value=args.lr / 100,
+  )
   optimizer = adamw_jax.adamw(schedule, weight_decay=args.weight_decay, mask=decay_mask)
   opt_state = optimizer.init(params)
   # The lr of step t (t = 0, 1, ...). Jitted, as inside the optimizer: evaluated op by op,
@@ -198,13 +218,16 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
   def lr_at(t: int) -> float:
     return float(jit_schedule(t))
 
-  torch_run: Optional[TorchRun] = None
+  torch_run: TorchRun | None = None
   if args.compare_torch:
     try:
       torch_run = TorchRun(params, lr_at, args.weight_decay)
     except ImportError as e:
-      print(f"--compare-torch needs PyTorch, which cannot be imported ({e}); "
-            "install it with: pip install 'adamw_jax[torch]'", file=sys.stderr)
+      print(
+        f"--compare-torch needs PyTorch, which cannot be imported ({e}); "
+        "install it with: pip install 'adamw_jax[torch]'",
+        file=sys.stderr,
+      )
       raise SystemExit(2) from e
 
   def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -223,11 +246,20 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
 
   columns = ["epoch", "lr", "train loss", "val acc"]
   if torch_run is not None:
-    columns = ["epoch", "lr", "loss jax", "loss torch", "val acc jax", "val acc torch",
-               "max |dparam|"]
+    columns = [
+      "epoch",
+      "lr",
+      "loss jax",
+      "loss torch",
+      "val acc jax",
+      "val acc torch",
+      "max |dparam|",
+    ]
   header = " | ".join(f"{c:>9}" for c in columns)  # columns are at least 9 wide
-  print(f"digits: {len(x_tr)} train / {len(x_val)} validation images, "
-        f"epochs: {args.epochs} x {steps_per_epoch} steps of batch {args.batch_size}")
+  print(
+    f"digits: {len(x_tr)} train / {len(x_val)} validation images, "
+    f"epochs: {args.epochs} x {steps_per_epoch} steps of batch {args.batch_size}"
+  )
   print(header + "\n" + "-" * len(header))
 
   rng = np.random.default_rng(args.seed)
@@ -243,13 +275,20 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         torch_losses.append(torch_run.step(x_tr[idx], y_tr[idx]))
       bar.update()
     val_acc = float(accuracy(params, x_val, y_val))
-    cells = [f"{epoch}", f"{lr_at(epoch * steps_per_epoch - 1):.2e}",
-             f"{float(jnp.mean(jnp.stack(losses))):.4f}"]
+    cells = [
+      f"{epoch}",
+      f"{lr_at(epoch * steps_per_epoch - 1):.2e}",
+      f"{float(jnp.mean(jnp.stack(losses))):.4f}",
+    ]
     if torch_run is None:
       cells += [f"{val_acc:.4f}"]
     else:
-      cells += [f"{np.mean(torch_losses):.4f}", f"{val_acc:.4f}",
-                f"{torch_run.accuracy(x_val, y_val):.4f}", f"{torch_run.max_abs_diff(params):.1e}"]
+      cells += [
+        f"{np.mean(torch_losses):.4f}",
+        f"{val_acc:.4f}",
+        f"{torch_run.accuracy(x_val, y_val):.4f}",
+        f"{torch_run.max_abs_diff(params):.1e}",
+      ]
     bar.write(" | ".join(f"{c:>{max(9, len(h))}}" for c, h in zip(cells, columns)), file=sys.stdout)
   bar.close()
 

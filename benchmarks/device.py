@@ -40,37 +40,45 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 FIDELITY_UNTIL = 0.35  # share of the budget after which the fidelity part starts no new case
 SPEED_UNTIL = 0.85  # ... and the speed part no new method
-METHODS = ("adamw_jax per-leaf", "adamw_jax flat", "adamw_jax fused_step", "optax.adamw", "torch fused")
+METHODS = (
+  "adamw_jax per-leaf",
+  "adamw_jax flat",
+  "adamw_jax fused_step",
+  "optax.adamw",
+  "torch fused",
+)
 TORCH_SPREAD = ("torch foreach", "torch fused")
 
 # Peak memory bandwidth in GB/s by jax's device_kind (the longest matching prefix wins).
 PEAK_GBPS = {
-    "NVIDIA H200": 4800.0,
-    "NVIDIA H100 80GB HBM3": 3350.0,
-    "NVIDIA H100 PCIe": 2000.0,
-    "NVIDIA A100-SXM4-80GB": 2039.0,
-    "NVIDIA A100-SXM4-40GB": 1555.0,
-    "NVIDIA B200": 8000.0,
-    "TPU v4": 1200.0,
-    "TPU v5 lite": 819.0,
-    "TPU v5": 2765.0,
-    "TPU v6 lite": 1640.0,
+  "NVIDIA H200": 4800.0,
+  "NVIDIA H100 80GB HBM3": 3350.0,
+  "NVIDIA H100 PCIe": 2000.0,
+  "NVIDIA A100-SXM4-80GB": 2039.0,
+  "NVIDIA A100-SXM4-40GB": 1555.0,
+  "NVIDIA B200": 8000.0,
+  "TPU v4": 1200.0,
+  "TPU v5 lite": 819.0,
+  "TPU v5": 2765.0,
+  "TPU v6 lite": 1640.0,
 }
 
 
-def peak_gbps(device_kind: str) -> Optional[float]:
+def peak_gbps(device_kind: str) -> float | None:
   """The known peak bandwidth of a device kind, or None."""
   keys = [k for k in PEAK_GBPS if device_kind.startswith(k)]
   return PEAK_GBPS[max(keys, key=len)] if keys else None
 
 
 # ----------------------------------------------------------------------------- run state
+
 
 @dataclasses.dataclass
 class Budget:
@@ -107,13 +115,20 @@ def _setup(torch_device: str) -> dict[str, str]:
   import jaxlib
   import optax
   import torch
+
   device = jax.devices()[0]
   return {
-      "device_kind": device.device_kind, "platform": device.platform, "devices": str(jax.device_count()),
-      "torch_device": f"cuda ({torch.cuda.get_device_name()})" if torch_device == "cuda" else torch_device,
-      "python": platform.python_version(),
-      "versions": (f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}, "
-                   f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "devices": str(jax.device_count()),
+    "torch_device": f"cuda ({torch.cuda.get_device_name()})"
+    if torch_device == "cuda"
+    else torch_device,
+    "python": platform.python_version(),
+    "versions": (
+      f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, optax {optax.__version__}, "
+      f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
+    ),
   }
 
 
@@ -121,6 +136,7 @@ def torch_device() -> str:
   """Where torch runs: "cuda" next to a JAX GPU when torch sees CUDA, else "cpu"."""
   import jax
   import torch
+
   return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
@@ -128,7 +144,7 @@ def attempt(fn: Callable[[], Any]) -> Any:
   """fn()'s result, or a "failed (...)" cell: one broken case or method must not lose the others."""
   try:
     return fn()
-  except Exception as e:  # noqa: BLE001 - reported in the table, traceback on stderr
+  except Exception as e:
     traceback.print_exc(file=sys.stderr)
     first = (str(e).strip().splitlines() or [""])[0][:120]
     return f"failed ({type(e).__name__}: {first})"
@@ -136,14 +152,16 @@ def attempt(fn: Callable[[], Any]) -> Any:
 
 # ----------------------------------------------------------------------------- 1. fidelity
 
+
 def fidelity_cases() -> list[tuple[Any, Any]]:
   """(case, dtype) for each row: the CPU table's configurations in float32, then bfloat16 params."""
   import jax.numpy as jnp
   import numpy as np
 
   from tests import torch_reference as ref
-  rows = [(c, np.complex64 if c.complex else np.float32) for c in ref.CASES + [ref.CHAIN]]
-  return rows + [(ref.Case("bfloat16 params"), jnp.bfloat16)]
+
+  rows = [(c, np.complex64 if c.complex else np.float32) for c in [*ref.CASES, ref.CHAIN]]
+  return [*rows, (ref.Case("bfloat16 params"), jnp.bfloat16)]
 
 
 def torch_spread_impls(device: str) -> dict[str, dict]:
@@ -156,6 +174,7 @@ def torch_spread_impls(device: str) -> dict[str, dict]:
 
 def _compare(a, b) -> dict[str, float]:
   from tests import torch_reference as ref
+
   return {"diff": ref.max_abs(a, b), "bitwise": ref.bitwise_fraction(a, b)}
 
 
@@ -164,11 +183,14 @@ def fidelity_row(case, dtype, steps: int, device: str) -> dict:
   import numpy as np
 
   from tests import torch_reference as ref
+
   params, grads = ref.make_problem(dtype, steps)
   row: dict[str, Any] = {"name": case.name, "dtype": np.dtype(dtype).name}
-  single = attempt(lambda: ref.run_torch(case, params, grads, steps, device=device, foreach=False).params)
+  single = attempt(
+    lambda: ref.run_torch(case, params, grads, steps, device=device, foreach=False).params
+  )
   if isinstance(single, str):
-    return {**row, "ours": f"no reference: {single}", **{m: "n/a" for m in TORCH_SPREAD}}
+    return {**row, "ours": f"no reference: {single}", **dict.fromkeys(TORCH_SPREAD, "n/a")}
   row["ours"] = attempt(lambda: _compare(ref.run_jax(case, params, grads, steps).params, single))
 
   def torch_against_single(impl: dict) -> dict[str, float]:
@@ -193,11 +215,16 @@ def run_fidelity(results: Results, device: str, budget: Budget, write: Callable[
       break
     results.running = f"fidelity, {case.name}"
     results.fidelity.append(fidelity_row(case, dtype, results.fidelity_steps, device))
-    print(f"  fidelity {case.name}: {_fidelity_cells(results.fidelity[-1])}", file=sys.stderr, flush=True)
+    print(
+      f"  fidelity {case.name}: {_fidelity_cells(results.fidelity[-1])}",
+      file=sys.stderr,
+      flush=True,
+    )
   write()
 
 
 # ----------------------------------------------------------------------------- 2. speed
+
 
 @dataclasses.dataclass(frozen=True)
 class SpeedSettings:
@@ -211,6 +238,7 @@ class SpeedSettings:
 def _accelerator_transformer() -> dict:
   """workloads.py's transformer tree at d_model 2048, MLP 8192, vocabulary 32768, 20 blocks (1.07B)."""
   from benchmarks import workloads
+
   return workloads.transformer(2048, 8192, 32768, 20)
 
 
@@ -220,20 +248,24 @@ def _accelerator_resnet() -> dict:
   import jax.numpy as jnp
 
   from benchmarks import workloads
-  variables = jax.eval_shape(workloads.ResNet18(width=256).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+  variables = jax.eval_shape(
+    workloads.ResNet18(width=256).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+  )
   return jax.tree.map(lambda s: tuple(s.shape), variables["params"])
 
 
 def speed_workloads(tier: str) -> list[tuple[str, dict]]:
   """(name, tree of shapes) per workload: workloads.py's (quick or full) on CPU, scaled up elsewhere."""
   from benchmarks import workloads
+
   if tier != "accelerator":
     return [(wl.name, wl.shapes(tier == "quick")) for wl in workloads.WORKLOADS]
   return [
-      ("one 1B-element leaf", {"w": (1 << 30,)}),
-      ("transformer-like tree (241 leaves)", _accelerator_transformer()),
-      ("2000 leaves x 100k", {f"p{i:05d}": (100_000,) for i in range(2000)}),
-      ("Flax ResNet-18 params, 4x wide", _accelerator_resnet()),
+    ("one 1B-element leaf", {"w": (1 << 30,)}),
+    ("transformer-like tree (241 leaves)", _accelerator_transformer()),
+    ("2000 leaves x 100k", {f"p{i:05d}": (100_000,) for i in range(2000)}),
+    ("Flax ResNet-18 params, 4x wide", _accelerator_resnet()),
   ]
 
 
@@ -245,9 +277,12 @@ def _jax_tree(shapes: dict, seed: int, scale: float):
   """Float32 N(0, scale^2) arrays of the given shapes, drawn on the default device."""
   import jax
   import jax.numpy as jnp
+
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef, [scale * jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, leaves)]
+  )
 
 
 _SPEED_NAMES = {"adamw_jax fused_step": "adamw_jax fused"}  # this report's names -> speed.py's
@@ -260,6 +295,7 @@ def _jax_runner(method: str, shapes: dict) -> tuple[Callable[[int], float], floa
   trees drawn on the default device.
   """
   from benchmarks import speed
+
   params, grads = _jax_tree(shapes, 0, 1.0), _jax_tree(shapes, 1, 1e-2)
   run, _, compile_s = speed.jax_runner(_SPEED_NAMES.get(method, method), params, grads)
   return run, compile_s
@@ -269,6 +305,7 @@ def _torch_runner(shapes: dict, device: str) -> Callable[[int], float]:
   """A function timing k steps of torch.optim.AdamW(fused=True) on `device`."""
   import jax
   import torch
+
   gen = torch.Generator(device=device).manual_seed(0)
   shapes_list = jax.tree.leaves(shapes, is_leaf=_is_shape)
   params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=device)) for s in shapes_list]
@@ -295,7 +332,9 @@ def median_step_s(run: Callable[[int], float], settings: SpeedSettings) -> float
   return statistics.median(run(k) for _ in range(settings.reps))
 
 
-def _measure(method: str, shapes: dict, device: str, settings: SpeedSettings) -> tuple[float, Optional[float]]:
+def _measure(
+  method: str, shapes: dict, device: str, settings: SpeedSettings
+) -> tuple[float, float | None]:
   """(seconds per step, compile seconds or None) of one method; its buffers go when it returns."""
   if method == "torch fused":
     return median_step_s(_torch_runner(shapes, device), settings), None
@@ -308,6 +347,7 @@ def _release(device: str) -> None:
   import gc
 
   import torch
+
   gc.collect()
   if device == "cuda":
     torch.cuda.empty_cache()
@@ -318,6 +358,7 @@ def speed_row(name: str, shapes: dict, method: str, device: str, settings: Speed
   import jax
 
   from benchmarks import workloads
+
   n, leaves = workloads.count(shapes)
   row: dict[str, Any] = {"workload": name, "params": n, "leaves": leaves, "method": method}
   if method == "torch fused" and {"cuda": "gpu"}.get(device, device) != jax.default_backend():
@@ -327,11 +368,17 @@ def speed_row(name: str, shapes: dict, method: str, device: str, settings: Speed
   if isinstance(measured, str):
     return {**row, "skipped": measured}
   seconds, compile_s = measured
-  return {**row, "ms": 1e3 * seconds, "gbps": BYTES_PER_PARAM * n / seconds / 1e9, "compile_s": compile_s}
+  return {
+    **row,
+    "ms": 1e3 * seconds,
+    "gbps": BYTES_PER_PARAM * n / seconds / 1e9,
+    "compile_s": compile_s,
+  }
 
 
-def run_speed(results: Results, device: str, settings: SpeedSettings, budget: Budget,
-              write: Callable[[], None]) -> None:
+def run_speed(
+  results: Results, device: str, settings: SpeedSettings, budget: Budget, write: Callable[[], None]
+) -> None:
   """Part 2: appends a row per workload and method until its share of the budget is spent; writes as it goes."""
   for name, shapes in speed_workloads(settings.tier):
     for method in METHODS:
@@ -341,11 +388,16 @@ def run_speed(results: Results, device: str, settings: SpeedSettings, budget: Bu
         return
       results.running = f"speed, {name}, {method}"
       results.speed.append(speed_row(name, shapes, method, device, settings))
-      print(f"  speed {name}, {method}: {_speed_cells(results.speed[-1], None)[0]} ms", file=sys.stderr, flush=True)
+      print(
+        f"  speed {name}, {method}: {_speed_cells(results.speed[-1], None)[0]} ms",
+        file=sys.stderr,
+        flush=True,
+      )
     write()
 
 
 # ----------------------------------------------------------------------------- 3. report
+
 
 def _pair(cell: Any) -> str:
   return f"{cell['diff']:.2g} / {cell['bitwise']:.2%}" if isinstance(cell, dict) else str(cell)
@@ -363,24 +415,35 @@ def _spread_ratio(row: dict) -> str:
 
 
 def _fidelity_cells(row: dict) -> list[str]:
-  return [row["name"], row["dtype"], _pair(row["ours"]), *(_pair(row[m]) for m in TORCH_SPREAD),
-          _spread_ratio(row)]
+  return [
+    row["name"],
+    row["dtype"],
+    _pair(row["ours"]),
+    *(_pair(row[m]) for m in TORCH_SPREAD),
+    _spread_ratio(row),
+  ]
 
 
-def _speed_cells(row: dict, fused_ms: Optional[float], peak: Optional[float] = None) -> list[str]:
+def _speed_cells(row: dict, fused_ms: float | None, peak: float | None = None) -> list[str]:
   """ms/step, GB/s, % of peak, x torch fused, compile s."""
   if "ms" not in row:
     return [row["skipped"], "n/a", "n/a", "n/a", "n/a"]
   compile_s = row["compile_s"]
-  return [f"{row['ms']:.3f}", f"{row['gbps']:.1f}",
-          f"{100 * row['gbps'] / peak:.1f} %" if peak else "unknown peak",
-          f"{row['ms'] / fused_ms:.2f}x" if fused_ms else "n/a",
-          f"{compile_s:.2f}" if compile_s is not None else "-"]
+  return [
+    f"{row['ms']:.3f}",
+    f"{row['gbps']:.1f}",
+    f"{100 * row['gbps'] / peak:.1f} %" if peak else "unknown peak",
+    f"{row['ms'] / fused_ms:.2f}x" if fused_ms else "n/a",
+    f"{compile_s:.2f}" if compile_s is not None else "-",
+  ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-          *("| " + " | ".join(r) + " |" for r in rows)]
+  return [
+    "| " + " | ".join(header) + " |",
+    "|" + "---|" * len(header),
+    *("| " + " | ".join(r) + " |" for r in rows),
+  ]
 
 
 def report(results: Results) -> str:
@@ -388,36 +451,67 @@ def report(results: Results) -> str:
   s = results.setup
   peak = peak_gbps(s["device_kind"])
   lines = [
-      f"# adamw_jax on {s['device_kind']} ({s['platform']})", "",
-      f"`{results.command}` on {s['device_kind']} (JAX platform {s['platform']}, {s['devices']} device(s); "
-      f"the first is used), torch on {s['torch_device']}; {s['versions']}; Python {s['python']}. "
-      f"{results.seconds:.0f} s in all.", "",
+    f"# adamw_jax on {s['device_kind']} ({s['platform']})",
+    "",
+    f"`{results.command}` on {s['device_kind']} (JAX platform {s['platform']}, {s['devices']} device(s); "
+    f"the first is used), torch on {s['torch_device']}; {s['versions']}; Python {s['python']}. "
+    f"{results.seconds:.0f} s in all.",
+    "",
   ]
   if results.quick:
-    lines += ["**Quick smoke run**: few steps, tiny workloads (the names refer to the full sizes). "
-              "These numbers mean nothing.", ""]
+    lines += [
+      "**Quick smoke run**: few steps, tiny workloads (the names refer to the full sizes). "
+      "These numbers mean nothing.",
+      "",
+    ]
   lines += [
-      f"## Fidelity against torch on the same device ({results.fidelity_steps} steps)", "",
-      "Each cell: max abs difference of the final params from torch's single-tensor path "
-      "(`foreach=False`) on the same device and gradients / fraction bitwise equal. Float32 "
-      "(complex64 for 'complex'); the bfloat16 row has bfloat16 params and moments. The last "
-      "column is ours over torch's own largest spread (foreach, fused).", "",
+    f"## Fidelity against torch on the same device ({results.fidelity_steps} steps)",
+    "",
+    "Each cell: max abs difference of the final params from torch's single-tensor path "
+    "(`foreach=False`) on the same device and gradients / fraction bitwise equal. Float32 "
+    "(complex64 for 'complex'); the bfloat16 row has bfloat16 params and moments. The last "
+    "column is ours over torch's own largest spread (foreach, fused).",
+    "",
   ]
-  lines += _table(["configuration", "dtype", "adamw_jax", *TORCH_SPREAD, "ours / torch spread"],
-                  [_fidelity_cells(r) for r in results.fidelity])
+  lines += _table(
+    ["configuration", "dtype", "adamw_jax", *TORCH_SPREAD, "ours / torch spread"],
+    [_fidelity_cells(r) for r in results.fidelity],
+  )
   peak_text = f"{peak:,.0f} GB/s" if peak else "unknown"
   lines += [
-      "", "## One AdamW step (float32)", "",
-      "Median ms per step; JAX steps are jitted with params and state donated (update + "
-      "`optax.apply_updates`, or `adamw_jax.fused_step`), torch's is `optimizer.step()`. GB/s "
-      f"counts {BYTES_PER_PARAM} bytes per parameter (read p, g, m, v; write p, m, v). Peak "
-      f"bandwidth of this device: {peak_text}.", "",
+    "",
+    "## One AdamW step (float32)",
+    "",
+    "Median ms per step; JAX steps are jitted with params and state donated (update + "
+    "`optax.apply_updates`, or `adamw_jax.fused_step`), torch's is `optimizer.step()`. GB/s "
+    f"counts {BYTES_PER_PARAM} bytes per parameter (read p, g, m, v; write p, m, v). Peak "
+    f"bandwidth of this device: {peak_text}.",
+    "",
   ]
   fused_ms = {r["workload"]: r.get("ms") for r in results.speed if r["method"] == "torch fused"}
-  lines += _table(["workload", "params", "leaves", "method", "ms/step", "GB/s", "of peak", "x torch fused",
-                   "compile s"],
-                  [[r["workload"], f"{r['params']:,}", f"{r['leaves']:,}", r["method"],
-                    *_speed_cells(r, fused_ms.get(r["workload"]), peak)] for r in results.speed])
+  lines += _table(
+    [
+      "workload",
+      "params",
+      "leaves",
+      "method",
+      "ms/step",
+      "GB/s",
+      "of peak",
+      "x torch fused",
+      "compile s",
+    ],
+    [
+      [
+        r["workload"],
+        f"{r['params']:,}",
+        f"{r['leaves']:,}",
+        r["method"],
+        *_speed_cells(r, fused_ms.get(r["workload"]), peak),
+      ]
+      for r in results.speed
+    ],
+  )
   if results.notes:
     lines += ["", "## Notes", "", *(f"- {n}" for n in results.notes)]
   return "\n".join(lines) + "\n"
@@ -439,12 +533,20 @@ def _start_watchdog(results: Results, budget: Budget, out: pathlib.Path) -> thre
   return timer
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps (a smoke run; seconds on CPU)")
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="report path (default benchmarks/results/device-<platform>.md)")
-  parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny sizes, few steps (a smoke run; seconds on CPU)"
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help="report path (default benchmarks/results/device-<platform>.md)",
+  )
+  parser.add_argument(
+    "--budget", type=float, default=480.0, help="seconds for the whole run (default 480)"
+  )
   args = parser.parse_args(argv)
   budget = Budget(args.budget)
   # JAX and torch share the accelerator: JAX takes memory as it needs it instead of 75 % upfront.
@@ -453,8 +555,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
   device = torch_device()
   tier = "quick" if args.quick else ("cpu" if jax.default_backend() == "cpu" else "accelerator")
-  settings = {"quick": SpeedSettings("quick", 2, 0.002), "cpu": SpeedSettings("cpu", 5, 0.1),
-              "accelerator": SpeedSettings("accelerator", 5, 0.05)}[tier]
+  settings = {
+    "quick": SpeedSettings("quick", 2, 0.002),
+    "cpu": SpeedSettings("cpu", 5, 0.1),
+    "accelerator": SpeedSettings("accelerator", 5, 0.05),
+  }[tier]
   out = args.out or RESULTS / f"device-{jax.default_backend()}.md"
   out.parent.mkdir(parents=True, exist_ok=True)
   command = "python -m benchmarks.device" + (" --quick" if args.quick else "")
@@ -465,7 +570,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     out.write_text(report(results))
 
   watchdog = _start_watchdog(results, budget, out)
-  print(f"fidelity on {results.setup['device_kind']}, torch on {device}", file=sys.stderr, flush=True)
+  print(
+    f"fidelity on {results.setup['device_kind']}, torch on {device}", file=sys.stderr, flush=True
+  )
   run_fidelity(results, device, budget, write)
   print(f"speed ({tier} sizes)", file=sys.stderr, flush=True)
   run_speed(results, device, settings, budget, write)

@@ -29,26 +29,36 @@ def _fmt(diff: float, bits: float) -> str:
 
 
 def equivalence_table(steps: int = 200) -> list[str]:
-  rows = ["| configuration | ours: max abs diff / bitwise | torch fused: max abs diff / bitwise | ratio ours/fused | float64 max rel diff |",
-          "|---|---|---|---|---|"]
-  for case in ref.CASES + [ref.CHAIN]:
+  rows = [
+    "| configuration | ours: max abs diff / bitwise | torch fused: max abs diff / bitwise | ratio ours/fused | float64 max rel diff |",
+    "|---|---|---|---|---|",
+  ]
+  for case in [*ref.CASES, ref.CHAIN]:
     dtype32 = np.complex64 if case.complex else np.float32
     params, grads = ref.make_problem(dtype32, steps)
     theirs = ref.run_torch(case, params, grads, steps, foreach=False)
     ours = ref.run_jax(case, params, grads, steps)
     d, b = ref.max_abs(ours.params, theirs.params), ref.bitwise_fraction(ours.params, theirs.params)
     if case.complex:
-      fused_cell, yard = "n/a (no complex)", float(np.spacing(np.float32(np.abs(ref.flat(theirs.params)).max())))
+      fused_cell, yard = (
+        "n/a (no complex)",
+        float(np.spacing(np.float32(np.abs(ref.flat(theirs.params)).max()))),
+      )
       ratio = f"{d / yard:.2f} (vs 1 ulp)"
     else:
       fused = ref.run_torch(case, params, grads, steps, fused=True)
-      fd, fb = ref.max_abs(fused.params, theirs.params), ref.bitwise_fraction(fused.params, theirs.params)
+      fd, fb = (
+        ref.max_abs(fused.params, theirs.params),
+        ref.bitwise_fraction(fused.params, theirs.params),
+      )
       fused_cell = _fmt(fd, fb)
       ratio = f"{d / fd:.2f}" if fd > 0 else ("0 (both exact)" if d == 0 else "inf")
     with jax.enable_x64(True):
       p64, g64 = ref.make_problem(np.complex128 if case.complex else np.float64, steps)
-      rel = ref.max_rel(ref.run_jax(case, p64, g64, steps).params,
-                        ref.run_torch(case, p64, g64, steps, foreach=False).params)
+      rel = ref.max_rel(
+        ref.run_jax(case, p64, g64, steps).params,
+        ref.run_torch(case, p64, g64, steps, foreach=False).params,
+      )
     rows.append(f"| {case.name} | {_fmt(d, b)} | {fused_cell} | {ratio} | {rel:.1e} |")
     print(rows[-1], flush=True)
   return rows
@@ -61,12 +71,14 @@ def reference_table() -> list[str]:
     with jax.enable_x64(dtype == np.float64):
       params, grads, steps = ref.reference_workload()
       params = {k: v.astype(dtype) for k, v in params.items()}
-      g = lambda t: {k: v.astype(dtype) for k, v in grads(t).items()}  # noqa: E731
+      g = lambda t: {k: v.astype(dtype) for k, v in grads(t).items()}
       theirs = ref.run_torch(case, params, g, steps, foreach=False)
       cells = []
-      for p in (ref.run_jax(case, params, g, steps).params,
-                ref.run_torch(case, params, g, steps, fused=True).params,
-                ref.run_optax(params, g, steps, optax.adamw(1e-3, weight_decay=1e-2))):
+      for p in (
+        ref.run_jax(case, params, g, steps).params,
+        ref.run_torch(case, params, g, steps, fused=True).params,
+        ref.run_optax(params, g, steps, optax.adamw(1e-3, weight_decay=1e-2)),
+      ):
         cells.append(_fmt(ref.max_abs(p, theirs.params), ref.bitwise_fraction(p, theirs.params)))
     rows.append(f"| {np.dtype(dtype).name} | " + " | ".join(cells) + " |")
     print(rows[-1], flush=True)
@@ -75,16 +87,21 @@ def reference_table() -> list[str]:
 
 def main() -> None:
   header = [
-      "# How close to PyTorch?",
-      "",
-      f"Measured by `python -m benchmarks.fidelity` on {platform.machine()} "
-      f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, jax {jax.__version__}, "
-      f"optax {optax.__version__}. Reference: torch.optim.AdamW/Adam with foreach=False.",
-      "",
-      "## Reference workload (100,000 params, 1000 steps): max abs diff / bitwise-equal fraction",
-      "",
+    "# How close to PyTorch?",
+    "",
+    f"Measured by `python -m benchmarks.fidelity` on {platform.machine()} "
+    f"({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, jax {jax.__version__}, "
+    f"optax {optax.__version__}. Reference: torch.optim.AdamW/Adam with foreach=False.",
+    "",
+    "## Reference workload (100,000 params, 1000 steps): max abs diff / bitwise-equal fraction",
+    "",
   ]
-  body = reference_table() + ["", "## Equivalence table (float32, 200 steps; last column float64)", ""]
+  body = [
+    *reference_table(),
+    "",
+    "## Equivalence table (float32, 200 steps; last column float64)",
+    "",
+  ]
   body += equivalence_table()
   OUT.parent.mkdir(parents=True, exist_ok=True)
   OUT.write_text("\n".join(header + body) + "\n")

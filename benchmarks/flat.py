@@ -40,7 +40,8 @@ def _step_compile(tx, params, grads):
     return optax.apply_updates(p, u), s
 
   seconds, compiled = _seconds(
-      lambda: jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile())
+    lambda: jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  )
   return seconds, compiled.memory_analysis()
 
 
@@ -54,12 +55,16 @@ def update_costs(leaves: int = 10_000, size: int = 100) -> None:
   t_one, _ = _step_compile(adamw_jax.adamw(1e-3, weight_decay=2e-2), one, one)
   mb = 1e6
   print(f"| {leaves} leaves x {size} | flatten {t_flatten:.2f} s | eager pack {t_pack:.2f} s |")
-  print(f"| jitted step, lower + compile | FlatParams {t_flat:.2f} s "
-        f"| one-leaf tree, same size {t_one:.2f} s |")
-  print(f"| memory of the donated step | arguments {mem.argument_size_in_bytes / mb:.1f} MB | "
-        f"outputs {mem.output_size_in_bytes / mb:.1f} MB "
-        f"(aliased {mem.alias_size_in_bytes / mb:.1f} MB) | "
-        f"temporaries {mem.temp_size_in_bytes} bytes |")
+  print(
+    f"| jitted step, lower + compile | FlatParams {t_flat:.2f} s "
+    f"| one-leaf tree, same size {t_one:.2f} s |"
+  )
+  print(
+    f"| memory of the donated step | arguments {mem.argument_size_in_bytes / mb:.1f} MB | "
+    f"outputs {mem.output_size_in_bytes / mb:.1f} MB "
+    f"(aliased {mem.alias_size_in_bytes / mb:.1f} MB) | "
+    f"temporaries {mem.temp_size_in_bytes} bytes |"
+  )
 
 
 def gradient_costs(leaves: int = 300) -> None:
@@ -70,13 +75,18 @@ def gradient_costs(leaves: int = 300) -> None:
     return sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(t))
 
   def sliced(f):  # the view without its custom VJP
-    return f.layout.treedef.unflatten([
+    return f.layout.treedef.unflatten(
+      [
         jax.lax.slice(f.buffers[0], (s.start,), (s.start + int(np.prod(s.shape)),)).reshape(s.shape)
-        for s in f.layout.slots])
+        for s in f.layout.slots
+      ]
+    )
 
-  runs = {"flat.view() (custom VJP)": (lambda f: loss(f.view()), flat),
-          "plain slices (default transpose)": (lambda f: loss(sliced(f)), flat),
-          "the tree": (loss, tree)}
+  runs = {
+    "flat.view() (custom VJP)": (lambda f: loss(f.view()), flat),
+    "plain slices (default transpose)": (lambda f: loss(sliced(f)), flat),
+    "the tree": (loss, tree),
+  }
   compiled, compile_s = {}, {}
   for name, (fn, arg) in runs.items():
     compile_s[name], compiled[name] = _seconds(lambda: jax.jit(jax.grad(fn)).lower(arg).compile())
@@ -85,12 +95,15 @@ def gradient_costs(leaves: int = 300) -> None:
   for _ in range(15):  # interleaved, so that load from other processes hits all alike
     for name, (_, arg) in runs.items():
       times[name].append(_seconds(lambda: compiled[name](arg))[0])
-  print(f"\n| gradient, {leaves} leaves | compile s | run ms (median of 15, interleaved) "
-        "| temporaries MB |")
+  print(
+    f"\n| gradient, {leaves} leaves | compile s | run ms (median of 15, interleaved) "
+    "| temporaries MB |"
+  )
   print("|---|---|---|---|")
   for name in runs:
     temp = compiled[name].memory_analysis().temp_size_in_bytes / 1e6
     print(f"| {name} | {compile_s[name]:.1f} | {1e3 * np.median(times[name]):.2f} | {temp:.1f} |")
+
 
 if __name__ == "__main__":
   update_costs()

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,11 +44,11 @@ class Setting(NamedTuple):
 
 
 SETTINGS = (
-    Setting("fp32", jnp.float32, {}),
-    Setting("bf16 plain", jnp.bfloat16, {}),
-    Setting("bf16 + stochastic rounding", jnp.bfloat16, {"param_rounding": "stochastic"}),
-    Setting("bf16 + Kahan", jnp.bfloat16, {"param_rounding": "kahan"}),
-    Setting("fp32 + 8-bit moments", jnp.float32, {"moment_bits": 8}),
+  Setting("fp32", jnp.float32, {}),
+  Setting("bf16 plain", jnp.bfloat16, {}),
+  Setting("bf16 + stochastic rounding", jnp.bfloat16, {"param_rounding": "stochastic"}),
+  Setting("bf16 + Kahan", jnp.bfloat16, {"param_rounding": "kahan"}),
+  Setting("fp32 + 8-bit moments", jnp.float32, {"moment_bits": 8}),
 )
 
 
@@ -75,11 +76,20 @@ def _digits_task(quick: bool) -> Task:
 
   def evaluate(params):
     logits = model.apply(params, x_val)
-    return {"val_loss": float(optax.softmax_cross_entropy_with_integer_labels(logits, y_val).mean()),
-            "val_acc": float((logits.argmax(-1) == y_val).mean())}
+    return {
+      "val_loss": float(optax.softmax_cross_entropy_with_integer_labels(logits, y_val).mean()),
+      "val_acc": float((logits.argmax(-1) == y_val).mean()),
+    }
 
-  return Task("digits CNN", lambda key: model.init(key, x_tr[:1]), loss, batches, evaluate,
-              lr=3e-4, epochs=1 if quick else 5)
+  return Task(
+    "digits CNN",
+    lambda key: model.init(key, x_tr[:1]),
+    loss,
+    batches,
+    evaluate,
+    lr=3e-4,
+    epochs=1 if quick else 5,
+  )
 
 
 class _LM(nn.Module):
@@ -90,7 +100,8 @@ class _LM(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(self.vocab, self.d)(tokens) + self.param(
-        "pos", nn.initializers.normal(0.02), (tokens.shape[-1], self.d))
+      "pos", nn.initializers.normal(0.02), (tokens.shape[-1], self.d)
+    )
     mask = nn.make_causal_mask(tokens)
     for _ in range(self.layers):
       x = x + nn.SelfAttention(num_heads=4, qkv_features=self.d)(nn.LayerNorm()(x), mask=mask)
@@ -127,14 +138,21 @@ def _lm_task(quick: bool) -> Task:
   def batches(epoch):
     rng = np.random.default_rng(100 + epoch)
     starts = rng.integers(0, len(train) - seq - 1, (40 if quick else 300, batch))
-    return [np.stack([train[s:s + seq + 1] for s in row]) for row in starts]
+    return [np.stack([train[s : s + seq + 1] for s in row]) for row in starts]
 
   def evaluate(params):
-    windows = np.stack([val[s:s + seq + 1] for s in range(0, len(val) - seq - 1, seq)])
+    windows = np.stack([val[s : s + seq + 1] for s in range(0, len(val) - seq - 1, seq)])
     return {"val_loss": float(loss(params, windows))}
 
-  return Task("transformer LM", lambda key: model.init(key, train[None, :seq]), loss, batches,
-              evaluate, lr=3e-4, epochs=1 if quick else 3)
+  return Task(
+    "transformer LM",
+    lambda key: model.init(key, train[None, :seq]),
+    loss,
+    batches,
+    evaluate,
+    lr=3e-4,
+    epochs=1 if quick else 3,
+  )
 
 
 def _state_bytes(state) -> int:
@@ -151,7 +169,7 @@ def _run(task: Task, setting: Setting) -> dict:
 
   @jax.jit
   def train_step(params, state, batch):
-    wide = lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p)  # noqa: E731
+    wide = lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p)
     loss, grads = jax.value_and_grad(lambda p: task.loss(wide(p), batch))(params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
@@ -176,9 +194,15 @@ def _run(task: Task, setting: Setting) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(optimizer_step(params, state, grads))
     times.append(time.perf_counter() - start)
-  return {"task": task.name, "setting": setting.name, "params": n,
-          "state_bytes_per_param": bytes_per_param, "step_ms": 1e3 * float(np.median(times)),
-          "curve": curve, "final": curve[-1]}
+  return {
+    "task": task.name,
+    "setting": setting.name,
+    "params": n,
+    "state_bytes_per_param": bytes_per_param,
+    "step_ms": 1e3 * float(np.median(times)),
+    "curve": curve,
+    "final": curve[-1],
+  }
 
 
 def _table(rows: list[dict]) -> str:
@@ -187,29 +211,40 @@ def _table(rows: list[dict]) -> str:
     mine = [r for r in rows if r["task"] == task]
     fp32 = next(r for r in mine if r["setting"] == "fp32")["final"]
     acc = "val_acc" in fp32
-    lines += [f"### {task} ({mine[0]['params']:,} parameters, {len(mine[0]['curve'])} epochs)", "",
-              "| setting | state bytes / param | optimizer step (ms) | final val loss | gap to fp32 |"
-              + (" val accuracy |" if acc else ""),
-              "|---|---|---|---|---|" + ("---|" if acc else "")]
+    lines += [
+      f"### {task} ({mine[0]['params']:,} parameters, {len(mine[0]['curve'])} epochs)",
+      "",
+      "| setting | state bytes / param | optimizer step (ms) | final val loss | gap to fp32 |"
+      + (" val accuracy |" if acc else ""),
+      "|---|---|---|---|---|" + ("---|" if acc else ""),
+    ]
     for r in mine:
       f = r["final"]
-      lines.append(f"| {r['setting']} | {r['state_bytes_per_param']:.2f} | {r['step_ms']:.2f} | "
-                   f"{f['val_loss']:.4f} | {f['val_loss'] - fp32['val_loss']:+.4f} |"
-                   + (f" {f['val_acc']:.3f} |" if acc else ""))
+      lines.append(
+        f"| {r['setting']} | {r['state_bytes_per_param']:.2f} | {r['step_ms']:.2f} | "
+        f"{f['val_loss']:.4f} | {f['val_loss'] - fp32['val_loss']:+.4f} |"
+        + (f" {f['val_acc']:.3f} |" if acc else "")
+      )
     lines.append("")
   return "\n".join(lines)
 
 
 def _plot(rows: list[dict], path: Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   tasks = list(dict.fromkeys(r["task"] for r in rows))
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4))
   for ax, task in zip(np.atleast_1d(axes), tasks):
     for r in (r for r in rows if r["task"] == task):
-      ax.plot([c["epoch"] for c in r["curve"]], [c["val_loss"] for c in r["curve"]], marker="o",
-              label=f"{r['setting']} ({r['state_bytes_per_param']:.1f} B/param)")
+      ax.plot(
+        [c["epoch"] for c in r["curve"]],
+        [c["val_loss"] for c in r["curve"]],
+        marker="o",
+        label=f"{r['setting']} ({r['state_bytes_per_param']:.1f} B/param)",
+      )
     ax.set(title=task, xlabel="epoch", ylabel="validation loss")
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -217,8 +252,10 @@ def _plot(rows: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.memory", description=__doc__.split("\n")[0]
+  )
   p.add_argument("--quick", action="store_true", help="fewer epochs and batches (a test runs it)")
   p.add_argument("--out", type=Path, default=RESULTS, help="output directory")
   args = p.parse_args(argv)
@@ -227,13 +264,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for setting in SETTINGS:
       rows.append(_run(task, setting))
       f = rows[-1]["final"]
-      print(f"{task.name:15s} {setting.name:28s} {rows[-1]['state_bytes_per_param']:5.2f} B/param "
-            f"{rows[-1]['step_ms']:7.2f} ms  val loss {f['val_loss']:.4f}"
-            + (f"  acc {f['val_acc']:.3f}" if "val_acc" in f else ""), flush=True)
+      print(
+        f"{task.name:15s} {setting.name:28s} {rows[-1]['state_bytes_per_param']:5.2f} B/param "
+        f"{rows[-1]['step_ms']:7.2f} ms  val loss {f['val_loss']:.4f}"
+        + (f"  acc {f['val_acc']:.3f}" if "val_acc" in f else ""),
+        flush=True,
+      )
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "memory.json").write_text(json.dumps(rows, indent=1))
   (args.out / "memory.md").write_text(
-      "# Low-memory AdamW: `python -m benchmarks.memory`\n\n" + _table(rows))
+    "# Low-memory AdamW: `python -m benchmarks.memory`\n\n" + _table(rows)
+  )
   _plot(rows, args.out / "memory.png")
   return rows
 

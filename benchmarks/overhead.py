@@ -32,7 +32,7 @@ def plain_adamw(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2) -> optax.GradientT
   """The same AdamW step with no attention to rounding."""
 
   def init(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
     return (jnp.zeros([], jnp.int32), zeros(), zeros())
 
   def update(g, state, p):
@@ -44,7 +44,8 @@ def plain_adamw(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2) -> optax.GradientT
     step = lr / (1 - b1**t)
     bc2_sqrt = jnp.sqrt(1 - b2**t)
     new_p = jax.tree.map(
-        lambda p, m, v: p * (1 - lr * wd) - step * m / (jnp.sqrt(v) / bc2_sqrt + eps), p, m, v)
+      lambda p, m, v: p * (1 - lr * wd) - step * m / (jnp.sqrt(v) / bc2_sqrt + eps), p, m, v
+    )
     return jax.tree.map(lambda a, b: a - b, new_p, p), (count, m, v)
 
   return optax.GradientTransformation(init, update)
@@ -75,19 +76,24 @@ def _stepper(tx, n: int):
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000, 16_000_000])
+  parser.add_argument(
+    "--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000, 16_000_000]
+  )
   parser.add_argument("--reps", type=int, default=15)
   args = parser.parse_args(argv)
-  txs = {"adamw_jax.adamw": adamw_jax.adamw, "plain": plain_adamw,
-         "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=1e-2)}
+  txs = {
+    "adamw_jax.adamw": adamw_jax.adamw,
+    "plain": plain_adamw,
+    "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=1e-2),
+  }
   lines = [
-      "# Cost of fidelity: one AdamW step, float32, one leaf",
-      "",
-      f"`python -m benchmarks.overhead` on {platform.machine()}, {jax.device_count()} CPU device(s), "
-      f"jax {jax.__version__}; medians of {args.reps} interleaved repetitions (µs per step).",
-      "",
-      "| params | adamw_jax.adamw | plain (same math) | optax.adamw | ours / plain |",
-      "|---|---|---|---|---|",
+    "# Cost of fidelity: one AdamW step, float32, one leaf",
+    "",
+    f"`python -m benchmarks.overhead` on {platform.machine()}, {jax.device_count()} CPU device(s), "
+    f"jax {jax.__version__}; medians of {args.reps} interleaved repetitions (µs per step).",
+    "",
+    "| params | adamw_jax.adamw | plain (same math) | optax.adamw | ours / plain |",
+    "|---|---|---|---|---|",
   ]
   for n in args.sizes:
     runners = {name: _stepper(make(), n) for name, make in txs.items()}
@@ -97,8 +103,10 @@ def main(argv=None) -> None:
       for name, run in runners.items():
         times[name].append(run(inner))
     med = {name: float(np.median(v)) * 1e6 for name, v in times.items()}
-    row = (f"| {n:,} | {med['adamw_jax.adamw']:.1f} | {med['plain']:.1f} | {med['optax.adamw']:.1f} | "
-           f"{med['adamw_jax.adamw'] / med['plain']:.2f} |")
+    row = (
+      f"| {n:,} | {med['adamw_jax.adamw']:.1f} | {med['plain']:.1f} | {med['optax.adamw']:.1f} | "
+      f"{med['adamw_jax.adamw'] / med['plain']:.2f} |"
+    )
     lines.append(row)
     print(row, flush=True)
   OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def child(reps: int, steps: int) -> dict:
   import jax
   import numpy as np
   import optax
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import adamw_jax
 
@@ -67,7 +68,9 @@ def child(reps: int, steps: int) -> dict:
     return replicated
 
   rng = np.random.default_rng(0)
-  x = jax.device_put(rng.standard_normal((64, 256)).astype(np.float32), NamedSharding(mesh, P(AXIS)))
+  x = jax.device_put(
+    rng.standard_normal((64, 256)).astype(np.float32), NamedSharding(mesh, P(AXIS))
+  )
   y = jax.device_put(rng.integers(0, 256, 64).astype(np.int32), NamedSharding(mesh, P(AXIS)))
   params = jax.tree.map(np.asarray, MLP().init(jax.random.key(0), x[:1])["params"])  # host copies
   tx = adamw_jax.adamw(1e-3, weight_decay=0.1, mask=adamw_jax.decay_mask)
@@ -77,6 +80,7 @@ def child(reps: int, steps: int) -> dict:
       p = jax.lax.with_sharding_constraint(p, replicated)
       logits = MLP().apply({"params": p}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     grads = jax.grad(loss_fn)(params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -95,8 +99,8 @@ def child(reps: int, steps: int) -> dict:
     s = jax.jit(tx.init)(p) if layout == "FSDP" else jax.jit(tx.init, out_shardings=state_split)(p)
     out = (p_sh, state_split)
     fns = {
-        "train": jax.jit(train_step, out_shardings=out, donate_argnums=(0, 1)),
-        "update": jax.jit(update, out_shardings=out, donate_argnums=(1, 2)),
+      "train": jax.jit(train_step, out_shardings=out, donate_argnums=(0, 1)),
+      "update": jax.jit(update, out_shardings=out, donate_argnums=(1, 2)),
     }
     grads = jax.device_put(jax.tree.map(lambda a: a * 1e-3, params), p_sh)
     layouts[layout] = {"params": p, "state": s, "grads": grads, "fns": fns}
@@ -124,44 +128,61 @@ def child(reps: int, steps: int) -> dict:
   result = {"devices": n, "params": sum(a.size for a in jax.tree.leaves(params)), "layouts": {}}
   for layout in LAYOUTS:
     state = layouts[layout]["state"]
-    per_device = {d: 0 for d in jax.devices()}
+    per_device = dict.fromkeys(jax.devices(), 0)
     total = 0
     for leaf in jax.tree.leaves(state):
       total += leaf.nbytes
       for shard in leaf.addressable_shards:
         per_device[shard.device] += shard.data.nbytes
     result["layouts"][layout] = {
-        "train_ms": float(np.median(times[(layout, "train")])) * 1e3,
-        "update_ms": float(np.median(times[(layout, "update")])) * 1e3,
-        "state_bytes_total": total,
-        "state_bytes_per_device": max(per_device.values()),
+      "train_ms": float(np.median(times[(layout, "train")])) * 1e3,
+      "update_ms": float(np.median(times[(layout, "update")])) * 1e3,
+      "state_bytes_total": total,
+      "state_bytes_per_device": max(per_device.values()),
     }
   return result
 
 
 def run_child(devices: int, reps: int, steps: int) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                      + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.scaleout", "--child", "--reps", str(reps),
-       "--steps", str(steps)],
-      cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-      check=False)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.scaleout",
+      "--child",
+      "--reps",
+      str(reps),
+      "--steps",
+      str(steps),
+    ],
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
   if proc.returncode != 0 or len(lines) != 1:
     raise RuntimeError(f"{devices} devices: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-  return json.loads(lines[0][len(MARKER):])
+  return json.loads(lines[0][len(MARKER) :])
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| devices | layout | train step (ms) | update (ms) | state bytes per device | of total |",
-          "|---|---|---|---|---|---|"]
+  rows = [
+    "| devices | layout | train step (ms) | update (ms) | state bytes per device | of total |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in results:
     for layout, m in r["layouts"].items():
-      rows.append(f"| {r['devices']} | {layout} | {m['train_ms']:.2f} | {m['update_ms']:.2f} | "
-                  f"{m['state_bytes_per_device']:,} | {m['state_bytes_total']:,} |")
+      rows.append(
+        f"| {r['devices']} | {layout} | {m['train_ms']:.2f} | {m['update_ms']:.2f} | "
+        f"{m['state_bytes_per_device']:,} | {m['state_bytes_total']:,} |"
+      )
   return "\n".join(rows)
 
 
@@ -175,7 +196,8 @@ def main() -> None:
     print(MARKER + json.dumps(child(args.reps, args.steps)))
     return
   results = [run_child(n, args.reps, args.steps) for n in DEVICE_COUNTS]
-  md = "\n".join([
+  md = "\n".join(
+    [
       "# Scale-out: FSDP and ZeRO-1 with adamw_jax.adamw",
       "",
       f"`python -m benchmarks.scaleout` (reps={args.reps}, steps per rep={args.steps}); "
@@ -194,7 +216,8 @@ def main() -> None:
       "The 4-byte step count is replicated, so the share is total/devices + 4 bytes",
       "(with 1 device, the total).",
       "",
-  ])
+    ]
+  )
   OUT.parent.mkdir(parents=True, exist_ok=True)
   OUT.write_text(md)
   print(md)

@@ -41,13 +41,20 @@ import select
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 VARIANTS = {"default": "", "multi-output fusion": FLAG}
-METHODS = ("adamw_jax per-leaf", "adamw_jax fused", "adamw_jax per-leaf, pure JAX", "adamw_jax flat",
-           "optax.adamw", "torch foreach", "torch fused")
+METHODS = (
+  "adamw_jax per-leaf",
+  "adamw_jax fused",
+  "adamw_jax per-leaf, pure JAX",
+  "adamw_jax flat",
+  "optax.adamw",
+  "torch foreach",
+  "torch fused",
+)
 JAX_METHODS = METHODS[:5]
 PURE = "adamw_jax per-leaf, pure JAX"  # ADAMW_JAX_NATIVE=0 while it is traced
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
@@ -57,9 +64,12 @@ PAUSE_S = 0.02  # before each timed repetition (see _time_workload)
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
 
+
 def _jax_tx(method: str):
-  import adamw_jax
   import optax
+
+  import adamw_jax
+
   if method == "optax.adamw":
     return optax.adamw(1e-3, weight_decay=1e-2)
   return adamw_jax.adamw(1e-3, weight_decay=1e-2)
@@ -71,6 +81,7 @@ def _jax_setup(method: str, params_np: Any, grads_np: Any):
   import optax
 
   import adamw_jax
+
   tx = _jax_tx(method)
   params, grads = jax.device_put(params_np), jax.device_put(grads_np)
   if method == "adamw_jax flat":
@@ -90,6 +101,7 @@ def _jax_setup(method: str, params_np: Any, grads_np: Any):
 def _compile(method: str, step, *args):
   """Traces, lowers and compiles `step`; the pure-JAX column with the native kernel off."""
   from adamw_jax import _native
+
   saved = os.environ.get(_native.ENV)
   os.environ[_native.ENV] = "0" if method == PURE else "1"
   try:
@@ -103,14 +115,18 @@ def _compile(method: str, step, *args):
 def jax_runner(method: str, params_np: Any, grads_np: Any):
   """(run(k) -> seconds per step, peak memory, compile seconds) of one JAX method; also ``benchmarks.device``'s."""
   import jax
+
   step, params, state, grads = _jax_setup(method, params_np, grads_np)
   t0 = time.perf_counter()
   compiled = _compile(method, step, params, state, grads)
   compile_s = time.perf_counter() - t0
   stats = compiled.memory_analysis()
   peak = getattr(stats, "peak_memory_in_bytes", 0) or (
-      stats.argument_size_in_bytes + stats.output_size_in_bytes
-      - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
   box = [params, state]
 
   def run(k: int) -> float:
@@ -127,6 +143,7 @@ def _torch_runner(method: str, params_np: Any, grads_np: Any):
   import jax
   import torch
   from torch.profiler import ProfilerActivity, profile
+
   params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in jax.tree.leaves(params_np)]
   for p, g in zip(params, jax.tree.leaves(grads_np)):
     p.grad = torch.from_numpy(g)  # shared, read-only
@@ -153,6 +170,7 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
   import numpy as np
 
   from benchmarks import workloads
+
   n, _ = workloads.count(shapes)
   params_np = workloads.arrays(shapes, seed=0)
   grads_np = workloads.arrays(shapes, seed=1, scale=1e-2)
@@ -175,7 +193,7 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
   # A fresh random order each rep: a fixed cyclic order would always run one
   # method right after torch's threads (or after the same neighbour).
   rng = np.random.default_rng(0)
-  for rep in range(reps):
+  for _rep in range(reps):
     for method in rng.permutation(list(runners)):
       # A pause first: torch's OpenMP threads spin for milliseconds after a
       # parallel region and would take the cores from whatever runs next.
@@ -191,8 +209,13 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
       out[method] = {"skipped": skipped[method]}
       continue
     t = float(np.median(times[method]))
-    out[method] = {"ms": t * 1e3, "gbps": BYTES_PER_PARAM * n / t / 1e9, "ratio": t / fused,
-                   "memory": peaks[method] / (MINIMUM_PER_PARAM * n), "compile_s": compile_s[method]}
+    out[method] = {
+      "ms": t * 1e3,
+      "gbps": BYTES_PER_PARAM * n / t / 1e9,
+      "ratio": t / fused,
+      "memory": peaks[method] / (MINIMUM_PER_PARAM * n),
+      "compile_s": compile_s[method],
+    }
   return out
 
 
@@ -202,17 +225,31 @@ def _timings_worker(quick: bool, reps: int) -> dict:
   import torch
 
   from benchmarks import workloads
+
   rows = []
   for wl in workloads.WORKLOADS:
     shapes = wl.shapes(quick)
     n, leaves = workloads.count(shapes)
-    rows.append({"name": wl.name, "params": n, "leaves": leaves,
-                 "results": _time_workload(shapes, reps, 0.005 if quick else 0.04)})
-    print(f"  {wl.name}: " + ", ".join(
-        f"{m} {r['ratio']:.2f}x" for m, r in rows[-1]["results"].items() if "ratio" in r),
-        file=sys.stderr, flush=True)
-  return {"versions": f"jax {jax.__version__}, optax {optax.__version__}, torch {torch.__version__}",
-          "torch_threads": torch.get_num_threads(), "reps": reps, "workloads": rows}
+    rows.append(
+      {
+        "name": wl.name,
+        "params": n,
+        "leaves": leaves,
+        "results": _time_workload(shapes, reps, 0.005 if quick else 0.04),
+      }
+    )
+    print(
+      f"  {wl.name}: "
+      + ", ".join(f"{m} {r['ratio']:.2f}x" for m, r in rows[-1]["results"].items() if "ratio" in r),
+      file=sys.stderr,
+      flush=True,
+    )
+  return {
+    "versions": f"jax {jax.__version__}, optax {optax.__version__}, torch {torch.__version__}",
+    "torch_threads": torch.get_num_threads(),
+    "reps": reps,
+    "workloads": rows,
+  }
 
 
 APPLY_ONLY = "floor: apply_updates + 1 op per moment"  # what any optax AdamW step compiles at least
@@ -223,13 +260,16 @@ def _compile_worker(jobs: list[str]) -> None:
   import jax
   import numpy as np
   import optax
+
   for job in jobs:
     method, leaves = job.rsplit(":", 1)
     tree = {f"p{i:05d}": np.zeros(1000, np.float32) for i in range(int(leaves))}
     try:
       if method == APPLY_ONLY:
+
         def floor(p, s, g):  # two state leaves per parameter, in and out, and apply_updates
           return optax.apply_updates(p, g), jax.tree.map(lambda x: x + 1, s)
+
         step = jax.jit(floor, donate_argnums=(0, 1))
         args: tuple = (jax.device_put(tree), jax.device_put((tree, tree)), jax.device_put(tree))
       else:
@@ -243,6 +283,7 @@ def _compile_worker(jobs: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- orchestration
+
 
 def _env(flags: str) -> dict:
   env = dict(os.environ)
@@ -269,14 +310,17 @@ def _finish_timings(proc: subprocess.Popen) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-def _run_compiles(flags: str, jobs: list[str], timeout: float, startup: float = 15.0) -> dict[str, Any]:
+def _run_compiles(
+  flags: str, jobs: list[str], timeout: float, startup: float = 15.0
+) -> dict[str, Any]:
   """Compile times by job; a job that runs past `timeout` is killed and reported as "> timeout"."""
   root = pathlib.Path(__file__).resolve().parent.parent
   results: dict[str, Any] = {}
   pending = list(jobs)
   while pending:
-    proc = subprocess.Popen(_worker_cmd("compile", *pending), env=_env(flags), cwd=root,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+      _worker_cmd("compile", *pending), env=_env(flags), cwd=root, stdout=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + timeout + startup  # + the imports of a fresh process
     while pending:
       ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
@@ -315,34 +359,53 @@ def _fmt_seconds(value: Any) -> str:
 def report(data: dict) -> str:
   """The markdown report of one run (`data` as collected by :func:`collect`)."""
   lines = [
-      "# One AdamW step: adamw_jax, optax and torch on CPU",
-      "",
-      f"`{data['command']}` on {data['machine']}; {data['versions']} "
-      f"(torch threads: {data['torch_threads']}). Float32, medians of {data['reps']} "
-      "interleaved repetitions (a random order each) in one process; JAX steps are one jitted update + "
-      "`optax.apply_updates` with donated params and state. GB/s counts 28 bytes per "
-      "parameter; memory is the peak over the params + grads + moments minimum "
-      "(JAX: `compiled.memory_analysis()`; torch: that minimum plus every byte "
-      "allocated inside one `step()`, from `torch.profiler`).",
-      "",
+    "# One AdamW step: adamw_jax, optax and torch on CPU",
+    "",
+    f"`{data['command']}` on {data['machine']}; {data['versions']} "
+    f"(torch threads: {data['torch_threads']}). Float32, medians of {data['reps']} "
+    "interleaved repetitions (a random order each) in one process; JAX steps are one jitted update + "
+    "`optax.apply_updates` with donated params and state. GB/s counts 28 bytes per "
+    "parameter; memory is the peak over the params + grads + moments minimum "
+    "(JAX: `compiled.memory_analysis()`; torch: that minimum plus every byte "
+    "allocated inside one `step()`, from `torch.profiler`).",
+    "",
   ]
   if data["quick"]:
-    lines += ["**Quick smoke run**: tiny workloads (the names refer to the full sizes), two "
-              "repetitions, processes running concurrently. These numbers mean nothing.", ""]
+    lines += [
+      "**Quick smoke run**: tiny workloads (the names refer to the full sizes), two "
+      "repetitions, processes running concurrently. These numbers mean nothing.",
+      "",
+    ]
   methods = METHODS
-  lines += ["## Goals (default XLA flags; per workload, in the order of the tables below)", "",
-            *goals(data), ""]
+  lines += [
+    "## Goals (default XLA flags; per workload, in the order of the tables below)",
+    "",
+    *goals(data),
+    "",
+  ]
   for variant, timing in data["timings"].items():
     flags = VARIANTS[variant]
-    lines += [f"## Ratio to torch fused, {variant}" + (f" (`XLA_FLAGS={flags}`)" if flags else " XLA flags"),
-              "", "| workload | params | leaves | " + " | ".join(methods) + " |",
-              "|---|---|---|" + "---|" * len(methods)]
+    lines += [
+      f"## Ratio to torch fused, {variant}"
+      + (f" (`XLA_FLAGS={flags}`)" if flags else " XLA flags"),
+      "",
+      "| workload | params | leaves | " + " | ".join(methods) + " |",
+      "|---|---|---|" + "---|" * len(methods),
+    ]
     for wl in timing["workloads"]:
-      cells = [f"{r['ratio']:.2f}x" if "ratio" in r else "n/a" for r in (wl["results"][m] for m in methods)]
-      lines.append(f"| {wl['name']} | {wl['params']:,} | {wl['leaves']:,} | " + " | ".join(cells) + " |")
+      cells = [
+        f"{r['ratio']:.2f}x" if "ratio" in r else "n/a" for r in (wl["results"][m] for m in methods)
+      ]
+      lines.append(
+        f"| {wl['name']} | {wl['params']:,} | {wl['leaves']:,} | " + " | ".join(cells) + " |"
+      )
     lines.append("")
-  lines += ["## Details", "", "| flags | workload | method | ms/step | GB/s | × torch fused | peak memory / minimum |",
-            "|---|---|---|---|---|---|---|"]
+  lines += [
+    "## Details",
+    "",
+    "| flags | workload | method | ms/step | GB/s | × torch fused | peak memory / minimum |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for variant, timing in data["timings"].items():
     for wl in timing["workloads"]:
       for m in methods:
@@ -350,33 +413,47 @@ def report(data: dict) -> str:
         if "ms" not in r:
           lines.append(f"| {variant} | {wl['name']} | {m} | n/a | n/a | n/a | n/a |")
           continue
-        lines.append(f"| {variant} | {wl['name']} | {m} | {r['ms']:.2f} | {r['gbps']:.1f} | "
-                     f"{r['ratio']:.2f} | {r['memory']:.2f} |")
+        lines.append(
+          f"| {variant} | {wl['name']} | {m} | {r['ms']:.2f} | {r['gbps']:.1f} | "
+          f"{r['ratio']:.2f} | {r['memory']:.2f} |"
+        )
   many = data["timings"]["default"]["workloads"][2]
-  lines += ["", "## Compile time of the jitted step, default flags", "",
-            "Seconds to trace, lower and compile the donating jitted step (update + apply_updates) "
-            f"for a dict of float32 leaves. {many['leaves']:,} leaves: the '{many['name']}' "
-            "workload, measured while setting up its timing. More leaves (1,000 elements each): "
-            "a fresh process per measurement; one still running after the timeout is stopped "
-            "and reported as \"> timeout\". "
-            "The last column is the floor of any AdamW step under optax's contract: "
-            "`optax.apply_updates` and one elementwise operation per moment (two state "
-            "leaves per parameter), jitted with params and state donated.", "",
-            "| leaves | " + " | ".join(JAX_METHODS + (APPLY_ONLY,)) + " |",
-            "|---|" + "---|" * (len(JAX_METHODS) + 1)]
+  lines += [
+    "",
+    "## Compile time of the jitted step, default flags",
+    "",
+    "Seconds to trace, lower and compile the donating jitted step (update + apply_updates) "
+    f"for a dict of float32 leaves. {many['leaves']:,} leaves: the '{many['name']}' "
+    "workload, measured while setting up its timing. More leaves (1,000 elements each): "
+    "a fresh process per measurement; one still running after the timeout is stopped "
+    'and reported as "> timeout". '
+    "The last column is the floor of any AdamW step under optax's contract: "
+    "`optax.apply_updates` and one elementwise operation per moment (two state "
+    "leaves per parameter), jitted with params and state donated.",
+    "",
+    "| leaves | " + " | ".join((*JAX_METHODS, APPLY_ONLY)) + " |",
+    "|---|" + "---|" * (len(JAX_METHODS) + 1),
+  ]
   cells = [_fmt_seconds(many["results"][m].get("compile_s", "n/a")) for m in JAX_METHODS]
   lines.append(f"| {many['leaves']:,} | " + " | ".join(cells) + " | not run |")
   for leaves in data["compile_leaves"]:
-    cells = [_fmt_seconds(data["compiles"].get(f"{m}:{leaves}", "not run"))
-             for m in JAX_METHODS + (APPLY_ONLY,)]
+    cells = [
+      _fmt_seconds(data["compiles"].get(f"{m}:{leaves}", "not run"))
+      for m in (*JAX_METHODS, APPLY_ONLY)
+    ]
     lines.append(f"| {leaves:,} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
 GOALS = (  # (goal, method, peer, limit) on the ratio of medians, every workload
-    ("per-leaf adamw (update + apply_updates) <= 0.95x optax.adamw", "adamw_jax per-leaf", "optax.adamw", 0.95),
-    ("fused step <= 1.0x torch fused", "adamw_jax fused", "torch fused", 1.0),
-    ("fused step <= 0.9x torch fused (the real goal)", "adamw_jax fused", "torch fused", 0.9),
+  (
+    "per-leaf adamw (update + apply_updates) <= 0.95x optax.adamw",
+    "adamw_jax per-leaf",
+    "optax.adamw",
+    0.95,
+  ),
+  ("fused step <= 1.0x torch fused", "adamw_jax fused", "torch fused", 1.0),
+  ("fused step <= 0.9x torch fused (the real goal)", "adamw_jax fused", "torch fused", 0.9),
 )
 
 
@@ -386,33 +463,46 @@ def goals(data: dict) -> list[str]:
   rows = ["| goal | measured | met |", "|---|---|---|"]
   for goal, method, peer, limit in GOALS:
     ratios = [wl["results"][method]["ms"] / wl["results"][peer]["ms"] for wl in wls]
-    rows.append(f"| {goal} | " + ", ".join(f"{r:.2f}x" for r in ratios)
-                + f" | {'yes' if max(ratios) <= limit else 'no'} |")
+    rows.append(
+      f"| {goal} | "
+      + ", ".join(f"{r:.2f}x" for r in ratios)
+      + f" | {'yes' if max(ratios) <= limit else 'no'} |"
+    )
   many = wls[2]  # the many-leaves workload
   ours, theirs = (many["results"][m]["compile_s"] for m in ("adamw_jax per-leaf", "optax.adamw"))
-  rows.append(f"| per-leaf compile, {many['leaves']:,} leaves <= 1/10 of optax's | {ours:.2f} s vs {theirs:.2f} s "
-              f"({ours / theirs:.2f}) | {'yes' if ours <= theirs / 10 else 'no'} |")
+  rows.append(
+    f"| per-leaf compile, {many['leaves']:,} leaves <= 1/10 of optax's | {ours:.2f} s vs {theirs:.2f} s "
+    f"({ours / theirs:.2f}) | {'yes' if ours <= theirs / 10 else 'no'} |"
+  )
   for leaves in data["compile_leaves"]:
     got = data["compiles"].get(f"adamw_jax per-leaf:{leaves}")
     met = "yes" if isinstance(got, float) and got <= 5.0 else "no"
-    rows.append(f"| per-leaf compile, {leaves:,} leaves <= 5 s | {_fmt_seconds(got)} (optax: "
-                f"{_fmt_seconds(data['compiles'].get(f'optax.adamw:{leaves}'))}) | {met} |")
+    rows.append(
+      f"| per-leaf compile, {leaves:,} leaves <= 5 s | {_fmt_seconds(got)} (optax: "
+      f"{_fmt_seconds(data['compiles'].get(f'optax.adamw:{leaves}'))}) | {met} |"
+    )
   for method in ("adamw_jax per-leaf", "adamw_jax fused"):
     mem = [wl["results"][method]["memory"] for wl in wls]
-    rows.append(f"| {method}: memory with donation <= 1.1x the minimum | "
-                + ", ".join(f"{m:.2f}" for m in mem) + f" | {'yes' if max(mem) <= 1.1 else 'no'} |")
+    rows.append(
+      f"| {method}: memory with donation <= 1.1x the minimum | "
+      + ", ".join(f"{m:.2f}" for m in mem)
+      + f" | {'yes' if max(mem) <= 1.1 else 'no'} |"
+    )
   return rows
 
 
 def plot(data: dict, path: pathlib.Path) -> None:
   """Grouped bars of the ratio to torch fused, one panel per flag setting."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
   variants = list(data["timings"])
-  fig, axes = plt.subplots(1, len(variants), figsize=(7 * len(variants), 4.5), sharey=True, squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(variants), figsize=(7 * len(variants), 4.5), sharey=True, squeeze=False
+  )
   shown = [m for m in METHODS if m != "torch fused"]
   for ax, variant in zip(axes[0], variants):
     wls = data["timings"][variant]["workloads"]
@@ -436,9 +526,14 @@ def plot(data: dict, path: pathlib.Path) -> None:
 
 
 def collect(quick: bool, reps: int, compile_leaves: list[int], timeout: float) -> dict:
-  data: dict[str, Any] = {"command": "python -m benchmarks.speed" + (" --quick" if quick else ""), "quick": quick,
-                          "machine": _machine(), "compile_leaves": compile_leaves,
-                          "timings": {}, "compiles": {}}
+  data: dict[str, Any] = {
+    "command": "python -m benchmarks.speed" + (" --quick" if quick else ""),
+    "quick": quick,
+    "machine": _machine(),
+    "compile_leaves": compile_leaves,
+    "timings": {},
+    "compiles": {},
+  }
   # Sequential, except in a quick (smoke) run, whose timings mean nothing anyway.
   procs = {}
   for variant, flags in VARIANTS.items():
@@ -448,7 +543,7 @@ def collect(quick: bool, reps: int, compile_leaves: list[int], timeout: float) -
       data["timings"][variant] = _finish_timings(procs[variant])
   # Compile times with the default flags only (minutes per variant for the per-leaf updates).
   print("compile times", file=sys.stderr, flush=True)
-  jobs = [f"{m}:{n}" for n in compile_leaves for m in JAX_METHODS + (APPLY_ONLY,)]
+  jobs = [f"{m}:{n}" for n in compile_leaves for m in (*JAX_METHODS, APPLY_ONLY)]
   data["compiles"] = _run_compiles("", jobs, timeout)
   for variant, proc in procs.items():
     if variant not in data["timings"]:
@@ -458,13 +553,23 @@ def collect(quick: bool, reps: int, compile_leaves: list[int], timeout: float) -
   return data
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny workloads and few repetitions (smoke run)")
-  parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 25; quick 2)")
-  parser.add_argument("--compile-timeout", type=float, default=45.0,
-                      help="seconds before a compile-time measurement is reported as '> N s'")
-  parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="directory for speed.md and speed.png")
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny workloads and few repetitions (smoke run)"
+  )
+  parser.add_argument(
+    "--reps", type=int, default=None, help="interleaved repetitions (default 25; quick 2)"
+  )
+  parser.add_argument(
+    "--compile-timeout",
+    type=float,
+    default=45.0,
+    help="seconds before a compile-time measurement is reported as '> N s'",
+  )
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=RESULTS, help="directory for speed.md and speed.png"
+  )
   parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 25)

@@ -7,7 +7,8 @@ gradients are a second tree of the same shapes, drawn once and kept fixed.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,12 +28,13 @@ def _one_leaf(quick: bool) -> dict:
 def transformer(d: int, ff: int, vocab: int, blocks: int) -> dict:
   """A decoder-only transformer's tree: an embedding and `blocks` blocks of 12 leaves."""
   block = {
-      "ln1": {"scale": (d,), "bias": (d,)},
-      "attn": {"qkv": {"kernel": (d, 3 * d), "bias": (3 * d,)},
-               "out": {"kernel": (d, d), "bias": (d,)}},
-      "ln2": {"scale": (d,), "bias": (d,)},
-      "mlp": {"fc1": {"kernel": (d, ff), "bias": (ff,)},
-              "fc2": {"kernel": (ff, d), "bias": (d,)}},
+    "ln1": {"scale": (d,), "bias": (d,)},
+    "attn": {
+      "qkv": {"kernel": (d, 3 * d), "bias": (3 * d,)},
+      "out": {"kernel": (d, d), "bias": (d,)},
+    },
+    "ln2": {"scale": (d,), "bias": (d,)},
+    "mlp": {"fc1": {"kernel": (d, ff), "bias": (ff,)}, "fc2": {"kernel": (ff, d), "bias": (d,)}},
   }
   tree = {f"block{i}": block for i in range(blocks)}
   tree["embed"] = {"embedding": (vocab, d)}
@@ -55,7 +57,7 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = lambda: nn.BatchNorm(use_running_average=not train)  # noqa: E731
+    norm = lambda: nn.BatchNorm(use_running_average=not train)
     y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
@@ -89,19 +91,20 @@ def _resnet(quick: bool) -> dict:
 
 
 WORKLOADS = (
-    Workload("one 16M-element leaf", _one_leaf),
-    Workload("transformer-like tree (73 leaves)", _transformer),
-    Workload("2000 leaves x 1k", _many_leaves),
-    Workload("Flax ResNet-18 params", _resnet),
+  Workload("one 16M-element leaf", _one_leaf),
+  Workload("transformer-like tree (73 leaves)", _transformer),
+  Workload("2000 leaves x 1k", _many_leaves),
+  Workload("Flax ResNet-18 params", _resnet),
 )
 
 
 def arrays(shapes: dict, seed: int, scale: float = 1.0) -> dict:
   """Random float32 NumPy arrays with the given shapes (a tree of shape tuples)."""
   rng = np.random.default_rng(seed)
-  is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
-  return jax.tree.map(lambda s: (rng.standard_normal(s) * scale).astype(np.float32), shapes,
-                      is_leaf=is_shape)
+  is_shape = lambda s: isinstance(s, tuple)
+  return jax.tree.map(
+    lambda s: (rng.standard_normal(s) * scale).astype(np.float32), shapes, is_leaf=is_shape
+  )
 
 
 def count(shapes: dict) -> tuple[int, int]:

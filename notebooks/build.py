@@ -31,7 +31,7 @@ def code(text: str):
 
 
 QUICKSTART = [
-    md("""
+  md("""
     # AdamW in Flax, step for step with PyTorch
 
     This notebook trains a small CNN on scikit-learn's 8×8 digits with
@@ -45,7 +45,7 @@ QUICKSTART = [
     (`python -m adamw_jax.demo --compare-torch` is the script version).
     Runs in well under a minute on 2 CPU cores.
     """),
-    code("""
+  code("""
     import os
     import time
 
@@ -62,7 +62,7 @@ QUICKSTART = [
     x_tr, y_tr, x_val, y_val = demo.load_data()  # (N, 8, 8, 1) in [0, 1]; stratified 80/20 split
     print(f"train {x_tr.shape}, validation {x_val.shape}")
     """),
-    md("""
+  md("""
     ## Model, mask, schedule, optimizer
 
     `demo.CNN` is two 3×3 SiLU convolutions (16 and 32 channels), 2×2 average
@@ -70,14 +70,14 @@ QUICKSTART = [
     default rule of `adamw_jax.decay_mask`, and `describe_mask` prints what it
     decided, so a wrong mask is visible before training rather than after.
     """),
-    code("""
+  code("""
     model = demo.CNN()
     params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
 
     mask = adamw_jax.decay_mask(params)   # kernels: decayed; biases: not
     print(adamw_jax.describe_mask(params, mask))
     """),
-    code("""
+  code("""
     EPOCHS, BATCH, PEAK_LR, WEIGHT_DECAY = 8, 32, 1e-2, 5e-2
     steps_per_epoch = len(x_tr) // BATCH
     total_steps = EPOCHS * steps_per_epoch
@@ -105,7 +105,7 @@ QUICKSTART = [
     def accuracy(params, x, y):
       return (model.apply({"params": params}, x).argmax(-1) == y).mean()
     """),
-    md("""
+  md("""
     ## The torch twin
 
     `demo.TorchRun` builds the same CNN with `torch.nn`, loads **our initial
@@ -114,15 +114,15 @@ QUICKSTART = [
     undecayed biases, from the same mask rule — and a `LambdaLR` giving torch the
     very float32 learning rates our schedule gives JAX.
     """),
-    code("""
+  code("""
     assert jax.tree.all(jax.tree.map(lambda a, b: a == b, mask, demo.decay_mask(params))), \\
         "TorchRun's param groups must be built from the same mask"
     jit_schedule = jax.jit(schedule)  # the lr of step t, exactly as inside the optimizer
     torch_run = demo.TorchRun(params, lambda t: float(jit_schedule(t)), WEIGHT_DECAY)
     print("max |param difference| at the start:", torch_run.max_abs_diff(params))
     """),
-    md("## Train both on the same batches"),
-    code("""
+  md("## Train both on the same batches"),
+  code("""
     rng = np.random.default_rng(0)
     history = {"loss_jax": [], "loss_torch": [], "acc_jax": [], "acc_torch": [], "max_diff": []}
     for epoch in range(1, EPOCHS + 1):
@@ -138,7 +138,7 @@ QUICKSTART = [
             f"val acc {history['acc_jax'][-1]:.4f} / {history['acc_torch'][-1]:.4f}   "
             f"max |dparam| {history['max_diff'][-1]:.1e}")
     """),
-    code("""
+  code("""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = np.arange(1, total_steps + 1)
     axes[0].plot(steps, history["loss_torch"], lw=3, alpha=0.4, label="torch.optim.AdamW")
@@ -160,7 +160,7 @@ QUICKSTART = [
     plt.show()
     print(f"total time {time.perf_counter() - t_start:.1f} s")
     """),
-    md("""
+  md("""
     ## What this shows
 
     * Same initial weights, same batches, same schedule: the JAX and PyTorch
@@ -178,7 +178,7 @@ QUICKSTART = [
 
 
 ADAM_VS_ADAMW = [
-    md("""
+  md("""
     # Adam + L2 vs AdamW: is the best weight decay decoupled from the learning rate?
 
     Loshchilov & Hutter's central claim (*Decoupled Weight Decay
@@ -202,7 +202,7 @@ ADAM_VS_ADAMW = [
     and batch order), all 108 runs trained at once: `jax.vmap` over
     hyperparameters passed as arrays, which our transforms accept.
     """),
-    code("""
+  code("""
     import os
     import time
 
@@ -230,7 +230,7 @@ ADAM_VS_ADAMW = [
     print(f"{N_TRAIN} training digits, {np.mean(y_noisy != Y[order[:N_TRAIN]]):.0%} mislabeled; "
           f"{len(x_val)} clean validation digits")
     """),
-    code("""
+  code("""
     HIDDEN, BATCH, EPOCHS, SEEDS = 128, 40, 40, 3
     STEPS = EPOCHS * N_TRAIN // BATCH
     MASK = {"hidden": {"kernel": True, "bias": False}, "out": {"kernel": True, "bias": False}}
@@ -292,13 +292,13 @@ ADAM_VS_ADAMW = [
       return np.asarray(jax.jit(f)(jnp.asarray(lrs, jnp.float32), jnp.asarray(wds, jnp.float32),
                                    jnp.arange(SEEDS)))
     """),
-    md("""
+  md("""
     The weight-decay axes differ because the coefficients mean different things:
     an L2 coefficient, torch's `wd` (per-step decay `lr_t·wd`) and the paper's
     `λ` (per-step decay `η_t·λ`, i.e. `λ = lr·wd` at the peak). Each range is
     3 decades in half-decade steps, placed to contain the optimum.
     """),
-    code("""
+  code("""
     LRS = 10.0 ** np.arange(-3.5, -0.9, 0.5)                  # 3.2e-4 ... 1e-1
     WDS = {"Adam + L2": 10.0 ** np.arange(-4.0, -1.4, 0.5),     # L2 coefficient
            "AdamW (torch)": 10.0 ** np.arange(-1.5, 1.1, 0.5),  # torch's weight_decay
@@ -309,7 +309,7 @@ ADAM_VS_ADAMW = [
       errors[method] = grid(method, LRS, wds)
       print(f"{method}: {errors[method].size} runs in {time.perf_counter() - t:.1f} s")
     """),
-    code("""
+  code("""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     for ax, (method, err) in zip(axes, errors.items()):
       mean = 100 * err.mean(-1)
@@ -332,7 +332,7 @@ ADAM_VS_ADAMW = [
       fig.savefig("images/02_adam_vs_adamw.png", dpi=55, bbox_inches="tight")
     plt.show()
     """),
-    md("""
+  md("""
     ## Reading the grids
 
     A decoupled optimum shows as red boxes in **one row**: the same weight
@@ -344,7 +344,7 @@ ADAM_VS_ADAMW = [
     tuning the decay separately for each; compare it with the seed-to-seed
     noise, the standard deviation over seeds at those learning rates.
     """),
-    code("""
+  code("""
     for method, err in errors.items():
       mean = 100 * err.mean(-1)
       good = mean.min(axis=1) <= mean.min() + 3
@@ -358,7 +358,7 @@ ADAM_VS_ADAMW = [
             f"regret {regret[j]:.1f} points (seed noise {noise:.1f})")
     print(f"total time {time.perf_counter() - t_start:.1f} s")
     """),
-    md("""
+  md("""
     ## What this small experiment shows — and what it cannot
 
     The numbers above are regenerated on every execution; these remarks were
@@ -395,7 +395,7 @@ ADAM_VS_ADAMW = [
 
 
 MIGRATION = [
-    md("""
+  md("""
     # Moving a training run from PyTorch to JAX, optimizer state and all
 
     Porting a model to JAX usually means restarting optimisation: the weights can be
@@ -409,7 +409,7 @@ MIGRATION = [
     loss against a run that stayed in PyTorch (and against a JAX run that restarted the
     optimizer from scratch). At the end it goes back: `adamw_jax.to_torch_state_dict`.
     """),
-    code("""
+  code("""
     import os
 
     import jax
@@ -427,10 +427,10 @@ MIGRATION = [
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the tensors are tiny: threads cost more than they save
     """),
-    md("""
+  md("""
     ## Data: the digits, 80/20 split, pixels in [0, 1]
     """),
-    code("""
+  code("""
     digits = load_digits()
     x_train, x_val, y_train, y_val = train_test_split(
         (digits.images / 16.0).astype(np.float32), digits.target, test_size=0.2,
@@ -440,14 +440,14 @@ MIGRATION = [
     batches = [rng.choice(len(x_train), BATCH, replace=False) for _ in range(STEPS)]  # the same for every run
     print(x_train.shape, x_val.shape)
     """),
-    md("""
+  md("""
     ## Train in PyTorch for 150 steps
 
     Two param groups, the usual recipe: weights decayed, biases not. The model flattens
     in NHWC order (`permute` before `flatten`) so that its `Linear` sees the features
     in the order Flax's `reshape` gives them: that is model code, not optimizer state.
     """),
-    code("""
+  code("""
     class TorchCNN(torch.nn.Module):
       def __init__(self):
         super().__init__()
@@ -482,7 +482,7 @@ MIGRATION = [
     torch_losses = [torch_step(torch_model, torch_opt, t) for t in range(SWITCH)]
     print(f"step {SWITCH}: loss {torch_losses[-1]:.4f}")
     """),
-    md("""
+  md("""
     ## Move to Flax NNX
 
     The same architecture in Flax. `adamw_jax.flax_layout` maps torch names to Flax
@@ -490,7 +490,7 @@ MIGRATION = [
     `fc.weight` (out, in) → `fc/kernel` (in, out), biases as they are. We use it for the
     weights here, and `from_torch` uses it for the moments.
     """),
-    code("""
+  code("""
     class FlaxCNN(nnx.Module):
       def __init__(self, rngs):
         self.conv = nnx.Conv(1, 8, kernel_size=(3, 3), padding="SAME", rngs=rngs)
@@ -524,12 +524,12 @@ MIGRATION = [
                         - torch_model(torch.tensor(x_check[:, None])).detach().numpy()))
     print(f"max |flax logits - torch logits| = {gap:.2e}")
     """),
-    md("""
+  md("""
     Now the optimizer. `names=torch_model` names the optimizer's parameters (matched by
     identity); the two torch param groups become an `adamw_jax.param_groups` transform
     with groups `group0` and `group1`, each holding its own moments and step count.
     """),
-    code("""
+  code("""
     tx, opt_state = adamw_jax.from_torch(torch_opt, params, names=torch_model, mapping=mapping)
     for group, inner in opt_state.inner_states.items():
       print(group, "step", int(inner.inner_state.count))
@@ -540,10 +540,10 @@ MIGRATION = [
     optimizer = nnx.Optimizer(flax_model, tx, wrt=nnx.Param)
     nnx.update(optimizer.opt_state, nnx.state(opt_state))      # put torch's moments in
     """),
-    md("""
+  md("""
     ## Finish in JAX, and the two references
     """),
-    code("""
+  code("""
     xj_train, yj_train = jnp.asarray(x_train[..., None]), jnp.asarray(y_train)
 
 
@@ -569,7 +569,7 @@ MIGRATION = [
     print(f"final loss: torch all the way {reference_losses[-1]:.4f}, moved to JAX {jax_losses[-1]:.4f}, "
           f"JAX with a fresh optimizer {restart_losses[-1]:.4f}")
     """),
-    code("""
+  code("""
     steps = np.arange(1, STEPS + 1)
     reference = np.array(reference_losses)
     fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=(12, 4))
@@ -594,7 +594,7 @@ MIGRATION = [
       fig.savefig("images/03_pytorch_to_jax.png", dpi=60, bbox_inches="tight")
     plt.show()
     """),
-    code("""
+  code("""
     def accuracy_jax(model):
       return float(jnp.mean(jnp.argmax(model(jnp.asarray(x_val[..., None])), -1) == y_val))
 
@@ -609,7 +609,7 @@ MIGRATION = [
     print("largest |moved - torch| over the losses of steps 151-300:",
           f"{np.max(np.abs(np.array(jax_losses) - np.array(reference_losses[SWITCH:]))):.2e}")
     """),
-    md("""
+  md("""
     The JAX continuation follows the PyTorch run (the two frameworks round the
     convolution and the matrix products differently, so the curves agree to float32
     rounding, not bit for bit; given the same gradients the optimizer itself is bitwise
@@ -624,7 +624,7 @@ MIGRATION = [
     torch optimizer that is to continue (here a fresh one over a fresh model with the
     same groups) and the same `names` / `mapping`.
     """),
-    code("""
+  code("""
     final = {path_of(k): np.asarray(v) for k, v in
              jax.tree_util.tree_flatten_with_path(nnx.as_pure(nnx.state(flax_model, nnx.Param)))[0]}
     back_model = TorchCNN()
@@ -645,7 +645,7 @@ MIGRATION = [
 
 
 LOW_MEMORY = [
-    md("""
+  md("""
     # bfloat16 parameters that still learn, and 8-bit moments
 
     A bfloat16 parameter written round-to-nearest drops every update smaller
@@ -656,7 +656,7 @@ LOW_MEMORY = [
     `param_rounding="kahan"` (torch-optimi's Kahan sums) — and with 8-bit
     block-wise quantized moments (`moment_bits=8`, torchao's `AdamW8bit`).
     """),
-    code("""
+  code("""
     import os
     import jax, jax.numpy as jnp, numpy as np, optax
     import matplotlib.pyplot as plt
@@ -699,10 +699,10 @@ LOW_MEMORY = [
       nbytes = sum(x.nbytes for x in jax.tree.leaves(state)) / w0.size
       print(f"{name:28s} final loss {curve[-1]:9.5f}   state {nbytes:.2f} bytes/param")
     """),
-    md("""
+  md("""
     Plain bfloat16 stalls once the steps fall below half an ulp; the cures track float32.
     """),
-    code("""
+  code("""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (curve, _) in runs.items():
       ax.semilogy(curve, label=name)
@@ -720,9 +720,13 @@ LOW_MEMORY = [
 
 
 def write(name: str, cells) -> pathlib.Path:
-  nb = v4.new_notebook(cells=cells, metadata={
+  nb = v4.new_notebook(
+    cells=cells,
+    metadata={
       "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-      "language_info": {"name": "python"}})
+      "language_info": {"name": "python"},
+    },
+  )
   path = HERE / name
   nbformat.write(nb, path)
   return path
@@ -733,8 +737,9 @@ def execute(path: pathlib.Path) -> None:
 
   nb = nbformat.read(path, as_version=4)
   os.environ["SAVE_IMAGES"] = "1"
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(HERE)}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+  ).execute()
   for cell in nb.cells:  # print what the notebook printed (its figures are in images/)
     for out in cell.get("outputs", []):
       if out.get("name") == "stdout":
@@ -743,11 +748,18 @@ def execute(path: pathlib.Path) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--images", action="store_true",
-                      help="execute the notebooks and save their figures to notebooks/images/")
+  parser.add_argument(
+    "--images",
+    action="store_true",
+    help="execute the notebooks and save their figures to notebooks/images/",
+  )
   args = parser.parse_args()
-  paths = [write("01_quickstart.ipynb", QUICKSTART), write("02_adam_vs_adamw.ipynb", ADAM_VS_ADAMW),
-           write("03_pytorch_to_jax.ipynb", MIGRATION), write("04_low_memory.ipynb", LOW_MEMORY)]
+  paths = [
+    write("01_quickstart.ipynb", QUICKSTART),
+    write("02_adam_vs_adamw.ipynb", ADAM_VS_ADAMW),
+    write("03_pytorch_to_jax.ipynb", MIGRATION),
+    write("04_low_memory.ipynb", LOW_MEMORY),
+  ]
   for path in paths:
     print(f"wrote {path.relative_to(HERE.parent)}")
     if args.images:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -35,7 +34,7 @@ class Block:
   code: str
   line: int  # the opening fence's line, 1-based
   headings: tuple[str, ...]  # the titles of the headings it is under, outermost first
-  marker: Optional[str]  # the docs-test marker on the line before the fence
+  marker: str | None  # the docs-test marker on the line before the fence
   right_after: bool  # only blank lines between it and the block before it
 
   @property
@@ -75,18 +74,25 @@ def blocks(path: pathlib.Path) -> list[Block]:
         end += 1
       assert end < len(lines), f"{path.name}:{i + 1}: unclosed code block"
       marker = _MARKER.fullmatch(lines[i - 1].strip()) if i else None
-      gap = lines[last_end + 1:i] if found else ["x"]
-      found.append(Block(page=path, lang=lang, code="\n".join(lines[i + 1:end]) + "\n", line=i + 1,
-                         headings=tuple(h[1] for h in headings),
-                         marker=marker.group(1) if marker else None,
-                         right_after=not any(g.strip() for g in gap)))
+      gap = lines[last_end + 1 : i] if found else ["x"]
+      found.append(
+        Block(
+          page=path,
+          lang=lang,
+          code="\n".join(lines[i + 1 : end]) + "\n",
+          line=i + 1,
+          headings=tuple(h[1] for h in headings),
+          marker=marker.group(1) if marker else None,
+          right_after=not any(g.strip() for g in gap),
+        )
+      )
       last_end = end
       i = end
     i += 1
   return found
 
 
-def section(path: pathlib.Path, title: str, lang: Optional[str] = "python") -> list[Block]:
+def section(path: pathlib.Path, title: str, lang: str | None = "python") -> list[Block]:
   """The blocks under the heading `title` (at any level), of language `lang` (None: all)."""
   chosen = [b for b in blocks(path) if title in b.headings and (lang is None or b.lang == lang)]
   assert chosen, f"no {lang or ''} block under {title!r} in {path.name}"

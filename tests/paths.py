@@ -14,5 +14,7 @@ def _key(k) -> str:
 
 def by_path(tree, is_leaf=None) -> dict:
   """Leaves of `tree` keyed by their '/'-joined path."""
-  return {"/".join(_key(k) for k in path): leaf
-          for path, leaf in jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+  return {
+    "/".join(_key(k) for k in path): leaf
+    for path, leaf in jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  }

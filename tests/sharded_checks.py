@@ -20,14 +20,16 @@ import re
 import sys
 import time
 import traceback
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import adamw_jax
 from tests import docs_pages
@@ -43,6 +45,7 @@ _COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 # Model, data and sharding rules
 # --------------------------------------------------------------------------
 
+
 class MLP(nn.Module):
   """Small (compiles fast); every parameter has an axis divisible by 8, so ZeRO-1 splits all."""
 
@@ -54,15 +57,19 @@ class MLP(nn.Module):
 
 def batch(seed: int):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((32, 24)), jnp.float32),
-          jnp.asarray(rng.integers(0, 16, 32), jnp.int32))
+  return (
+    jnp.asarray(rng.standard_normal((32, 24)), jnp.float32),
+    jnp.asarray(rng.integers(0, 16, 32), jnp.int32),
+  )
 
 
 def init_params(bf16_leaf: bool):
   params = MLP().init(jax.random.key(0), batch(0)[0])["params"]
   if bf16_leaf:  # mixed dtypes: one kernel in bfloat16
-    params = {**params, "Dense_0": {**params["Dense_0"],
-                                    "kernel": params["Dense_0"]["kernel"].astype(jnp.bfloat16)}}
+    params = {
+      **params,
+      "Dense_0": {**params["Dense_0"], "kernel": params["Dense_0"]["kernel"].astype(jnp.bfloat16)},
+    }
   return params
 
 
@@ -96,6 +103,7 @@ def one_device(tree):
 # The configurations
 # --------------------------------------------------------------------------
 
+
 class Config(NamedTuple):
   make: Callable[[], optax.GradientTransformation]
   bf16_leaf: bool = False
@@ -103,18 +111,25 @@ class Config(NamedTuple):
 
 
 CONFIGS = {
-    "decay_mask_schedule": Config(
-        lambda: adamw_jax.adamw(optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.1,
-                                mask=adamw_jax.decay_mask)),
-    "amsgrad_bf16_leaf": Config(
-        lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True), bf16_leaf=True),
-    "chain_mu_bf16_maximize": Config(lambda: optax.chain(
-        adamw_jax.scale_by_adam(mu_dtype=jnp.bfloat16, maximize=True),
-        adamw_jax.add_decayed_weights(1e-2, mask=adamw_jax.decay_mask),
-        optax.scale_by_learning_rate(-1e-2))),
-    "clip_by_global_norm": Config(
-        lambda: optax.chain(optax.clip_by_global_norm(0.5), adamw_jax.adamw(1e-2)),
-        global_reduction=True),
+  "decay_mask_schedule": Config(
+    lambda: adamw_jax.adamw(
+      optax.linear_schedule(1e-2, 1e-3, 10), weight_decay=0.1, mask=adamw_jax.decay_mask
+    )
+  ),
+  "amsgrad_bf16_leaf": Config(
+    lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True), bf16_leaf=True
+  ),
+  "chain_mu_bf16_maximize": Config(
+    lambda: optax.chain(
+      adamw_jax.scale_by_adam(mu_dtype=jnp.bfloat16, maximize=True),
+      adamw_jax.add_decayed_weights(1e-2, mask=adamw_jax.decay_mask),
+      optax.scale_by_learning_rate(-1e-2),
+    )
+  ),
+  "clip_by_global_norm": Config(
+    lambda: optax.chain(optax.clip_by_global_norm(0.5), adamw_jax.adamw(1e-2)),
+    global_reduction=True,
+  ),
 }
 
 CHECKS: dict[str, Callable[[], str]] = {}
@@ -124,12 +139,14 @@ def check(name: str):
   def register(fn):
     CHECKS[name] = fn
     return fn
+
   return register
 
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
+
 
 def train_step(tx, compute=None):
   """Forward/backward and the optimizer update.
@@ -145,6 +162,7 @@ def train_step(tx, compute=None):
       if compute is not None:
         p = jax.lax.with_sharding_constraint(p, compute)
       return loss_fn(p, x, y)
+
     loss, grads = jax.value_and_grad(loss_of)(params)
     if compute is not None:
       grads = jax.lax.with_sharding_constraint(grads, compute)
@@ -184,9 +202,13 @@ def bitwise_diffs(a, b) -> list[str]:
 
 
 def max_abs_diff(a, b) -> float:
-  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
-                                                        - np.asarray(y, np.float64)), initial=0.0)),
-                       a, b)
+  diffs = jax.tree.map(
+    lambda x, y: float(
+      np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0)
+    ),
+    a,
+    b,
+  )
   return max(jax.tree.leaves(diffs), default=0.0)
 
 
@@ -200,15 +222,16 @@ def sharding_mismatches(state, params) -> list[str]:
       moments = getattr(part, field)
       if moments is None:
         continue
-      for (path, m), p in zip(jax.tree_util.tree_flatten_with_path(moments)[0],
-                              jax.tree.leaves(params)):
+      for (path, m), p in zip(
+        jax.tree_util.tree_flatten_with_path(moments)[0], jax.tree.leaves(params)
+      ):
         if not m.sharding.is_equivalent_to(p.sharding, p.ndim):
           bad.append(f"{field}{jax.tree_util.keystr(path)}: {m.sharding} vs {p.sharding}")
   return bad
 
 
 def adam_states(state) -> list[adamw_jax.ScaleByAdamState]:
-  is_adam = lambda s: isinstance(s, adamw_jax.ScaleByAdamState)  # noqa: E731
+  is_adam = lambda s: isinstance(s, adamw_jax.ScaleByAdamState)
   return [s for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
 
 
@@ -220,6 +243,7 @@ def collectives_in(hlo: str) -> list[str]:
 # FSDP: parameters and state split over the 8 devices
 # --------------------------------------------------------------------------
 
+
 def _fsdp_init(config_name: str, kind: str, jitted: bool) -> str:
   config = CONFIGS[config_name]
   mesh = mesh_of(kind)
@@ -227,16 +251,20 @@ def _fsdp_init(config_name: str, kind: str, jitted: bool) -> str:
   params = jax.device_put(params, split_shardings(params, mesh))
   tx = config.make()
   state = jax.jit(tx.init)(params) if jitted else tx.init(params)
-  moments = sum(len(jax.tree.leaves(s.mu)) + len(jax.tree.leaves(s.nu))
-                + len(jax.tree.leaves(s.nu_max)) for s in adam_states(state))
+  moments = sum(
+    len(jax.tree.leaves(s.mu)) + len(jax.tree.leaves(s.nu)) + len(jax.tree.leaves(s.nu_max))
+    for s in adam_states(state)
+  )
   assert moments >= 2 * len(jax.tree.leaves(params)), f"only {moments} moments found"
   bad = sharding_mismatches(state, params)
   assert not bad, "moments not sharded like their params:\n" + "\n".join(bad)
   detail = f"{moments} moments sharded like their params"
   if kind == "auto" and jitted:  # what the fix is for: plain zeros_like under jit
     plain = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))(params)
-    kept = all(z.sharding.is_equivalent_to(p.sharding, p.ndim)
-               for z, p in zip(jax.tree.leaves(plain), jax.tree.leaves(params)))
+    kept = all(
+      z.sharding.is_equivalent_to(p.sharding, p.ndim)
+      for z, p in zip(jax.tree.leaves(plain), jax.tree.leaves(params))
+    )
     detail += f" (jit(jnp.zeros_like) {'keeps' if kept else 'loses'} the sharding here)"
   return detail
 
@@ -245,7 +273,8 @@ for _name in CONFIGS:
   for _kind in ("auto", "explicit"):
     for _mode in ("eager", "jit"):
       check(f"fsdp_init[{_name}-{_kind}-{_mode}]")(
-          lambda n=_name, k=_kind, m=_mode: _fsdp_init(n, k, m == "jit"))
+        lambda n=_name, k=_kind, m=_mode: _fsdp_init(n, k, m == "jit")
+      )
 
 
 def _fsdp_step(config_name: str) -> str:
@@ -269,7 +298,9 @@ def _fsdp_step(config_name: str) -> str:
     # The norm is summed per shard, then across devices: a different order.
     err = max_abs_diff((p8, s8), (p1, s1))
     assert err < 1e-6, f"8 devices vs 1: max |diff| {err:.3g}"
-    return f"2 steps, FSDP on 8 devices vs 1: max |diff| {err:.3g} ({len(diffs)} leaves not bitwise)"
+    return (
+      f"2 steps, FSDP on 8 devices vs 1: max |diff| {err:.3g} ({len(diffs)} leaves not bitwise)"
+    )
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
   return "2 steps, FSDP on 8 devices == 1 device bitwise (params and state); state stays sharded"
 
@@ -314,6 +345,7 @@ for _name in ("amsgrad_bf16_leaf",):
 # ZeRO-1: parameters replicated, optimizer state split
 # --------------------------------------------------------------------------
 
+
 def _zero1(config_name: str) -> str:
   config = CONFIGS[config_name]
   mesh = mesh_of("auto")
@@ -324,8 +356,9 @@ def _zero1(config_name: str) -> str:
 
   p8 = jax.device_put(params, replicated)
   s8 = jax.jit(tx.init, out_shardings=state_sh)(p8)
-  step8 = jax.jit(train_step(tx, compute=replicated),
-                  out_shardings=(replicated, state_sh, replicated))
+  step8 = jax.jit(
+    train_step(tx, compute=replicated), out_shardings=(replicated, state_sh, replicated)
+  )
   p8, s8 = run_steps(step8, p8, s8)
   p1, s1 = one_device_steps(config_name)
 
@@ -333,12 +366,13 @@ def _zero1(config_name: str) -> str:
     assert p.sharding.is_fully_replicated, f"params not replicated: {p.sharding}"
   moments = [m for s in adam_states(s8) for m in jax.tree.leaves((s.mu, s.nu, s.nu_max))]
   total = sum(m.nbytes for m in moments)
-  per_device = {d: 0 for d in jax.devices()}
+  per_device = dict.fromkeys(jax.devices(), 0)
   for m in moments:
     for shard in m.addressable_shards:
       per_device[shard.device] += shard.data.nbytes
   assert set(per_device.values()) == {total // N} and total % N == 0, (
-      f"moment bytes per device {sorted(per_device.values())}, total {total}")
+    f"moment bytes per device {sorted(per_device.values())}, total {total}"
+  )
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   if config.global_reduction:
     err = max_abs_diff((p8, s8), (p1, s1))
@@ -347,8 +381,9 @@ def _zero1(config_name: str) -> str:
   else:
     assert not diffs, "ZeRO-1 on 8 devices vs 1 differs at:\n" + "\n".join(diffs)
     tail = "equal to 1 device bitwise"
-  return (f"{len(moments)} moments, {total} bytes in total, {total // N} on each device "
-          f"(1/{N}); {tail}")
+  return (
+    f"{len(moments)} moments, {total} bytes in total, {total // N} on each device (1/{N}); {tail}"
+  )
 
 
 for _name in ("decay_mask_schedule", "amsgrad_bf16_leaf", "clip_by_global_norm"):
@@ -358,6 +393,7 @@ for _name in ("decay_mask_schedule", "amsgrad_bf16_leaf", "clip_by_global_norm")
 # --------------------------------------------------------------------------
 # Data parallel: gradients averaged with pmean inside shard_map
 # --------------------------------------------------------------------------
+
 
 def _data_parallel(config_name: str) -> str:
   config = CONFIGS[config_name]
@@ -377,8 +413,9 @@ def _data_parallel(config_name: str) -> str:
     grads = jax.lax.pmean(grads, AXIS)
     return *update(grads, state, params), grads
 
-  dp_step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
-                                  out_specs=P()))
+  dp_step = jax.jit(
+    jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=P())
+  )
   replicated = NamedSharding(mesh, P())
   p8 = jax.device_put(params, replicated)
   s8 = tx.init(p8)
@@ -394,10 +431,16 @@ def _data_parallel(config_name: str) -> str:
     # The transform on one device, fed the averaged gradients: bitwise the same.
     p1, s1 = update1(one_device(grads), s1, p1)
   diffs = bitwise_diffs((p8, s8), (p1, s1))
-  assert not diffs, "data-parallel step vs the transform on 1 device differs at:\n" + "\n".join(diffs)
-  assert full_batch_err < 1e-2, f"pmean'd gradients far from the full-batch gradient: {full_batch_err}"
-  return (f"2 steps in shard_map: equal bitwise to the transform on 1 device fed the pmean'd "
-          f"gradients; pmean'd vs full-batch gradients max |diff| {full_batch_err:.3g}")
+  assert not diffs, "data-parallel step vs the transform on 1 device differs at:\n" + "\n".join(
+    diffs
+  )
+  assert full_batch_err < 1e-2, (
+    f"pmean'd gradients far from the full-batch gradient: {full_batch_err}"
+  )
+  return (
+    f"2 steps in shard_map: equal bitwise to the transform on 1 device fed the pmean'd "
+    f"gradients; pmean'd vs full-batch gradients max |diff| {full_batch_err:.3g}"
+  )
 
 
 for _name in ("amsgrad_bf16_leaf", "clip_by_global_norm"):
@@ -423,8 +466,9 @@ def lowmem_grads(params, step: int):
 
 
 def lowmem_tx(block: int = 256):
-  return adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, moment_bits=8,
-                         moment_block_size=block)
+  return adamw_jax.adamw(
+    1e-2, weight_decay=0.1, amsgrad=True, moment_bits=8, moment_block_size=block
+  )
 
 
 def lowmem_steps(tx, params, state, steps=2):
@@ -439,12 +483,13 @@ def lowmem_steps(tx, params, state, steps=2):
 
 
 def quantized_moments(state):
-  is_q = lambda x: isinstance(x, adamw_jax.QuantizedMoment)  # noqa: E731
+  is_q = lambda x: isinstance(x, adamw_jax.QuantizedMoment)
   out = []
   for field in ("mu", "nu", "nu_max"):
     flat = jax.tree_util.tree_flatten_with_path(getattr(state, field), is_leaf=is_q)[0]
-    out += [(f"{field}{jax.tree_util.keystr(path)}", path[-1].key, q) for path, q in flat
-            if is_q(q)]
+    out += [
+      (f"{field}{jax.tree_util.keystr(path)}", path[-1].key, q) for path, q in flat if is_q(q)
+    ]
   return out
 
 
@@ -466,8 +511,11 @@ def lowmem_layout_problems(state, params, mesh) -> list[str]:
       want = range(r.start * row // block, r.stop * row // block)
       if range(q.scale.size)[shard.index[0]] != want:
         bad.append(f"{label}.scale on {shard.device}: blocks {shard.index[0]}, rows {r}")
-  for label, key, m in ((f"nu[{k!r}]", k, state.nu[k]) for k in params
-                        if not isinstance(state.nu[k], adamw_jax.QuantizedMoment)):
+  for label, key, m in (
+    (f"nu[{k!r}]", k, state.nu[k])
+    for k in params
+    if not isinstance(state.nu[k], adamw_jax.QuantizedMoment)
+  ):
     if not m.sharding.is_equivalent_to(params[key].sharding, params[key].ndim):
       bad.append(f"{label}: {m.sharding} vs {params[key].sharding}")
   return bad
@@ -477,8 +525,12 @@ def _lowmem_sharded(kind: str, jitted: bool) -> str:
   mesh = mesh_of(kind)
   tx = lowmem_tx()
   params = lowmem_params()
-  shardings = {"b": NamedSharding(mesh, P()), "r": NamedSharding(mesh, P()),
-               "v": NamedSharding(mesh, P(AXIS)), "w": NamedSharding(mesh, P(AXIS, None))}
+  shardings = {
+    "b": NamedSharding(mesh, P()),
+    "r": NamedSharding(mesh, P()),
+    "v": NamedSharding(mesh, P(AXIS)),
+    "w": NamedSharding(mesh, P(AXIS, None)),
+  }
   p8 = jax.device_put(params, shardings)
   s8 = jax.jit(tx.init)(p8) if jitted else tx.init(p8)
   assert len(quantized_moments(s8)) == 9, "r, v and w: mu, nu and nu_max quantized"
@@ -493,21 +545,24 @@ def _lowmem_sharded(kind: str, jitted: bool) -> str:
   p1, s1 = lowmem_steps(tx, p1, tx.init(p1))
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
-  return ("8-bit moments of (64, 256) and (8192,) leaves split in 8 shards of whole blocks: "
-          "codes sharded like the params, scales split along the blocks (each device the scales "
-          "of its rows), a replicated (64, 256) leaf's replicated, after init and 2 steps; no "
-          "collectives in the update; equal to 1 device bitwise")
+  return (
+    "8-bit moments of (64, 256) and (8192,) leaves split in 8 shards of whole blocks: "
+    "codes sharded like the params, scales split along the blocks (each device the scales "
+    "of its rows), a replicated (64, 256) leaf's replicated, after init and 2 steps; no "
+    "collectives in the update; equal to 1 device bitwise"
+  )
 
 
 for _kind in ("auto", "explicit"):
   for _mode in ("eager", "jit"):
     check(f"lowmem_8bit_sharded[{_kind}-{_mode}]")(
-        lambda k=_kind, m=_mode: _lowmem_sharded(k, m == "jit"))
+      lambda k=_kind, m=_mode: _lowmem_sharded(k, m == "jit")
+    )
 
 
 SPLITTING = {  # shardings of w (64, 256) whose shards split a block
-    "last_axis": (P(None, AXIS), 256),  # 8 columns of 32: a block (one row) spans 8 devices
-    "small_shards": (P(AXIS, None), 4096),  # 8 rows (2048 elements) per device, blocks of 4096
+  "last_axis": (P(None, AXIS), 256),  # 8 columns of 32: a block (one row) spans 8 devices
+  "small_shards": (P(AXIS, None), 4096),  # 8 rows (2048 elements) per device, blocks of 4096
 }
 
 
@@ -526,9 +581,11 @@ def _split_refused(case: str, kind: str, jitted: bool) -> str:
 
 for _case in SPLITTING:
   check(f"lowmem_8bit_split_refused[{_case}-auto-eager]")(
-      lambda c=_case: _split_refused(c, "auto", False))
+    lambda c=_case: _split_refused(c, "auto", False)
+  )
   check(f"lowmem_8bit_split_refused[{_case}-explicit-jit]")(
-      lambda c=_case: _split_refused(c, "explicit", True))
+    lambda c=_case: _split_refused(c, "explicit", True)
+  )
 
 
 def _split_auto_jit(case: str) -> str:
@@ -547,8 +604,10 @@ def _split_auto_jit(case: str) -> str:
   p1, s1 = lowmem_steps(tx, p1, tx.init(p1))
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
-  return (f"jit(init) accepts it (sharding not known there); 2 steps equal 1 device bitwise; "
-          f"the compiled update communicates: {found}")
+  return (
+    f"jit(init) accepts it (sharding not known there); 2 steps equal 1 device bitwise; "
+    f"the compiled update communicates: {found}"
+  )
 
 
 for _case in SPLITTING:
@@ -559,9 +618,15 @@ for _case in SPLITTING:
 # The docs' 8-device example (docs/scaling-out.md)
 # --------------------------------------------------------------------------
 
+
 def docs_blocks() -> list[docs_pages.Block]:
   """The blocks marked ``<!-- docs-test: 8-devices -->``: tests/test_docs.py leaves them to this check."""
-  return [b for p in docs_pages.pages() for b in docs_pages.blocks(p) if b.marker == docs_pages.EIGHT_DEVICES]
+  return [
+    b
+    for p in docs_pages.pages()
+    for b in docs_pages.blocks(p)
+    if b.marker == docs_pages.EIGHT_DEVICES
+  ]
 
 
 @check("docs_scaling_out_example")
@@ -570,17 +635,20 @@ def _docs_example() -> str:
   assert blocks, "no block of the docs is marked for 8 devices"
   namespace: dict = {"__name__": "docs"}
   for block in blocks:
-    exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+    exec(compile(block.code, block.where, "exec"), namespace)
   return f"ran {len(blocks)} python block(s)"
 
 
 # --------------------------------------------------------------------------
 
+
 def main(names: list[str]) -> int:
   if jax.device_count() != N:
-    print(f"need {N} devices, have {jax.device_count()}: set "
-          f"XLA_FLAGS=--xla_force_host_platform_device_count={N} before jax is imported",
-          file=sys.stderr)
+    print(
+      f"need {N} devices, have {jax.device_count()}: set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={N} before jax is imported",
+      file=sys.stderr,
+    )
     return 2
   unknown = set(names) - set(CHECKS)
   if unknown:
@@ -591,7 +659,7 @@ def main(names: list[str]) -> int:
     start = time.perf_counter()
     try:
       results[name] = {"ok": True, "detail": CHECKS[name]()}
-    except Exception:  # noqa: BLE001 -- reported per check
+    except Exception:
       results[name] = {"ok": False, "detail": traceback.format_exc()}
     results[name]["seconds"] = round(time.perf_counter() - start, 2)
   print(MARKER + json.dumps(results))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import collections
 import re
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,13 @@ def _traced_checks(monkeypatch):
 
 
 def _params():
-  return {"layer": {"w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3) / 7 - 0.3,
-                    "b": jnp.array([0.5, -0.25, 0.125], jnp.float32)},
-          "emb": {"table": jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32).reshape(4, 2)}}
+  return {
+    "layer": {
+      "w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3) / 7 - 0.3,
+      "b": jnp.array([0.5, -0.25, 0.125], jnp.float32),
+    },
+    "emb": {"table": jnp.linspace(-1.0, 1.0, 8, dtype=jnp.float32).reshape(4, 2)},
+  }
 
 
 def _grads(params=None):
@@ -73,13 +78,16 @@ def _torch_step(params: dict, grads: dict, **kwargs) -> tuple[dict, list]:
   for k, t in tensors.items():
     t.grad = to_tensor(np.asarray(grads[k]))
   opt.step()
-  return ({k: to_numpy(t.detach()) for k, t in tensors.items()},
-          [opt.state[t] for t in tensors.values()])
+  return (
+    {k: to_numpy(t.detach()) for k, t in tensors.items()},
+    [opt.state[t] for t in tensors.values()],
+  )
 
 
 # --------------------------------------------------------------------------
 # What each input does
 # --------------------------------------------------------------------------
+
 
 class Case(NamedTuple):
   """One input and what it must do: `expect(run)` runs it and checks the outcome."""
@@ -93,20 +101,24 @@ def raises(error: type, pattern: str):
   def expect(run):
     with pytest.raises(error, match=pattern):
       run()
+
   return expect
 
 
 def reports(pattern: str):
   """`run` returns a checkify message, which must match."""
+
   def expect(run):
     message = run()
     assert message is not None and re.search(pattern, message), message
+
   return expect
 
 
 def holds(check: Callable[[Any], None]):
   def expect(run):
     check(run())
+
   return expect
 
 
@@ -141,6 +153,7 @@ def _as_torch(torch_kwargs: dict, params=None, grads=None):
     want, _ = _torch_step(params, grads, **torch_kwargs)
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+
   return run, holds(check)
 
 
@@ -188,10 +201,12 @@ def _all_nan(updates_and_state):
 
 def _kept(leaf_key: str, value):
   """The leaf `leaf_key` is `value` (None or MaskedNode) in the updates and in mu and nu."""
+
   def check(updates_and_state):
     updates, state = updates_and_state
     for tree in (updates, state.mu, state.nu):
       assert tree[leaf_key] == value
+
   return holds(check)
 
 
@@ -210,9 +225,13 @@ def _scalar_as_torch(got):
 
 
 def _float16_eps(run):
-  with pytest.warns(UserWarning, match=re.escape(
+  with pytest.warns(
+    UserWarning,
+    match=re.escape(
       "adamw: eps=1e-08 rounds to 0 in float16 (the parameter at 'h'): where a gradient is zero "
-      "the step is 0/0")):
+      "the step is 0/0"
+    ),
+  ):
     got = run()
   params = {"h": np.array([1.0, 2.0, -0.5], np.float16)}
   want, _ = _torch_step(params, {"h": np.array([0.0, 1.0, 0.0], np.float16)})
@@ -249,8 +268,10 @@ def _saturated(updates_and_state):
   assert int(state.count) == 2**31 - 1
   # At the last count the bias corrections are 1 (1 - beta**t rounds to 1 from
   # t = 37,412 for 0.999): finite, and the step of any late count.
-  late, _ = _step(adamw_jax.adamw(), state=adamw_jax.adamw().init(_params())._replace(
-      count=jnp.asarray(10**6, jnp.int32)))
+  late, _ = _step(
+    adamw_jax.adamw(),
+    state=adamw_jax.adamw().init(_params())._replace(count=jnp.asarray(10**6, jnp.int32)),
+  )
   _bitwise(updates, late)
   assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))
 
@@ -271,11 +292,11 @@ def _grads_as_torch(bad: list[float]):
     want, torch_state = _torch_step(params, grads)
     np.testing.assert_array_equal(np.asarray(new["w"]), want["w"])
     np.testing.assert_array_equal(np.asarray(state.mu["w"]), to_numpy(torch_state[0]["exp_avg"]))
-    np.testing.assert_array_equal(np.asarray(state.nu["w"]),
-                                  to_numpy(torch_state[0]["exp_avg_sq"]))
+    np.testing.assert_array_equal(np.asarray(state.nu["w"]), to_numpy(torch_state[0]["exp_avg_sq"]))
     bad_at = ~np.isfinite(np.asarray(grads["w"]))
     assert np.all(np.isnan(np.asarray(new["w"])[bad_at]))
     assert np.all(np.isfinite(np.asarray(new["w"])[~bad_at]))  # other elements unaffected
+
   return run, holds(check)
 
 
@@ -283,6 +304,7 @@ def _empty_tree(tx):
   def run():
     updates, state = tx.update({}, tx.init({}), {})
     return updates, state
+
   return run
 
 
@@ -324,202 +346,458 @@ def _pos_selector(p):
   return jax.tree.map(lambda x: jnp.all(x > -10), p)
 
 
-_MASK_PREFIX = "the mask at 'emb/table' is a traced boolean \\(bool\\[\\]\\), but which leaves are decayed"
+_MASK_PREFIX = (
+  "the mask at 'emb/table' is a traced boolean \\(bool\\[\\]\\), but which leaves are decayed"
+)
 
 
 CASES = [
-    # -- hyperparameters, when the transform is built --
-    Case("lr=string", lambda: adamw_jax.adamw(learning_rate="1e-3"),
-         raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got str$")),
-    Case("b1=string", lambda: adamw_jax.adamw(b1="0.9"),
-         raises(TypeError, r"^Invalid beta parameter at index 0 \(b1\): expected a number, got str$")),
-    Case("lr=None adamw", lambda: adamw_jax.adamw(learning_rate=None),
-         raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got None$")),
-    Case("lr=None adam", lambda: adamw_jax.adam(learning_rate=None),
-         raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got None$")),
-    Case("lr=None param_groups", lambda: adamw_jax.param_groups(
-        {"all": (r".", {})}, learning_rate=None),
-         raises(TypeError, r"^param_groups: group 'all': Invalid learning_rate: expected a number "
-                r"or a schedule, got None$")),
-    Case("eps=None", lambda: adamw_jax.adamw(eps=None),
-         raises(TypeError, r"^Invalid epsilon value \(eps\): expected a number, got None$")),
-    Case("weight_decay=None", lambda: adamw_jax.adamw(weight_decay=None),
-         raises(TypeError, r"^Invalid weight_decay value: expected a number or a schedule, got None$")),
-    Case("lr=np.float32(nan)", lambda: adamw_jax.adamw(learning_rate=np.float32(NAN)),
-         raises(ValueError, r"^Invalid learning_rate: nan \(must be >= 0\)$")),
-    Case("eps=jnp.float32(nan)", lambda: adamw_jax.adamw(eps=jnp.float32(NAN)),
-         raises(ValueError, r"^Invalid epsilon value \(eps\): nan \(must be >= 0\)$")),
-    Case("b2=np.float64(inf)", lambda: adamw_jax.adamw(b2=np.float64(INF)),
-         raises(ValueError, r"^Invalid beta parameter at index 1 \(b2\): inf \(must be in \[0, 1\)\)$")),
-    Case("b1=jnp.array(-inf)", lambda: adamw_jax.adamw(b1=jnp.array(-INF)),
-         raises(ValueError, r"^Invalid beta parameter at index 0 \(b1\): -inf")),
-    Case("eps=-inf", lambda: adamw_jax.adamw(eps=-INF),
-         raises(ValueError, r"^Invalid epsilon value \(eps\): -inf \(must be >= 0\)$")),
-    Case("weight_decay=-inf", lambda: adamw_jax.adamw(weight_decay=-INF),
-         raises(ValueError, r"^Invalid weight_decay value: -inf \(must be >= 0\)$")),
-    Case("lr of shape (1,)", lambda: adamw_jax.adamw(learning_rate=jnp.array([1e-3])),
-         raises(ValueError, r"^Invalid learning_rate: expected a scalar, got an array of shape \(1,\)$")),
-    Case("lr=complex", lambda: adamw_jax.adamw(learning_rate=1e-3 + 0j),
-         raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got complex$")),
-    Case("lr=complex64 array", lambda: adamw_jax.adamw(learning_rate=jnp.array(1e-3, jnp.complex64)),
-         raises(TypeError, r"^Invalid learning_rate: expected a real number, got dtype complex64$")),
-    Case("mu_dtype='float33'", lambda: adamw_jax.adamw(mu_dtype="float33"),
-         raises(TypeError, r"^Invalid mu_dtype: 'float33' is not a dtype$")),
-    Case("peak_learning_rate=inf", lambda: adamw_jax.adamw(decay_mode="paper", peak_learning_rate=INF),
-         raises(ValueError, r"^Invalid peak_learning_rate: inf \(must be > 0 and finite\)$")),
-    Case("decay_mode='Paper'", lambda: adamw_jax.adamw(decay_mode="Paper"),
-         raises(ValueError, r"^adamw: Invalid decay_mode: 'Paper' \(must be 'torch' or 'paper'\)$")),
-    Case("lr=np.int64(1) is lr=1.0", lambda: _step(adamw_jax.adamw(np.int64(1))),
-         _same_as(lambda: _step(adamw_jax.adamw(1.0)))),
-    Case("amsgrad='yes' is True (truth value, as torch)", lambda: _step(adamw_jax.adamw(amsgrad="yes")),
-         _same_as(lambda: _step(adamw_jax.adamw(amsgrad=True)))),
-    Case("lr=inf as torch", *_as_torch({"lr": INF})),
-    Case("weight_decay=inf as torch", *_as_torch({"weight_decay": INF})),
-    Case("eps=inf as torch", *_as_torch({"eps": INF})),
-    # -- schedules --
-    Case("schedule NaN at step 0", lambda: adamw_jax.adamw(lambda count: jnp.nan),
-         raises(ValueError, r"^Invalid learning_rate: the schedule returns nan at step 0 "
-                r"\(must be >= 0\)$")),
-    Case("schedule of arrays", lambda: adamw_jax.adamw(lambda count: jnp.full(2, 1e-3)),
-         raises(ValueError, r"^Invalid learning_rate: expected a scalar, got an array of shape \(2,\)$")),
-    Case("schedule negative at step 1: checkify",
-         lambda: _checkified(adamw_jax.adamw(lambda c: jnp.where(c >= 1, -1e-3, 1e-3)), steps=2),
-         reports(r"^Invalid learning_rate: -0\.00100000\d*, the schedule's value at count 1 "
-                 r"\(must be >= 0\)")),
-    Case("weight_decay schedule negative at step 1: checkify",
-         lambda: _checkified(adamw_jax.adamw(weight_decay=lambda c: jnp.where(c >= 1, -0.1, 0.1)),
-                             steps=2),
-         reports(r"^Invalid weight_decay value: -0\.100000\d*, the schedule's value at count 1 "
-                 r"\(must be >= 0\)")),
-    Case("schedule NaN at step 1: NaN updates without checkify",
-         lambda: jax.jit(adamw_jax.adamw(lambda c: jnp.where(c >= 1, jnp.nan, 1e-3)).update)(
-             _grads(), adamw_jax.adamw().init(_params())._replace(count=jnp.asarray(1)), _params()),
-         holds(_all_nan)),
-    Case("schedule with Python if", lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4)),
-         raises(TypeError, r"^adamw: the learning_rate schedule cannot be traced "
-                r"\(TracerBoolConversionError\)")),
-    Case("schedule with Python if, 8-bit moments",
-         lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4, moment_bits=8)),
-         raises(TypeError, r"^adamw: the learning_rate schedule cannot be traced "
-                r"\(TracerBoolConversionError\)")),
-    Case("weight_decay schedule negative at step 1, stochastic rounding: checkify",
-         lambda: _checkified(adamw_jax.adamw(weight_decay=lambda c: jnp.where(c >= 1, -0.1, 0.1),
-                                             param_rounding="stochastic"), steps=2),
-         reports(r"^Invalid weight_decay value: -0\.100000\d*, the schedule's value at count 1 "
-                 r"\(must be >= 0\)")),
-    # -- hyperparameters traced by optax.inject_hyperparams --
-    Case("injected lr=-1: checkify", _injected_checkified(learning_rate=-1.0),
-         reports(r"^Invalid learning_rate: -1\.0, a traced value \(must be >= 0\)")),
-    Case("injected b1=1.5: checkify", _injected_checkified(b1=1.5),
-         reports(r"^Invalid beta parameter at index 0 \(b1\): 1\.5, a traced value "
-                 r"\(must be in \[0, 1\)\)")),
-    Case("injected eps=nan: checkify", _injected_checkified(eps=NAN),
-         reports(r"^Invalid epsilon value \(eps\): nan, a traced value \(must be >= 0\)")),
-    Case("injected lr=-1, jitted: ascends without checkify",
-         _injected_step(True, learning_rate=-1.0, weight_decay=0.0), holds(_ascends)),
-    Case("injected lr=-1, eager update: refused", _injected_step(False, learning_rate=-1.0),
-         raises(ValueError, r"^Invalid learning_rate: -1\.0 \(must be >= 0\)$")),
-    Case("inject_hyperparams(lr=-1) at init", lambda: optax.inject_hyperparams(adamw_jax.adamw)(
-        learning_rate=-1.0).init(_params()),
-         raises(ValueError, r"^Invalid learning_rate: -1\.0 \(must be >= 0\)$")),
-    # -- parameters --
-    Case("Python float leaf", _python_float_leaf, _same_as(_float32_scalar_leaf)),
-    Case("Python int leaf", lambda: adamw_jax.adamw().init({"n": 3, "w": jnp.ones(2)}),
-         raises(TypeError, r"^adamw: the parameter at 'n' has dtype int32 \(a Python int\); Adam "
-                r"needs floating-point or complex parameters")),
-    Case("string leaf", lambda: adamw_jax.adamw().init({"name": "dense", "w": jnp.ones(2)}),
-         raises(TypeError, r"^adamw: the parameter at 'name' is a str, not an array")),
-    Case("None leaf", lambda: _step(adamw_jax.adamw(), {**_params(), "frozen": None},
-                                    {**_grads(), "frozen": None}), _kept("frozen", None)),
-    Case("optax.MaskedNode leaf", lambda: _step(
-        adamw_jax.adamw(), {**_params(), "other": optax.MaskedNode()},
-        {**_grads(), "other": optax.MaskedNode()}), _kept("other", optax.MaskedNode())),
-    Case("zero-size leaf", lambda: _step(adamw_jax.adamw(), {**_params(), "empty": jnp.ones((0, 3))},
-                                         {**_grads(), "empty": jnp.ones((0, 3))}),
-         holds(_zero_size_check)),
-    Case("scalar params as torch", lambda: optax.apply_updates(jnp.float32(0.75), _step(
-        adamw_jax.adamw(), jnp.float32(0.75), jnp.float32(-0.5))[0]), holds(_scalar_as_torch)),
-    Case("float16 with eps=1e-8: warned, NaN where torch has NaN", _float16(), _float16_eps),
-    Case("float16 with eps=1e-4: no warning", _float16(eps=1e-4), _no_warning),
-    Case("float16 with float32 moments: no warning",
-         _float16(mu_dtype=jnp.float32, nu_dtype=jnp.float32), _no_warning),
-    Case("bfloat16 as torch", lambda: _new_params(
-        adamw_jax.adamw(), {"w": jnp.array([1.0, -2.0, 0.5, 3.0], jnp.bfloat16)},
-        {"w": jnp.array([0.5, 0.25, -1.0, 2.0], jnp.bfloat16)})[0], holds(_bfloat16_as_torch)),
-    Case("complex params with real mu_dtype keep complex moments",
-         lambda: adamw_jax.adamw(mu_dtype=jnp.float32, nu_dtype=jnp.float32).init(
-             {"z": jnp.ones(2, jnp.complex64)}), holds(_complex_moments)),
-    # -- the step count --
-    Case("count 2**31 - 2: saturates, finite", _with_count(jnp.asarray(2**31 - 2, jnp.int32)),
-         holds(_saturated)),
-    Case("count 2**31 - 1: stays", _with_count(jnp.asarray(2**31 - 1, jnp.int32)),
-         holds(_stays_saturated)),
-    Case("count float32", _with_count(jnp.asarray(3.0)),
-         raises(TypeError, r"^adamw: the state's count must be an integer scalar \(int32: the "
-                r"number of steps taken, torch's step\), got float32\[\]")),
-    Case("count Python float", _with_count(3.0),
-         raises(TypeError, r"^adamw: the state's count must be an integer scalar .*, got the "
-                r"float 3\.0")),
-    Case("count of shape (1,)", _with_count(jnp.zeros(1, jnp.int32)),
-         raises(TypeError, r"integer scalar .*, got int32\[1\]")),
-    Case("count bool", _with_count(True),
-         raises(TypeError, r"integer scalar .*, got the bool True")),
-    Case("count -5 (Python int)", _with_count(-5),
-         raises(ValueError, r"^adamw: the state's count is -5; it must be >= 0")),
-    Case("count -5 (NumPy)", _with_count(np.int32(-5)),
-         raises(ValueError, r"^adamw: the state's count is -5; it must be >= 0")),
-    Case("count -5 (jax.Array): checkify", _with_count_checkified(jnp.asarray(-5, jnp.int32)),
-         reports(r"^adamw: the state's count is -5; it must be >= 0")),
-    # -- gradients --
-    Case("NaN gradient as torch", *_grads_as_torch([NAN, 0.5, -1.0, 2.0, 0.0])),
-    Case("inf gradients as torch", *_grads_as_torch([INF, -INF, -1.0, 2.0, 0.0])),
-    # -- masks and parameter groups, at init --
-    Case("mask mismatch at init", lambda: adamw_jax.adamw(
-        mask={"layer": {"w": True}, "emb": True}).init(_params()),
-         raises(ValueError, r"^adamw: the mask does not match the parameters at 'layer': the mask "
-                r"has dict with keys \['w'\], the parameters have dict with keys \['b', 'w'\]\.")),
-    Case("add_decayed_weights mask mismatch at init", lambda: adamw_jax.add_decayed_weights(
-        mask={"layer": True}).init(_params()),
-         raises(ValueError, r"^add_decayed_weights: the mask does not match the parameters at the "
-                r"root")),
-    Case("value-dependent mask at init", lambda: adamw_jax.adamw(mask=_value_dependent).init(_params()),
-         raises(TypeError, "^adamw: " + _MASK_PREFIX)),
-    Case("value-dependent mask at update", lambda: adamw_jax.adamw(mask=_value_dependent).update(
-        _grads(), adamw_jax.adamw().init(_params()), _params()),
-         raises(TypeError, "^adamw: " + _MASK_PREFIX)),
-    Case("mask passed through jit", lambda: jax.jit(
-        lambda m: adamw_jax.adamw(mask=m).update(_grads(), adamw_jax.adamw().init(_params()),
-                                                 _params()))(_value_dependent(_params())),
-         raises(TypeError, "^adamw: " + _MASK_PREFIX)),
-    Case("masked with a value-dependent mask at init", lambda: adamw_jax.masked(
-        adamw_jax.scale_by_adam(), _value_dependent).init(_params()),
-         raises(TypeError, "^masked: " + _MASK_PREFIX)),
-    Case("param_groups with a value-dependent selector at init", lambda: adamw_jax.param_groups(
-        {"pos": (_pos_selector, {})}).init(_params()),
-         raises(TypeError, "^param_groups: group 'pos': " + _MASK_PREFIX)),
-    Case("mask={} on params", lambda: adamw_jax.adamw(mask={}).init(_params()),
-         raises(ValueError, r"^adamw: the mask does not match the parameters at the root: the mask "
-                r"has dict with keys \[\], the parameters have dict with keys \['emb', 'layer'\]\.")),
-    Case("adamw(mask={}) on an empty tree", _empty_tree(adamw_jax.adamw(mask={})), holds(_empty_ok)),
-    Case("masked(inner, {}) on an empty tree", _empty_tree(adamw_jax.masked(adamw_jax.adamw(), {})),
-         holds(_empty_ok)),
-    Case("add_decayed_weights(mask={}) on an empty tree",
-         _empty_tree(adamw_jax.add_decayed_weights(mask={})), holds(_empty_ok)),
-    # -- flat buffers and torch interop --
-    Case("FlatParams of other shapes", _flat_mismatch({"a": jnp.ones(4), "b": jnp.ones(3)}),
-         raises(ValueError, r"^adamw: updates and optimizer state \(mu\) differ in tree structure at "
-                r"the root: updates has FlatParams with keys \['float32'\] \(its leaf 'a' has shape "
-                r"\(4,\)\), optimizer state \(mu\) has FlatParams with keys \['float32'\] \(its leaf "
-                r"'a' has shape \(3,\)\)\.$")),
-    Case("FlatParams of other leaves", _flat_mismatch({"a": jnp.ones(3), "c": jnp.ones((2, 2))}),
-         raises(ValueError, r"updates has FlatParams with keys \['float32'\] \(packing 'c', which "
-                r"the other does not\), optimizer state \(mu\) has FlatParams with keys "
-                r"\['float32'\] \(packing 'b', which the other does not\)\.$")),
-    Case("from_torch with step nan", _from_torch_with_step(NAN),
-         raises(ValueError, r"^from_torch: torch parameter 0 has step nan; expected a whole number "
-                r"of steps in \[0, 2\*\*31 - 1\]\.$")),
-    Case("from_torch with step inf", _from_torch_with_step(INF),
-         raises(ValueError, r"^from_torch: torch parameter 0 has step inf; expected a whole number")),
+  # -- hyperparameters, when the transform is built --
+  Case(
+    "lr=string",
+    lambda: adamw_jax.adamw(learning_rate="1e-3"),
+    raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got str$"),
+  ),
+  Case(
+    "b1=string",
+    lambda: adamw_jax.adamw(b1="0.9"),
+    raises(TypeError, r"^Invalid beta parameter at index 0 \(b1\): expected a number, got str$"),
+  ),
+  Case(
+    "lr=None adamw",
+    lambda: adamw_jax.adamw(learning_rate=None),
+    raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got None$"),
+  ),
+  Case(
+    "lr=None adam",
+    lambda: adamw_jax.adam(learning_rate=None),
+    raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got None$"),
+  ),
+  Case(
+    "lr=None param_groups",
+    lambda: adamw_jax.param_groups({"all": (r".", {})}, learning_rate=None),
+    raises(
+      TypeError,
+      r"^param_groups: group 'all': Invalid learning_rate: expected a number "
+      r"or a schedule, got None$",
+    ),
+  ),
+  Case(
+    "eps=None",
+    lambda: adamw_jax.adamw(eps=None),
+    raises(TypeError, r"^Invalid epsilon value \(eps\): expected a number, got None$"),
+  ),
+  Case(
+    "weight_decay=None",
+    lambda: adamw_jax.adamw(weight_decay=None),
+    raises(TypeError, r"^Invalid weight_decay value: expected a number or a schedule, got None$"),
+  ),
+  Case(
+    "lr=np.float32(nan)",
+    lambda: adamw_jax.adamw(learning_rate=np.float32(NAN)),
+    raises(ValueError, r"^Invalid learning_rate: nan \(must be >= 0\)$"),
+  ),
+  Case(
+    "eps=jnp.float32(nan)",
+    lambda: adamw_jax.adamw(eps=jnp.float32(NAN)),
+    raises(ValueError, r"^Invalid epsilon value \(eps\): nan \(must be >= 0\)$"),
+  ),
+  Case(
+    "b2=np.float64(inf)",
+    lambda: adamw_jax.adamw(b2=np.float64(INF)),
+    raises(ValueError, r"^Invalid beta parameter at index 1 \(b2\): inf \(must be in \[0, 1\)\)$"),
+  ),
+  Case(
+    "b1=jnp.array(-inf)",
+    lambda: adamw_jax.adamw(b1=jnp.array(-INF)),
+    raises(ValueError, r"^Invalid beta parameter at index 0 \(b1\): -inf"),
+  ),
+  Case(
+    "eps=-inf",
+    lambda: adamw_jax.adamw(eps=-INF),
+    raises(ValueError, r"^Invalid epsilon value \(eps\): -inf \(must be >= 0\)$"),
+  ),
+  Case(
+    "weight_decay=-inf",
+    lambda: adamw_jax.adamw(weight_decay=-INF),
+    raises(ValueError, r"^Invalid weight_decay value: -inf \(must be >= 0\)$"),
+  ),
+  Case(
+    "lr of shape (1,)",
+    lambda: adamw_jax.adamw(learning_rate=jnp.array([1e-3])),
+    raises(ValueError, r"^Invalid learning_rate: expected a scalar, got an array of shape \(1,\)$"),
+  ),
+  Case(
+    "lr=complex",
+    lambda: adamw_jax.adamw(learning_rate=1e-3 + 0j),
+    raises(TypeError, r"^Invalid learning_rate: expected a number or a schedule, got complex$"),
+  ),
+  Case(
+    "lr=complex64 array",
+    lambda: adamw_jax.adamw(learning_rate=jnp.array(1e-3, jnp.complex64)),
+    raises(TypeError, r"^Invalid learning_rate: expected a real number, got dtype complex64$"),
+  ),
+  Case(
+    "mu_dtype='float33'",
+    lambda: adamw_jax.adamw(mu_dtype="float33"),
+    raises(TypeError, r"^Invalid mu_dtype: 'float33' is not a dtype$"),
+  ),
+  Case(
+    "peak_learning_rate=inf",
+    lambda: adamw_jax.adamw(decay_mode="paper", peak_learning_rate=INF),
+    raises(ValueError, r"^Invalid peak_learning_rate: inf \(must be > 0 and finite\)$"),
+  ),
+  Case(
+    "decay_mode='Paper'",
+    lambda: adamw_jax.adamw(decay_mode="Paper"),
+    raises(ValueError, r"^adamw: Invalid decay_mode: 'Paper' \(must be 'torch' or 'paper'\)$"),
+  ),
+  Case(
+    "lr=np.int64(1) is lr=1.0",
+    lambda: _step(adamw_jax.adamw(np.int64(1))),
+    _same_as(lambda: _step(adamw_jax.adamw(1.0))),
+  ),
+  Case(
+    "amsgrad='yes' is True (truth value, as torch)",
+    lambda: _step(adamw_jax.adamw(amsgrad="yes")),
+    _same_as(lambda: _step(adamw_jax.adamw(amsgrad=True))),
+  ),
+  Case("lr=inf as torch", *_as_torch({"lr": INF})),
+  Case("weight_decay=inf as torch", *_as_torch({"weight_decay": INF})),
+  Case("eps=inf as torch", *_as_torch({"eps": INF})),
+  # -- schedules --
+  Case(
+    "schedule NaN at step 0",
+    lambda: adamw_jax.adamw(lambda count: jnp.nan),
+    raises(
+      ValueError,
+      r"^Invalid learning_rate: the schedule returns nan at step 0 "
+      r"\(must be >= 0\)$",
+    ),
+  ),
+  Case(
+    "schedule of arrays",
+    lambda: adamw_jax.adamw(lambda count: jnp.full(2, 1e-3)),
+    raises(ValueError, r"^Invalid learning_rate: expected a scalar, got an array of shape \(2,\)$"),
+  ),
+  Case(
+    "schedule negative at step 1: checkify",
+    lambda: _checkified(adamw_jax.adamw(lambda c: jnp.where(c >= 1, -1e-3, 1e-3)), steps=2),
+    reports(
+      r"^Invalid learning_rate: -0\.00100000\d*, the schedule's value at count 1 "
+      r"\(must be >= 0\)"
+    ),
+  ),
+  Case(
+    "weight_decay schedule negative at step 1: checkify",
+    lambda: _checkified(
+      adamw_jax.adamw(weight_decay=lambda c: jnp.where(c >= 1, -0.1, 0.1)), steps=2
+    ),
+    reports(
+      r"^Invalid weight_decay value: -0\.100000\d*, the schedule's value at count 1 "
+      r"\(must be >= 0\)"
+    ),
+  ),
+  Case(
+    "schedule NaN at step 1: NaN updates without checkify",
+    lambda: jax.jit(adamw_jax.adamw(lambda c: jnp.where(c >= 1, jnp.nan, 1e-3)).update)(
+      _grads(), adamw_jax.adamw().init(_params())._replace(count=jnp.asarray(1)), _params()
+    ),
+    holds(_all_nan),
+  ),
+  Case(
+    "schedule with Python if",
+    lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4)),
+    raises(
+      TypeError,
+      r"^adamw: the learning_rate schedule cannot be traced "
+      r"\(TracerBoolConversionError\)",
+    ),
+  ),
+  Case(
+    "schedule with Python if, 8-bit moments",
+    lambda: _step(adamw_jax.adamw(lambda c: 1e-3 if c < 10 else 1e-4, moment_bits=8)),
+    raises(
+      TypeError,
+      r"^adamw: the learning_rate schedule cannot be traced "
+      r"\(TracerBoolConversionError\)",
+    ),
+  ),
+  Case(
+    "weight_decay schedule negative at step 1, stochastic rounding: checkify",
+    lambda: _checkified(
+      adamw_jax.adamw(
+        weight_decay=lambda c: jnp.where(c >= 1, -0.1, 0.1), param_rounding="stochastic"
+      ),
+      steps=2,
+    ),
+    reports(
+      r"^Invalid weight_decay value: -0\.100000\d*, the schedule's value at count 1 "
+      r"\(must be >= 0\)"
+    ),
+  ),
+  # -- hyperparameters traced by optax.inject_hyperparams --
+  Case(
+    "injected lr=-1: checkify",
+    _injected_checkified(learning_rate=-1.0),
+    reports(r"^Invalid learning_rate: -1\.0, a traced value \(must be >= 0\)"),
+  ),
+  Case(
+    "injected b1=1.5: checkify",
+    _injected_checkified(b1=1.5),
+    reports(
+      r"^Invalid beta parameter at index 0 \(b1\): 1\.5, a traced value "
+      r"\(must be in \[0, 1\)\)"
+    ),
+  ),
+  Case(
+    "injected eps=nan: checkify",
+    _injected_checkified(eps=NAN),
+    reports(r"^Invalid epsilon value \(eps\): nan, a traced value \(must be >= 0\)"),
+  ),
+  Case(
+    "injected lr=-1, jitted: ascends without checkify",
+    _injected_step(True, learning_rate=-1.0, weight_decay=0.0),
+    holds(_ascends),
+  ),
+  Case(
+    "injected lr=-1, eager update: refused",
+    _injected_step(False, learning_rate=-1.0),
+    raises(ValueError, r"^Invalid learning_rate: -1\.0 \(must be >= 0\)$"),
+  ),
+  Case(
+    "inject_hyperparams(lr=-1) at init",
+    lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=-1.0).init(_params()),
+    raises(ValueError, r"^Invalid learning_rate: -1\.0 \(must be >= 0\)$"),
+  ),
+  # -- parameters --
+  Case("Python float leaf", _python_float_leaf, _same_as(_float32_scalar_leaf)),
+  Case(
+    "Python int leaf",
+    lambda: adamw_jax.adamw().init({"n": 3, "w": jnp.ones(2)}),
+    raises(
+      TypeError,
+      r"^adamw: the parameter at 'n' has dtype int32 \(a Python int\); Adam "
+      r"needs floating-point or complex parameters",
+    ),
+  ),
+  Case(
+    "string leaf",
+    lambda: adamw_jax.adamw().init({"name": "dense", "w": jnp.ones(2)}),
+    raises(TypeError, r"^adamw: the parameter at 'name' is a str, not an array"),
+  ),
+  Case(
+    "None leaf",
+    lambda: _step(adamw_jax.adamw(), {**_params(), "frozen": None}, {**_grads(), "frozen": None}),
+    _kept("frozen", None),
+  ),
+  Case(
+    "optax.MaskedNode leaf",
+    lambda: _step(
+      adamw_jax.adamw(),
+      {**_params(), "other": optax.MaskedNode()},
+      {**_grads(), "other": optax.MaskedNode()},
+    ),
+    _kept("other", optax.MaskedNode()),
+  ),
+  Case(
+    "zero-size leaf",
+    lambda: _step(
+      adamw_jax.adamw(),
+      {**_params(), "empty": jnp.ones((0, 3))},
+      {**_grads(), "empty": jnp.ones((0, 3))},
+    ),
+    holds(_zero_size_check),
+  ),
+  Case(
+    "scalar params as torch",
+    lambda: optax.apply_updates(
+      jnp.float32(0.75), _step(adamw_jax.adamw(), jnp.float32(0.75), jnp.float32(-0.5))[0]
+    ),
+    holds(_scalar_as_torch),
+  ),
+  Case("float16 with eps=1e-8: warned, NaN where torch has NaN", _float16(), _float16_eps),
+  Case("float16 with eps=1e-4: no warning", _float16(eps=1e-4), _no_warning),
+  Case(
+    "float16 with float32 moments: no warning",
+    _float16(mu_dtype=jnp.float32, nu_dtype=jnp.float32),
+    _no_warning,
+  ),
+  Case(
+    "bfloat16 as torch",
+    lambda: _new_params(
+      adamw_jax.adamw(),
+      {"w": jnp.array([1.0, -2.0, 0.5, 3.0], jnp.bfloat16)},
+      {"w": jnp.array([0.5, 0.25, -1.0, 2.0], jnp.bfloat16)},
+    )[0],
+    holds(_bfloat16_as_torch),
+  ),
+  Case(
+    "complex params with real mu_dtype keep complex moments",
+    lambda: adamw_jax.adamw(mu_dtype=jnp.float32, nu_dtype=jnp.float32).init(
+      {"z": jnp.ones(2, jnp.complex64)}
+    ),
+    holds(_complex_moments),
+  ),
+  # -- the step count --
+  Case(
+    "count 2**31 - 2: saturates, finite",
+    _with_count(jnp.asarray(2**31 - 2, jnp.int32)),
+    holds(_saturated),
+  ),
+  Case(
+    "count 2**31 - 1: stays",
+    _with_count(jnp.asarray(2**31 - 1, jnp.int32)),
+    holds(_stays_saturated),
+  ),
+  Case(
+    "count float32",
+    _with_count(jnp.asarray(3.0)),
+    raises(
+      TypeError,
+      r"^adamw: the state's count must be an integer scalar \(int32: the "
+      r"number of steps taken, torch's step\), got float32\[\]",
+    ),
+  ),
+  Case(
+    "count Python float",
+    _with_count(3.0),
+    raises(
+      TypeError,
+      r"^adamw: the state's count must be an integer scalar .*, got the "
+      r"float 3\.0",
+    ),
+  ),
+  Case(
+    "count of shape (1,)",
+    _with_count(jnp.zeros(1, jnp.int32)),
+    raises(TypeError, r"integer scalar .*, got int32\[1\]"),
+  ),
+  Case("count bool", _with_count(True), raises(TypeError, r"integer scalar .*, got the bool True")),
+  Case(
+    "count -5 (Python int)",
+    _with_count(-5),
+    raises(ValueError, r"^adamw: the state's count is -5; it must be >= 0"),
+  ),
+  Case(
+    "count -5 (NumPy)",
+    _with_count(np.int32(-5)),
+    raises(ValueError, r"^adamw: the state's count is -5; it must be >= 0"),
+  ),
+  Case(
+    "count -5 (jax.Array): checkify",
+    _with_count_checkified(jnp.asarray(-5, jnp.int32)),
+    reports(r"^adamw: the state's count is -5; it must be >= 0"),
+  ),
+  # -- gradients --
+  Case("NaN gradient as torch", *_grads_as_torch([NAN, 0.5, -1.0, 2.0, 0.0])),
+  Case("inf gradients as torch", *_grads_as_torch([INF, -INF, -1.0, 2.0, 0.0])),
+  # -- masks and parameter groups, at init --
+  Case(
+    "mask mismatch at init",
+    lambda: adamw_jax.adamw(mask={"layer": {"w": True}, "emb": True}).init(_params()),
+    raises(
+      ValueError,
+      r"^adamw: the mask does not match the parameters at 'layer': the mask "
+      r"has dict with keys \['w'\], the parameters have dict with keys \['b', 'w'\]\.",
+    ),
+  ),
+  Case(
+    "add_decayed_weights mask mismatch at init",
+    lambda: adamw_jax.add_decayed_weights(mask={"layer": True}).init(_params()),
+    raises(
+      ValueError,
+      r"^add_decayed_weights: the mask does not match the parameters at the "
+      r"root",
+    ),
+  ),
+  Case(
+    "value-dependent mask at init",
+    lambda: adamw_jax.adamw(mask=_value_dependent).init(_params()),
+    raises(TypeError, "^adamw: " + _MASK_PREFIX),
+  ),
+  Case(
+    "value-dependent mask at update",
+    lambda: adamw_jax.adamw(mask=_value_dependent).update(
+      _grads(), adamw_jax.adamw().init(_params()), _params()
+    ),
+    raises(TypeError, "^adamw: " + _MASK_PREFIX),
+  ),
+  Case(
+    "mask passed through jit",
+    lambda: jax.jit(
+      lambda m: adamw_jax.adamw(mask=m).update(
+        _grads(), adamw_jax.adamw().init(_params()), _params()
+      )
+    )(_value_dependent(_params())),
+    raises(TypeError, "^adamw: " + _MASK_PREFIX),
+  ),
+  Case(
+    "masked with a value-dependent mask at init",
+    lambda: adamw_jax.masked(adamw_jax.scale_by_adam(), _value_dependent).init(_params()),
+    raises(TypeError, "^masked: " + _MASK_PREFIX),
+  ),
+  Case(
+    "param_groups with a value-dependent selector at init",
+    lambda: adamw_jax.param_groups({"pos": (_pos_selector, {})}).init(_params()),
+    raises(TypeError, "^param_groups: group 'pos': " + _MASK_PREFIX),
+  ),
+  Case(
+    "mask={} on params",
+    lambda: adamw_jax.adamw(mask={}).init(_params()),
+    raises(
+      ValueError,
+      r"^adamw: the mask does not match the parameters at the root: the mask "
+      r"has dict with keys \[\], the parameters have dict with keys \['emb', 'layer'\]\.",
+    ),
+  ),
+  Case("adamw(mask={}) on an empty tree", _empty_tree(adamw_jax.adamw(mask={})), holds(_empty_ok)),
+  Case(
+    "masked(inner, {}) on an empty tree",
+    _empty_tree(adamw_jax.masked(adamw_jax.adamw(), {})),
+    holds(_empty_ok),
+  ),
+  Case(
+    "add_decayed_weights(mask={}) on an empty tree",
+    _empty_tree(adamw_jax.add_decayed_weights(mask={})),
+    holds(_empty_ok),
+  ),
+  # -- flat buffers and torch interop --
+  Case(
+    "FlatParams of other shapes",
+    _flat_mismatch({"a": jnp.ones(4), "b": jnp.ones(3)}),
+    raises(
+      ValueError,
+      r"^adamw: updates and optimizer state \(mu\) differ in tree structure at "
+      r"the root: updates has FlatParams with keys \['float32'\] \(its leaf 'a' has shape "
+      r"\(4,\)\), optimizer state \(mu\) has FlatParams with keys \['float32'\] \(its leaf "
+      r"'a' has shape \(3,\)\)\.$",
+    ),
+  ),
+  Case(
+    "FlatParams of other leaves",
+    _flat_mismatch({"a": jnp.ones(3), "c": jnp.ones((2, 2))}),
+    raises(
+      ValueError,
+      r"updates has FlatParams with keys \['float32'\] \(packing 'c', which "
+      r"the other does not\), optimizer state \(mu\) has FlatParams with keys "
+      r"\['float32'\] \(packing 'b', which the other does not\)\.$",
+    ),
+  ),
+  Case(
+    "from_torch with step nan",
+    _from_torch_with_step(NAN),
+    raises(
+      ValueError,
+      r"^from_torch: torch parameter 0 has step nan; expected a whole number "
+      r"of steps in \[0, 2\*\*31 - 1\]\.$",
+    ),
+  ),
+  Case(
+    "from_torch with step inf",
+    _from_torch_with_step(INF),
+    raises(ValueError, r"^from_torch: torch parameter 0 has step inf; expected a whole number"),
+  ),
 ]
 
 
@@ -537,9 +815,12 @@ def test_bad_or_edge_input(case):
 # init raises what update raises
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("builder", ["adamw", "add_decayed_weights"])
-@pytest.mark.parametrize("mask, error, message", [
-    pytest.param(m, e, msg, id=name) for name, m, e, msg in test_errors._BAD_MASKS])
+@pytest.mark.parametrize(
+  "mask, error, message",
+  [pytest.param(m, e, msg, id=name) for name, m, e, msg in test_errors._BAD_MASKS],
+)
 def test_bad_mask_is_refused_at_init_with_the_update_message(builder, mask, error, message):
   tx = test_errors._MASK_BUILDERS[builder](mask)
   with pytest.raises(error, match=f"(?s)^{builder}: " + message):
@@ -548,14 +829,18 @@ def test_bad_mask_is_refused_at_init_with_the_update_message(builder, mask, erro
 
 def test_flat_mask_splitting_a_buffer_is_refused_at_init():
   flat = adamw_jax.flatten(_params())
-  with pytest.raises(ValueError, match=r"^adamw: the mask decays some but not all of the leaves "
-                     r"packed into the flat buffer 'float32'"):
+  with pytest.raises(
+    ValueError,
+    match=r"^adamw: the mask decays some but not all of the leaves "
+    r"packed into the flat buffer 'float32'",
+  ):
     adamw_jax.adamw(mask=adamw_jax.decay_mask).init(flat)
 
 
 # --------------------------------------------------------------------------
 # Extra arguments: optax's GradientTransformationExtraArgs
 # --------------------------------------------------------------------------
+
 
 def _from_torch_tx():
   b, w = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 3))
@@ -564,13 +849,13 @@ def _from_torch_tx():
 
 
 TRANSFORMS = {
-    "adamw": adamw_jax.adamw,
-    "adam": adamw_jax.adam,
-    "scale_by_adam": adamw_jax.scale_by_adam,
-    "add_decayed_weights": adamw_jax.add_decayed_weights,
-    "masked": lambda: adamw_jax.masked(adamw_jax.adamw(), {"w": True, "b": False}),
-    "param_groups": lambda: adamw_jax.param_groups({"w": (r"^w$", {})}, rest={}),
-    "from_torch": _from_torch_tx,
+  "adamw": adamw_jax.adamw,
+  "adam": adamw_jax.adam,
+  "scale_by_adam": adamw_jax.scale_by_adam,
+  "add_decayed_weights": adamw_jax.add_decayed_weights,
+  "masked": lambda: adamw_jax.masked(adamw_jax.adamw(), {"w": True, "b": False}),
+  "param_groups": lambda: adamw_jax.param_groups({"w": (r"^w$", {})}, rest={}),
+  "from_torch": _from_torch_tx,
 }
 
 
@@ -603,6 +888,7 @@ def test_fused_step_still_works_with_the_extra_args_update():
 # Traced hyperparameters: betas in float32, checks under checkify only
 # --------------------------------------------------------------------------
 
+
 def test_injected_betas_are_float32_and_static_args_keep_torch_precision():
   """inject_hyperparams traces b2 as a float32 array; static_args keeps the Python double."""
   params, grads = _params(), _grads()
@@ -611,7 +897,8 @@ def test_injected_betas_are_float32_and_static_args_keep_torch_precision():
   assert state.hyperparams["b2"].dtype == jnp.float32
   assert float(state.hyperparams["b2"]) != 0.99999  # 0.99998998641968 in float32
   static = optax.inject_hyperparams(adamw_jax.adamw, static_args=("b1", "b2"))(
-      learning_rate=1e-3, b2=0.99999)
+    learning_rate=1e-3, b2=0.99999
+  )
   s, r = static.init(params), adamw_jax.adamw(1e-3, b2=0.99999).init(params)
   step_s, step_r = jax.jit(static.update), jax.jit(adamw_jax.adamw(1e-3, b2=0.99999).update)
   for _ in range(3):
@@ -625,11 +912,20 @@ def _ops(tx, state) -> collections.Counter:
   return collections.Counter(re.findall(r"= \S+ ([a-z][a-z0-9-]*)\(", hlo))
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     pytest.param(_injected, id="inject_hyperparams"),
-    pytest.param(lambda: (lambda tx: (tx, tx.init(_params())))(adamw_jax.adamw(
-        optax.cosine_decay_schedule(1e-3, 100), weight_decay=optax.constant_schedule(0.1))),
-        id="schedules")])
+    pytest.param(
+      lambda: (lambda tx: (tx, tx.init(_params())))(
+        adamw_jax.adamw(
+          optax.cosine_decay_schedule(1e-3, 100), weight_decay=optax.constant_schedule(0.1)
+        )
+      ),
+      id="schedules",
+    ),
+  ],
+)
 def test_traced_checks_compile_to_nothing_without_checkify(make, monkeypatch):
   """The checks of traced values and of the count add no instruction to the compiled step."""
   tx, state = make()
@@ -658,7 +954,7 @@ def test_docs_checkify_example(monkeypatch):
   block = docs_pages.section(docs_pages.page("bad-inputs.md"), "Checked only under `checkify`")[0]
   monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "0")  # restored after the example sets it
   namespace: dict = {}
-  exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+  exec(compile(block.code, block.where, "exec"), namespace)
   comment = re.search(r"err\.get\(\)\s+# '(.*)'", block.code).group(1)
   assert namespace["err"].get() == comment
   with pytest.raises(checkify.JaxRuntimeError, match=r"Invalid learning_rate: -1\.0"):
@@ -698,8 +994,9 @@ def test_apply_if_finite_skips_leaves_state_untouched_and_counts():
 
 
 def test_multisteps_skip_not_finite_leaves_state_untouched():
-  tx = optax.MultiSteps(adamw_jax.adamw(1e-2), every_k_schedule=1,
-                        should_skip_update_fn=optax.skip_not_finite)
+  tx = optax.MultiSteps(
+    adamw_jax.adamw(1e-2), every_k_schedule=1, should_skip_update_fn=optax.skip_not_finite
+  )
   params, states = _run(tx, [_GOOD, _BAD, _BAD, _GOOD])
   want_params, want_states = _run(adamw_jax.adamw(1e-2), [_GOOD, _GOOD])
   _bitwise(states[2].inner_opt_state, states[0].inner_opt_state)

@@ -15,7 +15,9 @@ _NUMBER = r"\d+\.\d+"
 def _table_rows(md: str, heading: str) -> list[list[str]]:
   section = md.split(heading, 1)[1].split("\n## ", 1)[0]
   rows = [line for line in section.splitlines() if line.startswith("| ")]
-  return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]  # skip the header
+  return [
+    [cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]
+  ]  # skip the header
 
 
 def test_quick_run_writes_tables_and_plot(tmp_path):

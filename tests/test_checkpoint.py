@@ -36,8 +36,10 @@ import adamw_jax
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 K, STEPS = 5, 10
-PARAMS = {"dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.zeros(4)},
-          "ln": {"scale": jnp.ones(4)}}
+PARAMS = {
+  "dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.zeros(4)},
+  "ln": {"scale": jnp.ones(4)},
+}
 
 
 def _grads(t):
@@ -46,21 +48,27 @@ def _grads(t):
 
 def _grouped(amsgrad=True, **shared):
   return adamw_jax.param_groups(
-      {"decay": (r"kernel$", {"weight_decay": 0.1}),
-       "no_decay": ((r"bias$", r"^ln/"), {"weight_decay": 0.0, "amsgrad": amsgrad})},
-      learning_rate=1e-2, **shared)
+    {
+      "decay": (r"kernel$", {"weight_decay": 0.1}),
+      "no_decay": ((r"bias$", r"^ln/"), {"weight_decay": 0.0, "amsgrad": amsgrad}),
+    },
+    learning_rate=1e-2,
+    **shared,
+  )
 
 
 TRANSFORMS = {
-    "adamw": lambda: adamw_jax.adamw(1e-2, weight_decay=0.1),
-    "param_groups with amsgrad": _grouped,
-    "chain with clipping": lambda: optax.chain(optax.clip_by_global_norm(1.0),
-                                               adamw_jax.adamw(1e-2, amsgrad=True)),
+  "adamw": lambda: adamw_jax.adamw(1e-2, weight_decay=0.1),
+  "param_groups with amsgrad": _grouped,
+  "chain with clipping": lambda: optax.chain(
+    optax.clip_by_global_norm(1.0), adamw_jax.adamw(1e-2, amsgrad=True)
+  ),
 }
 
 
 def _stepper(tx):
   """Runs `tx` on the gradients of steps `steps` (numbers, or the gradients), one compiled step."""
+
   @jax.jit
   def step(p, s, g):
     updates, s = tx.update(g, s, p)
@@ -99,11 +107,15 @@ def test_resume_is_bitwise(tmp_path, name):
 
 def test_zero_size_and_unusual_leaves_resume_bitwise(tmp_path):
   """Zero-size leaves (which orbax refuses to store), scalars, bfloat16, float16 and complex64."""
-  params = {"empty": jnp.ones((0, 3)), "bf16": jnp.linspace(-1, 1, 4, dtype=jnp.bfloat16),
-            "half": jnp.float16(0.5), "z": jnp.ones(2, jnp.complex64) * (1 + 2j)}
+  params = {
+    "empty": jnp.ones((0, 3)),
+    "bf16": jnp.linspace(-1, 1, 4, dtype=jnp.bfloat16),
+    "half": jnp.float16(0.5),
+    "z": jnp.ones(2, jnp.complex64) * (1 + 2j),
+  }
   tx = adamw_jax.adamw(1e-2, eps=1e-6, amsgrad=True)
   run = _stepper(tx)
-  grads = lambda t: jax.tree.map(lambda p: p * (t + 1) / 3, params)  # noqa: E731
+  grads = lambda t: jax.tree.map(lambda p: p * (t + 1) / 3, params)
   full = run(params, tx.init(params), [grads(t) for t in range(4)])
   mid = run(params, tx.init(params), [grads(t) for t in range(2)])
   adamw_jax.save_opt_state(tmp_path / "c", mid[1])
@@ -159,13 +171,17 @@ def test_nnx_optimizer_resume(tmp_path):
 
 
 def _grouped_nnx():
-  return adamw_jax.param_groups({"decay": (r"kernel$", {"weight_decay": 0.1})},
-                                rest={"weight_decay": 0.0, "amsgrad": True}, learning_rate=1e-2)
+  return adamw_jax.param_groups(
+    {"decay": (r"kernel$", {"weight_decay": 0.1})},
+    rest={"weight_decay": 0.0, "amsgrad": True},
+    learning_rate=1e-2,
+  )
 
 
 # --------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -181,45 +197,77 @@ _WHERE = r"^restore_opt_state: the checkpoint at '.*' does not fit the target: "
 _BIGGER = {**PARAMS, "head": {"kernel": jnp.ones((4, 2))}}
 
 MISMATCHES = [
-    ("AMSGrad off", lambda: _grouped(amsgrad=False).init(PARAMS),
-     _WHERE + r"different tree structure \(AMSGrad: the checkpoint has "
-     r"'inner_states/no_decay/inner_state/nu_max', the target has it None\):\n"
-     r"  only in the checkpoint: 'inner_states/no_decay/inner_state/nu_max/dense/bias' \(float32\[4\]\)\n"),
-    ("other groups", lambda: adamw_jax.param_groups(
-        {"decay": (r"kernel$", {}), "norm": (r"^ln/", {}), "bias": (r"bias$", {})}).init(PARAMS),
-     _WHERE + r"different tree structure \(the checkpoint has param groups \['decay', 'no_decay'\], the "
-     r"target param groups \['bias', 'decay', 'norm'\]\):\n"),
-    ("no groups", lambda: adamw_jax.adamw(amsgrad=True).init(PARAMS),
-     _WHERE + r"different tree structure \(the checkpoint has param groups \['decay', 'no_decay'\], "
-     r"the target no param groups\):\n  only in the checkpoint: 'inner_states/decay/inner_state/count'"),
-    ("optax.adamw", lambda: optax.adamw(1e-2).init(PARAMS), _WHERE + r"different tree structure"),
-    ("another tree", lambda: _grouped().init(_BIGGER),
-     _WHERE + r"different tree structure:\n  only in the target: "
-     r"'inner_states/decay/inner_state/mu/head/kernel' \(float32\[4, 2\]\)\n"),
-    ("shape", lambda: _grouped().init({**PARAMS, "ln": {"scale": jnp.ones(5)}}),
-     _WHERE + r"different shape at 'inner_states/no_decay/inner_state/mu/ln/scale': the checkpoint "
-     r"has float32\[4\], the target float32\[5\]\.$"),
-    ("dtype", lambda: _grouped(mu_dtype=jnp.bfloat16).init(PARAMS),
-     _WHERE + r"different dtype at 'inner_states/decay/inner_state/mu/dense/kernel': the checkpoint "
-     r"has float32\[3, 4\], the target bfloat16\[3, 4\]\.$"),
-    ("node types", lambda: _grouped().init(flax_core.freeze(PARAMS)),
-     _WHERE + r"same leaves, different pytree node types:\n  checkpoint: .*\n  target: .*FrozenDict"),
+  (
+    "AMSGrad off",
+    lambda: _grouped(amsgrad=False).init(PARAMS),
+    _WHERE + r"different tree structure \(AMSGrad: the checkpoint has "
+    r"'inner_states/no_decay/inner_state/nu_max', the target has it None\):\n"
+    r"  only in the checkpoint: 'inner_states/no_decay/inner_state/nu_max/dense/bias' \(float32\[4\]\)\n",
+  ),
+  (
+    "other groups",
+    lambda: adamw_jax.param_groups(
+      {"decay": (r"kernel$", {}), "norm": (r"^ln/", {}), "bias": (r"bias$", {})}
+    ).init(PARAMS),
+    _WHERE
+    + r"different tree structure \(the checkpoint has param groups \['decay', 'no_decay'\], the "
+    r"target param groups \['bias', 'decay', 'norm'\]\):\n",
+  ),
+  (
+    "no groups",
+    lambda: adamw_jax.adamw(amsgrad=True).init(PARAMS),
+    _WHERE + r"different tree structure \(the checkpoint has param groups \['decay', 'no_decay'\], "
+    r"the target no param groups\):\n  only in the checkpoint: 'inner_states/decay/inner_state/count'",
+  ),
+  ("optax.adamw", lambda: optax.adamw(1e-2).init(PARAMS), _WHERE + r"different tree structure"),
+  (
+    "another tree",
+    lambda: _grouped().init(_BIGGER),
+    _WHERE + r"different tree structure:\n  only in the target: "
+    r"'inner_states/decay/inner_state/mu/head/kernel' \(float32\[4, 2\]\)\n",
+  ),
+  (
+    "shape",
+    lambda: _grouped().init({**PARAMS, "ln": {"scale": jnp.ones(5)}}),
+    _WHERE + r"different shape at 'inner_states/no_decay/inner_state/mu/ln/scale': the checkpoint "
+    r"has float32\[4\], the target float32\[5\]\.$",
+  ),
+  (
+    "dtype",
+    lambda: _grouped(mu_dtype=jnp.bfloat16).init(PARAMS),
+    _WHERE + r"different dtype at 'inner_states/decay/inner_state/mu/dense/kernel': the checkpoint "
+    r"has float32\[3, 4\], the target bfloat16\[3, 4\]\.$",
+  ),
+  (
+    "node types",
+    lambda: _grouped().init(flax_core.freeze(PARAMS)),
+    _WHERE + r"same leaves, different pytree node types:\n  checkpoint: .*\n  target: .*FrozenDict",
+  ),
 ]
 
 
-@pytest.mark.parametrize("make, message", [m[1:] for m in MISMATCHES], ids=[m[0] for m in MISMATCHES])
+@pytest.mark.parametrize(
+  "make, message", [m[1:] for m in MISMATCHES], ids=[m[0] for m in MISMATCHES]
+)
 def test_mismatch_is_refused(saved, make, message):
   with pytest.raises(ValueError, match=message):
     adamw_jax.restore_opt_state(saved, make())
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"learning_rate": 1e-3, "betas": (0.9, 0.999)},
-     r"^restore_opt_state: the checkpoint at '.*' was saved with another config: 'learning_rate' is "
-     r"0\.01 in the checkpoint and 0\.001 here\.$"),
-    ({"learning_rate": 1e-2, "betas": (0.9, 0.999), "amsgrad": True},
-     r"another config: 'amsgrad' is '<missing>' in the checkpoint and True here\.$"),
-])
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    (
+      {"learning_rate": 1e-3, "betas": (0.9, 0.999)},
+      r"^restore_opt_state: the checkpoint at '.*' was saved with another config: 'learning_rate' is "
+      r"0\.01 in the checkpoint and 0\.001 here\.$",
+    ),
+    (
+      {"learning_rate": 1e-2, "betas": (0.9, 0.999), "amsgrad": True},
+      r"another config: 'amsgrad' is '<missing>' in the checkpoint and True here\.$",
+    ),
+  ],
+)
 def test_config_mismatch_is_refused(saved, config, message):
   with pytest.raises(ValueError, match=message):
     adamw_jax.restore_opt_state(saved, _grouped().init(PARAMS), config=config)
@@ -229,13 +277,18 @@ def test_config_given_but_none_saved(tmp_path):
   state = adamw_jax.adamw().init(PARAMS)
   adamw_jax.save_opt_state(tmp_path / "c", state)
   adamw_jax.restore_opt_state(tmp_path / "c", state)  # no config on either side: fine
-  with pytest.raises(ValueError, match=r"saved with another config: it has none, and "
-                     r"config=\{'lr': 0\.1\} was given\.$"):
+  with pytest.raises(
+    ValueError,
+    match=r"saved with another config: it has none, and "
+    r"config=\{'lr': 0\.1\} was given\.$",
+  ):
     adamw_jax.restore_opt_state(tmp_path / "c", state, config={"lr": 0.1})
 
 
 def test_missing_checkpoint(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"^restore_opt_state: no adamw_jax checkpoint at '.*nope'\.$"):
+  with pytest.raises(
+    FileNotFoundError, match=r"^restore_opt_state: no adamw_jax checkpoint at '.*nope'\.$"
+  ):
     adamw_jax.restore_opt_state(tmp_path / "nope", adamw_jax.adamw().init(PARAMS))
 
 
@@ -261,7 +314,7 @@ def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
 
 def _truncate(file: pathlib.Path) -> None:
   data = file.read_bytes()
-  file.write_bytes(data[:len(data) // 2])
+  file.write_bytes(data[: len(data) // 2])
 
 
 def _flip(file: pathlib.Path, at: float = 0.5) -> None:
@@ -290,40 +343,83 @@ def _edit_config(path: pathlib.Path) -> None:
 
 
 DAMAGES = [
-    ("description truncated", lambda p: _truncate(p / "adamw_jax" / "metadata"), ValueError,
-     _DAMAGED + r"its description \(adamw_jax/\) cannot be read: JSONDecodeError: "),
-    ("description deleted", lambda p: (p / "adamw_jax" / "metadata").unlink(), ValueError,
-     _DAMAGED + r"its description \(adamw_jax/\) cannot be read: FileNotFoundError: "),
-    ("description edited", _edit_config, ValueError,
-     _DAMAGED + r"its description does not match the CRC saved with it \(the file was changed or "
-     r"corrupted after saving\)\. Nothing was restored\.$"),
-    ("description without a format", lambda p: _rewrite(p, {"leaves": {}}, crc=False), ValueError,
-     _DAMAGED + r"its description is not one adamw_jax writes \(no format\)"),
-    ("array metadata truncated", lambda p: _truncate(p / "opt_state" / "_METADATA"), ValueError,
-     _DAMAGED + r"reading the arrays \(opt_state/\) failed: JSONDecodeError: "),
-    ("array data truncated", lambda p: [_truncate(f) for f in _data_files(p)], ValueError,
-     _DAMAGED + r"reading the arrays \(opt_state/\) failed: "),
-    ("array manifest deleted", lambda p: (p / "opt_state" / "manifest.ocdbt").unlink(), ValueError,
-     _DAMAGED + r"reading the arrays \(opt_state/\) failed: ValueError: NOT_FOUND"),
-    ("arrays directory missing (partly copied)", lambda p: shutil.rmtree(p / "opt_state"),
-     ValueError, _DAMAGED + r"reading the arrays \(opt_state/\) failed: "),
-    ("never finished (orbax's temporary directory)",
-     lambda p: p.rename(p.with_name(p.name + ".orbax-checkpoint-tmp")), FileNotFoundError,
-     r"^restore_opt_state: the checkpoint at '.*copy' was never finished: only the partly written "
-     r"'copy\.orbax-checkpoint-tmp' is there"),
-    ("another library version", lambda p: _rewrite(
-        p, {**_description(p), "format": 3, "library": "adamw_jax 9.0.0"}), ValueError,
-     r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 3, written by "
-     r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2: restore it with the "
-     r"version that wrote it\.$"),
-    ("not a checkpoint", lambda p: [shutil.rmtree(p / "adamw_jax")], FileNotFoundError,
-     r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no 'adamw_jax' "
-     r"description; it holds \["),
+  (
+    "description truncated",
+    lambda p: _truncate(p / "adamw_jax" / "metadata"),
+    ValueError,
+    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: JSONDecodeError: ",
+  ),
+  (
+    "description deleted",
+    lambda p: (p / "adamw_jax" / "metadata").unlink(),
+    ValueError,
+    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: FileNotFoundError: ",
+  ),
+  (
+    "description edited",
+    _edit_config,
+    ValueError,
+    _DAMAGED + r"its description does not match the CRC saved with it \(the file was changed or "
+    r"corrupted after saving\)\. Nothing was restored\.$",
+  ),
+  (
+    "description without a format",
+    lambda p: _rewrite(p, {"leaves": {}}, crc=False),
+    ValueError,
+    _DAMAGED + r"its description is not one adamw_jax writes \(no format\)",
+  ),
+  (
+    "array metadata truncated",
+    lambda p: _truncate(p / "opt_state" / "_METADATA"),
+    ValueError,
+    _DAMAGED + r"reading the arrays \(opt_state/\) failed: JSONDecodeError: ",
+  ),
+  (
+    "array data truncated",
+    lambda p: [_truncate(f) for f in _data_files(p)],
+    ValueError,
+    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+  ),
+  (
+    "array manifest deleted",
+    lambda p: (p / "opt_state" / "manifest.ocdbt").unlink(),
+    ValueError,
+    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ValueError: NOT_FOUND",
+  ),
+  (
+    "arrays directory missing (partly copied)",
+    lambda p: shutil.rmtree(p / "opt_state"),
+    ValueError,
+    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+  ),
+  (
+    "never finished (orbax's temporary directory)",
+    lambda p: p.rename(p.with_name(p.name + ".orbax-checkpoint-tmp")),
+    FileNotFoundError,
+    r"^restore_opt_state: the checkpoint at '.*copy' was never finished: only the partly written "
+    r"'copy\.orbax-checkpoint-tmp' is there",
+  ),
+  (
+    "another library version",
+    lambda p: _rewrite(p, {**_description(p), "format": 3, "library": "adamw_jax 9.0.0"}),
+    ValueError,
+    r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 3, written by "
+    r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2: restore it with the "
+    r"version that wrote it\.$",
+  ),
+  (
+    "not a checkpoint",
+    lambda p: [shutil.rmtree(p / "adamw_jax")],
+    FileNotFoundError,
+    r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no 'adamw_jax' "
+    r"description; it holds \[",
+  ),
 ]
 
 
-@pytest.mark.parametrize("damage, error, message", [d[1:] for d in DAMAGES],
-                         ids=[d[0] for d in DAMAGES])
+@pytest.mark.parametrize(
+  "damage, error, message", [d[1:] for d in DAMAGES], ids=[d[0] for d in DAMAGES]
+)
 def test_damaged_checkpoint_is_refused_naming_the_directory(copy, damage, error, message):
   damage(copy)
   with pytest.raises(error, match=message):
@@ -366,11 +462,15 @@ def test_format_1_checkpoint_without_crcs_still_restores(saved, tmp_path):
   path = tmp_path / "old"
   shutil.copytree(saved, path)
   meta = _description(path)
-  _rewrite(path, {k: v for k, v in meta.items() if k not in ("checksums", "library")} | {"format": 1},
-           crc=False)
+  _rewrite(
+    path,
+    {k: v for k, v in meta.items() if k not in ("checksums", "library")} | {"format": 1},
+    crc=False,
+  )
   target = _grouped().init(PARAMS)
-  _assert_bitwise(adamw_jax.restore_opt_state(path, target),
-                  adamw_jax.restore_opt_state(saved, target))
+  _assert_bitwise(
+    adamw_jax.restore_opt_state(path, target), adamw_jax.restore_opt_state(saved, target)
+  )
 
 
 def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
@@ -431,11 +531,21 @@ print(json.dumps(report), flush=True)
 def sharded(tmp_path_factory):
   """A checkpoint saved with its arrays split over 4 devices (in a subprocess), and its report."""
   directory = tmp_path_factory.mktemp("sharded")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
-                       + " --xla_force_host_platform_device_count=4").strip()}
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_CHILD, str(directory)], env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip(),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED_CHILD, str(directory)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return directory, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -457,6 +567,9 @@ def test_restore_on_other_devices(sharded):
   for i, leaf in enumerate(jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(leaf), values[str(i)])
     assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with pytest.raises(ValueError, match=r"^restore_opt_state: the checkpoint at '.*ckpt' was saved "
-                     r"on other devices, and the target has leaves without a sharding"):
+  with pytest.raises(
+    ValueError,
+    match=r"^restore_opt_state: the checkpoint at '.*ckpt' was saved "
+    r"on other devices, and the target has leaves without a sharding",
+  ):
     adamw_jax.restore_opt_state(directory / "ckpt", jax.eval_shape(tx.init, params))

@@ -22,7 +22,10 @@ def test_decay_mask_selects_kernels_only():
   params = demo.CNN().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   mask = demo.decay_mask(params)
   assert {k: (v["kernel"], v["bias"]) for k, v in mask.items()} == {
-      "Conv_0": (True, False), "Conv_1": (True, False), "Dense_0": (True, False)}
+    "Conv_0": (True, False),
+    "Conv_1": (True, False),
+    "Dense_0": (True, False),
+  }
 
 
 def test_default_run_reaches_95_percent(capsys):

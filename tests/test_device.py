@@ -20,15 +20,22 @@ _NUMBER = r"\d+\.\d+"
 def _table_rows(md: str, heading: str) -> list[list[str]]:
   section = md.split(heading, 1)[1].split("\n## ", 1)[0]
   rows = [line for line in section.splitlines() if line.startswith("| ")]
-  return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]  # skip the header
+  return [
+    [cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]
+  ]  # skip the header
 
 
 def _quick_run(tmp_path: pathlib.Path) -> str:
   out = tmp_path / "x.md"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.device", "--quick", "--out", str(out)],
-                        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.device", "--quick", "--out", str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return out.read_text()
 
@@ -42,7 +49,7 @@ def test_quick_run_writes_every_table(tmp_path):
 
   fidelity = _table_rows(md, "## Fidelity against torch")
   assert [row[0] for row in fidelity] == [c.name for c, _ in device.fidelity_cases()]
-  for name, dtype, ours, foreach, fused, ratio in fidelity:
+  for name, _dtype, ours, foreach, fused, ratio in fidelity:
     assert re.fullmatch(_PAIR, ours), (name, ours)
     assert foreach == "not run on cpu"  # torch's foreach path is CUDA's
     if name == "complex":
@@ -76,8 +83,9 @@ def test_spent_budget_stops_each_part_with_a_note(tmp_path):
   spent = device.Budget(0.0)
   writes = []
   device.run_fidelity(results, "cpu", spent, lambda: writes.append("fidelity"))
-  device.run_speed(results, "cpu", device.SpeedSettings("quick", 1, 0.001), spent,
-                   lambda: writes.append("speed"))
+  device.run_speed(
+    results, "cpu", device.SpeedSettings("quick", 1, 0.001), spent, lambda: writes.append("speed")
+  )
   assert results.fidelity == [] and results.speed == []
   assert writes == ["fidelity", "speed"]
   assert any("Fidelity stopped" in n for n in results.notes)

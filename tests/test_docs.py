@@ -25,7 +25,9 @@ import adamw_jax
 from tests import docs_pages, sharded_checks
 from tests.docs_pages import ROOT
 
-PAGES_WITH_CODE = [p for p in docs_pages.pages() if any(b.lang == "python" for b in docs_pages.blocks(p))]
+PAGES_WITH_CODE = [
+  p for p in docs_pages.pages() if any(b.lang == "python" for b in docs_pages.blocks(p))
+]
 
 
 def _name(path: pathlib.Path) -> str:
@@ -36,15 +38,23 @@ def test_every_block_names_its_language_and_markers_are_known():
   for path in docs_pages.pages():
     for block in docs_pages.blocks(path):
       assert block.lang in docs_pages.LANGUAGES, (
-          f"{block.where}: a code block must say python, bash or text, not {block.lang!r}")
-      assert block.marker in (None, *docs_pages.MARKERS), f"{block.where}: unknown marker {block.marker!r}"
+        f"{block.where}: a code block must say python, bash or text, not {block.lang!r}"
+      )
+      assert block.marker in (None, *docs_pages.MARKERS), (
+        f"{block.where}: unknown marker {block.marker!r}"
+      )
       assert block.marker is None or block.lang == "python", (
-          f"{block.where}: a marker on a {block.lang} block")
+        f"{block.where}: a marker on a {block.lang} block"
+      )
 
 
 def test_the_eight_device_blocks_are_exactly_those_sharded_checks_runs():
-  marked = {(b.page, b.line) for p in docs_pages.pages() for b in docs_pages.blocks(p)
-            if b.marker == docs_pages.EIGHT_DEVICES}
+  marked = {
+    (b.page, b.line)
+    for p in docs_pages.pages()
+    for b in docs_pages.blocks(p)
+    if b.marker == docs_pages.EIGHT_DEVICES
+  }
   assert marked, "no block is marked for 8 devices, but sharded_checks runs the Scaling out example"
   assert {(b.page, b.line) for b in sharded_checks.docs_blocks()} == marked
   assert "docs_scaling_out_example" in sharded_checks.CHECKS
@@ -53,8 +63,16 @@ def test_the_eight_device_blocks_are_exactly_those_sharded_checks_runs():
 def test_every_page_with_code_is_run():
   assert docs_pages.README in PAGES_WITH_CODE
   assert {p.name for p in PAGES_WITH_CODE} >= {
-      "getting-started.md", "masks.md", "migrating.md", "flat.md", "native.md", "bad-inputs.md",
-      "paper-decay.md", "low-memory.md", "scaling-out.md"}
+    "getting-started.md",
+    "masks.md",
+    "migrating.md",
+    "flat.md",
+    "native.md",
+    "bad-inputs.md",
+    "paper-decay.md",
+    "low-memory.md",
+    "scaling-out.md",
+  }
 
 
 @pytest.mark.parametrize("path", PAGES_WITH_CODE, ids=_name)
@@ -71,11 +89,13 @@ def test_page_runs(path, tmp_path, monkeypatch):
         continue
       out = io.StringIO()
       with contextlib.redirect_stdout(out):
-        exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+        exec(compile(block.code, block.where, "exec"), namespace)
       ran += 1
       following = blocks[i + 1] if i + 1 < len(blocks) else None
       if following is not None and following.lang == "text" and following.right_after:
-        assert out.getvalue() == following.code, f"{block.where}: the output differs from {following.where}"
+        assert out.getvalue() == following.code, (
+          f"{block.where}: the output differs from {following.where}"
+        )
   finally:
     os.environ.clear()
     os.environ.update(environ)
@@ -86,12 +106,19 @@ def test_the_quickstart_commands_are_those_of_ci():
   """The README's two commands; the site's are the same, and .ci/run runs the test command."""
   quickstart = docs_pages.section(docs_pages.README, "Quickstart", lang="bash")[0].code
   commands = [line.split("#")[0].strip() for line in quickstart.splitlines()]
-  assert commands == ['pip install -e ".[demo]" && python -m adamw_jax.demo',
-                      'pip install -e ".[test]" && python -m pytest -q']
-  site = docs_pages.section(docs_pages.page("getting-started.md"), "Install and run the demo", lang="bash")
+  assert commands == [
+    'pip install -e ".[demo]" && python -m adamw_jax.demo',
+    'pip install -e ".[test]" && python -m pytest -q',
+  ]
+  site = docs_pages.section(
+    docs_pages.page("getting-started.md"), "Install and run the demo", lang="bash"
+  )
   assert site[0].code == quickstart
-  ci = [line.replace(" -q -e ", " -e ") for line in (ROOT / ".ci" / "run").read_text().splitlines()
-        if line and not line.startswith(("#", "set ", "cd "))]
+  ci = [
+    line.replace(" -q -e ", " -e ")
+    for line in (ROOT / ".ci" / "run").read_text().splitlines()
+    if line and not line.startswith(("#", "set ", "cd "))
+  ]
   assert " && ".join(ci) == commands[1]
 
 
@@ -112,7 +139,9 @@ def test_one_version():
   """pyproject reads the version from adamw_jax/_version.py; the changelog's newest release is it."""
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-  assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "adamw_jax._version.__version__"}
+  assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+    "attr": "adamw_jax._version.__version__"
+  }
   assert re.fullmatch(r"\d+\.\d+\.\d+", adamw_jax.__version__)
   assert _released_versions()[0] == adamw_jax.__version__
 
@@ -120,8 +149,14 @@ def test_one_version():
 def test_site_builds_strict(tmp_path):
   """mkdocs build --strict: no warning (broken links, anchors, docstrings); the site shows the version."""
   env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-  proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "WARNING" not in proc.stderr, proc.stderr
   home = (tmp_path / "site" / "index.html").read_text()

@@ -20,16 +20,16 @@ STEPS = 200
 
 def _compare_state(ours: ref.Run, theirs: ref.Run, metric) -> dict[str, float]:
   out = {
-      "params": metric(ours.params, theirs.params),
-      "exp_avg": metric(ours.exp_avg, theirs.exp_avg),
-      "exp_avg_sq": metric(ours.exp_avg_sq, theirs.exp_avg_sq),
+    "params": metric(ours.params, theirs.params),
+    "exp_avg": metric(ours.exp_avg, theirs.exp_avg),
+    "exp_avg_sq": metric(ours.exp_avg_sq, theirs.exp_avg_sq),
   }
   if theirs.max_exp_avg_sq is not None:
     out["max_exp_avg_sq"] = metric(ours.max_exp_avg_sq, theirs.max_exp_avg_sq)
   return out
 
 
-@pytest.mark.parametrize("case", ref.CASES + [ref.CHAIN], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*ref.CASES, ref.CHAIN], ids=lambda c: c.name)
 def test_float64_semantics(case):
   dtype = np.complex128 if case.complex else np.float64
   with jax.enable_x64(True):
@@ -65,10 +65,15 @@ def test_float32_fidelity(case):
     yardstick = ref.max_abs(fused.params, theirs.params)
     yard_bits = ref.bitwise_fraction(fused.params, theirs.params)
   ratio = ours_diff / yardstick if yardstick > 0 else (0.0 if ours_diff == 0 else np.inf)
-  print(f"\n[float32] {case.name}: ours {ours_diff:.3g} ({ours_bits:.2%} bitwise), "
-        f"yardstick {yardstick:.3g}" + (f" ({yard_bits:.2%} bitwise)" if yard_bits is not None else " (1 ulp)")
-        + f", ratio {ratio:.2f}")
-  assert ours.moments_bitwise_every_step, "mu/nu/nu_max differ from torch's exp_avg/exp_avg_sq/max_exp_avg_sq"
+  print(
+    f"\n[float32] {case.name}: ours {ours_diff:.3g} ({ours_bits:.2%} bitwise), "
+    f"yardstick {yardstick:.3g}"
+    + (f" ({yard_bits:.2%} bitwise)" if yard_bits is not None else " (1 ulp)")
+    + f", ratio {ratio:.2f}"
+  )
+  assert ours.moments_bitwise_every_step, (
+    "mu/nu/nu_max differ from torch's exp_avg/exp_avg_sq/max_exp_avg_sq"
+  )
   assert ours.step == STEPS
   assert ratio <= 2.0
   if yard_bits is not None:
@@ -93,7 +98,9 @@ def test_float32_public_chain():
   chain_diff = ref.max_abs(ours.params, theirs.params)
   optax_diff = ref.max_abs(plain_optax, theirs.params)
   ratio = chain_diff / ref.max_abs(fused.params, theirs.params)
-  print(f"\n[float32] public-pieces chain: {chain_diff:.3g} (ratio {ratio:.0f}); optax.adamw {optax_diff:.3g}")
+  print(
+    f"\n[float32] public-pieces chain: {chain_diff:.3g} (ratio {ratio:.0f}); optax.adamw {optax_diff:.3g}"
+  )
   assert ref.max_abs(ours.exp_avg, theirs.exp_avg) == 0.0
   assert ref.max_abs(ours.exp_avg_sq, theirs.exp_avg_sq) == 0.0
   assert chain_diff <= 1.5 * optax_diff
@@ -120,20 +127,24 @@ def test_reference_workload():
   fused = ref.run_torch(case, params, grads, steps, fused=True)
   ours = ref.run_jax(case, params, grads, steps)
   plain_optax = ref.run_optax(params, grads, steps, optax.adamw(1e-3, weight_decay=1e-2))
-  rows = {
-      "adamw_jax.adamw": ours.params, "torch fused": fused.params, "optax.adamw": plain_optax}
+  rows = {"adamw_jax.adamw": ours.params, "torch fused": fused.params, "optax.adamw": plain_optax}
   print("\n[reference workload, float32, 1000 steps] vs torch foreach=False")
   for name, p in rows.items():
-    print(f"  {name:16s} max|diff| {ref.max_abs(p, theirs.params):.3g}   "
-          f"bitwise {ref.bitwise_fraction(p, theirs.params):.2%}")
+    print(
+      f"  {name:16s} max|diff| {ref.max_abs(p, theirs.params):.3g}   "
+      f"bitwise {ref.bitwise_fraction(p, theirs.params):.2%}"
+    )
   assert ref.max_abs(ours.exp_avg, theirs.exp_avg) == 0.0
   assert ref.max_abs(ours.exp_avg_sq, theirs.exp_avg_sq) == 0.0
   assert ref.max_abs(ours.params, theirs.params) <= 2 * ref.max_abs(fused.params, theirs.params)
   assert ref.bitwise_fraction(ours.params, theirs.params) >= (
-      ref.bitwise_fraction(fused.params, theirs.params) - 0.005)
+    ref.bitwise_fraction(fused.params, theirs.params) - 0.005
+  )
 
 
-@pytest.mark.parametrize("size", [1000, 1 << 16], ids=["small: true division", "large: residual step"])
+@pytest.mark.parametrize(
+  "size", [1000, 1 << 16], ids=["small: true division", "large: residual step"]
+)
 def test_division_by_bc2_sqrt_is_correctly_rounded(size):
   """Both ways the kernel divides by sqrt(1 - b2**t) give IEEE's a / b, special values included.
 
@@ -148,7 +159,7 @@ def test_division_by_bc2_sqrt_is_correctly_rounded(size):
   tiny, huge = np.sqrt(np.finfo(np.float32).tiny), np.sqrt(np.finfo(np.float32).max)
   special = np.array([0.0, np.inf, np.nan, tiny, huge, 1.0, 2.0], np.float32)
   a = np.exp(rng.uniform(np.log(tiny), np.log(huge), size)).astype(np.float32)
-  a[:special.size] = special
+  a[: special.size] = special
   divide = jax.jit(_steer.divide_by_scalar)
   for b in np.float32([np.sqrt(1 - 0.999), np.sqrt(1 - 0.999**7), 0.9999999, 1.0]):
     ours = np.asarray(divide(jnp.asarray(a), jnp.asarray(b), jnp.zeros([], jnp.int32)))
@@ -168,7 +179,9 @@ def test_tabulated_step_scalars_are_torchs_python_floats():
   for t in [1, 2, 100, 355, 356, 357, 20_000, 37_411, 37_412, 37_413, 10**6, 2**31 - 1]:
     step = float(t)  # torch's step tensor, as a Python float
     step_size, bc2_sqrt = _steps.lookup(b1, b2, lr, jnp.int32(t), np.float32, scheduled=False)
-    bc1_hi, bc1_lo, bc2_sqrt_too = _steps.lookup(b1, b2, None, jnp.int32(t), np.float32, scheduled=True)
+    bc1_hi, bc1_lo, bc2_sqrt_too = _steps.lookup(
+      b1, b2, None, jnp.int32(t), np.float32, scheduled=True
+    )
     assert np.float32(step_size) == np.float32(-(lr / (1 - b1**step))), t
     assert np.float32(bc2_sqrt) == np.float32(bc2_sqrt_too) == np.float32((1 - b2**step) ** 0.5), t
     assert float(bc1_hi) + float(bc1_lo) == pytest.approx(1 - b1**step, rel=2**-46), t

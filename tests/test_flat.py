@@ -12,7 +12,8 @@ import io
 import json
 import subprocess
 import sys
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,13 +55,17 @@ def _params(dtypes=(jnp.float32,), seed=0):
   tree = {}
   for dtype in dtypes:
     name = jnp.dtype(dtype).name
+
     def draw(shape, dtype=dtype):
       x = rng.normal(size=shape)
       if jnp.issubdtype(dtype, jnp.complexfloating):
         x = x + 1j * rng.normal(size=shape)
       return jnp.asarray(x, dtype)
-    tree[name] = {"dense": {"kernel": draw((5, 3)), "bias": draw((3,))},
-                  "ln": {"scale": draw((3,))}}
+
+    tree[name] = {
+      "dense": {"kernel": draw((5, 3)), "bias": draw((3,))},
+      "ln": {"scale": draw((3,))},
+    }
   return tree
 
 
@@ -68,11 +73,13 @@ def _grads(params, steps: int, seed=1):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(steps):
+
     def draw(p):
       g = rng.normal(size=p.shape) * 0.1
       if jnp.issubdtype(p.dtype, jnp.complexfloating):
         g = g + 1j * rng.normal(size=p.shape) * 0.1
       return jnp.asarray(g, p.dtype)
+
     out.append(jax.tree.map(draw, params))
   return out
 
@@ -110,7 +117,7 @@ class Config(NamedTuple):
   name: str
   tx: Callable[[], optax.GradientTransformation]
   dtypes: tuple = (jnp.float32,)
-  flatten_mask: Optional[Any] = None
+  flatten_mask: Any | None = None
   x64: bool = False
 
 
@@ -121,20 +128,43 @@ def _schedule(count):
 _MIXED = (jnp.float32, jnp.bfloat16, jnp.complex64)
 
 CONFIGS = [
-    Config("defaults", lambda: adamw_jax.adamw()),
-    Config("amsgrad_maximize_schedules_mixed_dtypes", lambda: adamw_jax.adamw(
-        _schedule, weight_decay=lambda c: 0.5 + 0.0 * c, amsgrad=True, maximize=True,
-        mask=adamw_jax.decay_mask), dtypes=_MIXED, flatten_mask=adamw_jax.decay_mask),
-    Config("adam_l2_mask_moment_dtypes", lambda: adamw_jax.adam(
-        1e-2, weight_decay=0.1, mask=adamw_jax.decay_mask, mu_dtype=jnp.bfloat16),
-        dtypes=_MIXED, flatten_mask=adamw_jax.decay_mask),
-    Config("chain_with_masked_decay", lambda: optax.chain(
-        adamw_jax.scale_by_adam(eps_root=1e-12),
-        adamw_jax.add_decayed_weights(0.1, mask=adamw_jax.decay_mask),
-        optax.scale_by_learning_rate(1e-2)), flatten_mask=adamw_jax.decay_mask),
-    Config("float64_mixed_x64", lambda: adamw_jax.adamw(1e-2, mask=adamw_jax.decay_mask),
-           dtypes=(jnp.float64, jnp.float32, jnp.bfloat16), flatten_mask=adamw_jax.decay_mask,
-           x64=True),
+  Config("defaults", lambda: adamw_jax.adamw()),
+  Config(
+    "amsgrad_maximize_schedules_mixed_dtypes",
+    lambda: adamw_jax.adamw(
+      _schedule,
+      weight_decay=lambda c: 0.5 + 0.0 * c,
+      amsgrad=True,
+      maximize=True,
+      mask=adamw_jax.decay_mask,
+    ),
+    dtypes=_MIXED,
+    flatten_mask=adamw_jax.decay_mask,
+  ),
+  Config(
+    "adam_l2_mask_moment_dtypes",
+    lambda: adamw_jax.adam(
+      1e-2, weight_decay=0.1, mask=adamw_jax.decay_mask, mu_dtype=jnp.bfloat16
+    ),
+    dtypes=_MIXED,
+    flatten_mask=adamw_jax.decay_mask,
+  ),
+  Config(
+    "chain_with_masked_decay",
+    lambda: optax.chain(
+      adamw_jax.scale_by_adam(eps_root=1e-12),
+      adamw_jax.add_decayed_weights(0.1, mask=adamw_jax.decay_mask),
+      optax.scale_by_learning_rate(1e-2),
+    ),
+    flatten_mask=adamw_jax.decay_mask,
+  ),
+  Config(
+    "float64_mixed_x64",
+    lambda: adamw_jax.adamw(1e-2, mask=adamw_jax.decay_mask),
+    dtypes=(jnp.float64, jnp.float32, jnp.bfloat16),
+    flatten_mask=adamw_jax.decay_mask,
+    x64=True,
+  ),
 ]
 
 
@@ -153,8 +183,14 @@ def test_one_buffer_per_dtype_and_decay_group():
   assert [b.shape for b in flat.buffers] == [(21,)] * 3
   grouped = adamw_jax.flatten(params, mask=adamw_jax.decay_mask)
   names = [str(k[0].key) for k, _ in jax.tree_util.tree_flatten_with_path(grouped)[0]]
-  assert names == ["bfloat16/not_decayed", "bfloat16/decayed", "complex64/not_decayed",
-                   "complex64/decayed", "float32/not_decayed", "float32/decayed"]
+  assert names == [
+    "bfloat16/not_decayed",
+    "bfloat16/decayed",
+    "complex64/not_decayed",
+    "complex64/decayed",
+    "float32/not_decayed",
+    "float32/decayed",
+  ]
   assert [b.shape for b in grouped.buffers] == [(6,), (15,)] * 3
   _assert_bitwise(grouped.view(), params)
 
@@ -168,10 +204,13 @@ def test_mask_splitting_a_buffer_raises_and_names_the_fix():
   params = _params()
   flat = adamw_jax.flatten(params)  # no mask: kernels and biases share a buffer
   tx = adamw_jax.adamw(mask=adamw_jax.decay_mask)
-  with pytest.raises(ValueError, match=r"adamw: the mask decays some but not all of the leaves "
-                     r"packed into the flat buffer 'float32' \(e\.g\. 'float32/dense/kernel' is "
-                     r"decayed, 'float32/dense/bias' is not\); flatten the parameters with the "
-                     r"same mask, adamw_jax\.flatten\(params, mask=mask\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"adamw: the mask decays some but not all of the leaves "
+    r"packed into the flat buffer 'float32' \(e\.g\. 'float32/dense/kernel' is "
+    r"decayed, 'float32/dense/bias' is not\); flatten the parameters with the "
+    r"same mask, adamw_jax\.flatten\(params, mask=mask\)",
+  ):
     tx.update(flat, tx.init(flat), flat)
   with pytest.raises(ValueError, match="add_decayed_weights: the mask decays some but not all"):
     adamw_jax.add_decayed_weights(0.1, mask=adamw_jax.decay_mask).update(flat, None, flat)
@@ -183,8 +222,10 @@ def test_mask_uniform_per_buffer_needs_no_flatten_mask():
   prefix = {"float32": True, "bfloat16": False}  # a prefix of the model's tree
 
   def by_dtype(p):
-    return {"float32": jax.tree.map(lambda _: True, p["float32"]),
-            "bfloat16": jax.tree.map(lambda x: x.ndim > 5, p["bfloat16"])}
+    return {
+      "float32": jax.tree.map(lambda _: True, p["float32"]),
+      "bfloat16": jax.tree.map(lambda x: x.ndim > 5, p["bfloat16"]),
+    }
 
   for mask in (prefix, by_dtype):
     resolved = flat.resolve_mask(mask, what="test")
@@ -213,8 +254,10 @@ def test_masked_wrappers_on_flat_params(wrapper):
 
 
 def _loss(tree):
-  return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) * jnp.arange(x.size).reshape(x.shape))
-             for x in jax.tree.leaves(tree))
+  return sum(
+    jnp.sum(jnp.sin(x.astype(jnp.float32)) * jnp.arange(x.size).reshape(x.shape))
+    for x in jax.tree.leaves(tree)
+  )
 
 
 def test_gradient_through_view_is_flat_and_equals_the_packed_tree_gradient():
@@ -306,18 +349,35 @@ def test_flatten_of_empty_tree_and_zero_size_leaves():
 
 
 _BAD_PACK = [
-    ({"float32": {"dense": {"kernel": jnp.ones((5, 3))}}}, ValueError,
-     r"FlatParams.pack: the tree and the flattened parameters differ in tree structure at "
-     r"'float32': the tree has dict with keys \['dense'\], the flattened parameters has dict "
-     r"with keys \['dense', 'ln'\]"),
-    ({"float32": {"dense": {"kernel": jnp.ones((3, 5)), "bias": jnp.ones(3)},
-                  "ln": {"scale": jnp.ones(3)}}},
-     ValueError, r"the leaf at 'float32/dense/kernel' has shape \(3, 5\), the flattened parameter "
-     r"has shape \(5, 3\)"),
-    ({"float32": {"dense": {"kernel": jnp.ones((5, 3)), "bias": jnp.ones(3, jnp.bfloat16)},
-                  "ln": {"scale": jnp.ones(3)}}},
-     TypeError, r"the leaf at 'float32/dense/bias' has dtype bfloat16, the flattened parameter has "
-     r"dtype float32; cast it first"),
+  (
+    {"float32": {"dense": {"kernel": jnp.ones((5, 3))}}},
+    ValueError,
+    r"FlatParams.pack: the tree and the flattened parameters differ in tree structure at "
+    r"'float32': the tree has dict with keys \['dense'\], the flattened parameters has dict "
+    r"with keys \['dense', 'ln'\]",
+  ),
+  (
+    {
+      "float32": {
+        "dense": {"kernel": jnp.ones((3, 5)), "bias": jnp.ones(3)},
+        "ln": {"scale": jnp.ones(3)},
+      }
+    },
+    ValueError,
+    r"the leaf at 'float32/dense/kernel' has shape \(3, 5\), the flattened parameter "
+    r"has shape \(5, 3\)",
+  ),
+  (
+    {
+      "float32": {
+        "dense": {"kernel": jnp.ones((5, 3)), "bias": jnp.ones(3, jnp.bfloat16)},
+        "ln": {"scale": jnp.ones(3)},
+      }
+    },
+    TypeError,
+    r"the leaf at 'float32/dense/bias' has dtype bfloat16, the flattened parameter has "
+    r"dtype float32; cast it first",
+  ),
 ]
 
 
@@ -339,7 +399,6 @@ def test_flatten_rejects_integer_leaves():
 
 
 class _Mlp(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.LayerNorm()(nn.gelu(nn.Dense(16)(x)))
@@ -432,8 +491,9 @@ print(json.dumps(report))
 
 
 def test_sharded_leaves_stay_whole_and_train_like_the_per_leaf_path():
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_CHILD], capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED_CHILD], capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   # The sharded kernel is a child of its own with its 2-D shape; the replicated
@@ -451,11 +511,12 @@ def test_sharded_leaves_stay_whole_and_train_like_the_per_leaf_path():
 
 
 def test_docs_flat_buffers_example_runs_as_written():
-  blocks = docs_pages.section(docs_pages.page("flat.md"), "Flat buffers: the fast path for many small leaves",
-                              lang=None)
+  blocks = docs_pages.section(
+    docs_pages.page("flat.md"), "Flat buffers: the fast path for many small leaves", lang=None
+  )
   code = next(b for b in blocks if b.lang == "python")
   expected = next(b for b in blocks if b.lang == "text")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    exec(compile(code.code, code.where, "exec"), {})  # noqa: S102
+    exec(compile(code.code, code.where, "exec"), {})
   assert out.getvalue() == expected.code

@@ -36,30 +36,33 @@ def _f32(x: float) -> float:
 def _params(seed: int = 0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   return {
-      "w": jnp.asarray(rng.normal(size=(4, 3)), dtype),
-      "b": jnp.asarray(rng.normal(size=(3,)), dtype),
+    "w": jnp.asarray(rng.normal(size=(4, 3)), dtype),
+    "b": jnp.asarray(rng.normal(size=(3,)), dtype),
   }
 
 
 def _random_like(tree, rng, scale=1.0):
-  return jax.tree.map(
-      lambda x: jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), tree)
+  return jax.tree.map(lambda x: jnp.asarray(scale * rng.normal(size=x.shape), x.dtype), tree)
 
 
 def _apply_step(tx):
   """A (params, state, grads) -> (new_params, new_state, updates) step for `tx`."""
+
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, updates
+
   return step
 
 
 def _trees_bitwise_equal(a, b) -> bool:
   if jax.tree.structure(a) != jax.tree.structure(b):
     return False
+
   def bits(x):
     x = np.atleast_1d(np.asarray(x))
     return x.dtype, x.shape, x.view(np.uint8).tobytes()
+
   return all(bits(x) == bits(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -116,8 +119,9 @@ def test_inject_hyperparams_learning_rate_changes_update_without_recompiling():
   grads = [_random_like(params, rng) for _ in range(4)]
   # The betas and eps stay Python floats; learning_rate and weight_decay are
   # injected as arrays (traced betas: see the test after this one).
-  tx = optax.inject_hyperparams(
-      adamw_jax.adamw, static_args=("b1", "b2", "eps", "eps_root"))(learning_rate=1e-3)
+  tx = optax.inject_hyperparams(adamw_jax.adamw, static_args=("b1", "b2", "eps", "eps_root"))(
+    learning_rate=1e-3
+  )
   state = tx.init(params)
   assert set(state.hyperparams) == {"learning_rate", "weight_decay"}
 
@@ -165,7 +169,8 @@ def test_multisteps_equals_adamw_on_mean_gradient_every_k_steps():
 
   def dyadic(scale, lo, hi):
     return jax.tree.map(
-        lambda t: jnp.asarray(rng.integers(lo, hi, size=t.shape) / scale, jnp.float32), params0)
+      lambda t: jnp.asarray(rng.integers(lo, hi, size=t.shape) / scale, jnp.float32), params0
+    )
 
   def group():
     # Gradients on a coarse dyadic grid, chosen so that optax's running mean
@@ -173,8 +178,12 @@ def test_multisteps_equals_adamw_on_mean_gradient_every_k_steps():
     # difference is 0 where 1/n is inexact), so the reference mean is exact.
     x, d1, d2 = dyadic(64, -64, 64), dyadic(256, -8, 8), dyadic(256, -8, 8)
     tmap = jax.tree.map
-    return [tmap(lambda x, d: x - d, x, d1), tmap(lambda x, d: x + d, x, d1), x,
-            tmap(lambda x, d: x + 4 * d, x, d2)], tmap(lambda x, d: x + d, x, d2)
+    return [
+      tmap(lambda x, d: x - d, x, d1),
+      tmap(lambda x, d: x + d, x, d1),
+      x,
+      tmap(lambda x, d: x + 4 * d, x, d2),
+    ], tmap(lambda x, d: x + d, x, d2)
 
   inner = adamw_jax.adamw(1e-2)
   multi = optax.MultiSteps(adamw_jax.adamw(1e-2), every_k_schedule=k)
@@ -265,8 +274,12 @@ print(json.dumps({"finished": True, "seconds": out["seconds"], "equal": equal}),
 def test_inject_hyperparams_with_traced_betas_is_fast_and_exact():
   # In a subprocess, so that a runaway XLA computation can be abandoned.
   limit = 5.0
-  proc = subprocess.run([sys.executable, "-c", _TRACED_BETAS_CHILD, str(limit)],
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _TRACED_BETAS_CHILD, str(limit)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["finished"], f"one jitted step did not finish within {limit} s"
@@ -287,7 +300,6 @@ def _regression_data():
 
 
 class _LinenMLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.tanh(nn.Dense(32)(x))
@@ -300,8 +312,9 @@ def test_flax_linen_train_state_trains_under_jit():
   model = _LinenMLP()
   params = model.init(jax.random.key(0), x)["params"]
   # Weight decay on the kernels only, through a callable mask over Linen's tree.
-  tx = adamw_jax.adamw(1e-2, weight_decay=1e-2,
-                       mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
+  tx = adamw_jax.adamw(
+    1e-2, weight_decay=1e-2, mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
+  )
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   traces = []
 
@@ -327,7 +340,6 @@ def test_flax_linen_train_state_trains_under_jit():
 
 
 class _NnxMLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.l1 = nnx.Linear(2, 32, rngs=rngs)
     self.l2 = nnx.Linear(32, 32, rngs=rngs)
@@ -373,9 +385,10 @@ def test_flax_nnx_optimizer_trains_under_nnx_jit():
 
 
 @pytest.mark.parametrize(
-    "param_dtype, mu_dtype",
-    [(jnp.float32, None), (jnp.bfloat16, jnp.float32), (jnp.float16, None)],
-    ids=["float32", "bfloat16-mu-float32", "float16"])
+  "param_dtype, mu_dtype",
+  [(jnp.float32, None), (jnp.bfloat16, jnp.float32), (jnp.float16, None)],
+  ids=["float32", "bfloat16-mu-float32", "float16"],
+)
 def test_jitted_step_does_not_recompile_and_keeps_dtypes(param_dtype, mu_dtype):
   rng = np.random.default_rng(6)
   params = _params(6, param_dtype)
@@ -457,8 +470,10 @@ def test_jit_with_donated_params_and_state():
 def test_vmap_over_parameter_sets_equals_loop(amsgrad):
   batch = 5
   rng = np.random.default_rng(8)
-  params = {"w": jnp.asarray(rng.normal(size=(batch, 4, 3)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(batch, 4, 3)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32),
+  }
   grads = [_random_like(params, rng) for _ in range(3)]
   tx = adamw_jax.adamw(1e-2, amsgrad=amsgrad)
 
@@ -475,7 +490,7 @@ def test_vmap_over_parameter_sets_equals_loop(amsgrad):
     p, s = v_step(p, s, g)
 
   for i in range(batch):
-    take = lambda t: jax.tree.map(lambda x: x[i], t)  # noqa: E731
+    take = lambda t: jax.tree.map(lambda x: x[i], t)
     pi = take(params)
     si = one_init(pi)
     for g in grads:
@@ -488,8 +503,7 @@ def test_grad_with_respect_to_learning_rate_matches_finite_difference():
   rng = np.random.default_rng(9)
   x = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
-  params0 = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
-             "b": jnp.zeros((), jnp.float32)}
+  params0 = {"w": jnp.asarray(rng.normal(size=(3,)), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
   def loss(p):
     return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
@@ -525,18 +539,21 @@ class _ParamsTuple(NamedTuple):
 
 
 _TREE_KINDS = {
-    "dict": lambda a, b, c: {"a": a, "b": b, "c": c},
-    "nested-list-tuple": lambda a, b, c: ([a, (b,)], c),
-    "namedtuple": lambda a, b, c: _ParamsTuple(a, b, c),
-    "dict-of-namedtuple": lambda a, b, c: {"layer": _ParamsTuple(a, b, c)},
+  "dict": lambda a, b, c: {"a": a, "b": b, "c": c},
+  "nested-list-tuple": lambda a, b, c: ([a, (b,)], c),
+  "namedtuple": lambda a, b, c: _ParamsTuple(a, b, c),
+  "dict-of-namedtuple": lambda a, b, c: {"layer": _ParamsTuple(a, b, c)},
 }
 
 
 _TREE_LEAVES_RNG = np.random.default_rng(10)
-_TREE_LEAVES = [jnp.asarray(_TREE_LEAVES_RNG.normal(size=s), jnp.float32)
-                for s in [(2, 3), (3,), ()]]
-_TREE_GRADS = [[jnp.asarray(_TREE_LEAVES_RNG.normal(size=x.shape), jnp.float32)
-                for x in _TREE_LEAVES] for _ in range(2)]
+_TREE_LEAVES = [
+  jnp.asarray(_TREE_LEAVES_RNG.normal(size=s), jnp.float32) for s in [(2, 3), (3,), ()]
+]
+_TREE_GRADS = [
+  [jnp.asarray(_TREE_LEAVES_RNG.normal(size=x.shape), jnp.float32) for x in _TREE_LEAVES]
+  for _ in range(2)
+]
 _TREE_TX = adamw_jax.adamw(1e-2)
 _TREE_STEP = jax.jit(_apply_step(_TREE_TX))
 
@@ -549,7 +566,7 @@ def _run_tree_kind(build):
   return p, s, u
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flat_list_run():
   return _run_tree_kind(lambda *xs: list(xs))
 

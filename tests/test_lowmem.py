@@ -10,17 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optimi
 import pytest
 import torch
-
-import optimi
 from torchao.optim import quant_utils
 from torchao.optim.adam import single_param_adam
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 import adamw_jax
 from adamw_jax import _lowprec, _quantize
-
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -30,6 +28,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------
 # 8-bit moments: torchao's map, quantization and AdamW8bit step
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("signed, reference", [(True, get_qmap_signed), (False, get_qmap_unsigned)])
 def test_quantization_map_is_torchaos(signed, reference):
@@ -80,16 +79,18 @@ def test_adamw8bit_step_against_torchao():
   for k in range(8):
     g = rng.standard_normal(shape).astype(np.float32) * (1 + k)
     params = {"w": jnp.asarray(_np(p))}
-    state = state._replace(count=jnp.asarray(k, jnp.int32), mu={"w": _as_ours(m)},
-                           nu={"w": _as_ours(v)})
+    state = state._replace(
+      count=jnp.asarray(k, jnp.int32), mu={"w": _as_ours(m)}, nu={"w": _as_ours(v)}
+    )
     updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
     ours_p = np.asarray(optax.apply_updates(params, updates)["w"])
     step += 1
-    single_param_adam(p, torch.tensor(g), step, m, v, None, torch.tensor(lr), 0.9, 0.999, wd,
-                      1e-8, True, False)
+    single_param_adam(
+      p, torch.tensor(g), step, m, v, None, torch.tensor(lr), 0.9, 0.999, wd, 1e-8, True, False
+    )
     np.testing.assert_array_equal(np.asarray(state.mu["w"].codes), _np(m.codes))
     np.testing.assert_array_equal(np.asarray(state.mu["w"].scale), _np(m.scale))
-    np.testing.assert_allclose(np.asarray(state.nu["w"].scale), _np(v.scale), rtol=2.0 ** -22)
+    np.testing.assert_allclose(np.asarray(state.nu["w"].scale), _np(v.scale), rtol=2.0**-22)
     diff = np.asarray(state.nu["w"].codes).astype(int) - _np(v.codes).astype(int)
     assert np.abs(diff).max() <= 1
     v_mismatches += int(np.count_nonzero(diff))
@@ -99,7 +100,7 @@ def test_adamw8bit_step_against_torchao():
     # Where a second-moment code differs, the parameter is within 2% of lr.
     err = np.abs(ours_p - _np(p))
     t = k + 1
-    relative = 2.0 ** -23 * (1 / (1 - 0.9 ** t) + 1 / (1 - 0.999 ** t)) + 2.0 ** -20
+    relative = 2.0**-23 * (1 / (1 - 0.9**t) + 1 / (1 - 0.999**t)) + 2.0**-20
     moved = np.abs(ours_p - np.asarray(params["w"])) + lr * wd * np.abs(np.asarray(params["w"]))
     bound = 4 * np.spacing(np.abs(_np(p))) + relative * moved
     bad = ~np.where(diff == 0, err <= bound, err <= 0.02 * lr)
@@ -108,8 +109,7 @@ def test_adamw8bit_step_against_torchao():
 
 
 def test_8bit_state_is_a_quarter_and_small_leaves_are_unchanged():
-  params = {"big": jnp.ones((64, 128)), "small": jnp.linspace(-1, 1, 100),
-            "odd": jnp.ones((4097,))}
+  params = {"big": jnp.ones((64, 128)), "small": jnp.linspace(-1, 1, 100), "odd": jnp.ones((4097,))}
   grads = jax.tree.map(lambda p: jnp.cos(p * 3 + 1), params)
   tx8 = adamw_jax.adamw(1e-2, moment_bits=8)
   s8 = tx8.init(params)
@@ -117,7 +117,7 @@ def test_8bit_state_is_a_quarter_and_small_leaves_are_unchanged():
   assert s8.mu["big"].codes.dtype == jnp.uint8 and s8.mu["big"].scale.shape == (32,)
   assert not isinstance(s8.mu["small"], adamw_jax.QuantizedMoment)  # < 4096 elements
   assert not isinstance(s8.mu["odd"], adamw_jax.QuantizedMoment)  # not a multiple of 256
-  nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+  nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
   assert nbytes((s8.mu["big"], s8.nu["big"])) == 2 * 64 * 128 * (1 + 4 / 256)
   u8, s8 = tx8.update(grads, s8, params)
   tx = adamw_jax.adamw(1e-2)
@@ -148,8 +148,12 @@ def test_8bit_with_amsgrad_mask_flat_buffers_and_fused_step():
   flat = adamw_jax.flatten(tree)
   tx1 = adamw_jax.adamw(1e-2, moment_bits=8)
   flat_state = tx1.init(flat)
-  assert [type(x) for x in jax.tree.leaves(flat_state.mu, is_leaf=lambda x: isinstance(
-      x, adamw_jax.QuantizedMoment))] == [adamw_jax.QuantizedMoment]
+  assert [
+    type(x)
+    for x in jax.tree.leaves(
+      flat_state.mu, is_leaf=lambda x: isinstance(x, adamw_jax.QuantizedMoment)
+    )
+  ] == [adamw_jax.QuantizedMoment]
   flat_updates, _ = tx1.update(flat.pack(tree_grads), flat_state, flat)
   tree_updates, _ = tx1.update(tree_grads, tx1.init(tree), tree)
   for k in tree:
@@ -168,11 +172,14 @@ def test_8bit_flat_buffers_equal_the_leaves_bit_for_bit():
   rng = np.random.default_rng(4)
   tree = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in sizes.items()}
   tx = adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, moment_bits=8)
-  with pytest.raises(ValueError, match=r"the flat buffer 'float32' packs leaves that get 8-bit "
-                     r"moments \('a', 4096 elements\) and leaves that keep full-precision ones "
-                     r"\('b', 100 elements: fewer than 4096 or not a multiple of "
-                     r"moment_block_size=256\).*adamw_jax\.flatten\(params, "
-                     r"moment_block_size=256\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"the flat buffer 'float32' packs leaves that get 8-bit "
+    r"moments \('a', 4096 elements\) and leaves that keep full-precision ones "
+    r"\('b', 100 elements: fewer than 4096 or not a multiple of "
+    r"moment_block_size=256\).*adamw_jax\.flatten\(params, "
+    r"moment_block_size=256\)",
+  ):
     tx.init(adamw_jax.flatten(tree))
   flat = adamw_jax.flatten(tree, moment_block_size=256)
   assert flat.layout.names == ("float32/8bit", "float32")
@@ -181,7 +188,7 @@ def test_8bit_flat_buffers_equal_the_leaves_bit_for_bit():
   assert not isinstance(flat_state.mu.buffers[1], adamw_jax.QuantizedMoment)
   step = jax.jit(tx.update)
   flat_params, tree_params = flat, tree
-  for k in range(3):
+  for _k in range(3):
     grads = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in sizes.items()}
     flat_updates, flat_state = step(flat_params.pack(grads), flat_state, flat_params)
     tree_updates, tree_state = step(grads, tree_state, tree_params)
@@ -192,30 +199,37 @@ def test_8bit_flat_buffers_equal_the_leaves_bit_for_bit():
   for field in ("mu", "nu", "nu_max"):
     q, plain = getattr(flat_state, field).buffers
     leaves = getattr(tree_state, field)
-    np.testing.assert_array_equal(q.codes, jnp.concatenate(
-        [leaves[n].codes.ravel() for n in ("a", "d", "e")]))
-    np.testing.assert_array_equal(q.scale, jnp.concatenate(
-        [leaves[n].scale for n in ("a", "d", "e")]))
+    np.testing.assert_array_equal(
+      q.codes, jnp.concatenate([leaves[n].codes.ravel() for n in ("a", "d", "e")])
+    )
+    np.testing.assert_array_equal(
+      q.scale, jnp.concatenate([leaves[n].scale for n in ("a", "d", "e")])
+    )
     np.testing.assert_array_equal(plain, jnp.concatenate([leaves[n] for n in ("b", "c", "f")]))
   # Another block size in the transform than in flatten: 'g' (4224 = 33 * 128 elements) gets
   # 8-bit moments with blocks of 128 but was packed with 's' as a leaf that does not.
   with pytest.raises(ValueError, match=r"'g', 4224 elements.*moment_block_size=128"):
-    adamw_jax.adamw(1e-2, moment_bits=8, moment_block_size=128).init(adamw_jax.flatten(
-        {"g": jnp.ones(4224), "h": jnp.ones(4096), "s": jnp.ones(100)}, moment_block_size=256))
+    adamw_jax.adamw(1e-2, moment_bits=8, moment_block_size=128).init(
+      adamw_jax.flatten(
+        {"g": jnp.ones(4224), "h": jnp.ones(4096), "s": jnp.ones(100)}, moment_block_size=256
+      )
+    )
 
 
 def test_param_groups_with_and_without_8bit():
   params = {"w": jnp.linspace(-1, 1, 8192).reshape(64, 128), "c": jnp.linspace(0, 1, 8192)}
   grads = jax.tree.map(lambda p: jnp.sin(p * 5 + 0.3), params)
-  tx = adamw_jax.param_groups({"q": (r"^w$", {"moment_bits": 8})}, rest={},
-                              learning_rate=1e-2)
+  tx = adamw_jax.param_groups({"q": (r"^w$", {"moment_bits": 8})}, rest={}, learning_rate=1e-2)
   updates, state = tx.update(grads, tx.init(params), params)
   q_updates, _ = adamw_jax.adamw(1e-2, moment_bits=8).update(
-      {"w": grads["w"]}, adamw_jax.adamw(1e-2, moment_bits=8).init({"w": params["w"]}),
-      {"w": params["w"]})
+    {"w": grads["w"]},
+    adamw_jax.adamw(1e-2, moment_bits=8).init({"w": params["w"]}),
+    {"w": params["w"]},
+  )
   np.testing.assert_array_equal(updates["w"], q_updates["w"])
-  plain, _ = adamw_jax.adamw(1e-2).update({"c": grads["c"]}, adamw_jax.adamw(1e-2).init(
-      {"c": params["c"]}), {"c": params["c"]})
+  plain, _ = adamw_jax.adamw(1e-2).update(
+    {"c": grads["c"]}, adamw_jax.adamw(1e-2).init({"c": params["c"]}), {"c": params["c"]}
+  )
   np.testing.assert_array_equal(updates["c"], plain["c"])
   assert isinstance(state.inner_states["q"].inner_state, adamw_jax.LowMemoryAdamState)
 
@@ -224,11 +238,12 @@ def test_param_groups_with_and_without_8bit():
 # Stochastic rounding (torchao's bf16_stochastic_round) and Kahan sums (torch-optimi)
 # --------------------------------------------------------------------------
 
+
 def test_stochastic_rounding_is_unbiased():
   """Mean of 4096 roundings of each value within 5 standard errors of the exact value."""
   rng = np.random.default_rng(2)
   x = (rng.standard_normal(64) * np.logspace(-3, 3, 64)).astype(np.float32)
-  x[0] = 1.0 + 2.0 ** -12  # 1/32 of the way from 1 to the next bfloat16
+  x[0] = 1.0 + 2.0**-12  # 1/32 of the way from 1 to the next bfloat16
   draws = 4096
   keys = jax.random.split(jax.random.PRNGKey(0), draws)
   rounded = jax.vmap(lambda k: _lowprec.stochastic_round_bf16(jnp.asarray(x), k))(keys)
@@ -250,15 +265,16 @@ def test_kahan_write_is_torch_optimis_bit_for_bit():
   param = torch.nn.Parameter(torch.tensor(p0).bfloat16())
   opt = optimi.SGD([param], lr=1.0, kahan_sum=True)
   p, comp = jnp.asarray(p0).astype(jnp.bfloat16), jnp.zeros(512, jnp.bfloat16)
-  for k in range(20):
+  for _k in range(20):
     u = (rng.standard_normal(512) * 10.0 ** rng.uniform(-6, -2, 512)).astype(np.float32)
     u_bf16 = torch.tensor(u).bfloat16()
     param.grad = -u_bf16
     opt.step()
     p, comp = _lowprec.kahan_write(p, comp, jnp.asarray(u_bf16.float().numpy()))
     np.testing.assert_array_equal(np.asarray(p.astype(jnp.float32)), _np(param.float()))
-    np.testing.assert_array_equal(np.asarray(comp.astype(jnp.float32)),
-                                  _np(opt.state[param]["kahan_comp"].float()))
+    np.testing.assert_array_equal(
+      np.asarray(comp.astype(jnp.float32)), _np(opt.state[param]["kahan_comp"].float())
+    )
 
 
 def _tiny_steps(tx, steps: int, dtype=jnp.bfloat16):
@@ -304,7 +320,7 @@ def test_stochastic_rounding_is_reproducible_and_resumable(tmp_path):
     return params, state
 
   a, sa = run(params, tx.init(params), 4)
-  b, sb = run(params, tx.init(params), 4)
+  b, _sb = run(params, tx.init(params), 4)
   np.testing.assert_array_equal(a["w"], b["w"])
   half, s_half = run(params, tx.init(params), 2)
   adamw_jax.save_opt_state(tmp_path / "ckpt", s_half)
@@ -323,7 +339,7 @@ def test_stochastic_rounding_is_reproducible_and_resumable(tmp_path):
 def test_8bit_state_survives_a_checkpoint(tmp_path):
   params = {"w": jnp.linspace(-1, 1, 8192)}
   tx = adamw_jax.adamw(1e-2, moment_bits=8, param_rounding="kahan")
-  updates, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
+  _updates, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
   adamw_jax.save_opt_state(tmp_path / "ckpt", state)
   restored = adamw_jax.restore_opt_state(tmp_path / "ckpt", tx.init(params))
   assert jax.tree.structure(restored) == jax.tree.structure(state)
@@ -336,7 +352,10 @@ def test_8bit_state_survives_a_checkpoint(tmp_path):
 # Validation and defaults
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, error, match", [
+
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
     ({"moment_bits": 4}, ValueError, "4-bit moments are not implemented"),
     ({"moment_bits": True}, ValueError, "Invalid moment_bits: True"),
     ({"moment_bits": 8, "moment_block_size": 0}, ValueError, r"Invalid moment_block_size: 0.0"),
@@ -346,7 +365,8 @@ def test_8bit_state_survives_a_checkpoint(tmp_path):
     ({"rounding_seed": 3}, ValueError, "only used with param_rounding='stochastic'"),
     ({"param_rounding": "stochastic", "rounding_seed": 2**32}, ValueError, "Invalid rounding_seed"),
     ({"moment_bits": 8, "mu_dtype": jnp.bfloat16}, ValueError, "mu_dtype=bfloat16 cannot be used"),
-])
+  ],
+)
 def test_invalid_low_memory_options_are_refused(kwargs, error, match):
   with pytest.raises(error, match=match):
     adamw_jax.adamw(**kwargs)
@@ -359,7 +379,7 @@ def test_leaves_that_do_not_fit_are_refused_at_init():
     adamw_jax.adamw(moment_bits=8).init({"c": jnp.ones(8, jnp.complex64)})
   with pytest.raises(TypeError, match="unexpected keyword argument 'param_rounding'"):
     adamw_jax.scale_by_adam(param_rounding="kahan")
-  with pytest.raises(ValueError, match="needs|params"):
+  with pytest.raises(ValueError, match=r"needs|params"):
     tx = adamw_jax.adamw(param_rounding="kahan", weight_decay=0.0)
     params = {"w": jnp.ones(3, jnp.bfloat16)}
     tx.update(params, tx.init(params))

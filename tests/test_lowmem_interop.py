@@ -31,8 +31,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _torch_params(seed: int, dtype=torch.float32) -> dict[str, torch.nn.Parameter]:
   rng = np.random.default_rng(seed)
-  return {k: torch.nn.Parameter(torch.tensor(rng.standard_normal(s).astype(np.float32)).to(dtype))
-          for k, s in SHAPES.items()}
+  return {
+    k: torch.nn.Parameter(torch.tensor(rng.standard_normal(s).astype(np.float32)).to(dtype))
+    for k, s in SHAPES.items()
+  }
 
 
 def _grads(seed: int, params) -> dict[str, np.ndarray]:
@@ -59,10 +61,21 @@ def _torchao_step(opt, grads: dict[str, np.ndarray]) -> None:
       if group["amsgrad"]:
         state["max_exp_avg_sq"] = _new_buffer(p, False, opt.block_size)
     state["step"] += 1
-    single_param_adam(p.detach(), torch.tensor(g).to(p.dtype), state["step"], state["exp_avg"],
-                      state["exp_avg_sq"], state.get("max_exp_avg_sq"), group["lr"],
-                      group["betas"][0], group["betas"][1], group["weight_decay"], group["eps"],
-                      opt.is_adamw, opt.bf16_stochastic_round and p.dtype is torch.bfloat16)
+    single_param_adam(
+      p.detach(),
+      torch.tensor(g).to(p.dtype),
+      state["step"],
+      state["exp_avg"],
+      state["exp_avg_sq"],
+      state.get("max_exp_avg_sq"),
+      group["lr"],
+      group["betas"][0],
+      group["betas"][1],
+      group["weight_decay"],
+      group["eps"],
+      opt.is_adamw,
+      opt.bf16_stochastic_round and p.dtype is torch.bfloat16,
+    )
 
 
 def _jax(params: dict[str, torch.Tensor]) -> dict[str, jax.Array]:
@@ -84,8 +97,10 @@ def _torchao_run(cls=AdamW8bit, amsgrad=False, steps=3, **kw):
     for p in tp.values():
       v = opt.state[p]["exp_avg_sq"]
       opt.state[p]["max_exp_avg_sq"] = (
-          OptimState8bit(v.codes.clone(), v.scale.clone(), v.qmap.clone(), False, dtype=v.dtype)
-          if isinstance(v, OptimState8bit) else v.clone())
+        OptimState8bit(v.codes.clone(), v.scale.clone(), v.qmap.clone(), False, dtype=v.dtype)
+        if isinstance(v, OptimState8bit)
+        else v.clone()
+      )
   return tp, opt
 
 
@@ -104,8 +119,7 @@ def _assert_state_is_torchaos(state, opt, tp, keys) -> None:
         np.testing.assert_array_equal(np.asarray(ours), _np(ref))
 
 
-@pytest.mark.parametrize("cls, amsgrad", [(AdamW8bit, False), (AdamW8bit, True),
-                                          (Adam8bit, False)])
+@pytest.mark.parametrize("cls, amsgrad", [(AdamW8bit, False), (AdamW8bit, True), (Adam8bit, False)])
 def test_torchao_state_round_trips_bit_for_bit(cls, amsgrad):
   tp, opt = _torchao_run(cls, amsgrad)
   keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -149,7 +163,7 @@ def test_torchao_run_continues_within_the_established_bounds():
     new = optax.apply_updates(params, updates)
     _torchao_step(opt, grads)
     t = 4 + k
-    relative = 2.0 ** -23 * (1 / (1 - 0.9 ** t) + 1 / (1 - 0.999 ** t)) + 2.0 ** -20
+    relative = 2.0**-23 * (1 / (1 - 0.9**t) + 1 / (1 - 0.999**t)) + 2.0**-20
     for name, p in tp.items():
       ref_m, ref_v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
       if isinstance(ref_m, OptimState8bit):
@@ -176,8 +190,12 @@ def test_torchao_stochastic_rounding_and_block_size_are_read():
   assert state.key is not None and state.mu["w"].scale.shape == (64 * 128 // 128,)
   _assert_state_is_torchaos(state, opt, tp, ("exp_avg", "exp_avg_sq"))
   assert state.mu["b"].dtype == jnp.bfloat16  # torchao keeps plain moments in the param's dtype
-  fresh = AdamW8bit(list(_torch_params(1, torch.bfloat16).values()), lr=LR, block_size=128,
-                    bf16_stochastic_round=True)
+  fresh = AdamW8bit(
+    list(_torch_params(1, torch.bfloat16).values()),
+    lr=LR,
+    block_size=128,
+    bf16_stochastic_round=True,
+  )
   fresh.load_state_dict(adamw_jax.to_torch_state_dict(tx, state))
   q = fresh.state[fresh.param_groups[0]["params"][2]]["exp_avg"]  # 'w'
   assert torch.equal(q.codes, opt.state[tp["w"]]["exp_avg"].codes) and q.block_size == 128
@@ -190,11 +208,15 @@ def test_torchao_refusals():
   with pytest.raises(TypeError, match="4-bit and FP8 moments are not implemented"):
     adamw_jax.from_torch(AdamW4bit(list(tp.values())), _jax(tp))
   _, state = adamw_jax.from_torch(opt, _jax(tp))
-  with pytest.raises(ValueError, match=r"8-bit moments \(moment_bits=8\), which "
-                     r"torch\.optim\.adamw\.AdamW cannot hold; load it into torchao"):
+  with pytest.raises(
+    ValueError,
+    match=r"8-bit moments \(moment_bits=8\), which "
+    r"torch\.optim\.adamw\.AdamW cannot hold; load it into torchao",
+  ):
     adamw_jax.to_torch_state_dict(torch.optim.AdamW(list(tp.values())), state)
-  with pytest.raises(ValueError, match="in blocks of 256, but the torchao optimizer's block_size "
-                     "is 128"):
+  with pytest.raises(
+    ValueError, match="in blocks of 256, but the torchao optimizer's block_size is 128"
+  ):
     adamw_jax.to_torch_state_dict(AdamW8bit(list(tp.values()), block_size=128), state)
   with pytest.raises(ValueError, match="has a full-precision exp_avg, but the JAX leaf 'w'"):
     _mismatched_import(tp)
@@ -206,14 +228,22 @@ def test_plain_states_into_the_references():
   params = _jax(tp)
   tx = adamw_jax.adamw(LR, weight_decay=WD)
   _, state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)
-  with pytest.raises(ValueError, match=r"'v' has full-precision moments, but "
-                     r"torchao\.optim\.adam\.AdamW8bit keeps 8-bit ones .* moment_bits=8, "
-                     r"moment_block_size=256"):
+  with pytest.raises(
+    ValueError,
+    match=r"'v' has full-precision moments, but "
+    r"torchao\.optim\.adam\.AdamW8bit keeps 8-bit ones .* moment_bits=8, "
+    r"moment_block_size=256",
+  ):
     adamw_jax.to_torch_state_dict(AdamW8bit(list(tp.values())), state)
   bf16 = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
   _, state = tx.update(jax.tree.map(jnp.cos, bf16), tx.init(bf16), bf16)
-  opt = optimi.AdamW([torch.nn.Parameter(t.detach().bfloat16()) for t in tp.values()], lr=LR,
-                     kahan_sum=True, foreach=False, triton=False)
+  opt = optimi.AdamW(
+    [torch.nn.Parameter(t.detach().bfloat16()) for t in tp.values()],
+    lr=LR,
+    kahan_sum=True,
+    foreach=False,
+    triton=False,
+  )
   opt.load_state_dict(adamw_jax.to_torch_state_dict(opt, state))
   for p in opt.param_groups[0]["params"]:
     comp = opt.state[p]["kahan_comp"]
@@ -235,12 +265,19 @@ def _mismatched_import(tp):
 # torch-optimi: Kahan compensation and debiased moments
 # --------------------------------------------------------------------------
 
+
 def _optimi_run(steps=3, weight_decay=WD, **kw):
   tp = _torch_params(0, torch.bfloat16)
   tp["b"] = torch.nn.Parameter(tp["b"].detach().float())  # a float32 leaf: no compensation
-  opt = optimi.AdamW(list(tp.values()), lr=1e-3, weight_decay=weight_decay, kahan_sum=True,
-                     foreach=False,
-                     triton=False, **kw)
+  opt = optimi.AdamW(
+    list(tp.values()),
+    lr=1e-3,
+    weight_decay=weight_decay,
+    kahan_sum=True,
+    foreach=False,
+    triton=False,
+    **kw,
+  )
   for k in range(steps):
     for p, g in zip(tp.values(), _grads(30 + k, tp).values()):
       p.grad = torch.tensor(g).to(p.dtype)
@@ -261,14 +298,20 @@ def test_optimi_state_round_trips_with_the_compensation_bit_for_bit():
   # optimi's moments are debiased: torch's m is optimi's times 1 - b1**t (one rounding).
   for name, p in tp.items():
     for key, field, beta in (("exp_avg", "mu", 0.9), ("exp_avg_sq", "nu", 0.99)):
-      ref = _np(opt.state[p][key]).astype(np.float64) * (1 - beta ** 3)
+      ref = _np(opt.state[p][key]).astype(np.float64) * (1 - beta**3)
       ours = np.asarray(getattr(state, field)[name]).astype(np.float64)
       ulp = np.spacing(np.abs(ref).astype(np.asarray(getattr(state, field)[name]).dtype))
       assert np.all(np.abs(ours - ref) <= 0.5 * ulp.astype(np.float64)), (name, key)
   fresh_params = _torch_params(1, torch.bfloat16)
   fresh_params["b"] = torch.nn.Parameter(fresh_params["b"].detach().float())
-  fresh = optimi.AdamW(list(fresh_params.values()), lr=1e-3, weight_decay=WD, kahan_sum=True,
-                       foreach=False, triton=False)
+  fresh = optimi.AdamW(
+    list(fresh_params.values()),
+    lr=1e-3,
+    weight_decay=WD,
+    kahan_sum=True,
+    foreach=False,
+    triton=False,
+  )
   fresh.load_state_dict(adamw_jax.to_torch_state_dict(tx, state))
   assert int(fresh.param_groups[0]["step"]) == 3 and fresh.param_groups[0]["setup"]
   worst = 0.0
@@ -306,8 +349,9 @@ def test_optimi_run_continues_close_to_optimi():
     for p, g in zip(tp.values(), grads.values()):
       p.grad = torch.tensor(g).to(p.dtype)
     opt.step()
-    updates, state = tx.update({n: jnp.asarray(g).astype(params[n].dtype)
-                                for n, g in grads.items()}, state, params)
+    updates, state = tx.update(
+      {n: jnp.asarray(g).astype(params[n].dtype) for n, g in grads.items()}, state, params
+    )
     params = optax.apply_updates(params, updates)
   for name, p in tp.items():
     ours, ref = np.asarray(params[name]).astype(np.float64), _np(p).astype(np.float64)
@@ -331,6 +375,9 @@ def test_optimi_decouple_lr_and_refusals():
   with pytest.raises(ValueError, match=r"'my_label'='x', which torch-optimi's AdamW"):
     adamw_jax.from_torch(sd, _jax(tp))
   adamw_jax.from_torch(sd, _jax(tp), ignore=("my_label",))
-  with pytest.raises(ValueError, match=r"Kahan compensation \(param_rounding='kahan'\), which "
-                     r"torch\.optim\.adamw\.AdamW cannot hold"):
+  with pytest.raises(
+    ValueError,
+    match=r"Kahan compensation \(param_rounding='kahan'\), which "
+    r"torch\.optim\.adamw\.AdamW cannot hold",
+  ):
     adamw_jax.to_torch_state_dict(torch.optim.AdamW(list(tp.values())), state)

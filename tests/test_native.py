@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from tests import torch_reference as ref
 
 STEPS = 12
 pytestmark = pytest.mark.skipif(
-    _native.UNAVAILABLE is not None, reason=f"native kernel not built: {_native.UNAVAILABLE}")
+  _native.UNAVAILABLE is not None, reason=f"native kernel not built: {_native.UNAVAILABLE}"
+)
 
 
 def _bits(x) -> np.ndarray:
@@ -52,8 +54,17 @@ def _uses_native(fn: Callable, *args) -> bool:
   return _native.TARGET in jax.jit(fn).lower(*args).as_text()
 
 
-def _trajectory(tx, params, grads: Callable[[int], Any], native: bool, monkeypatch, *,
-                fused: bool = False, serves: bool = True, steps: int = STEPS) -> list:
+def _trajectory(
+  tx,
+  params,
+  grads: Callable[[int], Any],
+  native: bool,
+  monkeypatch,
+  *,
+  fused: bool = False,
+  serves: bool = True,
+  steps: int = STEPS,
+) -> list:
   """(params, state) after each jitted step, with or without the native kernel.
 
   `serves`: whether the native kernel serves this configuration (it must then
@@ -91,18 +102,21 @@ def _problem(dtype, shapes=None, scale_range=(-6, 2)):
 
 
 # fused_step takes adamw/adam, not a chain (test_fused_step_refuses_other_transforms).
-_TABLE = [(c, False) for c in ref.CASES + [ref.CHAIN]] + [(c, True) for c in ref.CASES]
+_TABLE = [(c, False) for c in [*ref.CASES, ref.CHAIN]] + [(c, True) for c in ref.CASES]
 
 
-@pytest.mark.parametrize(("case", "fused"), _TABLE,
-                         ids=lambda x: x.name if isinstance(x, ref.Case) else ("fused" if x else "update"))
+@pytest.mark.parametrize(
+  ("case", "fused"),
+  _TABLE,
+  ids=lambda x: x.name if isinstance(x, ref.Case) else ("fused" if x else "update"),
+)
 def test_fidelity_table_float32(case, fused, monkeypatch):
   params, grads = ref.make_problem(np.complex64 if case.complex else np.float32, STEPS)
   serves = not (case.complex and case.algo == "adam")  # complex + L2: complex arithmetic, pure
   _compare(case.jax_tx(), params, grads, monkeypatch, serves=serves, fused=fused)
 
 
-@pytest.mark.parametrize("case", ref.CASES + [ref.CHAIN], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [*ref.CASES, ref.CHAIN], ids=lambda c: c.name)
 def test_fidelity_table_float64(case, monkeypatch):
   with jax.enable_x64(True):
     params, grads = ref.make_problem(np.complex128 if case.complex else np.float64, STEPS)
@@ -112,28 +126,40 @@ def test_fidelity_table_float64(case, monkeypatch):
 
 def _inject():
   return optax.inject_hyperparams(adamw_jax.adamw)(
-      learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
+    learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2
+  )
 
 
 CONFIGS = {
-    "eps_root": (lambda: adamw_jax.adamw(1e-3, eps_root=1e-10), True),
-    "injected hyperparameters": (_inject, True),
-    "weight decay schedule": (
-        lambda: adamw_jax.adamw(1e-3, weight_decay=optax.linear_schedule(0.1, 0.0, 10)), True),
-    "mask (no decay on vectors)": (
-        lambda: adamw_jax.adamw(1e-3, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}), True),
-    "adam mask + amsgrad": (
-        lambda: adamw_jax.adam(1e-3, weight_decay=0.1, amsgrad=True,
-                               mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}), True),
-    "mu_dtype=bfloat16": (lambda: adamw_jax.adamw(1e-3, mu_dtype=jnp.bfloat16), True),
-    "nu_dtype=bfloat16, amsgrad": (
-        lambda: adamw_jax.adamw(1e-3, nu_dtype=jnp.bfloat16, amsgrad=True), True),
-    "paper decay": (lambda: adamw_jax.adamw(1e-3, decay_mode="paper"), True),
-    "weight_decay=0 (no parameter read)": (lambda: adamw_jax.adamw(1e-3, weight_decay=0.0), True),
-    "b1=0": (lambda: adamw_jax.adamw(1e-3, b1=0.0), True),
-    "b2=0.95, maximize, amsgrad": (
-        lambda: adamw_jax.adamw(3e-4, b2=0.95, maximize=True, amsgrad=True), True),
-    "scale_by_adam": (lambda: adamw_jax.scale_by_adam(), True),
+  "eps_root": (lambda: adamw_jax.adamw(1e-3, eps_root=1e-10), True),
+  "injected hyperparameters": (_inject, True),
+  "weight decay schedule": (
+    lambda: adamw_jax.adamw(1e-3, weight_decay=optax.linear_schedule(0.1, 0.0, 10)),
+    True,
+  ),
+  "mask (no decay on vectors)": (
+    lambda: adamw_jax.adamw(1e-3, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}),
+    True,
+  ),
+  "adam mask + amsgrad": (
+    lambda: adamw_jax.adam(
+      1e-3, weight_decay=0.1, amsgrad=True, mask=lambda p: {k: v.ndim > 1 for k, v in p.items()}
+    ),
+    True,
+  ),
+  "mu_dtype=bfloat16": (lambda: adamw_jax.adamw(1e-3, mu_dtype=jnp.bfloat16), True),
+  "nu_dtype=bfloat16, amsgrad": (
+    lambda: adamw_jax.adamw(1e-3, nu_dtype=jnp.bfloat16, amsgrad=True),
+    True,
+  ),
+  "paper decay": (lambda: adamw_jax.adamw(1e-3, decay_mode="paper"), True),
+  "weight_decay=0 (no parameter read)": (lambda: adamw_jax.adamw(1e-3, weight_decay=0.0), True),
+  "b1=0": (lambda: adamw_jax.adamw(1e-3, b1=0.0), True),
+  "b2=0.95, maximize, amsgrad": (
+    lambda: adamw_jax.adamw(3e-4, b2=0.95, maximize=True, amsgrad=True),
+    True,
+  ),
+  "scale_by_adam": (lambda: adamw_jax.scale_by_adam(), True),
 }
 
 
@@ -145,7 +171,9 @@ def test_configurations(name, monkeypatch):
 
 
 # inject_hyperparams wraps the transform, which fused_step refuses (tested below).
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in ("scale_by_adam", "injected hyperparameters")])
+@pytest.mark.parametrize(
+  "name", [n for n in CONFIGS if n not in ("scale_by_adam", "injected hyperparameters")]
+)
 def test_configurations_fused(name, monkeypatch):
   make, serves = CONFIGS[name]
   params, grads = _problem(np.float32)
@@ -173,8 +201,10 @@ def test_subnormal_and_zero_gradients(monkeypatch):
   """XLA flushes subnormals to zero; the native kernel runs with the same control word."""
   shapes = {"w": (200_000,), "v": (1000,)}
   params, grads = _problem(np.float32, shapes, scale_range=(-45, -30))
-  zero_or = lambda t: {k: np.where(np.arange(v.size).reshape(v.shape) % 3 == 0, 0, v).astype(v.dtype)  # noqa: E731
-                       for k, v in grads(t).items()}
+  zero_or = lambda t: {
+    k: np.where(np.arange(v.size).reshape(v.shape) % 3 == 0, 0, v).astype(v.dtype)
+    for k, v in grads(t).items()
+  }
   _compare(adamw_jax.adamw(1e-3, eps=1e-30), params, zero_or, monkeypatch)
   _compare(adamw_jax.adamw(1e-3, eps=1e-30), params, zero_or, monkeypatch, fused=True)
 
@@ -271,8 +301,14 @@ def test_fused_step_donates_in_place(monkeypatch):
 
 def test_fused_step_refuses_other_transforms():
   p = {"w": jnp.ones(3)}
-  for tx in (optax.chain(adamw_jax.scale_by_adam(), optax.scale(-1e-3)), optax.adamw(1e-3), _inject()):
-    with pytest.raises(TypeError, match="fused_step: tx must be made by adamw_jax.adamw or adamw_jax.adam"):
+  for tx in (
+    optax.chain(adamw_jax.scale_by_adam(), optax.scale(-1e-3)),
+    optax.adamw(1e-3),
+    _inject(),
+  ):
+    with pytest.raises(
+      TypeError, match=r"fused_step: tx must be made by adamw_jax\.adamw or adamw_jax\.adam"
+    ):
       adamw_jax.fused_step(tx, p, tx.init(p), p)
   tx = adamw_jax.scale_by_adam()
   with pytest.raises(TypeError, match="needs a learning rate"):
@@ -338,8 +374,9 @@ def test_fused_step_in_a_linen_train_state():
 
   states = []
   for step in (fused, plain):
-    state = train_state.TrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
-                                          tx=adamw_jax.adamw(1e-2))
+    state = train_state.TrainState.create(
+      apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=adamw_jax.adamw(1e-2)
+    )
     jitted = jax.jit(step, donate_argnums=0)
     for _ in range(5):
       state = jitted(state)
@@ -372,6 +409,7 @@ def test_fused_step_with_nnx():
       def loss_fn(params):
         logits = nnx.merge(graphdef, params)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
       grads = jax.grad(loss_fn)(params)
       if fused:
         return adamw_jax.fused_step(tx, grads, opt_state, params)

@@ -24,8 +24,12 @@ CELL_TIMEOUT = 300  # seconds per cell: generous, the machine may be shared
 def run_notebook(path: pathlib.Path) -> nbformat.NotebookNode:
   """The executed notebook; raises CellExecutionError at the first failing cell."""
   nb = nbformat.read(path, as_version=4)
-  NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                 resources={"metadata": {"path": str(path.parent)}}).execute()
+  NotebookClient(
+    nb,
+    timeout=CELL_TIMEOUT,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(path.parent)}},
+  ).execute()
   return nb
 
 
@@ -37,16 +41,23 @@ def test_notebooks_are_stored_without_outputs():
   for path in NOTEBOOKS:
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    stale = [i for i, c in enumerate(nb.cells)
-             if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
+    stale = [
+      i
+      for i, c in enumerate(nb.cells)
+      if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))
+    ]
     assert not stale, f"{path.name}: cells {stale} have stored outputs; clear them"
 
 
 def test_a_failing_cell_fails(tmp_path):
   """The runner itself: an exception in a cell is an error, not an output."""
   path = tmp_path / "broken.ipynb"
-  nbformat.write(v4.new_notebook(cells=[v4.new_code_cell("x = 1"),
-                                        v4.new_code_cell("raise ValueError('boom')")]), path)
+  nbformat.write(
+    v4.new_notebook(
+      cells=[v4.new_code_cell("x = 1"), v4.new_code_cell("raise ValueError('boom')")]
+    ),
+    path,
+  )
   with pytest.raises(CellExecutionError, match="boom"):
     run_notebook(path)
 

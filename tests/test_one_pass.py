@@ -30,21 +30,23 @@ from adamw_jax import _steer
 
 N = 1003
 CONFIGS = {
-    "adamw": lambda: adamw_jax.adamw(1e-3, weight_decay=1e-2),
-    "amsgrad": lambda: adamw_jax.adamw(1e-2, weight_decay=1e-2, amsgrad=True),
-    "maximize": lambda: adamw_jax.adamw(1e-3, weight_decay=0.1, maximize=True),
-    "adam_l2": lambda: adamw_jax.adam(1e-3, weight_decay=1e-2),
-    "no_decay": lambda: adamw_jax.adamw(1e-3, weight_decay=0.0),
-    "scale_by_adam": lambda: adamw_jax.scale_by_adam(eps_root=1e-8),
-    "bf16_params": lambda: adamw_jax.adamw(1e-3, weight_decay=1e-2, mu_dtype=jnp.float32),
+  "adamw": lambda: adamw_jax.adamw(1e-3, weight_decay=1e-2),
+  "amsgrad": lambda: adamw_jax.adamw(1e-2, weight_decay=1e-2, amsgrad=True),
+  "maximize": lambda: adamw_jax.adamw(1e-3, weight_decay=0.1, maximize=True),
+  "adam_l2": lambda: adamw_jax.adam(1e-3, weight_decay=1e-2),
+  "no_decay": lambda: adamw_jax.adamw(1e-3, weight_decay=0.0),
+  "scale_by_adam": lambda: adamw_jax.scale_by_adam(eps_root=1e-8),
+  "bf16_params": lambda: adamw_jax.adamw(1e-3, weight_decay=1e-2, mu_dtype=jnp.float32),
 }
 DTYPES = {"bf16_params": jnp.bfloat16}
 
 
 def _loops(compiled_text: str) -> int:
   """Loop fusions over the N-element arrays in the entry computation."""
-  entry = compiled_text[compiled_text.index("ENTRY"):]
-  return sum(1 for line in entry.splitlines() if " fusion(" in line and f"[{N}]" in line.split(" fusion(")[0])
+  entry = compiled_text[compiled_text.index("ENTRY") :]
+  return sum(
+    1 for line in entry.splitlines() if " fusion(" in line and f"[{N}]" in line.split(" fusion(")[0]
+  )
 
 
 def run_configs() -> dict:
@@ -53,7 +55,10 @@ def run_configs() -> dict:
   out = {}
   for name, make in CONFIGS.items():
     dtype = DTYPES.get(name, jnp.float32)
-    params = {"w": jnp.asarray(rng.standard_normal(N), dtype), "b": jnp.asarray(rng.standard_normal(7), dtype)}
+    params = {
+      "w": jnp.asarray(rng.standard_normal(N), dtype),
+      "b": jnp.asarray(rng.standard_normal(7), dtype),
+    }
     tx = make()
     state = tx.init(params)
 
@@ -65,7 +70,9 @@ def run_configs() -> dict:
     loops = _loops(step.lower(params, state, params).compile().as_text())
     digest = hashlib.sha256()
     for t in range(5):
-      grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 10.0 ** -t, p.dtype), params)
+      grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape) * 10.0**-t, p.dtype), params
+      )
       params, state = step(params, state, grads)
       for leaf in jax.tree.leaves((params, state)):
         digest.update(np.asarray(leaf).tobytes())
@@ -80,8 +87,9 @@ def _in_fresh_process(xla_flags: str) -> dict:
     env["XLA_FLAGS"] = xla_flags
   code = "import json, tests.test_one_pass as t; print(json.dumps(t.run_configs()))"
   root = pathlib.Path(__file__).resolve().parent.parent
-  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE,
-                        text=True, check=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], env=env, cwd=root, stdout=subprocess.PIPE, text=True, check=True
+  )
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

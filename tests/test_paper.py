@@ -18,7 +18,8 @@ import pytest
 
 import adamw_jax
 from adamw_jax import _hyperparams
-from tests import docs_pages, torch_reference as ref
+from tests import docs_pages
+from tests import torch_reference as ref
 
 
 def decay_factor(tx: optax.GradientTransformation, count) -> jax.Array:
@@ -35,35 +36,58 @@ def ramp(count):
 
 
 BY_HAND = [
-    # (name, transform, step, expected factor as float32 written as a float64 literal)
-    # Constant lr: its own peak, eta = 1, factor 1 - 0.1 = 0.9 -> float32 0.8999999761581421.
-    ("paper, constant lr", adamw_jax.adamw(1e-3, weight_decay=0.1, decay_mode="paper"), 0,
-     0.8999999761581421),
-    # torch's factor for the same arguments: 1 - 1e-3 * 0.1 = 0.9999 -> 0.9998999834060669.
-    ("torch, constant lr", adamw_jax.adamw(1e-3, weight_decay=0.1), 0, 0.9998999834060669),
-    # Both numbers: Python doubles, 1 - (3e-4 / 1e-3) * 0.3 = 0.91 -> 0.9100000262260437.
-    ("paper, lr below an explicit peak",
-     adamw_jax.adamw(3e-4, weight_decay=0.3, decay_mode="paper", peak_learning_rate=1e-3), 0,
-     0.9100000262260437),
-    # ramp / 2**-6 = 1/4, 1/2, 3/4, 1 (exact); 1 - eta * 0.1 = 0.975, 0.95, 0.925, 0.9 in
-    # double, rounded to float32: 0.9750000238418579, 0.949999988079071, 0.925000011920929,
-    # 0.8999999761581421.
-    *[(f"paper, schedule step {t}",
-       adamw_jax.adamw(ramp, weight_decay=0.1, decay_mode="paper", peak_learning_rate=2.0**-6),
-       t, want)
-      for t, want in enumerate([0.9750000238418579, 0.949999988079071, 0.925000011920929,
-                                0.8999999761581421])],
-    # Rounded once: lr_t = float32(7e-4) = 0.000699999975040555, the peak 1e-3 rounded as
-    # the lr is, to 0.0010000000474974513; eta = 0.6999999417923418 (exact quotient);
-    # 1 - eta * 0.05 = 0.9650000029103829 (Fractions) -> float32 0.9649999737739563.
-    # float32 arithmetic throughout would give the other neighbour, 0.9650000333786011.
-    ("paper, rounded once",
-     adamw_jax.adamw(lambda c: jnp.float32(7e-4), weight_decay=0.05, decay_mode="paper",
-                     peak_learning_rate=1e-3), 0, 0.9649999737739563),
-    # The schedule at its peak: float32(1e-3) / float32(1e-3) = 1 exactly: 1 - 0.05 = 0.95.
-    ("paper, schedule at its peak",
-     adamw_jax.adamw(lambda c: jnp.float32(1e-3), weight_decay=0.05, decay_mode="paper",
-                     peak_learning_rate=1e-3), 0, 0.949999988079071),
+  # (name, transform, step, expected factor as float32 written as a float64 literal)
+  # Constant lr: its own peak, eta = 1, factor 1 - 0.1 = 0.9 -> float32 0.8999999761581421.
+  (
+    "paper, constant lr",
+    adamw_jax.adamw(1e-3, weight_decay=0.1, decay_mode="paper"),
+    0,
+    0.8999999761581421,
+  ),
+  # torch's factor for the same arguments: 1 - 1e-3 * 0.1 = 0.9999 -> 0.9998999834060669.
+  ("torch, constant lr", adamw_jax.adamw(1e-3, weight_decay=0.1), 0, 0.9998999834060669),
+  # Both numbers: Python doubles, 1 - (3e-4 / 1e-3) * 0.3 = 0.91 -> 0.9100000262260437.
+  (
+    "paper, lr below an explicit peak",
+    adamw_jax.adamw(3e-4, weight_decay=0.3, decay_mode="paper", peak_learning_rate=1e-3),
+    0,
+    0.9100000262260437,
+  ),
+  # ramp / 2**-6 = 1/4, 1/2, 3/4, 1 (exact); 1 - eta * 0.1 = 0.975, 0.95, 0.925, 0.9 in
+  # double, rounded to float32: 0.9750000238418579, 0.949999988079071, 0.925000011920929,
+  # 0.8999999761581421.
+  *[
+    (
+      f"paper, schedule step {t}",
+      adamw_jax.adamw(ramp, weight_decay=0.1, decay_mode="paper", peak_learning_rate=2.0**-6),
+      t,
+      want,
+    )
+    for t, want in enumerate(
+      [0.9750000238418579, 0.949999988079071, 0.925000011920929, 0.8999999761581421]
+    )
+  ],
+  # Rounded once: lr_t = float32(7e-4) = 0.000699999975040555, the peak 1e-3 rounded as
+  # the lr is, to 0.0010000000474974513; eta = 0.6999999417923418 (exact quotient);
+  # 1 - eta * 0.05 = 0.9650000029103829 (Fractions) -> float32 0.9649999737739563.
+  # float32 arithmetic throughout would give the other neighbour, 0.9650000333786011.
+  (
+    "paper, rounded once",
+    adamw_jax.adamw(
+      lambda c: jnp.float32(7e-4), weight_decay=0.05, decay_mode="paper", peak_learning_rate=1e-3
+    ),
+    0,
+    0.9649999737739563,
+  ),
+  # The schedule at its peak: float32(1e-3) / float32(1e-3) = 1 exactly: 1 - 0.05 = 0.95.
+  (
+    "paper, schedule at its peak",
+    adamw_jax.adamw(
+      lambda c: jnp.float32(1e-3), weight_decay=0.05, decay_mode="paper", peak_learning_rate=1e-3
+    ),
+    0,
+    0.949999988079071,
+  ),
 ]
 
 
@@ -102,14 +126,19 @@ class PaperCase(ref.Case):
   def jax_tx(self) -> optax.GradientTransformation:
     sched = self.schedule()
     return adamw_jax.adamw(
-        sched or self.lr, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
-        weight_decay=self.weight_decay * self.lr, decay_mode="paper",
-        peak_learning_rate=self.lr if sched else None)
+      sched or self.lr,
+      b1=self.betas[0],
+      b2=self.betas[1],
+      eps=self.eps,
+      weight_decay=self.weight_decay * self.lr,
+      decay_mode="paper",
+      peak_learning_rate=self.lr if sched else None,
+    )
 
 
 EQUIVALENT = [
-    PaperCase("constant lr", lr=2.0**-7, weight_decay=8.0),
-    PaperCase("cosine schedule", lr=2.0**-6, weight_decay=2.0, cosine_steps=12),
+  PaperCase("constant lr", lr=2.0**-7, weight_decay=8.0),
+  PaperCase("cosine schedule", lr=2.0**-6, weight_decay=2.0, cosine_steps=12),
 ]
 
 
@@ -132,8 +161,9 @@ def run_checked_against_torch(case: ref.Case, params, grads, steps: int) -> ref.
 @pytest.mark.parametrize("case", EQUIVALENT, ids=lambda c: c.name)
 def test_paper_mode_is_weight_decay_over_peak(case):
   """Paper mode with decay lam is torch mode with weight_decay lam / peak, bit for bit."""
-  torch_mode = ref.Case(case.name, lr=case.lr, weight_decay=case.weight_decay,
-                        cosine_steps=case.cosine_steps)
+  torch_mode = ref.Case(
+    case.name, lr=case.lr, weight_decay=case.weight_decay, cosine_steps=case.cosine_steps
+  )
   params, grads = ref.make_problem(np.float32, steps=12)
   if case.cosine_steps:  # and so torch's (checked once: the slowest part)
     paper = run_checked_against_torch(case, params, grads, 12)
@@ -167,7 +197,7 @@ def test_paper_mode_under_inject_hyperparams():
   The ramp's values are exact whether it is evaluated eagerly (inject_hyperparams)
   or inside the jitted step; the peak and the decay are exact in float32.
   """
-  kw = dict(weight_decay=0.125, decay_mode="paper", peak_learning_rate=2.0**-4)
+  kw = {"weight_decay": 0.125, "decay_mode": "paper", "peak_learning_rate": 2.0**-4}
   sched = ramp
   plain = adamw_jax.adamw(sched, **kw)
   static = ("decay_mode", "b1", "b2", "eps", "eps_root")  # injected: lr, peak and decay
@@ -192,7 +222,8 @@ def test_paper_mode_under_inject_hyperparams():
 def test_normalized_weight_decay_by_hand():
   # 0.5 * sqrt(32 / (1000 * 8)) = 0.5 * sqrt(0.004) = sqrt(0.001) = 0.03162277660168379.
   assert adamw_jax.normalized_weight_decay(0.5, 32, 1000, 8) == pytest.approx(
-      0.03162277660168379, rel=1e-15)
+    0.03162277660168379, rel=1e-15
+  )
   # sqrt(25 / (100 * 1)) = 1/2 exactly.
   assert adamw_jax.normalized_weight_decay(0.05, 25, 100, 1) == 0.025
   # Four times the epochs halves it; fractional epochs are allowed: sqrt(10 / (40 * 0.25)) = 1.
@@ -204,9 +235,22 @@ def test_warm_restarts_by_hand():
   # Periods T_0 = 4 and T_1 = 8: lr = 0.5 * (1 + cos(pi * t / T_i)), restarting at step 4;
   # after both periods (step 12) it stays at the minimum, 0.
   sched = adamw_jax.warm_restarts(1.0, 4, 2, num_periods=2)
-  want = [1.0, 0.8535533905932737, 0.5, 0.14644660940672627,
-          1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449,
-          0.5, 0.30865828381745514, 0.14644660940672627, 0.03806023374435663, 0.0, 0.0]
+  want = [
+    1.0,
+    0.8535533905932737,
+    0.5,
+    0.14644660940672627,
+    1.0,
+    0.9619397662556434,
+    0.8535533905932737,
+    0.6913417161825449,
+    0.5,
+    0.30865828381745514,
+    0.14644660940672627,
+    0.03806023374435663,
+    0.0,
+    0.0,
+  ]
   got = np.asarray(jax.vmap(sched)(jnp.arange(14)))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   # min 0.5, peak 2, T_0 = 2, T_mult = 1.5: periods 2, 3, then round-half-up(4.5) = 5.
@@ -224,8 +268,12 @@ def test_warm_restarts_by_hand():
 
 def test_adamwr_paper_decay_restarts():
   """AdamWR: the decay factor follows the multiplier and is 1 - wd again at each restart."""
-  tx = adamw_jax.adamw(adamw_jax.warm_restarts(1e-3, 4, 2, num_periods=2), weight_decay=0.05,
-                       decay_mode="paper", peak_learning_rate=1e-3)
+  tx = adamw_jax.adamw(
+    adamw_jax.warm_restarts(1e-3, 4, 2, num_periods=2),
+    weight_decay=0.05,
+    decay_mode="paper",
+    peak_learning_rate=1e-3,
+  )
   # Steps 0 and 4 start a period: eta = 1 exactly, factor float32(0.95); from step 12 on
   # the lr is 0, eta = 0 and the factor is 1.
   f0, f2, f4, f12 = np.asarray(jax.vmap(lambda t: decay_factor(tx, t))(jnp.array([0, 2, 4, 12])))
@@ -238,57 +286,112 @@ def test_adamwr_paper_decay_restarts():
 SCHED = optax.constant_schedule(1e-3)
 
 BAD = [
-    (lambda: adamw_jax.adamw(decay_mode="Paper"), ValueError, r"Invalid decay_mode: 'Paper'"),
-    (lambda: adamw_jax.adamw(decay_mode=None), ValueError, r"Invalid decay_mode: None"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper"), ValueError,
-     r"schedule needs peak_learning_rate"),
-    (lambda: adamw_jax.adamw(1e-3, peak_learning_rate=1e-3), ValueError,
-     r"peak_learning_rate is only used with decay_mode='paper'"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=0.0), ValueError,
-     r"Invalid peak_learning_rate: 0.0 \(must be > 0 and finite\)"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=-1e-3), ValueError,
-     r"Invalid peak_learning_rate: -0.001"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=math.inf), ValueError,
-     r"Invalid peak_learning_rate: inf"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=math.nan), ValueError,
-     r"Invalid peak_learning_rate: nan"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=SCHED), TypeError,
-     r"peak_learning_rate: expected a number, got a callable"),
-    (lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=True), TypeError,
-     r"Invalid peak_learning_rate: expected a number"),
-    # Adam + L2 and the bare direction have no decoupled decay to rescale.
-    (lambda: _hyperparams.Settings.of(
-        "adam", decoupled=False, learning_rate=1e-3, weight_decay=0.1, decay_mode="paper"),
-     ValueError,
-     r"adam: decay_mode='paper' is for decoupled weight decay"),
-    (lambda: _hyperparams.Settings.of(
-        "scale_by_adam", decoupled=True, direction_only=True, learning_rate=None,
-        weight_decay=0.0, decay_mode="paper"), ValueError,
-     r"scale_by_adam: decay_mode='paper' is for decoupled weight decay"),
-    (lambda: adamw_jax.normalized_weight_decay(-0.1, 32, 1000, 8), ValueError,
-     r"Invalid lambda_norm: -0.1"),
-    (lambda: adamw_jax.normalized_weight_decay("0.1", 32, 1000, 8), TypeError,
-     r"Invalid lambda_norm: expected a number"),
-    (lambda: adamw_jax.normalized_weight_decay(0.1, 0, 1000, 8), ValueError,
-     r"Invalid batch_size: 0 \(must be > 0"),
-    (lambda: adamw_jax.normalized_weight_decay(0.1, 32.0, 1000, 8), TypeError,
-     r"Invalid batch_size: expected an integer, got 32.0"),
-    (lambda: adamw_jax.normalized_weight_decay(0.1, 32, -5, 8), ValueError,
-     r"Invalid dataset_size: -5"),
-    (lambda: adamw_jax.normalized_weight_decay(0.1, 32, 1000, 0), ValueError,
-     r"Invalid epochs: 0"),
-    (lambda: adamw_jax.warm_restarts(1e-3, 0, num_periods=2), ValueError,
-     r"Invalid first_period: 0"),
-    (lambda: adamw_jax.warm_restarts(1e-3, 10, 0.5, num_periods=2), ValueError,
-     r"Invalid period_mult: 0.5 \(must be >= 1\)"),
-    (lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=0), ValueError,
-     r"Invalid num_periods: 0"),
-    (lambda: adamw_jax.warm_restarts(0.0, 10, num_periods=2), ValueError,
-     r"Invalid peak_value: 0.0"),
-    (lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=2, min_value=2e-3), ValueError,
-     r"Invalid min_value: 0.002 \(must be in \[0, peak_value=0.001\]\)"),
-    (lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=2, min_value=-1.0), ValueError,
-     r"Invalid min_value: -1.0"),
+  (lambda: adamw_jax.adamw(decay_mode="Paper"), ValueError, r"Invalid decay_mode: 'Paper'"),
+  (lambda: adamw_jax.adamw(decay_mode=None), ValueError, r"Invalid decay_mode: None"),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper"),
+    ValueError,
+    r"schedule needs peak_learning_rate",
+  ),
+  (
+    lambda: adamw_jax.adamw(1e-3, peak_learning_rate=1e-3),
+    ValueError,
+    r"peak_learning_rate is only used with decay_mode='paper'",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=0.0),
+    ValueError,
+    r"Invalid peak_learning_rate: 0.0 \(must be > 0 and finite\)",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=-1e-3),
+    ValueError,
+    r"Invalid peak_learning_rate: -0.001",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=math.inf),
+    ValueError,
+    r"Invalid peak_learning_rate: inf",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=math.nan),
+    ValueError,
+    r"Invalid peak_learning_rate: nan",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=SCHED),
+    TypeError,
+    r"peak_learning_rate: expected a number, got a callable",
+  ),
+  (
+    lambda: adamw_jax.adamw(SCHED, decay_mode="paper", peak_learning_rate=True),
+    TypeError,
+    r"Invalid peak_learning_rate: expected a number",
+  ),
+  # Adam + L2 and the bare direction have no decoupled decay to rescale.
+  (
+    lambda: _hyperparams.Settings.of(
+      "adam", decoupled=False, learning_rate=1e-3, weight_decay=0.1, decay_mode="paper"
+    ),
+    ValueError,
+    r"adam: decay_mode='paper' is for decoupled weight decay",
+  ),
+  (
+    lambda: _hyperparams.Settings.of(
+      "scale_by_adam",
+      decoupled=True,
+      direction_only=True,
+      learning_rate=None,
+      weight_decay=0.0,
+      decay_mode="paper",
+    ),
+    ValueError,
+    r"scale_by_adam: decay_mode='paper' is for decoupled weight decay",
+  ),
+  (
+    lambda: adamw_jax.normalized_weight_decay(-0.1, 32, 1000, 8),
+    ValueError,
+    r"Invalid lambda_norm: -0.1",
+  ),
+  (
+    lambda: adamw_jax.normalized_weight_decay("0.1", 32, 1000, 8),
+    TypeError,
+    r"Invalid lambda_norm: expected a number",
+  ),
+  (
+    lambda: adamw_jax.normalized_weight_decay(0.1, 0, 1000, 8),
+    ValueError,
+    r"Invalid batch_size: 0 \(must be > 0",
+  ),
+  (
+    lambda: adamw_jax.normalized_weight_decay(0.1, 32.0, 1000, 8),
+    TypeError,
+    r"Invalid batch_size: expected an integer, got 32.0",
+  ),
+  (
+    lambda: adamw_jax.normalized_weight_decay(0.1, 32, -5, 8),
+    ValueError,
+    r"Invalid dataset_size: -5",
+  ),
+  (lambda: adamw_jax.normalized_weight_decay(0.1, 32, 1000, 0), ValueError, r"Invalid epochs: 0"),
+  (lambda: adamw_jax.warm_restarts(1e-3, 0, num_periods=2), ValueError, r"Invalid first_period: 0"),
+  (
+    lambda: adamw_jax.warm_restarts(1e-3, 10, 0.5, num_periods=2),
+    ValueError,
+    r"Invalid period_mult: 0.5 \(must be >= 1\)",
+  ),
+  (lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=0), ValueError, r"Invalid num_periods: 0"),
+  (lambda: adamw_jax.warm_restarts(0.0, 10, num_periods=2), ValueError, r"Invalid peak_value: 0.0"),
+  (
+    lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=2, min_value=2e-3),
+    ValueError,
+    r"Invalid min_value: 0.002 \(must be in \[0, peak_value=0.001\]\)",
+  ),
+  (
+    lambda: adamw_jax.warm_restarts(1e-3, 10, num_periods=2, min_value=-1.0),
+    ValueError,
+    r"Invalid min_value: -1.0",
+  ),
 ]
 
 
@@ -300,10 +403,12 @@ def test_bad_inputs(make, error, match):
 
 def test_docs_section_runs():
   """The code block of docs/paper-decay.md builds what it says it builds."""
-  blocks = docs_pages.section(docs_pages.page("paper-decay.md"), "The paper's decay (decay_mode=\"paper\")")
+  blocks = docs_pages.section(
+    docs_pages.page("paper-decay.md"), 'The paper\'s decay (decay_mode="paper")'
+  )
   assert len(blocks) == 1
   namespace: dict = {}
-  exec(compile(blocks[0].code, blocks[0].where, "exec"), namespace)  # noqa: S102
+  exec(compile(blocks[0].code, blocks[0].where, "exec"), namespace)
   # 0.05 * sqrt(128 / (50_000 * 100)) = 0.05 * 0.00505964... = 2.5298221281347037e-4.
   assert namespace["lam"] == pytest.approx(2.5298221281347037e-4, rel=1e-12)
   restarts = namespace["restarts"]

@@ -51,6 +51,7 @@ def test_generic_path_has_no_cpu_tricks(generic):
   import jax.numpy as jnp
 
   import adamw_jax
+
   tx = adamw_jax.adamw(1e-3)
   p = {"w": jnp.ones(100_000)}
   text = jax.jit(lambda p, s: tx.update(p, s, p)).lower(p, tx.init(p)).as_text()

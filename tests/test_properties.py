@@ -26,17 +26,23 @@ import adamw_jax
 from adamw_jax import _native
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64)
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = {
+  "deadline": None,
+  "derandomize": True,
+  "database": None,
+  "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
 
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 leaves = st.tuples(shapes, st.sampled_from(DTYPES))
 names = st.sampled_from(["bias", "kernel", "scale", "embedding", "w"])
 specs = st.recursive(
-    leaves,
-    lambda inner: st.one_of(st.dictionaries(names, inner, min_size=1, max_size=3),
-                            st.lists(inner, min_size=1, max_size=2)),
-    max_leaves=5)
+  leaves,
+  lambda inner: st.one_of(
+    st.dictionaries(names, inner, min_size=1, max_size=3), st.lists(inner, min_size=1, max_size=2)
+  ),
+  max_leaves=5,
+)
 
 
 class Problem(NamedTuple):
@@ -51,8 +57,9 @@ def _array(rng: np.random.Generator, shape: tuple, dtype) -> jax.Array:
   x = rng.normal(size=shape)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     x = x + 1j * rng.normal(size=shape)
-  return jnp.asarray(x.astype(np.complex64) if jnp.iscomplexobj(x) else x.astype(np.float32)
-                     ).astype(dtype)
+  return jnp.asarray(
+    x.astype(np.complex64) if jnp.iscomplexobj(x) else x.astype(np.float32)
+  ).astype(dtype)
 
 
 def _tree(spec, rng):
@@ -71,14 +78,15 @@ def problems(draw, steps: int = 2) -> Problem:
   params = _tree(spec, rng)
   grads = [_tree(spec, rng) for _ in range(steps)]
   factory = draw(st.sampled_from(["adamw", "adam"]))
-  hyper = dict(
-      learning_rate=draw(st.sampled_from([1e-3, 1e-2, 0.1])),
-      b1=draw(st.sampled_from([0.0, 0.9])),
-      b2=draw(st.sampled_from([0.99, 0.999])),
-      eps=draw(st.sampled_from([1e-8, 1e-6])),
-      weight_decay=draw(st.sampled_from([0.0, 1e-2, 0.1])),
-      amsgrad=draw(st.booleans()),
-      maximize=draw(st.booleans()))
+  hyper = {
+    "learning_rate": draw(st.sampled_from([1e-3, 1e-2, 0.1])),
+    "b1": draw(st.sampled_from([0.0, 0.9])),
+    "b2": draw(st.sampled_from([0.99, 0.999])),
+    "eps": draw(st.sampled_from([1e-8, 1e-6])),
+    "weight_decay": draw(st.sampled_from([0.0, 1e-2, 0.1])),
+    "amsgrad": draw(st.booleans()),
+    "maximize": draw(st.booleans()),
+  }
   if any(jnp.dtype(x.dtype) == jnp.float16 for x in jax.tree.leaves(params)):
     hyper["eps"] = 1e-6  # eps=1e-8 rounds to 0 in float16 (refused with a warning)
   return Problem(params, grads, factory, hyper, factory == "adamw" and draw(st.booleans()))
@@ -136,8 +144,9 @@ def test_update_keeps_structure_shapes_and_dtypes(problem):
   for step, g in enumerate(problem.grads, 1):
     updates, state = tx.update(g, state, problem.params)
     assert jax.tree.structure(updates) == jax.tree.structure(problem.params)
-    for u, p, m, v in zip(*(jax.tree.leaves(t) for t in (updates, problem.params, state.mu,
-                                                          state.nu))):
+    for u, p, m, v in zip(
+      *(jax.tree.leaves(t) for t in (updates, problem.params, state.mu, state.nu))
+    ):
       assert u.shape == p.shape == m.shape == v.shape
       assert u.dtype == p.dtype == m.dtype == v.dtype
     assert (state.nu_max is not None) == problem.hyper["amsgrad"]
@@ -156,11 +165,12 @@ def test_per_leaf_flat_native_and_pure_agree_bit_for_bit(problem):
       results[f"per-leaf, native={native}"] = (params, state.mu, state.nu, state.nu_max)
       flat = adamw_jax.flatten(problem.params, mask=_mask if problem.masked else None)
       params, state = _run(tx, flat, [flat.pack(g) for g in problem.grads])
-      view = lambda x: None if x is None else x.view()  # noqa: E731
-      results[f"flat, native={native}"] = tuple(map(view, (params, state.mu, state.nu,
-                                                           state.nu_max)))
+      view = lambda x: None if x is None else x.view()
+      results[f"flat, native={native}"] = tuple(
+        map(view, (params, state.mu, state.nu, state.nu_max))
+      )
   want = results.pop("per-leaf, native=1")
-  for name, got in results.items():
+  for _name, got in results.items():
     _assert_bitwise(got, want)
 
 

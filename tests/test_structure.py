@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import pathlib
-from typing import Optional
 
 import pytest
 
@@ -20,7 +19,7 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
 Graph = dict[str, set[str]]
 
 
-def _target(parts: list[str], name: Optional[str]) -> Optional[str]:
+def _target(parts: list[str], name: str | None) -> str | None:
   """The module of the package that ``from <parts> import <name>`` (or ``import <parts>``) loads."""
   if parts[:1] != ["adamw_jax"]:
     return None
@@ -47,17 +46,17 @@ def graph() -> Graph:
   return {m: imports((PACKAGE / f"{m}.py").read_text()) - {m} for m in MODULES}
 
 
-def find_cycle(edges: Graph) -> Optional[list[str]]:
+def find_cycle(edges: Graph) -> list[str] | None:
   """A cycle of `edges` as a list of nodes (first == last), or None."""
   state: dict[str, int] = {}  # 1: on the path, 2: done
   path: list[str] = []
 
-  def visit(node: str) -> Optional[list[str]]:
+  def visit(node: str) -> list[str] | None:
     state[node] = 1
     path.append(node)
     for nxt in sorted(edges.get(node, ())):
       if state.get(nxt) == 1:
-        return path[path.index(nxt):] + [nxt]
+        return [*path[path.index(nxt) :], nxt]
       if nxt not in state and (found := visit(nxt)) is not None:
         return found
     path.pop()
@@ -71,8 +70,10 @@ def find_cycle(edges: Graph) -> Optional[list[str]]:
 
 
 def test_find_cycle_finds_lazy_and_long_cycles():
-  lazy = imports("import jax\nfrom adamw_jax import _flat\n"
-                 "def f():\n  from adamw_jax import _core\n  import adamw_jax._tree\n")
+  lazy = imports(
+    "import jax\nfrom adamw_jax import _flat\n"
+    "def f():\n  from adamw_jax import _core\n  import adamw_jax._tree\n"
+  )
   assert lazy == {"_flat", "_core", "_tree"}
   assert imports("from adamw_jax import adamw\nfrom . import _rules\n") == {"__init__", "_rules"}
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

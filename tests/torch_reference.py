@@ -7,7 +7,8 @@ table of docs/fidelity.md, "How close to PyTorch?").
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,9 @@ class Case:
   amsgrad: bool = False
   maximize: bool = False
   complex: bool = False
-  cosine_steps: Optional[int] = None  # cosine lr schedule over this many steps
+  cosine_steps: int | None = None  # cosine lr schedule over this many steps
 
-  def schedule(self) -> Optional[Callable[[Any], Any]]:
+  def schedule(self) -> Callable[[Any], Any] | None:
     if self.cosine_steps is None:
       return None
     return optax.cosine_decay_schedule(self.lr, self.cosine_steps, alpha=0.1)
@@ -43,49 +44,65 @@ class Case:
   def jax_tx(self) -> optax.GradientTransformation:
     lr = self.schedule() or self.lr
     b1, b2 = self.betas
-    kw = dict(b1=b1, b2=b2, eps=self.eps, amsgrad=self.amsgrad, maximize=self.maximize)
+    kw = {"b1": b1, "b2": b2, "eps": self.eps, "amsgrad": self.amsgrad, "maximize": self.maximize}
     if self.algo == "adamw":
       return adamw_jax.adamw(lr, weight_decay=self.weight_decay, **kw)
     if self.algo == "adam":
       return adamw_jax.adam(lr, weight_decay=self.weight_decay, **kw)
     return optax.chain(
-        adamw_jax.scale_by_adam(**kw),
-        adamw_jax.add_decayed_weights(self.weight_decay),
-        optax.scale_by_learning_rate(lr))
+      adamw_jax.scale_by_adam(**kw),
+      adamw_jax.add_decayed_weights(self.weight_decay),
+      optax.scale_by_learning_rate(lr),
+    )
 
   def torch_opt(self, params: list[torch.Tensor], **impl) -> tuple[torch.optim.Optimizer, Any]:
     cls = torch.optim.Adam if self.algo == "adam" else torch.optim.AdamW
     sched = self.schedule()
-    opt = cls(params, lr=1.0 if sched else self.lr, betas=self.betas, eps=self.eps,
-              weight_decay=self.weight_decay, amsgrad=self.amsgrad, maximize=self.maximize, **impl)
+    opt = cls(
+      params,
+      lr=1.0 if sched else self.lr,
+      betas=self.betas,
+      eps=self.eps,
+      weight_decay=self.weight_decay,
+      amsgrad=self.amsgrad,
+      maximize=self.maximize,
+      **impl,
+    )
     lr_sched = None
     if sched is not None:
       # LambdaLR multiplies the base lr (1.0) by the lambda, so torch sees exactly the
       # float32 values the jitted schedule gives (eager evaluation may round differently).
       jitted = jax.jit(sched)
       lr_sched = torch.optim.lr_scheduler.LambdaLR(
-          opt, lambda t: float(jitted(jnp.asarray(t, jnp.int32))))
+        opt, lambda t: float(jitted(jnp.asarray(t, jnp.int32)))
+      )
     return opt, lr_sched
 
 
 CASES = [
-    Case("default"),
-    Case("lr=0.01", lr=1e-2),
-    Case("weight_decay=0.1", weight_decay=0.1),
-    Case("maximize", maximize=True),
-    Case("amsgrad", amsgrad=True),
-    Case("betas=(0.8,0.99),eps=1e-6", betas=(0.8, 0.99), eps=1e-6),
-    Case("b2=0.9999 (beyond the step tables)", betas=(0.9, 0.9999), cosine_steps=200),
-    Case("complex", complex=True),
-    Case("cosine schedule", cosine_steps=200),
-    Case("adam+L2", algo="adam", weight_decay=0.1),
-    Case("adam amsgrad+maximize", algo="adam", amsgrad=True, maximize=True, weight_decay=0.05),
+  Case("default"),
+  Case("lr=0.01", lr=1e-2),
+  Case("weight_decay=0.1", weight_decay=0.1),
+  Case("maximize", maximize=True),
+  Case("amsgrad", amsgrad=True),
+  Case("betas=(0.8,0.99),eps=1e-6", betas=(0.8, 0.99), eps=1e-6),
+  Case("b2=0.9999 (beyond the step tables)", betas=(0.9, 0.9999), cosine_steps=200),
+  Case("complex", complex=True),
+  Case("cosine schedule", cosine_steps=200),
+  Case("adam+L2", algo="adam", weight_decay=0.1),
+  Case("adam amsgrad+maximize", algo="adam", amsgrad=True, maximize=True, weight_decay=0.05),
 ]
 CHAIN = Case("public-pieces chain", algo="chain")
 
 
-def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20, shapes: Optional[dict] = None,
-                 log10_scale: tuple[float, float] = (-6, 2)):
+def make_problem(
+  dtype,
+  steps: int,
+  seed: int = 0,
+  bank: int = 20,
+  shapes: dict | None = None,
+  log10_scale: tuple[float, float] = (-6, 2),
+):
   """Initial params and a gradient function ``t -> grads`` (magnitudes 1e-6 .. 1e2).
 
   `shapes` defaults to :data:`SHAPES`; the gradients' magnitudes are 10 to a
@@ -103,7 +120,9 @@ def make_problem(dtype, steps: int, seed: int = 0, bank: int = 20, shapes: Optio
 
   params = {k: draw(s, 1.0) for k, s in shapes.items()}
   grads_bank = [
-      {k: draw(s, 10.0 ** rng.uniform(*log10_scale, s)) for k, s in shapes.items()} for _ in range(bank)]
+    {k: draw(s, 10.0 ** rng.uniform(*log10_scale, s)) for k, s in shapes.items()}
+    for _ in range(bank)
+  ]
 
   def grads(t: int):
     scale = 1 + 0.01 * t
@@ -120,9 +139,9 @@ class Run:
   params: dict[str, np.ndarray]
   exp_avg: dict[str, np.ndarray]
   exp_avg_sq: dict[str, np.ndarray]
-  max_exp_avg_sq: Optional[dict[str, np.ndarray]]
+  max_exp_avg_sq: dict[str, np.ndarray] | None
   step: int
-  moments_bitwise_every_step: Optional[bool] = None
+  moments_bitwise_every_step: bool | None = None
 
 
 def to_tensor(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -141,7 +160,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
   return t.numpy().copy()
 
 
-def run_torch(case: Case, params, grads, steps: int, on_step=None, device: str = "cpu", **impl) -> Run:
+def run_torch(
+  case: Case, params, grads, steps: int, on_step=None, device: str = "cpu", **impl
+) -> Run:
   """Torch's run on `device` ("cpu" or "cuda"); `impl` picks the implementation (foreach=, fused=)."""
   names = list(params)
   tensors = [torch.nn.Parameter(to_tensor(params[k], device)) for k in names]
@@ -156,12 +177,14 @@ def run_torch(case: Case, params, grads, steps: int, on_step=None, device: str =
     if on_step is not None:
       on_step(t, {k: opt.state[p] for k, p in zip(names, tensors)})
   st = [opt.state[p] for p in tensors]
-  arr = lambda key: {k: to_numpy(s[key]) for k, s in zip(names, st)}  # noqa: E731
+  arr = lambda key: {k: to_numpy(s[key]) for k, s in zip(names, st)}
   return Run(
-      params={k: to_numpy(p) for k, p in zip(names, tensors)},
-      exp_avg=arr("exp_avg"), exp_avg_sq=arr("exp_avg_sq"),
-      max_exp_avg_sq=arr("max_exp_avg_sq") if case.amsgrad else None,
-      step=int(st[0]["step"].item()))
+    params={k: to_numpy(p) for k, p in zip(names, tensors)},
+    exp_avg=arr("exp_avg"),
+    exp_avg_sq=arr("exp_avg_sq"),
+    max_exp_avg_sq=arr("max_exp_avg_sq") if case.amsgrad else None,
+    step=int(st[0]["step"].item()),
+  )
 
 
 def _adam_state(state) -> adamw_jax.ScaleByAdamState:
@@ -189,7 +212,7 @@ def _jax_steps(tx: optax.GradientTransformation, params, grads, steps: int):
 def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
   """Our run; with `torch_states` (a list of per-step torch states) also checks moments every step."""
   bitwise = True
-  for t, p, state in _jax_steps(case.jax_tx(), params, grads, steps):
+  for t, p, state in _jax_steps(case.jax_tx(), params, grads, steps):  # noqa: B007 - the last step's params
     if torch_states is not None:
       s = _adam_state(state)
       ref = torch_states[t]
@@ -199,11 +222,15 @@ def run_jax(case: Case, params, grads, steps: int, torch_states=None) -> Run:
         if case.amsgrad:
           bitwise &= np.array_equal(np.asarray(s.nu_max[k]), ref[k][2])
   s = _adam_state(state)
-  to_np = lambda tree: {k: np.asarray(v) for k, v in tree.items()}  # noqa: E731
+  to_np = lambda tree: {k: np.asarray(v) for k, v in tree.items()}
   return Run(
-      params=to_np(p), exp_avg=to_np(s.mu), exp_avg_sq=to_np(s.nu),
-      max_exp_avg_sq=to_np(s.nu_max) if case.amsgrad else None, step=int(s.count),
-      moments_bitwise_every_step=bitwise if torch_states is not None else None)
+    params=to_np(p),
+    exp_avg=to_np(s.mu),
+    exp_avg_sq=to_np(s.nu),
+    max_exp_avg_sq=to_np(s.nu_max) if case.amsgrad else None,
+    step=int(s.count),
+    moments_bitwise_every_step=bitwise if torch_states is not None else None,
+  )
 
 
 def recorder(case: Case):
@@ -212,9 +239,16 @@ def recorder(case: Case):
 
   def on_step(t, st):
     del t
-    states.append({k: (to_numpy(s["exp_avg"]), to_numpy(s["exp_avg_sq"]),
-                       to_numpy(s["max_exp_avg_sq"]) if case.amsgrad else None)
-                   for k, s in st.items()})
+    states.append(
+      {
+        k: (
+          to_numpy(s["exp_avg"]),
+          to_numpy(s["exp_avg_sq"]),
+          to_numpy(s["max_exp_avg_sq"]) if case.amsgrad else None,
+        )
+        for k, s in st.items()
+      }
+    )
 
   return states, on_step
 
@@ -249,8 +283,9 @@ def reference_workload(n: int = 100_000, steps: int = 1000, seed: int = 0):
   """The reference workload of docs/fidelity.md: N(0,1) params, 50 gradients 10^U(-6,2) cycled, x(1+0.01t)."""
   rng = np.random.default_rng(seed)
   params = {"w": rng.standard_normal(n).astype(np.float32)}
-  bank = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 2, n)).astype(np.float32)
-          for _ in range(50)]
+  bank = [
+    (rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 2, n)).astype(np.float32) for _ in range(50)
+  ]
 
   def grads(t):
     return {"w": (bank[t % 50] * np.float32(1 + 0.01 * t)).astype(np.float32)}
@@ -259,6 +294,6 @@ def reference_workload(n: int = 100_000, steps: int = 1000, seed: int = 0):
 
 
 def run_optax(params, grads, steps: int, tx: optax.GradientTransformation) -> dict[str, np.ndarray]:
-  for _, p, _ in _jax_steps(tx, params, grads, steps):
+  for _, p, _ in _jax_steps(tx, params, grads, steps):  # noqa: B007 - the last step's params
     pass
   return {k: np.asarray(v) for k, v in p.items()}

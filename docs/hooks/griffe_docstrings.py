@@ -23,7 +23,7 @@ def fence_examples(text: str) -> str:
   while i < len(lines):
     line = lines[i]
     if line.lstrip().startswith(">>>"):
-      indent = line[:len(line) - len(line.lstrip())]
+      indent = line[: len(line) - len(line.lstrip())]
       out.append(f"{indent}```pycon")
       while i < len(lines) and lines[i].strip():
         out.append(lines[i])

@@ -30,7 +30,9 @@ def package_version() -> str:
   """``__version__`` from ``adamw_jax/_version.py``, read without importing the package."""
   tree = ast.parse((ROOT / "adamw_jax" / "_version.py").read_text())
   for node in tree.body:
-    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+    if isinstance(node, ast.Assign) and any(
+      getattr(t, "id", None) == "__version__" for t in node.targets
+    ):
       return ast.literal_eval(node.value)
   raise RuntimeError("adamw_jax/_version.py defines no __version__")
 
@@ -64,11 +66,14 @@ def readme_for_site() -> str:
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
   if page.file.src_uri == "index.md":
     markdown = readme_for_site()
+
   def repoint(m: re.Match) -> str:
     target, anchor = m.group(1), m.group(2) or ""
     if files.get_file_from_path(REPO_PREFIX + target) is None:
-      log.warning("%s links ../%s, which is not a file of the repository", page.file.src_uri, target)
+      log.warning(
+        "%s links ../%s, which is not a file of the repository", page.file.src_uri, target
+      )
       return m.group(0)
     return f"]({REPO_PREFIX}{target}{anchor})"
-  return _LINK.sub(repoint, markdown)
 
+  return _LINK.sub(repoint, markdown)
