@@ -178,30 +178,21 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     if needs_params:
       _tree.check_params_given(updates, params, what=name)
 
+  def run(updates, state, params, fused: bool):
+    """The compiled step; what it reads of the environment is static (a retrace when it changes)."""
+    checks = _hyperparams.traced_checks()
+    return compute(updates, state, params, fused=fused, native=_native.enabled(), checks=checks)
+
   def update_fn(updates, state, params=None):
     check_update_args(updates, state, params)
-    return compute(
-      updates,
-      state,
-      params,
-      fused=False,
-      native=_native.enabled(),
-      checks=_hyperparams.traced_checks(),
-    )
+    return run(updates, state, params, fused=False)
 
   def step_fn(grads, state, params):
     if learning_rate is None:
       raise TypeError(f"{name}: the fused step needs a learning rate (scale_by_adam has none)")
     check_update_args(grads, state, params)
     _tree.check_same_structure(grads, params, "grads", "params", what=name)
-    return compute(
-      grads,
-      state,
-      params,
-      fused=True,
-      native=_native.enabled(),
-      checks=_hyperparams.traced_checks(),
-    )
+    return run(grads, state, params, fused=True)
 
   # Compiled even when called eagerly: op-by-op execution would not fuse the
   # moment updates into torch's multiply-adds and would round differently.

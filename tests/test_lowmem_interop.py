@@ -266,10 +266,9 @@ def _mismatched_import(tp):
 # --------------------------------------------------------------------------
 
 
-def _optimi_run(steps=3, weight_decay=WD, **kw):
-  tp = _torch_params(0, torch.bfloat16)
-  tp["b"] = torch.nn.Parameter(tp["b"].detach().float())  # a float32 leaf: no compensation
-  opt = optimi.AdamW(
+def _optimi_adamw(tp, weight_decay, **kw):
+  """optimi's AdamW with Kahan sums, in plain PyTorch (no foreach, no triton)."""
+  return optimi.AdamW(
     list(tp.values()),
     lr=1e-3,
     weight_decay=weight_decay,
@@ -278,6 +277,12 @@ def _optimi_run(steps=3, weight_decay=WD, **kw):
     triton=False,
     **kw,
   )
+
+
+def _optimi_run(steps=3, weight_decay=WD, **kw):
+  tp = _torch_params(0, torch.bfloat16)
+  tp["b"] = torch.nn.Parameter(tp["b"].detach().float())  # a float32 leaf: no compensation
+  opt = _optimi_adamw(tp, weight_decay, **kw)
   for k in range(steps):
     for p, g in zip(tp.values(), _grads(30 + k, tp).values()):
       p.grad = torch.tensor(g).to(p.dtype)
@@ -304,14 +309,7 @@ def test_optimi_state_round_trips_with_the_compensation_bit_for_bit():
       assert np.all(np.abs(ours - ref) <= 0.5 * ulp.astype(np.float64)), (name, key)
   fresh_params = _torch_params(1, torch.bfloat16)
   fresh_params["b"] = torch.nn.Parameter(fresh_params["b"].detach().float())
-  fresh = optimi.AdamW(
-    list(fresh_params.values()),
-    lr=1e-3,
-    weight_decay=WD,
-    kahan_sum=True,
-    foreach=False,
-    triton=False,
-  )
+  fresh = _optimi_adamw(fresh_params, WD)
   fresh.load_state_dict(adamw_jax.to_torch_state_dict(tx, state))
   assert int(fresh.param_groups[0]["step"]) == 3 and fresh.param_groups[0]["setup"]
   worst = 0.0
