@@ -119,7 +119,9 @@ def test_the_quickstart_commands_are_those_of_ci():
     for line in (ROOT / ".ci" / "run").read_text().splitlines()
     if line and not line.startswith(("#", "set ", "cd "))
   ]
-  assert " && ".join(ci) == commands[1]
+  # The README's test command, then the oldest supported versions' session (docs/versions.md).
+  assert " && ".join(ci[:2]) == commands[1]
+  assert ci[2:] == ["bash .ci/oldest"]
 
 
 def test_the_readme_is_a_landing_page():
