@@ -16,7 +16,7 @@ from adamw_jax._layout import flax_layout
 from adamw_jax._lowmem import LowMemoryAdamState
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
 from adamw_jax._paper import normalized_weight_decay, warm_restarts
-from adamw_jax._quantize import QuantizedMoment
+from adamw_jax._quantize import PackedQuantizedMoment, QuantizedMoment
 from adamw_jax._transforms import (
   AddDecayedWeightsState,
   add_decayed_weights,
@@ -30,6 +30,7 @@ __all__ = [
   "AddDecayedWeightsState",
   "FlatParams",
   "LowMemoryAdamState",
+  "PackedQuantizedMoment",
   "QuantizedMoment",
   "ScaleByAdamState",
   "adam",

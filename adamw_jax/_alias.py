@@ -83,9 +83,10 @@ def adamw(
       (None: 0).
     moment_bits: ``8``: moments of leaves of at least 4096 elements (a multiple
       of the block size) stored 8-bit block-wise quantized, torchao's
-      ``AdamW8bit``; None (default): full precision.
-    moment_block_size: elements per quantization block (None: 256, torchao's
-      ``block_size``). With ``optax.inject_hyperparams`` pass ``moment_bits``,
+      ``AdamW8bit``; ``4``: 4-bit, two codes a byte, torchao's ``AdamW4bit``;
+      None (default): full precision.
+    moment_block_size: elements per quantization block (None: torchao's
+      ``block_size``, 256 for 8-bit, 128 for 4-bit; even for 4-bit). With ``optax.inject_hyperparams`` pass ``moment_bits``,
       ``moment_block_size`` and ``rounding_seed`` in ``static_args``.
 
   Returns:

@@ -329,7 +329,7 @@ def flatten(
       non-decayed leaves then go to separate buffers, so that the same mask
       given to ``adamw_jax.adamw`` applies to whole buffers. It only groups the
       leaves: which are decayed is still decided by the transform's ``mask``.
-    moment_block_size: for ``adamw(moment_bits=8, moment_block_size=...)``:
+    moment_block_size: for ``adamw(moment_bits=8 or 4, moment_block_size=...)``:
       the leaves that get 8-bit moments (at least 4096 elements, a multiple of
       the block size) go to buffers of their own (``"<dtype>/8bit"``), where
       every leaf starts on a block boundary, so that no block spans two

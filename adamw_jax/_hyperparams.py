@@ -190,7 +190,7 @@ TABLE: tuple[Hyperparameter, ...] = (
     "moment_bits",
     "choice",
     None,
-    choices=(None, 8),
+    choices=(None, 8, 4),
     no_torch="torch.optim.AdamW keeps full-precision moments (moment_bits=None)",
   ),
   Hyperparameter(
@@ -507,6 +507,12 @@ LAYOUT = ("moment_bits", "moment_block_size", "rounding_seed")
 """Low-memory options that fix the state's layout: Python values, never traced."""
 
 DEFAULT_BLOCK_SIZE = 256  # torchao's AdamW8bit
+DEFAULT_BLOCK_SIZE_4BIT = 128  # torchao's AdamW4bit
+
+
+def default_block_size(bits: int | None) -> int:
+  """torchao's default ``block_size`` for `bits`-bit moments (AdamW8bit's 256, AdamW4bit's 128)."""
+  return DEFAULT_BLOCK_SIZE_4BIT if bits == 4 else DEFAULT_BLOCK_SIZE
 
 
 def _static_ints(what: str, out: dict[str, Any]) -> None:
@@ -533,9 +539,8 @@ def _check_low_memory(what: str, values: dict[str, Any]) -> None:
     hp = BY_NAME[name]
     value = values.get(name, hp.default)
     if not _is_choice(value, hp.choices):
-      hint = " (4-bit moments are not implemented)" if name == "moment_bits" and value == 4 else ""
       raise ValueError(
-        f"{what}: {hp.label}: {value!r} (must be {' or '.join(repr(c) for c in hp.choices)}){hint}"
+        f"{what}: {hp.label}: {value!r} (must be {' or '.join(repr(c) for c in hp.choices)})"
       )
   rounding = values.get("param_rounding", "nearest")
   bits = values.get("moment_bits")
@@ -550,7 +555,13 @@ def _check_low_memory(what: str, values: dict[str, Any]) -> None:
       "scale_by_adam returns a direction and writes no parameter"
     )
   if bits is None and values.get("moment_block_size") is not None:
-    raise ValueError(f"{what}: moment_block_size is only used with moment_bits=8")
+    raise ValueError(f"{what}: moment_block_size is only used with moment_bits=8 or 4")
+  block = values.get("moment_block_size")
+  if bits == 4 and block is not None and int(block) % 2:
+    raise ValueError(
+      f"{what}: moment_bits=4 packs two codes a byte within a block; "
+      f"moment_block_size={block} must be even"
+    )
   if bits is not None:
     for name in ("mu_dtype", "nu_dtype"):
       if values.get(name) is not None:

@@ -609,6 +609,11 @@ def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
     for path, m in cols[0].items():
       if _is_masked(m):
         continue
+      if isinstance(m, _quantize.PackedQuantizedMoment):
+        raise ValueError(
+          f"{what}: the JAX state of {path!r} has 4-bit moments (moment_bits=4); "
+          "writing them to a torch optimizer (torchao's AdamW4bit) is not implemented."
+        )
       if path in out:
         raise ValueError(
           f"{what}: the leaf {path!r} has Adam state in two places of the "

@@ -3,20 +3,21 @@
 With ``param_rounding="stochastic"`` or ``"kahan"`` a bfloat16 parameter's
 step is computed in float32 (torch's arithmetic, the one kernel ``_kernel``)
 and written back to bfloat16 by :mod:`adamw_jax._lowprec`; with
-``moment_bits=8`` the moments of large leaves are stored 8-bit block-wise
-quantized (:mod:`adamw_jax._quantize`) and dequantized to float32 for the
-step. Leaves that use neither go through the same pure-JAX kernel exactly as
+``moment_bits=8`` (or ``4``) the moments of large leaves are stored 8-bit
+(4-bit) block-wise quantized (:mod:`adamw_jax._quantize`) and dequantized to
+float32 for the step. Leaves that use neither go through the same pure-JAX kernel exactly as
 without the options. These leaves never use the native CPU kernel. The state
 is a :class:`LowMemoryAdamState`, used only when an option is on.
 
 Layout: a quantization block is ``block_size`` consecutive elements of one
 leaf in row-major order, so blocks never span leaves; a ``FlatParams`` buffer
-gets 8-bit moments only if all its leaves would (``flatten(...,
+gets quantized moments only if all its leaves would (``flatten(...,
 moment_block_size=)`` packs them apart), else none or, mixed, it is refused.
 
-Sharding: a leaf with 8-bit moments may be sharded along its first axis into
-shards of whole blocks; its codes are then sharded like it and its scales
-(one per block) along their one axis as its rows. :func:`init` refuses a
+Sharding: a leaf with quantized moments may be sharded along its first axis
+into shards of whole blocks; its 8-bit codes are then sharded like it, its
+4-bit codes (flat, two a byte, a block's bytes its own) and its scales (one
+per block) along their one axis as its rows. :func:`init` refuses a
 leaf whose shards would split a block (sharded along another axis, or into
 shards whose sizes are not multiples of the block size) where it sees the
 sharding: a concrete leaf, or a traced one on a mesh with explicit axes.
@@ -49,8 +50,9 @@ class LowMemoryAdamState(NamedTuple):
   Attributes:
     count: int32 step count, as :class:`adamw_jax.ScaleByAdamState`'s.
     mu, nu, nu_max: the moments as in ``ScaleByAdamState``; with
-      ``moment_bits=8`` a leaf of at least 4096 elements (a multiple of the
-      block size) holds a :class:`adamw_jax.QuantizedMoment` instead.
+      ``moment_bits=8`` or ``4`` a leaf of at least 4096 elements (a multiple
+      of the block size) holds a :class:`adamw_jax.QuantizedMoment` instead
+      (4-bit: its subclass ``PackedQuantizedMoment``, flat codes two a byte).
     key: with ``param_rounding="stochastic"``: the raw uint32[2] PRNG key of
       the next step's rounding (split once per step), else None.
     compensation: with ``param_rounding="kahan"``: one buffer per leaf, in the
@@ -83,7 +85,7 @@ class Options:
       s.param_rounding,
       0 if seed is None else int(seed),
       s.moment_bits,
-      _hyperparams.DEFAULT_BLOCK_SIZE if block is None else int(block),
+      _hyperparams.default_block_size(s.moment_bits) if block is None else int(block),
     )
 
   @property
@@ -165,7 +167,7 @@ def _check_shards(p, block_size: int, at: str, name: str) -> None:
 
 
 def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name: str) -> bool:
-  """Whether a FlatParams buffer gets 8-bit moments: as its leaves would, all or none of them.
+  """Whether a FlatParams buffer gets quantized moments: as its leaves would, all or none of them.
 
   A buffer whose leaves all get them holds them end to end, each a multiple of
   the block size, so its blocks are theirs; one with leaves of both kinds is
@@ -181,7 +183,8 @@ def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name
     full = next(i for i in members if i not in eight)
     size = lambda i: int(np.prod(layout.slots[i].shape, dtype=np.int64))
     raise ValueError(
-      f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get 8-bit moments "
+      f"{name}: the flat buffer '{layout.names[child]}' packs leaves that get "
+      f"{options.moment_bits}-bit moments "
       f"({_tree.where(layout.paths[eight[0]])}, {size(eight[0])} elements) and leaves that "
       f"keep full-precision ones ({_tree.where(layout.paths[full])}, {size(full)} elements: "
       f"fewer than {_quantize.MIN_SIZE} or not a multiple of moment_block_size={block}), so "
@@ -193,7 +196,7 @@ def _buffer_quantized(options: Options, flat: _flat.FlatParams, child: int, name
 
 
 def _quantized_leaves(options: Options, params, name: str) -> list[bool]:
-  """For each leaf of `params` (``jax.tree.leaves`` order): whether it gets 8-bit moments."""
+  """For each leaf of `params` (``jax.tree.leaves`` order): whether it gets quantized moments."""
   if options.moment_bits is None:
     return [False] * len(jax.tree.leaves(params))
   out = []
@@ -224,8 +227,10 @@ def _blocks_sharding(sharding, ndim: int):
   return None
 
 
-def _quantized_zeros(p, block_size: int) -> _quantize.QuantizedMoment:
-  """The zero 8-bit moment of `p`, its codes sharded like `p` and its scales along the blocks.
+def _quantized_zeros(p, block_size: int, bits: int) -> _quantize.QuantizedMoment:
+  """The zero quantized moment of `p`, its codes sharded like `p` and its scales along the blocks.
+
+  4-bit codes are flat, sharded as the scales (a shard's blocks are its bytes).
 
   A leaf may be sharded along its first axis only (:func:`_check_shards`), so
   each shard holds whole blocks and the scales (one per block, in row-major
@@ -233,24 +238,24 @@ def _quantized_zeros(p, block_size: int) -> _quantize.QuantizedMoment:
   mesh with automatic axes, both are computed from the parameter (the sharding
   propagates); with explicit axes, from its sharding type.
   """
-  q = _quantize.zeros(p, block_size)
+  q = _quantize.zeros(p, block_size, bits)
   if not isinstance(p, jax.core.Tracer):
-    codes = _zeros_like(p, jnp.uint8)
     target = _blocks_sharding(p.sharding, p.ndim) if hasattr(p, "sharding") else None
-    return q._replace(
-      codes=codes, scale=q.scale if target is None else jax.device_put(q.scale, target)
-    )
+    put = lambda x: x if target is None else jax.device_put(x, target)
+    codes = _zeros_like(p, jnp.uint8) if bits == 8 else put(q.codes)
+    return q._replace(codes=codes, scale=put(q.scale))
   sharding = jax.typeof(p).sharding
   if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
-    codes = _zeros_like(p, jnp.uint8)
-    return q._replace(
-      codes=codes, scale=jax.sharding.reshard(q.scale, _blocks_sharding(sharding, p.ndim))
-    )
+    blocks = _blocks_sharding(sharding, p.ndim)
+    codes = _zeros_like(p, jnp.uint8) if bits == 8 else jax.sharding.reshard(q.codes, blocks)
+    return q._replace(codes=codes, scale=jax.sharding.reshard(q.scale, blocks))
   # Zeros computed from the parameter, so laid out as it is (the codes) and as its blocks (the
   # scales, +0.0 from a reduction of each block), not constants shard_alike'd: equal constants
   # of other leaves (their moments of the same shape) are one value to the partitioner, which
   # then gives them all one sharding.
   codes = (jnp.isnan(p) & jnp.isinf(p)).astype(jnp.uint8)
+  if bits == 4:
+    codes = jnp.max(codes.reshape(-1, 2), axis=1)
   anchor = jnp.max(p.reshape(-1, block_size).astype(jnp.float32), axis=1)
   return q._replace(codes=codes, scale=jnp.abs(jnp.where(jnp.isfinite(anchor), anchor, 0.0)) * 0.0)
 
@@ -271,7 +276,7 @@ def init(
 
   def moment(p, requested, quantized: bool):
     if quantized:
-      return _quantized_zeros(p, options.moment_block_size)
+      return _quantized_zeros(p, options.moment_block_size, cast(int, options.moment_bits))
     return _zeros_like(p, moment_dtype(p.dtype, requested))
 
   def compensation(p):
@@ -291,13 +296,15 @@ def init(
   return LowMemoryAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max, key, comp)
 
 
-def _load(x, signed: bool):
-  return _quantize.dequantize(x, signed) if isinstance(x, _quantize.QuantizedMoment) else x
+def _load(x, signed: bool, shape: tuple[int, ...]):
+  if isinstance(x, _quantize.QuantizedMoment):
+    return _quantize.dequantize(x, signed, shape)
+  return x
 
 
-def _store(new, old, block_size: int, signed: bool):
+def _store(new, old, block_size: int, signed: bool, bits: int | None):
   if isinstance(old, _quantize.QuantizedMoment):
-    return _quantize.quantize(new, block_size, signed)
+    return _quantize.quantize(new, block_size, signed, cast(int, bits))
   return new.astype(old.dtype)
 
 
@@ -340,9 +347,9 @@ def _leaf(
   fused: bool,
 ):
   """One leaf: (update or new parameter, m, v, vm, compensation)."""
-  block = options.moment_block_size
-  m_f, v_f = _load(m, True), _load(v, False)
-  vm_f = None if vm is None else _load(vm, False)
+  block, bits, shape = options.moment_block_size, options.moment_bits, tuple(g.shape)
+  m_f, v_f = _load(m, True, shape), _load(v, False, shape)
+  vm_f = None if vm is None else _load(vm, False, shape)
   rounds = options.rounds(p)
   if rounds:
     wide = lambda x: x.astype(jnp.float32)
@@ -374,8 +381,14 @@ def _leaf(
       out = out - p
     if fused:
       out = optax.apply_updates(p, out)
-  vm_n = None if vm is None else _store(vm_n, vm, block, False)
-  return out, _store(m_n, m, block, True), _store(v_n, v, block, False), vm_n, comp
+  vm_n = None if vm is None else _store(vm_n, vm, block, False, bits)
+  return (
+    out,
+    _store(m_n, m, block, True, bits),
+    _store(v_n, v, block, False, bits),
+    vm_n,
+    comp,
+  )
 
 
 def functions(options: Options, s: Step):

@@ -57,7 +57,7 @@ def scale_by_adam(
     maximize: ascend instead of descend (negates the gradient first).
     mu_dtype: dtype of the first moment (default: the parameter's dtype).
     nu_dtype: dtype of the second moment (default: the parameter's dtype).
-    moment_bits: ``8``: 8-bit block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
+    moment_bits: ``8`` or ``4``: block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
     moment_block_size: elements per quantization block.
   """
   return _core.adam_transform(

@@ -465,9 +465,9 @@ def lowmem_grads(params, step: int):
   return jax.tree.map(lambda p: jnp.cos(p * (3.0 + step)).astype(p.dtype), params)
 
 
-def lowmem_tx(block: int = 256):
+def lowmem_tx(block: int = 256, bits: int = 8):
   return adamw_jax.adamw(
-    1e-2, weight_decay=0.1, amsgrad=True, moment_bits=8, moment_block_size=block
+    1e-2, weight_decay=0.1, amsgrad=True, moment_bits=bits, moment_block_size=block
   )
 
 
@@ -494,16 +494,25 @@ def quantized_moments(state):
 
 
 def lowmem_layout_problems(state, params, mesh) -> list[str]:
-  """Codes not sharded like their param; scales not split along the blocks as the param's rows."""
+  """Codes not sharded like their param; scales not split along the blocks as the param's rows.
+
+  4-bit codes (flat, a block's bytes its own) are split along the blocks as the scales.
+  """
   bad = []
   for label, key, q in quantized_moments(state):
     p = params[key]
-    if not q.codes.sharding.is_equivalent_to(p.sharding, p.ndim):
-      bad.append(f"{label}.codes: {q.codes.sharding} vs {p.sharding}")
     split = not p.sharding.is_fully_replicated
-    if not q.scale.sharding.is_equivalent_to(NamedSharding(mesh, P(AXIS if split else None)), 1):
+    blocks = NamedSharding(mesh, P(AXIS if split else None))
+    packed = isinstance(q, adamw_jax.PackedQuantizedMoment)
+    if not (
+      q.codes.sharding.is_equivalent_to(blocks, 1)
+      if packed
+      else q.codes.sharding.is_equivalent_to(p.sharding, p.ndim)
+    ):
+      bad.append(f"{label}.codes: {q.codes.sharding} vs {p.sharding}")
+    if not q.scale.sharding.is_equivalent_to(blocks, 1):
       bad.append(f"{label}.scale: {q.scale.sharding}")
-    block = q.codes.size // q.scale.size
+    block = (2 if packed else 1) * q.codes.size // q.scale.size
     row = int(np.prod(p.shape[1:], dtype=np.int64))
     rows = {s.device: s.index[0] for s in p.addressable_shards}
     for shard in q.scale.addressable_shards:  # the scales of the blocks of this device's rows
@@ -521,9 +530,9 @@ def lowmem_layout_problems(state, params, mesh) -> list[str]:
   return bad
 
 
-def _lowmem_sharded(kind: str, jitted: bool) -> str:
+def _lowmem_sharded(kind: str, jitted: bool, bits: int = 8) -> str:
   mesh = mesh_of(kind)
-  tx = lowmem_tx()
+  tx = lowmem_tx(256, bits)
   params = lowmem_params()
   shardings = {
     "b": NamedSharding(mesh, P()),
@@ -546,8 +555,9 @@ def _lowmem_sharded(kind: str, jitted: bool) -> str:
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
   return (
-    "8-bit moments of (64, 256) and (8192,) leaves split in 8 shards of whole blocks: "
-    "codes sharded like the params, scales split along the blocks (each device the scales "
+    f"{bits}-bit moments of (64, 256) and (8192,) leaves split in 8 shards of whole blocks: "
+    + ("codes sharded like the params" if bits == 8 else "flat codes split like the scales")
+    + ", scales split along the blocks (each device the scales "
     "of its rows), a replicated (64, 256) leaf's replicated, after init and 2 steps; no "
     "collectives in the update; equal to 1 device bitwise"
   )
@@ -557,6 +567,9 @@ for _kind in ("auto", "explicit"):
   for _mode in ("eager", "jit"):
     check(f"lowmem_8bit_sharded[{_kind}-{_mode}]")(
       lambda k=_kind, m=_mode: _lowmem_sharded(k, m == "jit")
+    )
+    check(f"lowmem_4bit_sharded[{_kind}-{_mode}]")(
+      lambda k=_kind, m=_mode: _lowmem_sharded(k, m == "jit", 4)
     )
 
 
