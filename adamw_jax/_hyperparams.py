@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, cast
 
@@ -23,6 +22,8 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+
+from adamw_jax import _env
 
 Scalar = float | jax.Array
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.typing.ArrayLike]
@@ -286,9 +287,6 @@ def _valid(hp: Hyperparameter, x: Any) -> Any:
   )
 
 
-CHECKIFY_ENV = "ADAMW_JAX_CHECKIFY"
-
-
 def traced_checks() -> bool:
   """Whether the step carries the checks of traced values (``ADAMW_JAX_CHECKIFY=1``).
 
@@ -297,7 +295,7 @@ def traced_checks() -> bool:
   through its Python path: a step of a 2,000-leaf tree took 90 ms instead of
   24 ms (this machine). Read when the step is traced.
   """
-  return os.environ.get(CHECKIFY_ENV, "0") == "1"
+  return _env.on(_env.CHECKIFY)
 
 
 def check_traced(

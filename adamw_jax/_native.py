@@ -11,7 +11,7 @@ It serves a leaf when all of these hold, and the pure-JAX kernel does otherwise:
 
 - the extension was built (``pip install`` compiles it; if that failed,
   importing adamw_jax warns once, naming the cause) and ``ADAMW_JAX_NATIVE``
-  is not ``0`` (read when the step is traced);
+  is not ``0`` (``_env``);
 - JAX's default backend is the CPU and there is one device (sharded arrays
   would be gathered around a custom call);
 - the gradient and parameter are float32, float64, complex64 or complex128
@@ -29,7 +29,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import importlib.util
-import os
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -37,10 +36,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from adamw_jax import _kernel
+from adamw_jax import _env, _kernel
 
 TARGET = "adamw_jax_adam_step"
-ENV = "ADAMW_JAX_NATIVE"
 _DTYPES = frozenset(map(jnp.dtype, (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)))
 
 
@@ -90,7 +88,7 @@ def enabled() -> bool:
   """Whether the native kernel may be used for the step being traced."""
   return (
     UNAVAILABLE is None
-    and os.environ.get(ENV, "1") != "0"
+    and _env.on(_env.NATIVE)
     and jax.default_backend() == "cpu"
     and jax.device_count() == 1
   )

@@ -27,13 +27,12 @@ machine, ``benchmarks/overhead.py``) are selected by platform with
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-MULTI_OUTPUT_FUSION_FLAG = "xla_cpu_use_multi_output_fusion"
+from adamw_jax import _env
+
 UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}  # same-width bit patterns
 
 
@@ -126,4 +125,4 @@ def multi_output_fusion() -> bool:
   Read when the update is traced; XLA reads its flags when the backend
   starts, so the flag must be set before jax is imported.
   """
-  return on_cpu() and MULTI_OUTPUT_FUSION_FLAG in os.environ.get("XLA_FLAGS", "")
+  return on_cpu() and _env.xla_cpu_multi_output_fusion()

@@ -43,7 +43,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+from benchmarks import output
+
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 FIDELITY_UNTIL = 0.35  # share of the budget after which the fidelity part starts no new case
 SPEED_UNTIL = 0.85  # ... and the speed part no new method
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     "--out",
     type=pathlib.Path,
     default=None,
-    help="report path (default benchmarks/results/device-<platform>.md)",
+    help="report path (default benchmarks/results/device-<platform>.md; --quick: a temporary folder)",
   )
   parser.add_argument(
     "--budget", type=float, default=480.0, help="seconds for the whole run (default 480)"
@@ -560,7 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     "cpu": SpeedSettings("cpu", 5, 0.1),
     "accelerator": SpeedSettings("accelerator", 5, 0.05),
   }[tier]
-  out = args.out or RESULTS / f"device-{jax.default_backend()}.md"
+  out = (
+    args.out or output.out_dir(None, args.quick, "device") / f"device-{jax.default_backend()}.md"
+  )
   out.parent.mkdir(parents=True, exist_ok=True)
   command = "python -m benchmarks.device" + (" --quick" if args.quick else "")
   results = Results(command, args.quick, _setup(device), fidelity_steps=20 if args.quick else 200)

@@ -11,7 +11,6 @@ kernel and optax.adamw.
 
 from __future__ import annotations
 
-import pathlib
 import platform
 
 import jax
@@ -19,9 +18,10 @@ import numpy as np
 import optax
 import torch
 
+from benchmarks import output
 from tests import torch_reference as ref
 
-OUT = pathlib.Path(__file__).parent / "results" / "fidelity.md"
+OUT = output.RESULTS / "fidelity.md"
 
 
 def _fmt(diff: float, bits: float) -> str:

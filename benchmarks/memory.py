@@ -33,8 +33,7 @@ import optax
 
 import adamw_jax
 from adamw_jax import demo
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import output
 
 
 class Setting(NamedTuple):
@@ -257,7 +256,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     prog="python -m benchmarks.memory", description=__doc__.split("\n")[0]
   )
   p.add_argument("--quick", action="store_true", help="fewer epochs and batches (a test runs it)")
-  p.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+  p.add_argument(
+    "--out",
+    type=Path,
+    help="output directory (default benchmarks/results/; --quick: a temporary one)",
+  )
   args = p.parse_args(argv)
   rows = []
   for task in (_digits_task(args.quick), _lm_task(args.quick)):
@@ -270,12 +273,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         + (f"  acc {f['val_acc']:.3f}" if "val_acc" in f else ""),
         flush=True,
       )
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "memory.json").write_text(json.dumps(rows, indent=1))
-  (args.out / "memory.md").write_text(
+  out = output.out_dir(args.out, args.quick, "memory")
+  (out / "memory.json").write_text(json.dumps(rows, indent=1))
+  (out / "memory.md").write_text(
     "# Low-memory AdamW: `python -m benchmarks.memory`\n\n" + _table(rows)
   )
-  _plot(rows, args.out / "memory.png")
+  _plot(rows, out / "memory.png")
+  print(f"wrote {out / 'memory.md'}, memory.json and memory.png")
   return rows
 
 

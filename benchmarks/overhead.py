@@ -14,7 +14,6 @@ benchmarks/results/overhead.md.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import platform
 import time
 
@@ -24,8 +23,9 @@ import numpy as np
 import optax
 
 import adamw_jax
+from benchmarks import output
 
-OUT = pathlib.Path(__file__).parent / "results" / "overhead.md"
+OUT = output.RESULTS / "overhead.md"
 
 
 def plain_adamw(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2) -> optax.GradientTransformation:

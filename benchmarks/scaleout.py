@@ -32,7 +32,9 @@ import subprocess
 import sys
 import time
 
-OUT = pathlib.Path(__file__).parent / "results" / "scaleout.md"
+from benchmarks import output
+
+OUT = output.RESULTS / "scaleout.md"
 DEVICE_COUNTS = (1, 2, 4, 8)
 LAYOUTS = ("FSDP", "ZeRO-1")
 AXIS = "fsdp"

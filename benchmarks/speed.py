@@ -43,7 +43,8 @@ import sys
 import time
 from typing import Any
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+from benchmarks import output
+
 FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 VARIANTS = {"default": "", "multi-output fusion": FLAG}
 METHODS = (
@@ -100,16 +101,16 @@ def _jax_setup(method: str, params_np: Any, grads_np: Any):
 
 def _compile(method: str, step, *args):
   """Traces, lowers and compiles `step`; the pure-JAX column with the native kernel off."""
-  from adamw_jax import _native
+  from adamw_jax import _env
 
-  saved = os.environ.get(_native.ENV)
-  os.environ[_native.ENV] = "0" if method == PURE else "1"
+  saved = os.environ.get(_env.NATIVE.name)
+  os.environ[_env.NATIVE.name] = "0" if method == PURE else "1"
   try:
     return step.lower(*args).compile()
   finally:
-    os.environ.pop(_native.ENV)
+    os.environ.pop(_env.NATIVE.name)
     if saved is not None:
-      os.environ[_native.ENV] = saved
+      os.environ[_env.NATIVE.name] = saved
 
 
 def jax_runner(method: str, params_np: Any, grads_np: Any):
@@ -568,7 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     help="seconds before a compile-time measurement is reported as '> N s'",
   )
   parser.add_argument(
-    "--out", type=pathlib.Path, default=RESULTS, help="directory for speed.md and speed.png"
+    "--out",
+    type=pathlib.Path,
+    help="directory for speed.md and speed.png (default benchmarks/results/; --quick: a temporary one)",
   )
   parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -581,12 +584,12 @@ def main(argv: list[str] | None = None) -> None:
     return
   leaves = [30] if args.quick else [10_000]
   data = collect(args.quick, reps, leaves, args.compile_timeout)
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "speed.md").write_text(report(data))
-  (args.out / "speed.json").write_text(json.dumps(data, indent=1))
-  plot(data, args.out / "speed.png")
+  out = output.out_dir(args.out, args.quick, "speed")
+  (out / "speed.md").write_text(report(data))
+  (out / "speed.json").write_text(json.dumps(data, indent=1))
+  plot(data, out / "speed.png")
   print(report(data))
-  print(f"wrote {args.out / 'speed.md'} and speed.png")
+  print(f"wrote {out / 'speed.md'} and speed.png")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from jax.experimental import checkify
 
 import adamw_jax
+from adamw_jax import _env
 from tests import docs_pages, test_errors
 from tests.torch_reference import to_numpy, to_tensor
 
@@ -34,7 +35,7 @@ INF, NAN = float("inf"), float("nan")
 @pytest.fixture(autouse=True)
 def _traced_checks(monkeypatch):
   """The checks of traced values are opt-in (ADAMW_JAX_CHECKIFY=1): on for this module."""
-  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
+  monkeypatch.setenv(_env.CHECKIFY.name, "1")
 
 
 def _params():
@@ -935,16 +936,16 @@ def test_traced_checks_compile_to_nothing_without_checkify(make, monkeypatch):
   assert _ops(tx, state) == with_checks
   assert not any("callback" in op for op in with_checks)
   monkeypatch.undo()
-  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
+  monkeypatch.setenv(_env.CHECKIFY.name, "1")
   assert _checkified(tx, state=state) is None  # a valid step reports nothing
 
 
 def test_traced_checks_are_off_by_default(monkeypatch):
   """Without ADAMW_JAX_CHECKIFY=1 the step has no effect, so JAX dispatches it on its fast path."""
-  monkeypatch.delenv(adamw_jax._hyperparams.CHECKIFY_ENV)
+  monkeypatch.delenv(_env.CHECKIFY.name)
   tx, state = _injected()
   assert not jax.make_jaxpr(tx.update)(_grads(), state, _params()).effects
-  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "1")
+  monkeypatch.setenv(_env.CHECKIFY.name, "1")
   tx, state = _injected()
   assert jax.make_jaxpr(tx.update)(_grads(), state, _params()).effects
 
@@ -952,7 +953,7 @@ def test_traced_checks_are_off_by_default(monkeypatch):
 def test_docs_checkify_example(monkeypatch):
   """The example of docs/bad-inputs.md runs and reports what its comment says."""
   block = docs_pages.section(docs_pages.page("bad-inputs.md"), "Checked only under `checkify`")[0]
-  monkeypatch.setenv(adamw_jax._hyperparams.CHECKIFY_ENV, "0")  # restored after the example sets it
+  monkeypatch.setenv(_env.CHECKIFY.name, "0")  # restored after the example sets it
   namespace: dict = {}
   exec(compile(block.code, block.where, "exec"), namespace)
   comment = re.search(r"err\.get\(\)\s+# '(.*)'", block.code).group(1)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import tempfile
 
 import pytest
 
-from benchmarks import speed, workloads
+from benchmarks import output, speed, workloads
 
 _RATIO = r"\d+\.\d\dx"
 _NUMBER = r"\d+\.\d+"
@@ -45,6 +46,18 @@ def test_quick_run_writes_tables_and_plot(tmp_path):
   assert len(goals) == len(speed.GOALS) + 2 + 2, goals  # + compile times + memory
   assert all(row[-1] in ("yes", "no") for row in goals), goals
   assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_quick_run_never_writes_the_committed_results(tmp_path, monkeypatch):
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+  quick = output.out_dir(None, True, "speed")
+  assert (
+    quick.is_dir() and quick.parent == tmp_path and quick.name.startswith("adamw_jax-speed-quick")
+  )
+  assert output.out_dir(None, False, "speed") == output.RESULTS
+  assert output.out_dir(tmp_path / "a" / "b", True, "speed") == tmp_path / "a" / "b"
+  assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_compile_past_the_timeout_is_reported_as_such():

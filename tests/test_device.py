@@ -10,7 +10,7 @@ import sys
 
 import jax
 
-from benchmarks import device, workloads
+from benchmarks import device, output, workloads
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _PAIR = r"(\d+(\.\d+)?(e[+-]\d+)?) / \d+\.\d\d%"  # max abs diff / bitwise fraction
@@ -26,10 +26,17 @@ def _table_rows(md: str, heading: str) -> list[list[str]]:
 
 
 def _quick_run(tmp_path: pathlib.Path) -> str:
-  out = tmp_path / "x.md"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+  """As a curious user runs it, without --out: the report goes to a folder of its own."""
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "CUDA_VISIBLE_DEVICES": "",
+    "PYTHONPATH": str(ROOT),
+    "TMPDIR": str(tmp_path),
+  }
+  committed = {p: p.stat().st_mtime_ns for p in output.RESULTS.iterdir()}
   proc = subprocess.run(
-    [sys.executable, "-m", "benchmarks.device", "--quick", "--out", str(out)],
+    [sys.executable, "-m", "benchmarks.device", "--quick"],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -37,6 +44,9 @@ def _quick_run(tmp_path: pathlib.Path) -> str:
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
+  out = pathlib.Path(proc.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+  assert out.parent.parent == tmp_path and out.name == "device-cpu.md", out  # not results/
+  assert {p: p.stat().st_mtime_ns for p in output.RESULTS.iterdir()} == committed
   return out.read_text()
 
 

@@ -115,13 +115,18 @@ def test_the_quickstart_commands_are_those_of_ci():
   )
   assert site[0].code == quickstart
   ci = [
-    line.replace(" -q -e ", " -e ")
+    line.split("  #")[0].replace(" -q -e ", " -e ")
     for line in (ROOT / ".ci" / "run").read_text().splitlines()
-    if line and not line.startswith(("#", "set ", "cd "))
+    if line and not line.lstrip().startswith(("#", "echo "))
   ]
-  # The README's test command, then the oldest supported versions' session (docs/versions.md).
-  assert " && ".join(ci[:2]) == commands[1]
-  assert ci[2:] == ["bash .ci/oldest"]
+  # In a fresh venv of its own, activated before anything is installed: the README's demo
+  # command, its test command, then the oldest supported versions' session (docs/versions.md).
+  venv = ci.index('python -m venv "$venv"')
+  activate = ci.index('source "$venv/bin/activate"')
+  installs = [i for i, line in enumerate(ci) if "pip install" in line]
+  assert venv < activate < installs[0]
+  assert [ci[i] for i in installs] == commands
+  assert ci[installs[-1] + 1 :] == ["bash .ci/oldest"]
 
 
 def test_the_readme_is_a_landing_page():

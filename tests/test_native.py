@@ -25,7 +25,7 @@ import optax
 import pytest
 
 import adamw_jax
-from adamw_jax import _native
+from adamw_jax import _env, _native
 from tests import torch_reference as ref
 
 STEPS = 12
@@ -70,7 +70,7 @@ def _trajectory(
   `serves`: whether the native kernel serves this configuration (it must then
   appear in the compiled step when `native`, and never otherwise).
   """
-  monkeypatch.setenv(_native.ENV, "1" if native else "0")
+  monkeypatch.setenv(_env.NATIVE.name, "1" if native else "0")
 
   def step(g, s, p):
     if fused:
@@ -241,7 +241,7 @@ def test_grad_through_the_update_is_the_pure_kernels(monkeypatch):
 
   results = []
   for native in ("0", "1"):
-    monkeypatch.setenv(_native.ENV, native)
+    monkeypatch.setenv(_env.NATIVE.name, native)
     results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(g, jnp.float32(1e-2)))
   assert not _uses_native(lambda g: jax.grad(loss)(g, jnp.float32(1e-2)), g)
   (value_native, grad_native), (value_pure, grad_pure) = results[1], results[0]
@@ -271,7 +271,7 @@ def test_vmap_over_learning_rates(monkeypatch):
       q = optax.apply_updates(q, u)
     return q, s.inner_state
 
-  monkeypatch.setenv(_native.ENV, "1")
+  monkeypatch.setenv(_env.NATIVE.name, "1")
   assert _uses_native(jax.vmap(run), lrs)
   batched = jax.jit(jax.vmap(run))(lrs)
   for k, lr in enumerate(lrs):
@@ -287,7 +287,7 @@ def test_fused_step_donates_in_place(monkeypatch):
   donated arguments come in the order of the results, (params, state), as in
   a TrainState.
   """
-  monkeypatch.setenv(_native.ENV, "1")
+  monkeypatch.setenv(_env.NATIVE.name, "1")
   tx = adamw_jax.adamw(1e-3)
   p = {"w": jnp.ones((1 << 20,), jnp.float32)}
   s = tx.init(p)

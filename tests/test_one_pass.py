@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import adamw_jax
-from adamw_jax import _steer
+from adamw_jax import _env
 
 N = 1003
 CONFIGS = {
@@ -95,7 +95,7 @@ def _in_fresh_process(xla_flags: str) -> dict:
 
 @pytest.fixture(scope="module")
 def with_flag() -> dict:
-  return _in_fresh_process(f"--xla_backend_extra_options={_steer.MULTI_OUTPUT_FUSION_FLAG}")
+  return _in_fresh_process(f"--xla_backend_extra_options={_env.MULTI_OUTPUT_FUSION_FLAG}")
 
 
 @pytest.fixture(scope="module")

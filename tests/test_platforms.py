@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from adamw_jax import _native, _steer
+from adamw_jax import _env, _steer
 from tests import torch_reference as ref
 
 STEPS = 50
@@ -24,7 +24,7 @@ STEPS = 50
 @pytest.fixture
 def generic(monkeypatch):
   monkeypatch.setattr(_steer, "on_cpu", lambda: False)
-  monkeypatch.setenv(_native.ENV, "0")
+  monkeypatch.setenv(_env.NATIVE.name, "0")
 
 
 @pytest.mark.parametrize("case", ref.CASES, ids=lambda c: c.name)

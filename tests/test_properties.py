@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adamw_jax
-from adamw_jax import _native
+from adamw_jax import _env
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64)
 SETTINGS = {
@@ -103,15 +103,15 @@ def _tx(problem: Problem) -> optax.GradientTransformation:
 
 @contextlib.contextmanager
 def _native_env(value: str):
-  old = os.environ.get(_native.ENV)
-  os.environ[_native.ENV] = value
+  old = os.environ.get(_env.NATIVE.name)
+  os.environ[_env.NATIVE.name] = value
   try:
     yield
   finally:
     if old is None:
-      del os.environ[_native.ENV]
+      del os.environ[_env.NATIVE.name]
     else:
-      os.environ[_native.ENV] = old
+      os.environ[_env.NATIVE.name] = old
 
 
 def _run(tx, params, grads, state=None):
