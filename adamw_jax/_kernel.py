@@ -137,11 +137,17 @@ def _real_kernel(
   """
   kw: dict[str, Any] = {"z": z, "maximize": maximize, "l2": l2, "decay": decay}
   out, m, v, vm = _real_step(grad, mu, nu, nu_max, param, c, **kw)
-  if _steer.multi_output_fusion():
-    hide = lambda x: None if x is None else _steer.rounded(x, z)
-    out = _real_step(
-      _steer.rounded(grad, z), mu, _steer.rounded(nu, z), nu_max, hide(param), c, **kw
-    )[0]
+  if _steer.multi_output_fusion():  # for a CPU program only
+
+    def recomputed(out, grad, mu, nu, nu_max, param, c, z, decay):
+      this = {**kw, "z": z, "decay": decay}  # this trace's values, not the outer step's
+      hidden = None if param is None else _steer.rounded(param, z)
+      grad, nu = _steer.rounded(grad, z), _steer.rounded(nu, z)
+      return _real_step(grad, mu, nu, nu_max, hidden, c, **this)[0]
+
+    args = (out, grad, mu, nu, nu_max, param, c, z, decay)
+    shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    out = _steer.per_platform(recomputed, lambda out, *_: out, *args, out=shape)
   return out, m, v, vm
 
 

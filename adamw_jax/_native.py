@@ -12,8 +12,9 @@ It serves a leaf when all of these hold, and the pure-JAX kernel does otherwise:
 - the extension was built (``pip install`` compiles it; if that failed,
   importing adamw_jax warns once, naming the cause) and ``ADAMW_JAX_NATIVE``
   is not ``0`` (``_env``);
-- JAX's default backend is the CPU and there is one device (sharded arrays
-  would be gathered around a custom call);
+- the step is lowered for the CPU (``_steer.per_platform``: the same traced
+  step lowered for a GPU or TPU gets the pure kernel) and JAX sees one device
+  (sharded arrays would be gathered around a custom call);
 - the gradient and parameter are float32, float64, complex64 or complex128
   and of one dtype (moments in another dtype, e.g. ``mu_dtype=jnp.bfloat16``,
   are converted around the call exactly as the pure kernel converts them);
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from adamw_jax import _env, _kernel
+from adamw_jax import _env, _kernel, _steer
 
 TARGET = "adamw_jax_adam_step"
 _DTYPES = frozenset(map(jnp.dtype, (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)))
@@ -86,12 +87,7 @@ if UNAVAILABLE is not None:
 
 def enabled() -> bool:
   """Whether the native kernel may be used for the step being traced."""
-  return (
-    UNAVAILABLE is None
-    and _env.on(_env.NATIVE)
-    and jax.default_backend() == "cpu"
-    and jax.device_count() == 1
-  )
+  return UNAVAILABLE is None and _env.on(_env.NATIVE) and jax.device_count() == 1
 
 
 def serves(grad: jax.Array, param: jax.Array | None, l2: bool) -> bool:
@@ -283,7 +279,9 @@ def group(
     for g, m, v, vm, p in group
     for x in (g, m, v) + ((vm,) if amsgrad else ()) + ((p,) if with_p else ())
   ]
-  out = run(scalars, z, *flat)
+  # The native call in a CPU program; the same leaves through the pure kernel in any other.
+  shapes = jax.eval_shape(run, scalars, z, *flat)  # one custom call traced: cheap
+  out = _steer.per_platform(run, pure, scalars, z, *flat, out=shapes, default_is_exact=True)
   step = (not moments_only) + 2 + amsgrad
   return [
     ((None,) if moments_only else ()) + tuple(out[k : k + step]) + (() if amsgrad else (None,))

@@ -4,8 +4,9 @@ torch's rounding is reproduced by telling XLA what not to do. Every trick
 leaves values unchanged (it is an OR with zero bits, an exact division by
 one, or a correctly rounded division); it only blocks a rewrite XLA would
 otherwise make. Those specific to XLA:CPU (measured on this project's
-machine, ``benchmarks/overhead.py``) are selected by platform with
-:func:`on_cpu` when the step is traced, so GPU/TPU get the plain operation:
+machine, ``benchmarks/overhead.py``) are chosen by the platform the step is
+lowered for, not by the host (:func:`per_platform`, a primitive lowered per
+platform), so a GPU/TPU program gets the plain operation:
 
 - :func:`opaque_zero`: an int32 zero the compiler cannot prove is zero (the
   step count shifted right by 31 bits), which the other tricks OR into bits;
@@ -27,18 +28,98 @@ machine, ``benchmarks/overhead.py``) are selected by platform with
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from adamw_jax import _env
 
 UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}  # same-width bit patterns
 
 
-def on_cpu() -> bool:
-  """Whether the step being traced is for XLA:CPU (JAX's default backend)."""
-  return jax.default_backend() == "cpu"
+def per_platform(
+  cpu: Callable[..., Any],
+  default: Callable[..., Any],
+  *args: Any,
+  out: Any,
+  default_is_exact: bool = False,
+) -> Any:
+  """``cpu(*args)`` in a program lowered for XLA:CPU, ``default(*args)`` in any other.
+
+  The choice is made where the step is lowered, not where it is traced: one
+  traced step compiles for CPU, GPU and TPU from any host, and only a CPU
+  program gets the XLA:CPU tricks and the native kernel. `args` are pytrees
+  (arrays are passed, anything else is closed over); both functions return a
+  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``). Only the branch of
+  the platform being lowered is traced, and only then. Under ``jax.vmap``
+  each branch is vmapped. Derivatives are `default`'s, with the values of the
+  platform's branch; where `default` computes the same values as `cpu` on a
+  CPU too (`default_is_exact`), it alone is differentiated.
+  """
+  leaves, tree = jax.tree.flatten(args)
+  is_array = [isinstance(x, jax.Array) for x in leaves]
+  arrays = [x for x, a in zip(leaves, is_array) if a]
+  out_leaves, out_tree = jax.tree.flatten(out)
+
+  def flat(fn: Callable[..., Any]) -> Callable[..., list]:
+    def run(*xs: Any) -> list:
+      it = iter(xs)
+      full = [next(it) if a else x for x, a in zip(leaves, is_array)]
+      return jax.tree.leaves(fn(*jax.tree.unflatten(tree, full)))
+
+    return run
+
+  avals = tuple(ShapedArray(o.shape, o.dtype) for o in out_leaves)
+  results = _per_platform_p.bind(
+    *arrays, cpu=flat(cpu), default=flat(default), out=avals, exact=default_is_exact
+  )
+  return jax.tree.unflatten(out_tree, results)
+
+
+def _lower(which: str):
+  def rule(ctx, *args, **params):
+    return mlir.lower_fun(params[which], multiple_results=True)(ctx, *args)
+
+  return rule
+
+
+def _jvp(primals, tangents, *, cpu, default, out, exact):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  primals_out, tangents_out = jax.jvp(default, tuple(primals), tuple(tangents))
+  if not exact:
+    primals_out = _per_platform_p.bind(*primals, cpu=cpu, default=default, out=out, exact=exact)
+  return primals_out, tangents_out
+
+
+def _batch(args, dims, *, cpu, default, out, exact):
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  in_axes = tuple(dims)  # None: not mapped
+  params = {
+    "cpu": jax.vmap(cpu, in_axes=in_axes),
+    "default": jax.vmap(default, in_axes=in_axes),
+    "out": tuple(ShapedArray((size, *o.shape), o.dtype) for o in out),
+    "exact": exact,
+  }
+  return _per_platform_p.bind(*args, **params), [0] * len(out)
+
+
+_per_platform_p = Primitive("adamw_jax_per_platform")
+_per_platform_p.multiple_results = True
+_per_platform_p.def_abstract_eval(lambda *_, out, **__: list(out))
+_per_platform_p.def_impl(
+  lambda *args, **params: jax.jit(functools.partial(_per_platform_p.bind, **params))(*args)
+)
+mlir.register_lowering(_per_platform_p, _lower("default"))
+mlir.register_lowering(_per_platform_p, _lower("cpu"), platform="cpu")
+ad.primitive_jvps[_per_platform_p] = _jvp
+batching.primitive_batchers[_per_platform_p] = _batch
 
 
 def opaque_zero(count: jax.Array) -> jax.Array:
@@ -86,8 +167,11 @@ def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   - large arrays: the product with the reciprocal and one residual step
     (Markstein), cheaper per element than a vector division.
   """
-  if not on_cpu():
-    return a / b
+  out = jax.ShapeDtypeStruct(a.shape, a.dtype)
+  return per_platform(_divide_on_cpu, lambda a, b, z: a / b, a, b, z, out=out)
+
+
+def _divide_on_cpu(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   utype = UINT[a.dtype.itemsize]
   if a.size < _SMALL:
     zero_bits = lax.bitcast_convert_type(a, utype) & z.astype(utype)
@@ -109,8 +193,14 @@ def computed_once(a: jax.Array, b: jax.Array | None, z: jax.Array):
   cannot see; otherwise the double-word arithmetic would be repeated in every
   loop that broadcasts the scalar.
   """
-  if not on_cpu():
-    return a, b
+  out = (
+    jax.ShapeDtypeStruct(a.shape, a.dtype),
+    None if b is None else jax.ShapeDtypeStruct(b.shape, b.dtype),
+  )
+  return per_platform(_packed_on_cpu, lambda a, b, z: (a, b), a, b, z, out=out)
+
+
+def _packed_on_cpu(a: jax.Array, b: jax.Array | None, z: jax.Array):
   one = hide(jnp.ones([], a.dtype), z)
   if b is None:
     return a / one, None
@@ -120,9 +210,9 @@ def computed_once(a: jax.Array, b: jax.Array | None, z: jax.Array):
 
 
 def multi_output_fusion() -> bool:
-  """Whether XLA's CPU multi-output fusion was switched on with ``XLA_FLAGS`` (and the step is for the CPU).
+  """Whether XLA's CPU multi-output fusion was switched on with ``XLA_FLAGS`` (for CPU programs only).
 
   Read when the update is traced; XLA reads its flags when the backend
   starts, so the flag must be set before jax is imported.
   """
-  return on_cpu() and _env.xla_cpu_multi_output_fusion()
+  return _env.xla_cpu_multi_output_fusion()

@@ -1,7 +1,8 @@
-"""The code GPU and TPU get, run on the CPU: the XLA:CPU tricks off, the results still torch's.
+"""The code GPU and TPU get: chosen where the step is lowered, and run on the CPU, still torch's.
 
-``_steer`` selects the tricks that only XLA:CPU needs by platform
-(``_steer.on_cpu``). Here that choice is forced off on the CPU (and the
+``_steer.per_platform`` is a primitive lowered per platform: the same traced
+step lowered for TPU or GPU has neither the native call nor the XLA:CPU
+tricks (checked for every public step). Then that choice is forced off on the CPU (and the
 native kernel with it), as it is off on an accelerator: the float64
 semantics must still match torch to 1e-12 and the float32 results stay close
 (not bitwise: XLA:CPU then divides by the reciprocal, which is why the
@@ -23,7 +24,8 @@ STEPS = 50
 
 @pytest.fixture
 def generic(monkeypatch):
-  monkeypatch.setattr(_steer, "on_cpu", lambda: False)
+  """Every platform-dependent choice takes the other platforms' code, on this CPU."""
+  monkeypatch.setattr(_steer, "per_platform", lambda cpu, default, *args, out: default(*args))
   monkeypatch.setenv(_env.NATIVE.name, "0")
 
 
@@ -59,3 +61,103 @@ def test_generic_path_has_no_cpu_tricks(generic):
   assert not any("stablehlo.complex" in op for op in ops)  # no packed scalars
   assert not any("stablehlo.minimum" in op and "100000x" in op for op in ops)  # no Markstein cap
   assert any("stablehlo.divide" in op and "100000x" in op for op in ops)
+
+
+def _public_steps():
+  import jax.numpy as jnp
+  import optax
+
+  import adamw_jax
+
+  bf16 = jnp.bfloat16
+  # name: (transform, parameter dtype, fused_step, the native kernel serves it on the CPU)
+  return {
+    "adamw": (lambda: adamw_jax.adamw(1e-3), jnp.float32, False, True),
+    "fused_step": (lambda: adamw_jax.adamw(1e-3), jnp.float32, True, True),
+    "adam, amsgrad": (lambda: adamw_jax.adam(1e-3, amsgrad=True), jnp.float32, False, True),
+    "param_groups": (
+      lambda: adamw_jax.param_groups(
+        {"b": (r"b$", {"weight_decay": 0.0})}, rest={}, learning_rate=1e-3
+      ),
+      jnp.float32,
+      False,
+      True,
+    ),
+    "inject_hyperparams": (
+      lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-3),
+      jnp.float32,
+      False,
+      True,
+    ),
+    "bf16 moments": (
+      lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16),
+      jnp.float32,
+      True,
+      True,
+    ),
+    "8-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, True, False),
+    "4-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=4), jnp.float32, False, False),
+    "stochastic rounding": (
+      lambda: adamw_jax.adamw(1e-3, param_rounding="stochastic"),
+      bf16,
+      True,
+      False,
+    ),
+    "kahan": (lambda: adamw_jax.adamw(1e-3, param_rounding="kahan"), bf16, False, False),
+  }
+
+
+@pytest.mark.parametrize("name", list(_public_steps()))
+def test_one_traced_step_lowers_for_cpu_tpu_and_gpu_each_with_its_own_code(name):
+  """The platform decides at lowering, not the host: from this CPU host, lowered for all three."""
+  import jax.numpy as jnp
+  import optax
+
+  import adamw_jax
+  from adamw_jax import _native
+
+  make, dtype, fused, native = _public_steps()[name]
+  tx = make()
+  params = {"w": jnp.ones((64, 128), dtype), "b": jnp.ones(128, dtype)}
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    if fused:
+      return adamw_jax.fused_step(tx, grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  traced = jax.jit(step).trace(params, state, params)
+  text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
+  for platform in ("tpu", "cuda"):
+    assert _native.TARGET not in text[platform] and "stablehlo.complex" not in text[platform]
+  assert text["tpu"] == text["cuda"]  # the generic code
+  assert text["cpu"] != text["tpu"]  # the XLA:CPU tricks (and the native call where it serves)
+  assert (_native.TARGET in text["cpu"]) == native
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_the_step_scalar_table_is_small_on_a_tpu(scheduled):
+  """1-D constants of at most 1 MiB in all: a (rows, 2) table is padded to 128 columns on a TPU.
+
+  Read from the compiled CPU program (the TPU compiler itself runs in ``.ci/compiled``).
+  """
+  import re
+
+  import jax.numpy as jnp
+  import optax
+
+  import adamw_jax
+  from adamw_jax import _steps
+
+  lr = optax.cosine_decay_schedule(1e-3, 100) if scheduled else 1e-3
+  tx = adamw_jax.adamw(lr)
+  params = {"w": jnp.ones((64, 128))}
+  step = lambda p, s: tx.update(p, s, p)
+  text = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
+  shapes = re.findall(r"f(32|64)\[([\d,]+)\]\{[^}]*\} constant\(", text)
+  tables = [([int(d) for d in dims.split(",")], int(bits) // 8) for bits, dims in shapes]
+  tables = [(dims, size) for dims, size in tables if np.prod(dims) > 1000]
+  assert len(tables) == (3 if scheduled else 2), tables  # one column each
+  assert all(len(dims) == 1 for dims, _ in tables), tables
+  assert sum(dims[0] * size for dims, size in tables) <= _steps.MAX_BYTES

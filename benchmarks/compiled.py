@@ -1,0 +1,403 @@
+"""Every public step compiled for TPU v5e and NVIDIA H100 without the hardware: the compilers' accounting.
+
+    JAX_PLATFORMS=cpu python -m benchmarks.compiled [--quick] [--check] [--out DIR]
+
+Needs an environment of its own with libtpu and the CUDA plugin (``.ci/compiled``
+makes one; the versions are in ``.ci/compiled.txt``): JAX then compiles, but does
+not run, for a TPU v5e 2x2 slice and an H100 host of 4 GPUs that this machine does
+not have, with the real XLA:TPU and XLA:GPU compilers (deviceless ahead-of-time
+compilation). For each step, target and layout (FSDP and ZeRO-1 over 4 devices, and
+one device) it reports what the compiled program is: kernels (fusions, custom
+calls), collectives, argument / output / alias / temporary bytes per device, and on
+TPU the bytes the step reads and writes per parameter (``cost_analysis``) against
+the step's floor (every parameter, gradient and state byte read once, every
+parameter and state byte written once). Nothing runs, so nothing here is a time.
+
+``--check`` asserts what must hold (CI): every step compiles for both targets;
+parameters and state fully aliased (donation worked); temporaries at most 1 % of
+the state; no collective in the update under FSDP or on one device; TPU bytes per
+parameter at most 1.1x the floor for every step listed in ``AT_FLOOR``.
+Full runs write ``benchmarks/results/compiled.md``; ``--quick`` a folder of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import output
+
+# XLA's H100 SXM target (xla/backends/gpu/target_config/specs/h100_sxm.txtpb, trimmed).
+H100 = """
+gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 feature_extension: ACCELERATED_FEATURES }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536 }
+platform_name: "CUDA"  dnn_version_info { major: 9 minor: 8 }  device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+TARGETS = ("TPU v5e 2x2", "H100 1x1x4")
+LAYOUTS = ("FSDP/4", "ZeRO-1/4", "1 device")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_OPCODE = re.compile(r"\b([a-z][a-z0-9\-]*)\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}
+# Instructions that move no data of their own (views, plumbing, the second half of async pairs).
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "opt-barrier",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "copy-done",
+  "all-gather-done",
+  "all-reduce-done",
+  "collective-permute-done",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A public step: how to build its transform, its parameters' dtype, whether it is fused_step."""
+
+  name: str
+  make: Callable[[], Any]  # () -> optax.GradientTransformation
+  param_dtype: str = "float32"
+  fused: bool = False
+  flat: bool = False
+
+
+def cases() -> list[Case]:
+  import jax.numpy as jnp
+  import optax
+
+  import adamw_jax
+
+  bf16 = jnp.bfloat16
+  return [
+    Case("optax.adamw (peer)", lambda: optax.adamw(1e-3, weight_decay=1e-2)),
+    Case("adamw update + apply_updates", lambda: adamw_jax.adamw(1e-3)),
+    Case("fused_step", lambda: adamw_jax.adamw(1e-3), fused=True),
+    Case("flat buffers", lambda: adamw_jax.adamw(1e-3), flat=True),
+    Case(
+      "decay mask + param_groups",
+      lambda: adamw_jax.param_groups(
+        {"no_decay": (r"(^|/)b$", {"weight_decay": 0.0})},
+        rest={"weight_decay": 0.1},
+        learning_rate=1e-3,
+      ),
+    ),
+    Case(
+      "inject_hyperparams", lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-3)
+    ),
+    Case("bf16 moments", lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16)),
+    Case("8-bit moments", lambda: adamw_jax.adamw(1e-3, moment_bits=8)),
+    Case("4-bit moments", lambda: adamw_jax.adamw(1e-3, moment_bits=4)),
+    Case(
+      "bf16 params, stochastic rounding",
+      lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="stochastic"),
+      param_dtype="bfloat16",
+    ),
+    Case(
+      "bf16 params, Kahan",
+      lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="kahan"),
+      param_dtype="bfloat16",
+    ),
+  ]
+
+
+# Steps at their floor today: a regression past 1.1x fails --check (the others join as they reach it).
+AT_FLOOR = (
+  "optax.adamw (peer)",
+  "adamw update + apply_updates",
+  "fused_step",
+  "decay mask + param_groups",
+  "inject_hyperparams",
+  "bf16 moments",
+)
+
+
+def shapes(quick: bool) -> dict[str, tuple[int, ...]]:
+  """A transformer-like tree: per layer a large and a wide matrix and a bias (axis 0 divides by 4)."""
+  layers, d = (2, 512) if quick else (8, 2048)
+  tree = {}
+  for i in range(layers):
+    tree[f"layer{i}/w"] = (d, d)
+    tree[f"layer{i}/up"] = (d, 4 * d)
+    tree[f"layer{i}/b"] = (4 * d,)
+  return tree
+
+
+def devices(target: str):
+  from jax.experimental.topologies import get_topology_desc
+
+  if target.startswith("TPU"):
+    return get_topology_desc("v5e:2x2", "tpu").devices
+  return get_topology_desc(platform="cuda", topology="1x1x4", target_config=H100).devices
+
+
+@dataclasses.dataclass
+class Row:
+  case: str
+  target: str
+  layout: str
+  error: str | None = None
+  fusions: int = 0
+  custom_calls: int = 0
+  collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+  argument: int = 0
+  output: int = 0
+  alias: int = 0
+  temp: int = 0
+  state: int = 0  # state bytes per device (arrays; the count and keys are not counted)
+  param_bytes: int = 0  # parameter bytes per device
+  params: int = 0  # parameters per device
+  floor: float = 0.0  # bytes a step must move per parameter
+  moved: float = 0.0  # bytes per parameter that the program's kernels read and write (its HLO)
+  accessed: float | None = None  # TPU: bytes accessed per parameter, the compiler's cost analysis
+  compile_s: float = 0.0
+
+
+def _nbytes(x, per_device: bool) -> int:
+  import numpy as np
+
+  shape = x.sharding.shard_shape(x.shape) if per_device else x.shape
+  return int(np.prod(shape, dtype=np.int64)) * x.dtype.itemsize
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape (``f32[8,128]{1,0}``, a tuple of them), unpadded."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype) or 8)
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * bits // 8
+  return total
+
+
+def entry(hlo: str) -> list[tuple[str, str, str, list[str]]]:
+  """(name, shape, opcode, operand names) of each instruction of the ENTRY computation."""
+  body = hlo[hlo.index("\nENTRY ") :]
+  body = body[: body.index("\n}")]
+  out = []
+  for line in body.splitlines()[1:]:
+    lhs, _, rhs = line.partition(" = ")
+    m = _OPCODE.search(rhs)
+    if m is None:
+      continue
+    args = rhs[m.end() : rhs.find(")", m.end())]
+    names = re.findall(r"%([\w.\-]+)", args)
+    out.append((lhs.split()[-1].lstrip("%"), rhs[: m.start()], m.group(1), names))
+  return out
+
+
+def moved_bytes(hlo: str) -> int:
+  """Bytes the program's kernels read (operands) and write (outputs), per device."""
+  instructions = entry(hlo)
+  size = {name: _shape_bytes(shape) for name, shape, _, _ in instructions}
+  return sum(
+    _shape_bytes(shape) + sum(size.get(a, 0) for a in args)
+    for _, shape, op, args in instructions
+    if op not in _FREE
+  )
+
+
+def compile_case(case: Case, target: str, layout: str, quick: bool) -> Row:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import adamw_jax
+
+  row = Row(case.name, target, layout)
+  devs = devices(target)
+  mesh = jax.sharding.Mesh(np.array(devs[:1] if layout == "1 device" else devs), ("d",))
+  split, whole = NamedSharding(mesh, P("d")), NamedSharding(mesh, P())
+  dtype = jnp.dtype(case.param_dtype)
+
+  def leaf(shape, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  tree = shapes(quick)
+  param_sharding = whole if layout == "ZeRO-1/4" else split
+  params: Any = {k: leaf(s, param_sharding) for k, s in tree.items()}
+  if case.flat:
+    params = jax.eval_shape(adamw_jax.flatten, {k: jnp.zeros(s, dtype) for k, s in tree.items()})
+    params = jax.tree.map(lambda x: leaf(x.shape, param_sharding), params)
+  tx = case.make()
+  abstract_state = jax.eval_shape(tx.init, params)
+
+  def state_sharding(x):
+    if layout == "1 device" or x.ndim == 0 or x.shape[0] % len(devs):
+      return whole
+    return split
+
+  state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding(x)), abstract_state
+  )
+  grads = params
+
+  def step(params, state, grads):
+    if case.fused:
+      return adamw_jax.fused_step(tx, grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  out_shardings = (
+    jax.tree.map(lambda x: x.sharding, params),
+    jax.tree.map(lambda x: x.sharding, state),
+  )
+  start = time.perf_counter()
+  compiled = (
+    jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    .trace(params, state, grads)
+    .lower()
+    .compile()
+  )
+  row.compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
+  ops = [op for _, _, op, _ in entry(hlo)]
+  row.fusions = ops.count("fusion")
+  row.custom_calls = ops.count("custom-call")
+  row.collectives = {c: n for c in COLLECTIVES if (n := ops.count(c) + ops.count(f"{c}-start")) > 0}
+  mem = compiled.memory_analysis()
+  row.argument = int(mem.argument_size_in_bytes)
+  row.output = int(mem.output_size_in_bytes)
+  row.alias = int(mem.alias_size_in_bytes)
+  row.temp = int(mem.temp_size_in_bytes)
+  state_leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+  param_leaves = jax.tree.leaves(params)
+  row.state = sum(_nbytes(x, True) for x in state_leaves)
+  row.params = sum(_nbytes(x, True) // x.dtype.itemsize for x in param_leaves)
+  row.param_bytes = sum(_nbytes(x, True) for x in param_leaves)
+  # read params, grads, state; write params, state
+  row.floor = (3 * row.param_bytes + 2 * row.state) / row.params
+  row.moved = moved_bytes(hlo) / row.params
+  if target.startswith("TPU"):
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost and "bytes accessed" in cost:
+      row.accessed = float(cost["bytes accessed"]) / row.params
+  return row
+
+
+def problems(row: Row) -> list[str]:
+  """What --check asserts of a row."""
+  if row.error is not None:
+    return [f"does not compile: {row.error}"]
+  found = []
+  if row.alias < row.param_bytes + row.state:
+    found.append(
+      f"alias {row.alias} B < params + state {row.param_bytes + row.state} B: donation incomplete"
+    )
+  if row.temp > 0.01 * row.state:
+    found.append(f"temporaries {row.temp} B > 1 % of the state ({row.state} B)")
+  if row.layout != "ZeRO-1/4" and row.collectives:
+    found.append(f"collectives in the update: {row.collectives}")
+  if row.case in AT_FLOOR and row.accessed is not None and row.accessed > 1.1 * row.floor:
+    found.append(f"{row.accessed:.1f} B/param accessed > 1.1 x the floor {row.floor:.1f}")
+  return found
+
+
+def _mib(n: int) -> str:
+  return f"{n / 2**20:.2f}"
+
+
+def report(rows: list[Row], command: str, versions: str) -> str:
+  lines = [
+    "# Every public step compiled for TPU and GPU (deviceless)",
+    "",
+    f"`{command}`; {versions}. Compiled, not run: the numbers are the compilers' own "
+    "accounting of each program (per device), not times. A step's floor reads every "
+    "parameter, gradient and state byte once and writes every parameter and state byte once.",
+  ]
+  for target in TARGETS:
+    lines += [
+      "",
+      f"## {target}",
+      "",
+      "| step | layout | fusions | custom calls | collectives | args MiB | out MiB | alias MiB "
+      "| temp MiB | state MiB | floor B/param | moved B/param | TPU cost B/param | compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+      if r.target != target:
+        continue
+      if r.error is not None:
+        lines.append(f"| {r.case} | {r.layout} | failed: {r.error[:120]} |" + " |" * 11)
+        continue
+      coll = ", ".join(f"{k} {v}" for k, v in r.collectives.items()) or "none"
+      acc = "n/a" if r.accessed is None else f"{r.accessed:.1f}"
+      lines.append(
+        f"| {r.case} | {r.layout} | {r.fusions} | {r.custom_calls} | {coll} | {_mib(r.argument)} "
+        f"| {_mib(r.output)} | {_mib(r.alias)} | {_mib(r.temp)} | {_mib(r.state)} "
+        f"| {r.floor:.1f} | {r.moved:.1f} | {acc} | {r.compile_s:.1f} |"
+      )
+  failing = [(r, p) for r in rows for p in problems(r)]
+  lines += ["", "## What --check asserts", ""]
+  lines += [f"- {r.case}, {r.target}, {r.layout}: {p}" for r, p in failing] or ["- all hold"]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a small tree (a smoke run)")
+  parser.add_argument("--check", action="store_true", help="exit 1 if an assertion fails")
+  parser.add_argument("--out", type=pathlib.Path, help="output directory")
+  parser.add_argument("--only", nargs="*", help="steps whose name contains one of these")
+  args = parser.parse_args(argv)
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  import jax
+
+  import adamw_jax
+
+  rows = []
+  for case in cases():
+    if args.only and not any(s in case.name for s in args.only):
+      continue
+    for target in TARGETS:
+      for layout in LAYOUTS:
+        try:
+          row = compile_case(case, target, layout, args.quick)
+        except Exception as e:  # reported in the table; --check fails on it
+          row = Row(case.name, target, layout, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        rows.append(row)
+        status = row.error or (
+          f"{row.fusions} fusions, temp {_mib(row.temp)} MiB, "
+          + f"moved {row.moved:.1f}, cost "
+          + (f"{row.accessed:.1f}" if row.accessed is not None else "n/a")
+          + f" / floor {row.floor:.1f} B/param, {row.compile_s:.1f} s"
+        )
+        print(f"{case.name:34s} {target:12s} {layout:9s} {status}", file=sys.stderr, flush=True)
+  command = "python -m benchmarks.compiled" + (" --quick" if args.quick else "")
+  versions = f"jax {jax.__version__}, adamw_jax {adamw_jax.__version__}"
+  md = report(rows, command, versions)
+  out = output.out_dir(args.out, args.quick, "compiled")
+  (out / "compiled.md").write_text(md)
+  print(md)
+  print(f"wrote {out / 'compiled.md'}")
+  if args.check and any(problems(r) for r in rows):
+    raise SystemExit(1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
