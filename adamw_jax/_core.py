@@ -3,7 +3,11 @@
 The math and every deliberate difference from torch and optax are written
 once, in ``docs/math.md`` (the math, the differences from torch and optax); this
 module wires the hyperparameters, the state, the per-step scalars and the two
-twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together.
+twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together, in
+one step loop for every option: the low-memory ones (``_lowmem``) only choose
+per leaf how its moments are held (``_moments``) and its parameter written
+(``_writes``), so every check, mask, group, flat-buffer and sharding rule is
+the default path's.
 """
 
 from __future__ import annotations
@@ -20,9 +24,19 @@ import numpy as np
 import optax
 from jax import tree_util as jtu
 from jax.experimental import checkify
-from jax.experimental.shard_alike import shard_alike
 
-from adamw_jax import _hyperparams, _kernel, _lowmem, _native, _scalars, _steer, _tree
+from adamw_jax import (
+  _hyperparams,
+  _kernel,
+  _lowmem,
+  _moments,
+  _native,
+  _quantize,
+  _scalars,
+  _steer,
+  _tree,
+  _writes,
+)
 from adamw_jax._tree import check_params
 
 
@@ -73,11 +87,6 @@ class AdamUpdate:
     return self._step(grads, state, params)
 
 
-def _leaf_dtype(p) -> jnp.dtype:
-  """A parameter's dtype; a Python float counts as a float32 scalar, as in optax."""
-  return jnp.dtype(jnp.result_type(p))
-
-
 def _describe_value(x: Any) -> str:
   if hasattr(x, "dtype") and hasattr(x, "shape"):
     return f"{jnp.dtype(x.dtype).name}{list(np.shape(x))}"
@@ -118,23 +127,46 @@ def _check_count_traced(count: jax.Array, what: str) -> None:
   )
 
 
-def _warn_if_eps_vanishes(params: Any, eps: Any, moment_dtypes: tuple, what: str) -> None:
+def _compute_dtypes(params, quantized: list[bool], options: _lowmem.Options, requested) -> list:
+  """Each leaf's compute dtype: a writer's own, float32 with quantized moments, else promoted."""
+  out = []
+  for p, q in zip(jax.tree.leaves(params), quantized):
+    writer = options.writer(p)
+    moments = (jnp.float32,) if q else tuple(d for d in requested if d is not None)
+    own = writer.computes_in
+    out.append(
+      jnp.dtype(own) if own is not None else jnp.result_type(_tree.leaf_dtype(p), *moments)
+    )
+  return out
+
+
+def _warn_if_eps_vanishes(params: Any, eps: Any, dtypes: list, hint: str, what: str) -> None:
   """Warns when `eps` rounds to 0 in a leaf's compute dtype (float16: eps < 3e-8)."""
   x = _hyperparams.concrete("eps", eps)
   if not x:
     return
-  for path, p in jtu.tree_flatten_with_path(params)[0]:
-    dtype = jnp.result_type(_leaf_dtype(p), *(d for d in moment_dtypes if d is not None))
+  for (path, _), dtype in zip(jtu.tree_flatten_with_path(params)[0], dtypes):
     if jnp.issubdtype(dtype, jnp.floating) and np.asarray(x, dtype) == 0:
       warnings.warn(
         f"{what}: eps={x} rounds to 0 in {jnp.dtype(dtype).name} (the parameter at "
         f"{_tree.where(path)}): where a gradient is zero the step is 0/0 and the parameter "
-        "becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
-        "float16), or float32 moments (mu_dtype=nu_dtype=jnp.float32).",
+        f"becomes NaN, as in torch's (non-fused) AdamW. Use eps >= 6e-8 (e.g. 1e-4 for "
+        f"float16){hint}.",
         UserWarning,
         stacklevel=4,
       )
       return
+
+
+def _eps_hint(options: _lowmem.Options) -> str:
+  q = options.quantization
+  if q is None:
+    return ", or float32 moments (mu_dtype=nu_dtype=jnp.float32)"
+  return (
+    f": with moment_bits={q.bits} a leaf of fewer than {_quantize.MIN_SIZE} elements (or not "
+    f"a multiple of moment_block_size={q.block_size}) keeps moments of its own dtype and is "
+    "computed in it, as in torch's AdamW"
+  )
 
 
 def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtraArgs:
@@ -146,37 +178,65 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
   that ``optax.apply_updates`` reproduces torch's parameters. ``s.decoupled``
   selects AdamW's ``p *= 1 - lr*wd`` over Adam's L2 term ``g += wd * p``;
   ``s.mask`` limits weight decay to some leaves. ``decay_mode="paper"`` makes
-  the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``).
+  the decay ``p *= 1 - (lr/peak)*wd`` (``_paper``). The low-memory options
+  (``_lowmem``) choose per leaf how its moments are held (``_moments``) and
+  its parameter written (``_writes``), in this one step.
   """
   name, learning_rate, mask, amsgrad = s.name, s.learning_rate, s.mask, s.amsgrad
   decoupled, maximize, needs_params = s.decoupled, s.maximize, s.needs_params
   mu_dtype, nu_dtype = s.mu_dtype, s.nu_dtype
+  options = _lowmem.Options.of(s)
+  quantization = options.quantization
+  state_type = _lowmem.LowMemoryAdamState if options.enabled else ScaleByAdamState
+  rounding_reads = _writes.WRITERS[options.param_rounding].reads_params
 
   def init_fn(params):
     check_params(params, name)
     if mask is not None:
       _tree.check_mask(mask, params, what=name)
-    _warn_if_eps_vanishes(params, s.eps, (mu_dtype, nu_dtype), name)
+    _lowmem.check_leaves(options, params, name)
+    quantized = _moments.quantized_leaves(quantization, params, name)
+    dtypes = _compute_dtypes(params, quantized, options, (mu_dtype, nu_dtype))
+    _warn_if_eps_vanishes(params, s.eps, dtypes, _eps_hint(options), name)
+    leaves, treedef = jax.tree.flatten(params)
 
-    def zeros(p, requested):
-      z = jnp.zeros_like(p, dtype=_moment_dtype(_leaf_dtype(p), requested))
-      if isinstance(p, jax.core.Tracer):
-        # Under jit the zeros would not depend on p and lose its sharding
-        # (jax-ml/jax#16080, optax.adamw too): tie them to p's sharding. Eager
-        # zeros_like already keeps it, without a compile per leaf shape.
-        z = shard_alike(p, z)[1]
-      return z
+    def moments(requested):
+      return treedef.unflatten(
+        [
+          _moments.quantized_zeros(p, quantization)
+          if quantization is not None and q
+          else _moments.zeros(p, _moment_dtype(_tree.leaf_dtype(p), requested))
+          for p, q in zip(leaves, quantized)
+        ]
+      )
 
-    mu = jax.tree.map(lambda p: zeros(p, mu_dtype), params)
-    nu = jax.tree.map(lambda p: zeros(p, nu_dtype), params)
-    nu_max = jax.tree.map(lambda p: zeros(p, nu_dtype), params) if amsgrad else None
-    return ScaleByAdamState(jnp.zeros([], jnp.int32), mu, nu, nu_max)
+    mu, nu = moments(mu_dtype), moments(nu_dtype)
+    nu_max = moments(nu_dtype) if amsgrad else None
+    count = jnp.zeros([], jnp.int32)
+    if not options.enabled:
+      return ScaleByAdamState(count, mu, nu, nu_max)
+    state = _lowmem.init_state(options, params, count, mu, nu, nu_max)
+    # optax's OptState (ArrayTree) has no None, which a pytree node may be (state.key).
+    return cast(optax.OptState, state)
 
   def check_update_args(updates, state, params) -> None:
+    if not isinstance(state, state_type):
+      raise TypeError(
+        f"{name}: the optimizer state is a {type(state).__name__}, not the "
+        f"{state_type.__name__} this transform's init makes"
+      )
     check_count(state.count, name)
-    _tree.check_same_structure(updates, state.mu, "updates", "optimizer state (mu)", what=name)
+    # 4-bit codes are flat: they stand for the parameters' (or the updates') leaf of their size.
+    mu = _moments.shapes(state.mu, params, updates) if options.enabled else state.mu
+    _tree.check_same_structure(updates, mu, "updates", "optimizer state (mu)", what=name)
     if needs_params:
       _tree.check_params_given(updates, params, what=name)
+    elif rounding_reads and learning_rate is not None:
+      why = f"param_rounding={options.param_rounding!r} writes the parameters"
+      _tree.check_params_given(updates, params, what=name, why=why)
+    elif params is not None:
+      _tree.check_same_structure(updates, params, "updates", "params", what=name)
+    _lowmem.check_state(options, state, updates, params, amsgrad=amsgrad, name=name)
 
   def run(updates, state, params, fused: bool):
     """The compiled step; what it reads of the environment is static (a retrace when it changes)."""
@@ -212,48 +272,55 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     z = _steer.opaque_zero(new_count)
     lr, wd = _scalars.schedules_at(s, count)
     cache: dict[Any, tuple[_kernel.Coefficients, Any]] = {}
-    how: dict[str, Any] = {
-      "z": z,
-      "maximize": maximize,
-      "decoupled": decoupled,
-      "with_params": with_params,
-      "fused": fused,
-    }
+    how = _writes.How(z, maximize, decoupled, with_params, fused)
 
     def scalars_for(dtype):
       if dtype not in cache:
         cache[dtype] = _scalars.coefficients(s, lr, wd, new_count, dtype)
       return cache[dtype]
 
-    def leaf(g, m, v, vm, p, decayed):
-      """The pure-JAX kernel: (update, or new parameter when fused, m, v, vm)."""
+    def leaf(g, m, v, vm, p, decayed, buffer, key, writer: _writes.Writer):
+      """One leaf through its hooks: moments loaded, the writer's step, moments stored."""
+      shape = tuple(np.shape(g))
+      m_c, v_c = _moments.load(m, True, shape), _moments.load(v, False, shape)
+      vm_c = None if vm is None else _moments.load(vm, False, shape)
       c, decay = scalars_for(
-        _scalars.scalar_dtype(jnp.result_type(g, m, v, *(() if p is None else (p,))))
+        _scalars.scalar_dtype(jnp.result_type(g, m_c, v_c, *(() if p is None else (p,))))
       )
-      return _kernel.optax_leaf(g, m, v, vm, p, c, decay if decayed else None, **how)
+      out, m_n, v_n, vm_n, buffer = writer.step(
+        g, m_c, v_c, vm_c, p, c, decay if decayed else None, buffer, key, how
+      )
+      vm_n = None if vm is None else _moments.store(vm_n, vm, False)
+      return out, _moments.store(m_n, m, True), _moments.store(v_n, v, False), vm_n, buffer
 
     treedef = jax.tree.structure(updates)
+    n = treedef.num_leaves
     g_l = treedef.flatten_up_to(updates)
     m_l = treedef.flatten_up_to(state.mu)
     v_l = treedef.flatten_up_to(state.nu)
-    vm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_l)
-    p_l = treedef.flatten_up_to(params) if params is not None else [None] * len(g_l)
+    vm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * n
+    p_l = treedef.flatten_up_to(params) if params is not None else [None] * n
     d_l = treedef.flatten_up_to(decay_mask)
-    results: list[Any] = [None] * len(g_l)
+    b_l = treedef.flatten_up_to(state.compensation) if options.kahan else [None] * n
+    new_key, step_key = jax.random.split(state.key) if options.stochastic else (None, None)
+    results: list[Any] = [None] * n
     groups: dict[tuple[Any, bool, _native.Mode], list[int]] = {}
-    for i, args in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, d_l)):
-      g, m, v, vm, p, decayed = args
+    for i, (g, m, v, vm, p, decayed, buffer) in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, d_l, b_l)):
+      writer = options.writer(p)
       p_read = p if (with_params or fused) else None
-      cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,)))
+      plain = writer is _writes.NEAREST and not any(map(_moments.is_quantized, (m, v, vm)))
+      cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,))) if plain else None
       if (
         native
+        and plain
         and cdtype == g.dtype
         and _native.serves(g, p_read, l2=needs_params and not decoupled and decayed)
       ):
         mode = _native.mode(g, m, v, vm, fused=fused, with_params=with_params)
         groups.setdefault((cdtype, bool(decayed), mode), []).append(i)
       else:
-        results[i] = leaf(*args)
+        key = jax.random.fold_in(cast(jax.Array, step_key), i) if writer.uses_key else None
+        results[i] = leaf(g, m, v, vm, p, decayed, buffer, key, writer)
     calls = [
       (key, members[k : k + _native.LEAVES_PER_CALL])
       for key, members in groups.items()
@@ -272,60 +339,24 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       if mode == _native.Mode.MOMENTS and kind == _native.Decay.DECOUPLED:
         kind = _native.Decay.NONE  # the decoupled decay is in the parameter's step
       leaves = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]
-      outs = _native.group(c, decay, leaves, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how)
+      outs = _native.group(
+        c, decay, leaves, cdtype, mode=mode, kind=kind, amsgrad=amsgrad, **how._asdict()
+      )
       for i, (out, m, v, vm) in zip(indices, outs):
         if mode == _native.Mode.MOMENTS:  # the parameter's step, fused with apply_updates
           out, m, v, vm = _kernel.optax_leaf(
-            g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay, moments=(m, v, vm), **how
+            g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], c, decay, moments=(m, v, vm), **how._asdict()
           )
-        results[i] = (out, m, v, vm)
-    out, mu, nu, nu_max = (
+        results[i] = (out, m, v, vm, b_l[i])
+    out, mu, nu, nu_max, buffers = (
       (treedef.unflatten(list(col)) for col in zip(*results))
       if results
-      else (updates if not fused else params, state.mu, state.nu, state.nu_max)
+      else (updates if not fused else params, state.mu, state.nu, state.nu_max, None)
     )
-    new_state = ScaleByAdamState(new_count, mu, nu, nu_max if amsgrad else None)
-    return out, new_state
+    nu_max = nu_max if amsgrad else None
+    if not options.enabled:
+      return out, ScaleByAdamState(new_count, mu, nu, nu_max)
+    compensation = (buffers if results else state.compensation) if options.kahan else None
+    return out, _lowmem.LowMemoryAdamState(new_count, mu, nu, nu_max, new_key, compensation)
 
-  low_memory = _lowmem.Options.of(s)
-  if low_memory.enabled:  # their own state; the pure kernel only (_lowmem)
-    return _low_memory_transform(
-      low_memory,
-      _lowmem.Step(
-        name,
-        learning_rate is not None,
-        needs_params,
-        decoupled,
-        amsgrad,
-        maximize,
-        mask,
-        functools.partial(_scalars.at_count, s),
-      ),
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-    )
   return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))
-
-
-def _low_memory_transform(
-  options: _lowmem.Options, step: _lowmem.Step, *, mu_dtype: Any, nu_dtype: Any
-) -> optax.GradientTransformationExtraArgs:
-  """The transform with ``param_rounding`` or ``moment_bits`` on: ``docs/low-memory.md``."""
-
-  def init_fn(params) -> optax.OptState:
-    check_params(params, step.name)
-    state = _lowmem.init(
-      options,
-      params,
-      name=step.name,
-      amsgrad=step.amsgrad,
-      moment_dtype=_moment_dtype,
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-    )
-    # optax's OptState (ArrayTree) has no None, which a pytree node may be (state.key).
-    return state  # pyright: ignore[reportReturnType]
-
-  return optax.GradientTransformationExtraArgs(
-    init_fn, AdamUpdate(*_lowmem.functions(options, step))
-  )

@@ -10,7 +10,10 @@ dynamic-exponent map (signed for the first moment, unsigned for the second).
 Blocks never span two leaves (a flat buffer quantizes only leaves that are
 whole numbers of blocks, packed end to end). As in torchao and bitsandbytes,
 only leaves of at least :data:`MIN_SIZE` elements whose size is a multiple of
-the block size are quantized; the others keep full-precision moments.
+the block size are quantized; the others keep full-precision moments. A
+non-finite value poisons its block, as in torchao: a NaN makes the block's
+scale NaN, an infinity makes it infinite, so the whole block reads back
+non-finite (``docs/low-memory.md``, "Non-finite gradients").
 
 4-bit (2309.01507, torchao's ``subclass_4bit.py``): the same blocks and
 rounding with a 16-entry map (signed: the dynamic map with 3 exponent bits;
@@ -163,6 +166,10 @@ def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> Quan
   first = _explicit_first_axis(x)
   blocks = _reshape(x.astype(jnp.float32), (x.size // block_size, block_size), first)
   scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), jnp.float32(1e-12))
+  # torchao's amax (and clip) propagate a NaN into the block's scale; XLA:CPU's max reduction
+  # drops it (measured), so it is said: a NaN anywhere in a block makes its scale NaN, its
+  # codes 0 (every comparison of the search is false), and so the whole block NaN when read.
+  scale = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.float32(jnp.nan), scale)
   codes = _codes(blocks / scale[:, None], jnp.asarray(_MAPS[signed, bits]))
   if bits == 8:
     return QuantizedMoment(_reshape(codes, x.shape, first), scale)

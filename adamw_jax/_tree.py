@@ -104,6 +104,11 @@ def _is_array_like(x) -> bool:
   )
 
 
+def leaf_dtype(p) -> jnp.dtype:
+  """A parameter's dtype; a Python float counts as a float32 scalar, as in optax."""
+  return jnp.dtype(jnp.result_type(p))
+
+
 def check_params(params: Any, what: str) -> None:
   """Parameters must be floating or complex arrays (a Python float counts as a float32 scalar).
 
@@ -127,12 +132,12 @@ def check_params(params: Any, what: str) -> None:
       )
 
 
-def check_params_given(updates: Any, params: Any, *, what: str) -> None:
-  """Weight decay reads the parameters: they must be given, shaped like the updates."""
+def check_params_given(
+  updates: Any, params: Any, *, what: str, why: str = "weight decay needs the parameters"
+) -> None:
+  """The step reads the parameters (`why`): they must be given, shaped like the updates."""
   if params is None:
-    raise ValueError(
-      f"{what}: weight decay needs the parameters; call update(updates, state, params) with params."
-    )
+    raise ValueError(f"{what}: {why}; call update(updates, state, params) with params.")
   check_same_structure(updates, params, "updates", "params", what=what)
 
 

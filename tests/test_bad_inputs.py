@@ -839,6 +839,390 @@ def test_flat_mask_splitting_a_buffer_is_refused_at_init():
 
 
 # --------------------------------------------------------------------------
+# Options x bad inputs: every option refuses what the default refuses, the same way, as early
+# --------------------------------------------------------------------------
+
+# Each option with the parameter dtype it is for (the rounding options write bfloat16 leaves).
+OPTIONS = {
+  "default": ({}, jnp.float32),
+  "bf16 moments": ({"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}, jnp.float32),
+  "stochastic": ({"param_rounding": "stochastic"}, jnp.bfloat16),
+  "kahan": ({"param_rounding": "kahan"}, jnp.bfloat16),
+  "8-bit": ({"moment_bits": 8}, jnp.float32),
+  "4-bit": ({"moment_bits": 4}, jnp.float32),
+}
+
+
+class Option(NamedTuple):
+  """One column of the table: an option, its parameters (one leaf quantized with 8/4 bits)."""
+
+  name: str
+
+  def tx(self, **kw):
+    return adamw_jax.adamw(**OPTIONS[self.name][0], **kw)
+
+  def params(self, **extra):
+    dtype = OPTIONS[self.name][1]
+    big = jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(16, 256)
+    return {**jax.tree.map(lambda p: p.astype(dtype), {**_params(), "big": big}), **extra}
+
+  def grads(self, **extra):
+    return {**_grads(self.params()), **extra}
+
+  def state(self, **kw):
+    return self.tx(**kw).init(self.params())
+
+
+def _init(**extra):
+  return lambda o: o.tx().init(o.params(**extra))
+
+
+def _update(tx_kw=None, params=True, state=None, **grads):
+  """An update of the option's transform, with `grads` replacing some gradients."""
+
+  def run(o):
+    tx = o.tx(**(tx_kw or {}))
+    st = o.state() if state is None else state(o)
+    return tx.update(o.grads(**grads), st, o.params() if params is True else params)
+
+  return run
+
+
+def _count(count):
+  return _update(state=lambda o: o.state()._replace(count=count))
+
+
+def _count_checkified(count):
+  def run(o):
+    state = o.state()._replace(count=count)
+    return _checkified(o.tx(), params=o.params(), grads=o.grads(), state=state)
+
+  return run
+
+
+def _foreign_state(o):
+  """The state of another option's init: a ScaleByAdamState, or for the default a low-memory one."""
+  other = Option("kahan" if o.name in ("default", "bf16 moments") else "default")
+  return other.tx().init(o.params())
+
+
+def _other_type(o):
+  low = OPTIONS[o.name][0].get("moment_bits") or OPTIONS[o.name][0].get("param_rounding")
+  have, want = ("ScaleByAdamState", "LowMemoryAdamState")[:: 1 if low else -1]
+  return (
+    TypeError,
+    rf"^adamw: the optimizer state is a {have}, not the {want} this transform's init",
+  )
+
+
+_SHAPE = r"^adamw: updates and optimizer state \(mu\) differ in shape at "
+_COUNT_TYPE = r"^adamw: the state's count must be an integer scalar \(int32: the number of steps "
+_TRACED_MASK = r"^adamw: the mask at '[\w/]+' is a traced boolean \(bool\[\]\), but which leaves"
+
+
+class Bad(NamedTuple):
+  """One bad input: refused at `when` ('init' or 'update'), with `error` matching `pattern`."""
+
+  name: str
+  when: str
+  run: Callable[[Option], Any]
+  error: type | Callable[[Option], tuple[type, str]]
+  pattern: str = ""
+
+
+BAD = [
+  # -- at init --
+  Bad(
+    "Python int leaf",
+    "init",
+    _init(n=3),
+    TypeError,
+    r"^adamw: the parameter at 'n' has dtype int32 \(a Python int\); Adam needs",
+  ),
+  Bad("string leaf", "init", _init(name="dense"), TypeError, r"^adamw: the parameter at 'name' is"),
+  Bad(
+    "mask of other keys",
+    "init",
+    lambda o: o.tx(mask={"layer": {"w": True}, "emb": True, "big": True}).init(o.params()),
+    ValueError,
+    r"^adamw: the mask does not match the parameters at 'layer': the mask has dict with keys "
+    r"\['w'\], the parameters have dict with keys \['b', 'w'\]\.",
+  ),
+  Bad(
+    "mask with an int leaf",
+    "init",
+    lambda o: o.tx(mask={"layer": {"w": 1, "b": True}, "emb": False, "big": True}).init(o.params()),
+    TypeError,
+    r"^adamw: mask leaves must be booleans, got int 1 at 'layer/w'\.",
+  ),
+  Bad(
+    "value-dependent mask",
+    "init",
+    lambda o: o.tx(mask=_value_dependent).init(o.params()),
+    TypeError,
+    _TRACED_MASK,
+  ),
+  Bad(
+    "mask splitting a flat buffer",
+    "init",
+    lambda o: o.tx(mask=adamw_jax.decay_mask).init(adamw_jax.flatten(o.params())),
+    ValueError,
+    r"^adamw: the mask decays some but not all of the leaves packed into the flat buffer",
+  ),
+  # -- at update --
+  Bad(
+    "gradient (1,) for state (3,), no params",
+    "update",
+    lambda o: _update(
+      tx_kw={"weight_decay": 0.0},
+      params=o.params() if OPTIONS[o.name][0].get("param_rounding") else None,
+      layer={"w": o.grads()["layer"]["w"], "b": jnp.ones(1, OPTIONS[o.name][1])},
+    )(o),
+    ValueError,
+    _SHAPE + r"'layer/b': updates has shape \(1,\), optimizer state \(mu\) has shape \(3,\)\.$",
+  ),
+  Bad(
+    "gradient (8, 256) for a (16, 256) leaf",
+    "update",
+    lambda o: _update(big=jnp.ones((8, 256), OPTIONS[o.name][1]))(o),
+    ValueError,
+    _SHAPE + r"'big': updates has shape \(8, 256\), optimizer state \(mu\) has shape \(16, 256\)",
+  ),
+  Bad(
+    "gradients missing a leaf",
+    "update",
+    lambda o: o.tx().update({k: v for k, v in o.grads().items() if k != "emb"}, o.state(), None),
+    ValueError,
+    r"^adamw: updates and optimizer state \(mu\) differ in tree structure at the root",
+  ),
+  Bad(
+    "params missing with weight decay",
+    "update",
+    _update(params=None),
+    ValueError,
+    r"^adamw: weight decay needs the parameters; call update\(updates, state, params\) with",
+  ),
+  Bad(
+    "params of another tree",
+    "update",
+    lambda o: o.tx().update(o.grads(), o.state(), {**o.params(), "extra": jnp.ones(2)}),
+    ValueError,
+    r"^adamw: updates and params differ in tree structure at the root",
+  ),
+  Bad("count float32", "update", _count(jnp.asarray(3.0)), TypeError, _COUNT_TYPE),
+  Bad("count Python float", "update", _count(3.0), TypeError, _COUNT_TYPE + r".*got the float"),
+  Bad("count of shape (1,)", "update", _count(jnp.zeros(1, jnp.int32)), TypeError, _COUNT_TYPE),
+  Bad("count bool", "update", _count(True), TypeError, _COUNT_TYPE + r".*got the bool True"),
+  Bad(
+    "count -5 (Python int)",
+    "update",
+    _count(-5),
+    ValueError,
+    r"^adamw: the state's count is -5; it must be >= 0",
+  ),
+  Bad(
+    "count -5 (NumPy)",
+    "update",
+    _count(np.int32(-5)),
+    ValueError,
+    r"^adamw: the state's count is -5; it must be >= 0",
+  ),
+  Bad(
+    "count -5 (jax.Array): checkify",
+    "checkify",
+    _count_checkified(jnp.asarray(-5, jnp.int32)),
+    str,
+    r"^adamw: the state's count is -5; it must be >= 0",
+  ),
+  Bad(
+    "value-dependent mask at update",
+    "update",
+    lambda o: o.tx(mask=_value_dependent).update(o.grads(), o.state(), o.params()),
+    TypeError,
+    _TRACED_MASK,
+  ),
+  Bad(
+    "schedule with Python if",
+    "update",
+    _update(tx_kw={"learning_rate": lambda c: 1e-3 if c < 10 else 1e-4}),
+    TypeError,
+    r"^adamw: the learning_rate schedule cannot be traced \(TracerBoolConversionError\)",
+  ),
+  Bad("another option's state", "update", _update(state=_foreign_state), _other_type),
+]
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
+def test_every_option_refuses_what_the_default_refuses(bad, option):
+  """The table: each bad input refused by each option as by the default: type, message, when."""
+  o = Option(option)
+  error, pattern = bad.error(o) if not isinstance(bad.error, type) else (bad.error, bad.pattern)
+  if bad.when == "checkify":
+    reports(pattern)(lambda: bad.run(o))
+    return
+  if bad.when == "update":
+    o.tx().init(o.params())  # init takes the parameters
+  with pytest.raises(error, match=pattern):
+    bad.run(o)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_option_takes_a_python_float_leaf_as_a_float32_scalar(option):
+  """As the default path (and optax): the same numbers as ``jnp.float32(x)``, state included."""
+  o = Option(option)
+  w = jnp.linspace(-1, 1, 4096, dtype=jnp.float32).astype(OPTIONS[option][1])
+  grads = {"s": jnp.float32(0.25), "w": jnp.cos(w)}
+  got = o.tx().update(grads, o.tx().init({"s": 0.5, "w": w}), {"s": 0.5, "w": w})
+  want = o.tx().update(grads, o.tx().init({"s": jnp.float32(0.5), "w": w}), {"s": 0.5, "w": w})
+  _bitwise(got, want)
+
+
+def test_the_options_table_covers_each_refusal_once():
+  assert len(BAD) >= 20 and len({b.name for b in BAD}) == len(BAD)
+  assert {b.when for b in BAD} == {"init", "update", "checkify"}
+  assert list(OPTIONS) == ["default", "bf16 moments", "stochastic", "kahan", "8-bit", "4-bit"]
+
+
+_F16 = {"big": jnp.linspace(-1, 1, 4096, dtype=jnp.float16), "small": jnp.array([1, 2, -0.5])}
+_F16 = {k: v.astype(jnp.float16) for k, v in _F16.items()}
+_F16_GRADS = {"big": jnp.zeros(4096, jnp.float16), "small": jnp.array([0, 1, 0], jnp.float16)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float16_with_quantized_moments_warns_for_the_leaves_computed_in_float16(bits):
+  """With moment_bits, a leaf below 4096 elements keeps float16 moments and is computed in float16.
+
+  There eps=1e-8 rounds to 0 and a zero gradient gives 0/0, the default
+  path's float16 case: the same warning, naming that leaf; the quantized
+  leaf is computed in float32 and stays finite. eps=1e-4 warns of nothing.
+  """
+  tx = adamw_jax.adamw(moment_bits=bits)
+  message = (
+    "adamw: eps=1e-08 rounds to 0 in float16 (the parameter at 'small'): where a gradient is "
+    "zero the step is 0/0 and the parameter becomes NaN, as in torch's (non-fused) AdamW. Use "
+    f"eps >= 6e-8 (e.g. 1e-4 for float16): with moment_bits={bits} a leaf of fewer than 4096"
+  )
+  with pytest.warns(UserWarning, match=re.escape(message)):
+    state = tx.init(_F16)
+  new = optax.apply_updates(_F16, tx.update(_F16_GRADS, state, _F16)[0])
+  assert np.isnan(np.asarray(new["small"])).tolist() == [True, False, True]
+  assert np.all(np.isfinite(np.asarray(new["big"])))
+  tx = adamw_jax.adamw(eps=1e-4, moment_bits=bits)
+  _no_warning(lambda: optax.apply_updates(_F16, tx.update(_F16_GRADS, tx.init(_F16), _F16)[0]))
+
+
+def test_kahan_computes_float16_leaves_in_float32_without_the_warning():
+  tx = adamw_jax.adamw(param_rounding="kahan")
+  _no_warning(lambda: optax.apply_updates(_F16, tx.update(_F16_GRADS, tx.init(_F16), _F16)[0]))
+
+
+_8BIT_256 = r"8-bit in blocks of 256 \(moment_bits=8, moment_block_size=256\)"
+
+
+@pytest.mark.parametrize(
+  "made, used, dtype, pattern",
+  [
+    pytest.param(
+      {"moment_bits": 8, "moment_block_size": 256},
+      {"moment_bits": 8, "moment_block_size": 128},
+      jnp.float32,
+      rf"'w' is {_8BIT_256}, but this transform holds it 8-bit in blocks of 128 "
+      r"\(moment_bits=8, moment_block_size=128\)",
+      id="block 256 to 128",
+    ),
+    pytest.param(
+      {"moment_bits": 8, "moment_block_size": 256},
+      {"moment_bits": 4},
+      jnp.float32,
+      rf"'w' is {_8BIT_256}, but this transform holds it 4-bit in blocks of 128 "
+      r"\(moment_bits=4, moment_block_size=128\)",
+      id="8-bit to 4-bit",
+    ),
+    pytest.param(
+      {"moment_bits": 4, "moment_block_size": 256},
+      {"moment_bits": 8},
+      jnp.float32,
+      r"'w' is 4-bit in blocks of 256 \(moment_bits=4, moment_block_size=256\), but this "
+      rf"transform holds it {_8BIT_256}",
+      id="4-bit to 8-bit",
+    ),
+    pytest.param(
+      {"param_rounding": "kahan"},
+      {"param_rounding": "kahan", "moment_bits": 8},
+      jnp.bfloat16,
+      rf"'w' is full precision \(bfloat16\), but this transform holds it {_8BIT_256}",
+      id="full precision to 8-bit",
+    ),
+    pytest.param(
+      {"param_rounding": "kahan", "moment_bits": 8},
+      {"param_rounding": "kahan"},
+      jnp.bfloat16,
+      rf"'w' is {_8BIT_256}, but this transform holds it full precision;",
+      id="8-bit to full precision",
+    ),
+    pytest.param(
+      {"param_rounding": "stochastic"},
+      {"param_rounding": "kahan"},
+      jnp.bfloat16,
+      r"holds a PRNG key \(param_rounding='stochastic'\), but this transform has "
+      r"param_rounding='kahan', moment_bits=None",
+      id="stochastic to kahan",
+    ),
+    pytest.param(
+      {"param_rounding": "kahan"},
+      {"param_rounding": "stochastic"},
+      jnp.bfloat16,
+      r"has no PRNG key, but this transform has param_rounding='stochastic'",
+      id="kahan to stochastic",
+    ),
+  ],
+)
+def test_a_state_made_with_other_options_is_refused_naming_both(made, used, dtype, pattern):
+  """Read in other blocks, maps or buffers, such a state would be converted silently."""
+  params = {"w": jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(16, 256).astype(dtype)}
+  state = adamw_jax.adamw(**made).init(params)
+  tx = adamw_jax.adamw(**used)
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(ValueError, match=r"^adamw: the optimizer state('s \w+ at)? " + pattern):
+      update(jax.tree.map(jnp.ones_like, params), state, params)
+
+
+def test_4bit_without_params_takes_a_gradient_of_the_leafs_size_in_another_shape():
+  """The one bad input no option-free check sees: 4-bit codes are flat (torchao's layout).
+
+  Without the parameters (``scale_by_adam``, or no weight decay) a gradient of
+  the leaf's size but another shape is read in row-major order, as the
+  leaf's; with the parameters it is refused, as by the default path.
+  """
+  params = {"w": jnp.linspace(-1, 1, 4096).reshape(16, 256)}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  flat = {"w": grads["w"].reshape(4096)}
+  tx = adamw_jax.scale_by_adam(moment_bits=4)
+  direction, _ = tx.update(flat, tx.init(params))
+  want, _ = tx.update(grads, tx.init(params))
+  np.testing.assert_array_equal(direction["w"], want["w"].reshape(4096))
+  tx = adamw_jax.adamw(moment_bits=4)
+  with pytest.raises(ValueError, match=_SHAPE + r"'w': updates has shape \(4096,\), optimizer"):
+    tx.update(flat, tx.init(params), params)
+  tx = adamw_jax.scale_by_adam(moment_bits=8)  # 8-bit codes have the leaf's shape
+  shape = _SHAPE.replace("adamw", "scale_by_adam")
+  with pytest.raises(ValueError, match=shape + r"'w': updates has shape \(4096,\), optimizer"):
+    tx.update(flat, tx.init(params))
+
+
+def test_rounding_without_params_says_that_it_writes_them():
+  tx = adamw_jax.adamw(weight_decay=0.0, param_rounding="kahan")
+  params = {"w": jnp.ones(3, jnp.bfloat16)}
+  with pytest.raises(
+    ValueError,
+    match=r"^adamw: param_rounding='kahan' writes the parameters; call update\(updates, state, "
+    r"params\) with params\.$",
+  ):
+    tx.update(params, tx.init(params))
+
+
+# --------------------------------------------------------------------------
 # Extra arguments: optax's GradientTransformationExtraArgs
 # --------------------------------------------------------------------------
 

@@ -402,6 +402,85 @@ def test_4bit_with_amsgrad_mask_flat_buffers_fused_step_and_checkpoint(tmp_path)
 
 
 # --------------------------------------------------------------------------
+# Non-finite gradients in quantized moments: torchao's policy, the block poisoned
+# --------------------------------------------------------------------------
+
+
+def _block_codes(codes, bits: int, block: int, b: int) -> np.ndarray:
+  """The codes of block `b`: 8-bit codes in row-major order, 4-bit ones as packed bytes."""
+  flat = np.asarray(codes).reshape(-1)
+  width = block if bits == 8 else block // 2
+  return flat[b * width : (b + 1) * width]
+
+
+@pytest.mark.parametrize(
+  "bits, block, kind", [(8, 256, OptimState8bit), (4, 128, OptimState4bit)], ids=["8bit", "4bit"]
+)
+def test_a_non_finite_gradient_poisons_its_block_as_in_torchao(bits, block, kind):
+  """torchao 0.18.0's AdamW8bit/AdamW4bit step (eager; its compiled step measured the same).
+
+  A NaN gradient element makes its block's scale NaN in both moments (every
+  code of the block 0), an infinite one makes it infinite: the codes and
+  scales of those blocks are torchao's (NaN for NaN; the next step, torchao's
+  lerp makes an infinite second moment NaN where torch's arithmetic, ours,
+  keeps it infinite). The step that sees it
+  writes NaN to that element's parameter only (the step reads the moments
+  before they are quantized); from the next step the whole block's
+  parameters are NaN. Other blocks stay finite.
+  """
+  rng = np.random.default_rng(9)
+  shape, lr, nan_at, inf_at = (32, 128), 1e-2, 5, 3 * block + 7
+  p0 = rng.standard_normal(shape).astype(np.float32)
+  p = torch.tensor(p0)
+  m, v = kind.zeros(shape, True, block), kind.zeros(shape, False, block)
+  tx = adamw_jax.adamw(lr, weight_decay=0.0, moment_bits=bits, moment_block_size=block)
+  params = {"w": jnp.asarray(p0)}
+  state = tx.init(params)
+  g1 = rng.standard_normal(shape).astype(np.float32)
+  g1.reshape(-1)[[nan_at, inf_at]] = [np.nan, np.inf]
+  g2 = rng.standard_normal(shape).astype(np.float32)
+  poisoned = np.zeros(p0.size, bool)
+  poisoned[:block] = poisoned[3 * block : 4 * block] = True
+  for k, g in enumerate((g1, g2)):
+    updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    step = torch.tensor(float(k + 1))
+    single_param_adam(
+      p, torch.tensor(g), step, m, v, None, torch.tensor(lr), 0.9, 0.999, 0.0, 1e-8, True, False
+    )
+    for ours, theirs in ((state.mu["w"], m), (state.nu["w"], v)):
+      scale, want = np.asarray(ours.scale), _np(theirs.scale)
+      if k == 0 or ours is state.mu["w"]:
+        np.testing.assert_array_equal(np.isnan(scale), np.isnan(want))
+        np.testing.assert_array_equal(scale[np.isinf(want)], want[np.isinf(want)])
+      else:  # an infinite second moment: torchao's lerp gives inf - inf, torch's arithmetic inf
+        np.testing.assert_array_equal(np.isfinite(scale), np.isfinite(want))
+      assert np.isnan(scale[0]) and not np.isfinite(scale[3]) and np.isfinite(scale[4:]).all()
+      for b in (0, 3):
+        np.testing.assert_array_equal(
+          _block_codes(ours.codes, bits, block, b), _block_codes(theirs.codes, bits, block, b)
+        )
+    nan = np.isnan(np.asarray(params["w"]).reshape(-1))
+    np.testing.assert_array_equal(nan, np.isnan(_np(p).reshape(-1)))
+    if k == 0:
+      assert np.flatnonzero(nan).tolist() == [nan_at, inf_at]
+    else:
+      np.testing.assert_array_equal(nan, poisoned)
+
+
+def test_apply_if_finite_skips_a_nan_step_with_8bit_moments():
+  """The way to keep a block from a NaN gradient: skip the step (docs/bad-inputs.md)."""
+  params = {"w": jnp.linspace(-1, 1, 4096)}
+  tx = optax.apply_if_finite(adamw_jax.adamw(1e-2, moment_bits=8), max_consecutive_errors=5)
+  good = {"w": jnp.cos(params["w"])}
+  _, state = tx.update(good, tx.init(params), params)
+  updates, skipped = tx.update({"w": good["w"].at[5].set(jnp.nan)}, state, params)
+  assert np.all(np.asarray(updates["w"]) == 0) and int(skipped.total_notfinite) == 1
+  for x, y in zip(jax.tree.leaves(skipped.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(x, y)
+
+
+# --------------------------------------------------------------------------
 # Stochastic rounding (torchao's bf16_stochastic_round) and Kahan sums (torch-optimi)
 # --------------------------------------------------------------------------
 
