@@ -30,6 +30,8 @@ from flax import core as flax_core
 from flax import nnx
 
 import adamw_jax
+from adamw_jax import _ckpt_describe
+from tests import checkpoint_files
 
 # After a failed restore orbax's reader threads complain, when collected, that their event
 # loop is closed (during whichever test runs then).
@@ -307,53 +309,27 @@ def copy(saved, tmp_path):
   return target
 
 
-def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
-  """The files of the arrays' OCDBT database (tensorstore's chunks and b-tree nodes)."""
-  return sorted(p for p in (path / "opt_state").rglob("*") if p.is_file() and p.parent.name == "d")
-
-
-def _truncate(file: pathlib.Path) -> None:
-  data = file.read_bytes()
-  file.write_bytes(data[: len(data) // 2])
-
-
-def _flip(file: pathlib.Path, at: float = 0.5) -> None:
-  data = bytearray(file.read_bytes())
-  data[int(len(data) * at)] ^= 0x10
-  file.write_bytes(bytes(data))
-
-
-def _description(path: pathlib.Path) -> dict:
-  return json.loads((path / "adamw_jax" / "metadata").read_text())
-
-
-def _rewrite(path: pathlib.Path, meta: dict, *, crc: bool = True) -> None:
-  """Writes `meta` as the description, with its CRC recomputed (as a writer would)."""
-  meta = {k: v for k, v in meta.items() if k != "checksum"}
-  if crc:
-    meta["checksum"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
-  (path / "adamw_jax" / "metadata").write_text(json.dumps(meta))
-
-
 def _edit_config(path: pathlib.Path) -> None:
-  file = path / "adamw_jax" / "metadata"
+  file = path / "_METADATA"
   text = file.read_text()
   assert '"learning_rate": 0.01' in text
   file.write_text(text.replace('"learning_rate": 0.01', '"learning_rate": 0.02'))
 
 
+_METADATA = _DAMAGED + r"its metadata \(the tree, the arrays, the description\) cannot be read: "
+
 DAMAGES = [
   (
     "description truncated",
-    lambda p: _truncate(p / "adamw_jax" / "metadata"),
+    lambda p: checkpoint_files.truncate(p / "_METADATA"),
     ValueError,
-    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: JSONDecodeError: ",
+    _METADATA + "JSONDecodeError: ",
   ),
   (
     "description deleted",
-    lambda p: (p / "adamw_jax" / "metadata").unlink(),
+    lambda p: (p / "_METADATA").unlink(),
     ValueError,
-    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: FileNotFoundError: ",
+    _METADATA + "FileNotFoundError: ",
   ),
   (
     "description edited",
@@ -364,55 +340,57 @@ DAMAGES = [
   ),
   (
     "description without a format",
-    lambda p: _rewrite(p, {"leaves": {}}, crc=False),
+    lambda p: checkpoint_files.rewrite(p, {"leaves": {}}, crc=False),
     ValueError,
     _DAMAGED + r"its description is not one adamw_jax writes \(no format\)",
   ),
   (
-    "array metadata truncated",
-    lambda p: _truncate(p / "opt_state" / "_METADATA"),
+    "shardings truncated",
+    lambda p: checkpoint_files.truncate(p / "_sharding"),
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: JSONDecodeError: ",
+    _METADATA + "ValueError: FAILED_PRECONDITION",
   ),
   (
     "array data truncated",
-    lambda p: [_truncate(f) for f in _data_files(p)],
+    lambda p: [checkpoint_files.truncate(f) for f in checkpoint_files.data_files(p)],
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+    _METADATA,
   ),
   (
     "array manifest deleted",
-    lambda p: (p / "opt_state" / "manifest.ocdbt").unlink(),
+    lambda p: (p / "manifest.ocdbt").unlink(),
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ValueError: NOT_FOUND",
+    _METADATA + "ValueError: NOT_FOUND",
   ),
   (
-    "arrays directory missing (partly copied)",
-    lambda p: shutil.rmtree(p / "opt_state"),
+    "the arrays' data files missing (partly copied)",
+    lambda p: [shutil.rmtree(d) for d in sorted(p.rglob("d"), reverse=True)],
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+    _METADATA + "ValueError: NOT_FOUND",
   ),
   (
-    "never finished (orbax's temporary directory)",
-    lambda p: p.rename(p.with_name(p.name + ".orbax-checkpoint-tmp")),
+    "never finished",
+    lambda p: p.rename(p.with_name(p.name + ".adamw_jax-new")),
     FileNotFoundError,
     r"^restore_opt_state: the checkpoint at '.*copy' was never finished: only the partly written "
-    r"'copy\.orbax-checkpoint-tmp' is there",
+    r"'copy\.adamw_jax-new' is there",
   ),
   (
     "another library version",
-    lambda p: _rewrite(p, {**_description(p), "format": 3, "library": "adamw_jax 9.0.0"}),
+    lambda p: checkpoint_files.rewrite(
+      p, {**checkpoint_files.description(p), "format": 4, "library": "adamw_jax 9.0.0"}
+    ),
     ValueError,
-    r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 3, written by "
-    r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2: restore it with the "
-    r"version that wrote it\.$",
+    r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 4, written by "
+    r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2, 3: restore it with "
+    r"the version that wrote it\.$",
   ),
   (
     "not a checkpoint",
-    lambda p: [shutil.rmtree(p / "adamw_jax")],
+    lambda p: [(p / "_METADATA").unlink(), (p / "_CHECKPOINT_METADATA").unlink()],
     FileNotFoundError,
-    r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no 'adamw_jax' "
-    r"description; it holds \[",
+    r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no description; it "
+    r"holds \[",
   ),
 ]
 
@@ -439,38 +417,63 @@ def test_every_corrupted_data_file_is_refused_or_harmless(tmp_path):
   state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)[1]
   adamw_jax.save_opt_state(tmp_path / "saved", state)
   outcomes = []
-  files = len(_data_files(tmp_path / "saved"))
+  files = len(checkpoint_files.data_files(tmp_path / "saved"))
   # Several places in each file: which file holds the chunks (and where) is
   # tensorstore's choice, and differs between runs.
   for i, at in ((i, at) for i in range(files) for at in (0.2, 0.4, 0.6, 0.8)):
     path = tmp_path / f"flip{i}-{at}"
     shutil.copytree(tmp_path / "saved", path)
-    _flip(_data_files(path)[i], at)
+    checkpoint_files.flip(checkpoint_files.data_files(path)[i], at)
     try:
       got = adamw_jax.restore_opt_state(path, tx.init(params))
     except ValueError as e:
       assert re.match(_DAMAGED, str(e)), e
-      outcomes.append("CRC" if "does not match the CRC" in str(e) else "orbax")
+      outcomes.append("CRC" if "does not match the checksum" in str(e) else "orbax")
     else:
       _assert_bitwise(got, state)
       outcomes.append("same")
   assert "CRC" in outcomes, outcomes  # the corruption only the CRCs catch did occur
 
 
-def test_format_1_checkpoint_without_crcs_still_restores(saved, tmp_path):
-  """A checkpoint of the format before the CRCs restores (its arrays unchecked)."""
-  path = tmp_path / "old"
-  shutil.copytree(saved, path)
-  meta = _description(path)
-  _rewrite(
-    path,
-    {k: v for k, v in meta.items() if k not in ("checksums", "library")} | {"format": 1},
-    crc=False,
-  )
-  target = _grouped().init(PARAMS)
+def _legacy(path: pathlib.Path, state, fmt: int) -> None:
+  """A checkpoint as adamw_jax wrote it in format 1 or 2: an orbax composite of two items."""
+  described = _ckpt_describe.describe(state)
+  meta = {"format": fmt, "leaves": described["leaves"], "structure": described["structure"]}
+  meta["config"] = {"learning_rate": 0.01}
+  if fmt == 2:
+    arrays = [(k, x) for k, x in _ckpt_describe.leaves(state) if x is not None]
+    meta["checksums"] = {k: zlib.crc32(np.asarray(x).tobytes()) for k, x in arrays}
+    meta["library"] = "adamw_jax 0.1.0"
+    meta["checksum"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(
+      path,
+      args=ocp.args.Composite(
+        opt_state=ocp.args.StandardSave(state), adamw_jax=ocp.args.JsonSave(meta)
+      ),
+    )
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_checkpoints_of_formats_1_and_2_still_restore(tmp_path, fmt):
+  """Written before format 3 (two orbax items; format 1 without CRCs): restored bit for bit.
+
+  Format 2's CRC-32s are checked: a damaged array is refused.
+  """
+  tx = _grouped()
+  state = _stepper(tx)(PARAMS, tx.init(PARAMS), range(K))[1]
+  _legacy(tmp_path / "old", state, fmt)
+  config = {"learning_rate": 0.01}
   _assert_bitwise(
-    adamw_jax.restore_opt_state(path, target), adamw_jax.restore_opt_state(saved, target)
+    adamw_jax.restore_opt_state(tmp_path / "old", tx.init(PARAMS), config=config), state
   )
+  if fmt == 2:
+    described = json.loads((tmp_path / "old" / "adamw_jax" / "metadata").read_text())
+    first = sorted(described["checksums"])[0]
+    described["checksums"][first] ^= 1  # as if the array had changed
+    checkpoint_files.rewrite_legacy(tmp_path / "old", described)
+    with pytest.raises(ValueError, match=_DAMAGED + f"the array at '{first}' does not match"):
+      adamw_jax.restore_opt_state(tmp_path / "old", tx.init(PARAMS))
 
 
 def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
@@ -478,9 +481,9 @@ def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
   model = _Mlp(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, adamw_jax.adamw(1e-2), wrt=nnx.Param)
   adamw_jax.save_opt_state(tmp_path / "opt", optimizer)
-  for file in _data_files(tmp_path / "opt"):
-    _flip(file, 0.3)
-    _flip(file, 0.7)
+  for file in checkpoint_files.data_files(tmp_path / "opt"):
+    checkpoint_files.flip(file, 0.3)
+    checkpoint_files.flip(file, 0.7)
   fresh = nnx.Optimizer(_Mlp(nnx.Rngs(1)), adamw_jax.adamw(1e-2), wrt=nnx.Param)
   fresh.step[...] = 7
   before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(fresh)))
