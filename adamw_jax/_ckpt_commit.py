@@ -144,14 +144,19 @@ def _check_target(path: str, force: bool, who: str) -> None:
     )
 
 
-def _agree(ok: bool, path: str, who: str) -> None:
-  """With several processes, every one learns whether process 0 succeeded (a collective)."""
+def failures(ok: bool) -> list[int]:
+  """The processes whose `ok` is False; with several, a collective that every process calls."""
   if jax.process_count() == 1:
-    return
+    return [] if ok else [0]
   from jax.experimental import multihost_utils
 
-  flag = multihost_utils.broadcast_one_to_all(np.int32(ok))
-  if not int(flag):
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(ok))).reshape(-1)
+  return [i for i, flag in enumerate(flags) if not flag]
+
+
+def _agree(ok: bool, path: str, who: str) -> None:
+  """Raises in every process if process 0 failed (after its own error, which it raises)."""
+  if failures(ok) and ok:
     raise RuntimeError(
       f"{who}: process 0 failed saving to {path!r} (its error says why). Nothing was committed."
     )

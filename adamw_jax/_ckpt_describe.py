@@ -131,11 +131,13 @@ def _check_json(value, where: str, who: str) -> None:
         raise TypeError(f"{who}: config{where} has the key {k!r}: JSON keys are strings.")
       _check_json(item, f"{where}[{k!r}]", who)
     return
-  shape = f" of shape {list(np.shape(value))}" if hasattr(value, "shape") else ""
-  hint = " (an array: convert it, e.g. float(x) or x.tolist())" if hasattr(value, "dtype") else ""
+  kind = type(value)
+  name = "jax.Array" if isinstance(value, jax.Array) else f"{kind.__module__}.{kind.__qualname__}"
+  if hasattr(value, "dtype"):
+    name += f" ({value.dtype}{list(np.shape(value))}: convert it, e.g. float(x) or x.tolist())"
   raise TypeError(
-    f"{who}: config{where} is a {type(value).__module__}.{type(value).__qualname__}{shape}"
-    f"{hint}; a config holds JSON values: None, bool, int, float, str, lists and dicts."
+    f"{who}: config{where} is a {name}; a config holds JSON values: None, bool, int, float, "
+    "str, lists and dicts."
   )
 
 

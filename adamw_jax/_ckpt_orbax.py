@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _ckpt_describe, _ckpt_sums, _tree
+from adamw_jax import _ckpt_commit, _ckpt_describe, _ckpt_sums, _tree
 from adamw_jax._version import __version__
 
 LEGACY = ("opt_state", "adamw_jax")  # formats 1 and 2: the arrays' and the description's items
@@ -219,13 +219,21 @@ def restore(handler, directory, target: Any, config: Mapping[str, Any] | None, w
   _ckpt_describe.compare(meta, wanted, path, who)
   _ckpt_describe.compare_config(meta.get("config"), config, path, who)
   abstract = _abstract_tree(tree)
+  error, read = None, None
   try:
     read = handler.read_arrays(directory, abstract)
   except Exception as e:
+    error = e
+  failed = _ckpt_commit.failures(error is None)  # every process learns of any failure
+  if error is not None:
     unsharded = any(getattr(a, "sharding", 0) is None for a in jax.tree.leaves(abstract))
-    if unsharded and "topology" in str(e).lower():
-      raise _unsharded_error(path, who) from e
-    raise damaged(path, "reading the arrays failed", who, e) from e
+    if unsharded and "topology" in str(error).lower():
+      raise _unsharded_error(path, who) from error
+    raise damaged(path, "reading the arrays failed", who, error) from error
+  if failed:
+    raise damaged(
+      path, f"reading the arrays failed in process {failed[0]} (its error says why)", who
+    )
   _verify(meta, read, path, who)
   keys = meta.get("keys") or {}
   restored = jax.tree_util.tree_map_with_path(
