@@ -246,19 +246,24 @@ def manager_kill_trial(directory: pathlib.Path, bits, size: int, delay: float) -
       child.join(10)
   saved = mine.poll(0) and mine.recv() == "saved"
   with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as m:
-    steps = m.all_steps()
-    latest = m.latest_step()
+    steps, latest = m.all_steps(), m.latest_step()
+    if latest not in (2, 3) or (saved and latest != 3) or 2 not in steps:
+      raise TrialFailed(f"steps {steps} after the kill: the last good step is lost")
+    half_deleted = False
     for step in steps:
       args = adamw_jax.opt_state_restore_args(target(bits, size))
       try:
         got = m.restore(step, args=ocp.args.Composite(opt_state=args))["opt_state"]
-      except Exception as e:
+      except ValueError as e:
+        # orbax deletes the step beyond max_to_keep in place, after step 3 is committed:
+        # killed then, step 1 is still listed, part deleted, and refused.
+        if step == 1 and latest == 3 and "is damaged or incomplete" in str(e):
+          half_deleted = True
+          continue
         raise TrialFailed(f"step {step} does not restore: {e}") from e
       if not checkpoint_files.bitwise_equal(got, states[step]):
         raise TrialFailed(f"step {step} restored other values")
-  if latest != (3 if saved else latest) or latest not in (2, 3) or 2 not in steps:
-    raise TrialFailed(f"steps {steps} after the kill: the last good step is lost")
-  return f"step {latest}"
+  return f"step {latest}" + (" (step 1, being deleted, refused)" if half_deleted else "")
 
 
 # --------------------------------------------------------------------------

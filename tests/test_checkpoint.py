@@ -30,7 +30,7 @@ from flax import core as flax_core
 from flax import nnx
 
 import adamw_jax
-from adamw_jax import _ckpt_describe
+from adamw_jax import _ckpt_describe, _ckpt_sums
 from tests import checkpoint_files
 
 # After a failed restore orbax's reader threads complain, when collected, that their event
@@ -65,6 +65,9 @@ TRANSFORMS = {
   "chain with clipping": lambda: optax.chain(
     optax.clip_by_global_norm(1.0), adamw_jax.adamw(1e-2, amsgrad=True)
   ),
+  "chain with add_noise (a typed PRNG key)": lambda: optax.chain(
+    optax.add_noise(0.01, 0.55, key=jax.random.key(3)), adamw_jax.adamw(1e-2)
+  ),
 }
 
 
@@ -85,10 +88,7 @@ def _stepper(tx):
 
 
 def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert checkpoint_files.bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
@@ -285,6 +285,214 @@ def test_config_given_but_none_saved(tmp_path):
     r"config=\{'lr': 0\.1\} was given\.$",
   ):
     adamw_jax.restore_opt_state(tmp_path / "c", state, config={"lr": 0.1})
+
+
+@pytest.fixture(scope="module")
+def saved_adamw(tmp_path_factory):
+  """A checkpoint of adamw_jax.adamw's state (no groups, AMSGrad off)."""
+  path = tmp_path_factory.mktemp("ckpt") / "adamw"
+  adamw_jax.save_opt_state(path, adamw_jax.adamw(1e-2).init(PARAMS))
+  return path
+
+
+_OPTAX_TYPES = r"\['builtins\.tuple', 'optax\._src\.transform\.ScaleByAdamState', "
+
+OTHER_TRANSFORMS = [
+  (
+    "optax.adamw",
+    lambda: optax.adamw(1e-2).init(PARAMS),
+    _WHERE + r"different tree structure \(the state of another transform: node types only in the "
+    r"checkpoint: \['adamw_jax\._core\.ScaleByAdamState'\], only in the target: " + _OPTAX_TYPES,
+  ),
+  (
+    "inside a chain",
+    lambda: optax.chain(optax.clip(1.0), adamw_jax.adamw(1e-2)).init(PARAMS),
+    _WHERE + r"different tree structure \(the target holds a state like the checkpoint's under "
+    r"'1/', inside a chain or inject_hyperparams: restore into that part of the target, or "
+    r"save the whole state\):\n",
+  ),
+  (
+    "inside inject_hyperparams",
+    lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-2).init(PARAMS),
+    _WHERE + r"different tree structure \(the target holds a state like the checkpoint's under "
+    r"'inner_state/', ",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "make, message", [m[1:] for m in OTHER_TRANSFORMS], ids=[m[0] for m in OTHER_TRANSFORMS]
+)
+def test_another_transform_is_named(saved_adamw, make, message):
+  """Not an AMSGrad hint (there is no AMSGrad difference): the transform or where the state is."""
+  with pytest.raises(ValueError, match=message):
+    adamw_jax.restore_opt_state(saved_adamw, make())
+
+
+def _flat(**shapes):
+  return adamw_jax.flatten({k: jnp.ones(n) for k, n in shapes.items()})
+
+
+def test_flat_params_resume_bitwise_and_other_layouts_are_refused(tmp_path):
+  """A FlatParams state restores into its own layout only; the error names the first leaf."""
+  tx = adamw_jax.adamw(1e-2)
+  params = _flat(bias=3, kernel=5)
+  state = tx.update(params, tx.init(params), params)[1]
+  adamw_jax.save_opt_state(tmp_path / "flat", state)
+  _assert_bitwise(adamw_jax.restore_opt_state(tmp_path / "flat", tx.init(params)), state)
+  where = _WHERE + r"the FlatParams at 'mu' packs another model tree: "
+  for other, message in [
+    (
+      _flat(bias=5, kernel=3),
+      r"leaf 'bias' is in buffer 'float32' at offset 0, shape \[3\] in the checkpoint and in "
+      r"buffer 'float32' at offset 0, shape \[5\] in the target\.$",
+    ),
+    (_flat(zbias=3, kernel=5), r"leaf 'bias' is only in the checkpoint's\.$"),
+  ]:
+    assert jax.tree.structure(tx.init(other)) != jax.tree.structure(state)  # the layouts differ
+    assert str(jax.tree.structure(tx.init(other))) == str(jax.tree.structure(state))  # not in text
+    with pytest.raises(ValueError, match=where + message):
+      adamw_jax.restore_opt_state(tmp_path / "flat", tx.init(other))
+
+
+_USER_FILES = {"notes.txt": "mine"}
+
+BAD_SAVES = [
+  (
+    "an empty path",
+    lambda p: "",
+    {},
+    ValueError,
+    r"the directory must be a non-empty path, not ''",
+  ),
+  (
+    "exists, no force",
+    lambda p: p / "ckpt",
+    {},
+    FileExistsError,
+    r"'.*ckpt' already exists; give force=True to replace the checkpoint there\.$",
+  ),
+  (
+    "force over a folder of user files",
+    lambda p: p / "user",
+    {"force": True},
+    FileExistsError,
+    r"'.*user' is not an adamw_jax checkpoint \(it holds \['notes\.txt'\]\); force=True replaces "
+    r"only a checkpoint\. Nothing was written or deleted\.$",
+  ),
+  (
+    "config with NaN",
+    lambda p: p / "new",
+    {"config": {"lr": float("nan")}},
+    ValueError,
+    r"config\['lr'\] is nan, which JSON cannot hold and which never equals itself",
+  ),
+  (
+    "config with a jnp scalar",
+    lambda p: p / "new",
+    {"config": {"betas": [0.9, jnp.float32(0.999)]}},
+    TypeError,
+    r"config\['betas'\]\[1\] is a jax\.Array \(float32\[\]: convert it, e\.g\. float\(x\) or "
+    r"x\.tolist\(\)\); a config holds JSON values",
+  ),
+  (
+    "config not a dict",
+    lambda p: p / "new",
+    {"config": [("lr", 0.1)]},
+    TypeError,
+    r"config must be a dict of JSON values, not list\.$",
+  ),
+  (
+    "config key not a string",
+    lambda p: p / "new",
+    {"config": {1: 0.1}},
+    TypeError,
+    r"config has the key 1: JSON keys are strings\.$",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "where, kwargs, error, message", [b[1:] for b in BAD_SAVES], ids=[b[0] for b in BAD_SAVES]
+)
+def test_bad_save_is_refused_and_touches_nothing(tmp_path, where, kwargs, error, message):
+  state = adamw_jax.adamw().init(PARAMS)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  (tmp_path / "user").mkdir()
+  (tmp_path / "user" / "notes.txt").write_text("mine")
+  files = lambda: sorted(
+    str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.endswith("-lock")
+  )
+  before = files()
+  with pytest.raises(error, match="^save_opt_state: " + message):
+    adamw_jax.save_opt_state(where(tmp_path), state, **kwargs)
+  assert files() == before  # a lock file beside the directory aside
+  assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+
+
+def test_a_config_that_json_cannot_hold_is_refused_on_restore_too(saved):
+  with pytest.raises(TypeError, match=r"^restore_opt_state: config\['lr'\] is a jax\.Array"):
+    adamw_jax.restore_opt_state(saved, _grouped().init(PARAMS), config={"lr": jnp.ones(2)})
+
+
+def test_interrupted_between_the_renames_the_previous_restores(tmp_path):
+  """The state a save killed between its two renames leaves: the previous checkpoint restores
+  (with a warning) and the next save puts it back first."""
+  state = adamw_jax.adamw().init(PARAMS)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  (tmp_path / "ckpt").rename(tmp_path / "ckpt.adamw_jax-old")
+  with pytest.warns(UserWarning, match=r"'.*ckpt' is missing and 'ckpt\.adamw_jax-old' is there"):
+    _assert_bitwise(adamw_jax.restore_opt_state(tmp_path / "ckpt", state), state)
+  with pytest.raises(FileExistsError, match="already exists"):  # put back, so it exists
+    adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.adamw_jax-lock"]
+
+
+def test_checkpoint_manager_keeps_the_last_and_checks_them(tmp_path):
+  """orbax's CheckpointManager with our item: the last 2 steps kept, restored bitwise, checked."""
+  tx = _grouped()
+  run = _stepper(tx)
+  states = {}
+  options = ocp.CheckpointManagerOptions(max_to_keep=2)
+  with ocp.CheckpointManager(tmp_path / "steps", options=options) as manager:
+    params, state = PARAMS, tx.init(PARAMS)
+    for step in range(4):
+      params, state = run(params, state, [step])
+      states[step] = state
+      args = adamw_jax.opt_state_save_args(state, config={"lr": 0.01})
+      manager.save(step, args=ocp.args.Composite(opt_state=args))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 3]
+    restore = lambda step, target, **kw: manager.restore(
+      step, args=ocp.args.Composite(opt_state=adamw_jax.opt_state_restore_args(target, **kw))
+    )["opt_state"]
+    for step in (2, 3):
+      _assert_bitwise(restore(step, tx.init(PARAMS), config={"lr": 0.01}), states[step])
+    with pytest.raises(ValueError, match=r"^adamw_jax\.opt_state_restore_args: the checkpoint at "):
+      restore(3, _grouped(amsgrad=False).init(PARAMS))
+    for file in checkpoint_files.data_files(tmp_path / "steps" / "3"):
+      checkpoint_files.flip(file, 0.3)
+      checkpoint_files.flip(file, 0.7)
+    with pytest.raises(ValueError, match=r"^adamw_jax\.opt_state_restore_args: .* is damaged"):
+      restore(3, tx.init(PARAMS))
+
+
+def test_checksums_catch_every_changed_word_and_cover_the_dtypes():
+  """One bit flipped anywhere (each word, low and high bits) changes the checksum; every dtype
+  of a state has one; zero-size arrays sum to 0."""
+  x = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+  base = _ckpt_sums.sums([jnp.asarray(x)])[0]
+  words = x.view(np.uint32).reshape(-1)
+  for i in range(words.size):
+    for bit in (0, 31):
+      changed = words.copy()
+      changed[i] ^= np.uint32(1 << bit)
+      assert _ckpt_sums.sums([jnp.asarray(changed.view(np.float32))])[0] != base, (i, bit)
+  dtypes = [jnp.bfloat16, jnp.float16, jnp.int8, jnp.uint8, jnp.bool_, jnp.complex64, jnp.int4]
+  leaves = [jnp.asarray(x).astype(d) for d in dtypes]
+  found = _ckpt_sums.sums([*leaves, jax.random.key_data(jax.random.key(0)), jnp.zeros((0, 3))])
+  assert all(re.fullmatch(r"[0-9a-f]{16}", s) for s in found)
+  assert len(set(found[:-1])) == len(found) - 1 and found[-1] == "0" * 16
 
 
 def test_missing_checkpoint(tmp_path):
