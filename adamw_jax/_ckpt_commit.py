@@ -90,6 +90,18 @@ def _stale_writes(path: str) -> list[str]:
   ]
 
 
+def _discard(path: str, wait: float = 5.0) -> None:
+  """Removes what a failed save wrote; orbax's writer threads may still be finishing (a full
+  disk fails one write while others go on), so until nothing is left for 0.1 s, or `wait` s."""
+  deadline = time.monotonic() + wait
+  while True:
+    for stale in _stale_writes(path):
+      shutil.rmtree(stale, ignore_errors=True)
+    time.sleep(0.1)
+    if not _stale_writes(path) or time.monotonic() > deadline:
+      return
+
+
 def _recover(path: str) -> None:
   """Finishes or undoes what an interrupted save left (under the lock)."""
   old = path + OLD
@@ -181,8 +193,7 @@ def writing(path: str, *, force: bool, timeout: float, who: str) -> Iterator[str
       yield new
     except BaseException:
       if primary:
-        for stale in _stale_writes(path):
-          _remove(stale)
+        _discard(path)
       raise
     if primary:
       try:

@@ -77,8 +77,8 @@ def _summer(devices: tuple[Any, ...]) -> Callable[[list[jax.Array]], list[jax.Ar
 
 def _devices(x) -> tuple[Any, ...]:
   sharding = getattr(x, "sharding", None)
-  if sharding is None:  # a NumPy array: where jnp.asarray puts it
-    return (jax.devices()[0],)
+  if sharding is None:  # a NumPy array: where jnp.asarray puts it, in this process
+    return (jax.local_devices()[0],)
   return tuple(sorted(sharding.device_set, key=lambda d: d.id))
 
 
@@ -93,7 +93,10 @@ def sums(leaves: Sequence[Any]) -> list[str]:
     groups.setdefault(_devices(x), []).append(i)
   out = [""] * len(leaves)
   for devices, members in groups.items():
-    results = _summer(devices)([jnp.asarray(leaves[i]) for i in members])
+    arrays = [
+      jax.device_put(leaves[i], devices[0]) if len(devices) == 1 else leaves[i] for i in members
+    ]
+    results = _summer(devices)(arrays)
     for i, result in zip(members, results):
       pair = np.asarray(result.addressable_shards[0].data)
       out[i] = f"{int(pair[0]):08x}{int(pair[1]):08x}"
