@@ -30,14 +30,13 @@ import jax
 import numpy as np
 
 LOCK, NEW, OLD = ".adamw_jax-lock", ".adamw_jax-new", ".adamw_jax-old"
-_ORBAX_TMP = (
-  ".orbax-checkpoint-tmp"  # orbax writes `x` into `x.orbax-checkpoint-tmp*`, then renames
-)
+# orbax writes `x` into `x.orbax-checkpoint-tmp*`, then renames it.
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 # What our checkpoints hold: orbax's files of the arrays' item and its step metadata, which
 # names our handler; formats 1 and 2 held two items, `opt_state` and `adamw_jax`.
 _FILES = {"_CHECKPOINT_METADATA", "_METADATA", "_sharding", "manifest.ocdbt", "d"}
 _FILES |= {"array_metadatas", "commit_success.txt", "opt_state", "adamw_jax"}
-_HANDLER = "adamw_jax.OptStateHandler"  # our handler's typestr, in _CHECKPOINT_METADATA
+HANDLER = "adamw_jax.OptStateHandler"  # our orbax handler's typestr, in _CHECKPOINT_METADATA
 
 
 def checked_path(directory, who: str) -> str:
@@ -58,7 +57,7 @@ def is_checkpoint(path: str) -> bool:
     return True
   try:
     with open(os.path.join(path, "_CHECKPOINT_METADATA")) as f:
-      return _HANDLER in f.read()
+      return HANDLER in f.read()
   except OSError:
     return False
 

@@ -30,7 +30,6 @@ from adamw_jax import _ckpt_commit, _ckpt_describe, _ckpt_sums, _tree
 from adamw_jax._version import __version__
 
 LEGACY = ("opt_state", "adamw_jax")  # formats 1 and 2: the arrays' and the description's items
-HANDLER = "adamw_jax.OptStateHandler"  # its typestr, written in orbax's step metadata
 
 
 def ocp():
@@ -292,7 +291,7 @@ def types() -> tuple[type, type, type]:
 
     @classmethod
     def typestr(cls) -> str:
-      return HANDLER
+      return _ckpt_commit.HANDLER
 
   @o.args.register_with_handler(OptStateHandler, for_save=True)
   @dataclasses.dataclass

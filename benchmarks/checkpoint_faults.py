@@ -80,7 +80,7 @@ def _two_processes(flips: str, flipped: str) -> dict:
       "CHECKS_TIMEOUT": "1100",
     }
     command = [sys.executable, "-m", "tests.multiprocess_checks", workdir]
-    command += [f"--flips={flips}", f"--flipped={flipped}"]
+    command += [f"--flips={flips}", f"--flipped={flipped}", f"--saved={flipped}"]
     procs = [
       subprocess.Popen(
         command, cwd=ROOT, env={**env, "PROCESS_ID": str(i)}, stdout=subprocess.PIPE, text=True

@@ -5,12 +5,13 @@ the repository root::
 
   PROCESS_ID=i NUM_PROCESSES=2 COORDINATOR=127.0.0.1:PORT \\
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
-    python -m tests.multiprocess_checks WORKDIR [--flips=0.5] [--flipped=plain,8bit]
+    python -m tests.multiprocess_checks WORKDIR [--flips=0.5] [--saved=...] [--flipped=...]
 
 first the docs' blocks marked ``<!-- docs-test: 2-processes -->`` (they call
 ``jax.distributed.initialize``), then the checks below, and prints one line
 ``RESULTS {json}``: each check's outcome. The checks train 3 FSDP steps of a
-plain, an 8-bit and a 4-bit state over the 4 devices, save them from both
+plain and an 8-bit state (and a 4-bit one: ``--saved=plain,8bit,4bit``) over the 4
+devices, save them from both
 processes (``save_opt_state`` and a ``CheckpointManager``), restore them into
 the same sharding, another one and ``jax.eval_shape`` targets, and restore
 copies with one byte flipped in each data file. Process 0 also writes the
@@ -48,7 +49,8 @@ PROCESSES, DEVICES = 2, 2
 STATES = {"plain": None, "8bit": 8, "4bit": 4}  # moment_bits
 SHAPES = {"w": (64, 256), "b": (64,)}  # w: 16 rows a device, whole blocks of 256 and 128
 FLIPS = (0.5,)  # where in each data file a byte is flipped (--flips=0.1,0.5 for others)
-FLIPPED = ("plain", "8bit")  # the states whose files are flipped (--flipped=plain,4bit)
+SAVED = ("plain", "8bit")  # the states saved and restored (--saved=plain,8bit,4bit)
+FLIPPED = ("plain", "8bit")  # of those, the states whose files are flipped (--flipped=...)
 DOCS_CHECK = "docs_several_hosts_example"  # the docs' blocks, run first
 CHECKS: dict[str, Callable[[pathlib.Path], str]] = {}
 
@@ -153,10 +155,6 @@ def _save_restore(name: str, workdir: pathlib.Path) -> str:
   return f"saved from 2 processes; restored bit for bit into {sorted(targets)}"
 
 
-for _name in STATES:
-  check(f"save_restore[{_name}]")(lambda w, n=_name: _save_restore(n, w))
-
-
 @check("checkpoint_manager")
 def _manager(workdir: pathlib.Path) -> str:
   tx, params, state = _trained(8)
@@ -203,9 +201,14 @@ def _flip_outcomes(name: str, workdir: pathlib.Path, flips: tuple[float, ...]) -
   return json.dumps({"files": len(files), **outcomes})
 
 
-def checks(flips: tuple[float, ...] = FLIPS, flipped: tuple[str, ...] = FLIPPED) -> dict:
-  """The checks to run, by name: those above, and the flips of the states `flipped`."""
-  out = dict(CHECKS)
+def checks(
+  flips: tuple[float, ...] = FLIPS,
+  flipped: tuple[str, ...] = FLIPPED,
+  saved: tuple[str, ...] = SAVED,
+) -> dict:
+  """The checks to run, by name: the states `saved`, those above, the flips of `flipped`."""
+  out = {f"save_restore[{n}]": lambda w, n=n: _save_restore(n, w) for n in saved}
+  out.update(CHECKS)
   for name in flipped:
     out[f"flipped_bytes[{name}]"] = lambda w, n=name: _flip_outcomes(n, w, flips)
   return out
@@ -217,6 +220,7 @@ def main(argv: list[str]) -> int:
   workdir = pathlib.Path(next(a for a in argv if not a.startswith("--")))
   flips = tuple(float(f) for f in options.get("flips", ",".join(map(str, FLIPS))).split(","))
   flipped = tuple(options.get("flipped", ",".join(FLIPPED)).split(","))
+  saved = tuple(options.get("saved", ",".join(SAVED)).split(","))
   os.chdir(workdir)  # the docs' example writes ckpt/ here
   blocks = docs_blocks()
   namespace: dict = {"__name__": "docs"}
@@ -228,7 +232,7 @@ def main(argv: list[str]) -> int:
     return 2
   seconds = round(time.perf_counter() - start, 2)
   results = {DOCS_CHECK: {"ok": True, "detail": f"ran {len(blocks)} block(s)", "seconds": seconds}}
-  for name, fn in checks(flips, flipped).items():
+  for name, fn in checks(flips, flipped, saved).items():
     print(f"process {jax.process_index()}: {name}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:

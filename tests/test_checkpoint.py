@@ -65,9 +65,6 @@ TRANSFORMS = {
   "chain with clipping": lambda: optax.chain(
     optax.clip_by_global_norm(1.0), adamw_jax.adamw(1e-2, amsgrad=True)
   ),
-  "chain with add_noise (a typed PRNG key)": lambda: optax.chain(
-    optax.add_noise(0.01, 0.55, key=jax.random.key(3)), adamw_jax.adamw(1e-2)
-  ),
 }
 
 
@@ -105,6 +102,24 @@ def test_resume_is_bitwise(tmp_path, name):
   resumed_params, resumed_state = run(params, restored, range(K, STEPS))
   _assert_bitwise(resumed_params, full_params)
   _assert_bitwise(resumed_state, full_state)
+
+
+def test_typed_prng_keys_round_trip(tmp_path):
+  """optax.add_noise keeps a typed key (jax.random.key) in its state: saved with its
+  implementation, restored bit for bit into a state or its shapes."""
+  tx = optax.chain(
+    optax.add_noise(0.01, 0.55, key=jax.random.key(3, impl="rbg")), adamw_jax.adamw(1e-2)
+  )
+  state = tx.init(PARAMS)
+  state = (state[0]._replace(rng_key=jax.random.split(state[0].rng_key)[1]), state[1])
+  adamw_jax.save_opt_state(tmp_path / "c", state)
+  for target in (tx.init(PARAMS), jax.eval_shape(tx.init, PARAMS)):
+    restored = adamw_jax.restore_opt_state(tmp_path / "c", target)
+    assert jax.random.key_impl(restored[0].rng_key) == jax.random.key_impl(state[0].rng_key)
+    _assert_bitwise(restored, state)
+  other = optax.chain(optax.add_noise(0.01, 0.55, key=jax.random.key(3)), adamw_jax.adamw(1e-2))
+  with pytest.raises(ValueError, match=r"different dtype at '0/rng_key': the checkpoint has "):
+    adamw_jax.restore_opt_state(tmp_path / "c", other.init(PARAMS))
 
 
 def test_zero_size_and_unusual_leaves_resume_bitwise(tmp_path):
@@ -610,37 +625,6 @@ def test_damaged_checkpoint_is_refused_naming_the_directory(copy, damage, error,
   damage(copy)
   with pytest.raises(error, match=message):
     adamw_jax.restore_opt_state(copy, _grouped().init(PARAMS))
-
-
-def test_every_corrupted_data_file_is_refused_or_harmless(tmp_path):
-  """One byte flipped in each file of the arrays in turn: an error, or bitwise the saved state.
-
-  tensorstore detects some corruptions itself; a flipped byte inside a chunk's
-  compressed data decodes to other numbers without complaint, and only the
-  CRCs catch it. Files the restore does not read leave it unchanged. The
-  arrays are random, so that their chunks fill the files.
-  """
-  params = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 32)), jnp.float32)}
-  tx = adamw_jax.adamw(1e-2)
-  state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)[1]
-  adamw_jax.save_opt_state(tmp_path / "saved", state)
-  outcomes = []
-  files = len(checkpoint_files.data_files(tmp_path / "saved"))
-  # Several places in each file: which file holds the chunks (and where) is
-  # tensorstore's choice, and differs between runs.
-  for i, at in ((i, at) for i in range(files) for at in (0.2, 0.4, 0.6, 0.8)):
-    path = tmp_path / f"flip{i}-{at}"
-    shutil.copytree(tmp_path / "saved", path)
-    checkpoint_files.flip(checkpoint_files.data_files(path)[i], at)
-    try:
-      got = adamw_jax.restore_opt_state(path, tx.init(params))
-    except ValueError as e:
-      assert re.match(_DAMAGED, str(e)), e
-      outcomes.append("CRC" if "does not match the checksum" in str(e) else "orbax")
-    else:
-      _assert_bitwise(got, state)
-      outcomes.append("same")
-  assert "CRC" in outcomes, outcomes  # the corruption only the CRCs catch did occur
 
 
 def _legacy(path: pathlib.Path, state, fmt: int) -> None:

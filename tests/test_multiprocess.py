@@ -2,7 +2,7 @@
 
 Two subprocesses (2 virtual CPU devices each, gloo collectives on 127.0.0.1, a
 free port) run tests/multiprocess_checks.py: the docs' "Several hosts" example,
-then FSDP training of plain, 8-bit and 4-bit states saved from both
+then FSDP training of plain and 8-bit states saved from both
 processes, restored bit for bit in both, and damaged copies refused. Each check
 is one test here. Then this process (1 device) restores the 2-process
 checkpoints, bit for bit, and refuses one whose second process's shards are
@@ -100,7 +100,7 @@ def _one_device(name: str):
   return tx, params
 
 
-@pytest.mark.parametrize("name", list(multiprocess_checks.STATES))
+@pytest.mark.parametrize("name", multiprocess_checks.SAVED)
 def test_restore_into_one_process(run, name):
   """The 2-process checkpoint restores here, on 1 device, bit for bit."""
   workdir, _ = run
