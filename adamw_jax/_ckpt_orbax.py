@@ -39,7 +39,7 @@ def ocp():
   except ImportError as e:
     raise ImportError(
       "adamw_jax's checkpoints need orbax-checkpoint: pip install 'adamw_jax[checkpoint]' "
-      "(or orbax-checkpoint>=0.11)."
+      "(or orbax-checkpoint>=0.11.1)."
     ) from e
   return ocp
 
