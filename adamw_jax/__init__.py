@@ -6,7 +6,12 @@ every public function's docstring has an example.
 """
 
 from adamw_jax._alias import adam, adamw
-from adamw_jax._checkpoint import restore_opt_state, save_opt_state
+from adamw_jax._checkpoint import (
+  opt_state_restore_args,
+  opt_state_save_args,
+  restore_opt_state,
+  save_opt_state,
+)
 from adamw_jax._core import ScaleByAdamState
 from adamw_jax._flat import FlatParams, flatten
 from adamw_jax._fused import fused_step
@@ -44,6 +49,8 @@ __all__ = [
   "fused_step",
   "masked",
   "normalized_weight_decay",
+  "opt_state_restore_args",
+  "opt_state_save_args",
   "param_groups",
   "restore_opt_state",
   "save_opt_state",
