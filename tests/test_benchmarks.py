@@ -66,7 +66,7 @@ def test_compile_past_the_timeout_is_reported_as_such():
 
 
 def test_memory_benchmark_quick_run(tmp_path):
-  """benchmarks.memory --quick: five settings on both tasks; the table, the JSON and the plot."""
+  """benchmarks.memory --quick: every setting on both tasks; the table, the JSON and the plot."""
   from benchmarks import memory
 
   rows = memory.main(["--quick", "--out", str(tmp_path)])
@@ -76,6 +76,8 @@ def test_memory_benchmark_quick_run(tmp_path):
     assert by[(task, "fp32")]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # + count
     assert by[(task, "bf16 plain")]["state_bytes_per_param"] == pytest.approx(4.0, abs=0.01)
     assert by[(task, "fp32 + 8-bit moments")]["state_bytes_per_param"] < 2.6
+    four = by[(task, "fp32 + 4-bit moments")]["state_bytes_per_param"]
+    assert four < by[(task, "fp32 + 8-bit moments")]["state_bytes_per_param"]
   assert (tmp_path / "memory.png").stat().st_size > 0
   assert "| bf16 + Kahan |" in (tmp_path / "memory.md").read_text()
 
