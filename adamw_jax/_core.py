@@ -133,7 +133,9 @@ def _compute_dtypes(params, quantized: list[bool], options: _lowmem.Options, req
   out = []
   for p, q in zip(jax.tree.leaves(params), quantized):
     writer = options.writer(p)
-    moments = (jnp.float32,) if q else tuple(writer.moments_in if d is None else d for d in requested)
+    moments = (
+      (jnp.float32,) if q else tuple(writer.moments_in if d is None else d for d in requested)
+    )
     moments = tuple(d for d in moments if d is not None)
     own = writer.computes_in
     out.append(

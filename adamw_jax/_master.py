@@ -46,8 +46,7 @@ def _remainders(what: str, treedef, opt_state) -> list[Any]:
       leaves = treedef.flatten_up_to(state.remainder)
     except (ValueError, TypeError) as e:
       raise ValueError(
-        f"{what}: the parameters and the optimizer state's remainders differ in tree "
-        f"structure: {e}"
+        f"{what}: the parameters and the optimizer state's remainders differ in tree structure: {e}"
       ) from None
     for i, r in enumerate(leaves):
       if isinstance(r, optax.MaskedNode):

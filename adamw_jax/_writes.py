@@ -94,9 +94,7 @@ def _remainder_step(g, m, v, vm, p, c, decay, buffer, key, how: How):
   # Where no float32 update lands optax on the new parameter (it shrank by more than 2**16 in
   # one step; _remainder.update), the master is the parameter optax writes: remainder 0.
   landed = _remainder.applied(p, out)
-  same = lax.bitcast_convert_type(landed, jnp.uint16) == lax.bitcast_convert_type(
-    param, jnp.uint16
-  )
+  same = lax.bitcast_convert_type(landed, jnp.uint16) == lax.bitcast_convert_type(param, jnp.uint16)
   return out, m, v, vm, jnp.where(same, remainder, jnp.zeros_like(remainder))
 
 
