@@ -82,30 +82,33 @@ def update(param: jax.Array, new_param: jax.Array) -> jax.Array:
   optax computes ``(param + update).astype(param.dtype)``: a bfloat16 `param`
   promoted to float32, one float32 addition, then a cast to bfloat16 that
   rounds to nearest even. The update is ``d = f32(new_param) - f32(param)``,
-  one float32 subtraction. Proof that the parameter then lands on `new_param`
-  whenever that subtraction is exact: ``param + d`` is then exactly
-  ``new_param``, a float32 value (so the addition does not round), and a
-  bfloat16 value (so the cast does not round). The subtraction is exact when
-  the two differ in exponent by at most 15: write them ``P * 2**i`` and ``N *
-  2**j`` with integer significands ``|P|, |N| < 2**8`` (bfloat16's 8 bits,
-  subnormals included, ``i, j >= -133``); their difference is an integer
-  below ``2**(9 + |i - j|)`` times ``2**min(i, j)``, which float32's 24 bits
-  hold when ``|i - j| <= 15`` (no underflow: ``min(i, j) >= -133 > -149``).
-  It also holds when either is zero (``d`` is then the other, negated or
-  not), and overflows only for opposite signs both above ``2**127``.
+  one float32 subtraction. Whenever that subtraction is exact, ``param + d``
+  is exactly ``new_param``, a float32 value (the addition does not round) and
+  a bfloat16 one (the cast does not round): optax lands on it.
 
-  Beyond that, a parameter shrinking in one step by more than a factor of
-  ``2**15`` (e.g. ``0.01`` to a value below ``3e-7``, across zero or not),
-  no float32 update may reach it: ``param + u`` for ``u`` near ``-param``
-  moves in steps of one float32 ulp of ``param``, coarser than the new
-  parameter's bfloat16 grid. :func:`applied` says where optax lands instead.
+  When is it exact? (1) For any two bfloat16 values whose exponents differ by
+  at most 15, or either zero: write them ``P * 2**i`` and ``N * 2**j``, integer
+  significands below ``2**8``; the difference is an integer below ``2**(9 +
+  |i - j|)`` times ``2**min(i, j)``, within float32's 24 bits (not below its
+  normal range, which XLA:CPU flushes to zero, for parameters above
+  ``2**-118``; no overflow below ``2**127``). (2) For the steps float32
+  AdamW takes, in all cases but one: its new master is ``m' = m + u`` (``u =
+  new - m`` rounded, optax's and our float32 arithmetic), so if the master
+  shrinks by more than ``2**15`` (``m`` in ``[2**E, 2**(E+1))``, ``u`` near
+  ``-m``), the addition is exact and ``m'`` is a multiple of the finer ulp of
+  ``m`` and ``u``. If ``|u| < 2**E``, that is ``2**(E-24)``, but then ``m <
+  2**E + |m'|``, the parameter is ``2**E`` and ``|d| < 2**E``: exact. Else
+  ``m'``, and its bfloat16 parameter, are multiples of ``2**(E-23)``, and so
+  is ``d``, of magnitude below ``2**(E+1)``: exact. The one case left: the
+  parameter is ``2**(E+1)`` (``m`` just below it, rounded up) and ``m'``
+  across zero, an odd multiple of ``2**(E-23)`` below ``2**(E-15)``: ``d``
+  needs 25 bits (from ``2**(E-15)`` on, ``m'`` rounds to a multiple of ``2**(E-22)``). E.g. ``m = 1 - 2**-24`` (parameter 1.0) and ``u = -1``:
+  ``m' = -2**-24``, but ``d`` rounds to -1 and optax writes 0. Such an
+  ``m'`` has at most 8 significant bits, so its remainder is 0 and the master
+  becomes the parameter optax writes: one float32 ulp of the old parameter
+  off. ``fused_step`` writes the parameter itself, exact in every case.
   """
   return new_param.astype(jnp.float32) - param.astype(jnp.float32)
-
-
-def applied(param: jax.Array, update_: jax.Array) -> jax.Array:
-  """What ``optax.apply_updates`` makes of `param` and a float32 `update_`, operation for operation."""
-  return (param.astype(jnp.float32) + update_).astype(param.dtype)
 
 
 def _bf16(bits: jax.Array) -> jax.Array:

@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from adamw_jax import _kernel, _lowprec, _remainder
 
@@ -90,12 +89,11 @@ def _remainder_step(g, m, v, vm, p, c, decay, buffer, key, how: How):
   param, remainder = _remainder.split(new)
   if how.fused:
     return param, m, v, vm, remainder
-  out = _remainder.update(p, param)
-  # Where no float32 update lands optax on the new parameter (it shrank by more than 2**16 in
-  # one step; _remainder.update), the master is the parameter optax writes: remainder 0.
-  landed = _remainder.applied(p, out)
-  same = lax.bitcast_convert_type(landed, jnp.uint16) == lax.bitcast_convert_type(param, jnp.uint16)
-  return out, m, v, vm, jnp.where(same, remainder, jnp.zeros_like(remainder))
+  # optax lands on `param` (_remainder.update), but for a master just below a power of two
+  # stepping across zero to within 2**-15 of it: then the new master has at most 8 significant
+  # bits, its remainder is 0, and the master is the parameter optax writes instead, one float32
+  # ulp of the old parameter off.
+  return _remainder.update(p, param), m, v, vm, remainder
 
 
 class Writer(NamedTuple):
