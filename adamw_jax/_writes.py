@@ -84,9 +84,21 @@ def _remainder_step(g, m, v, vm, p, c, decay, buffer, key, how: How):
   del key
   wide = lambda x: None if x is None else x.astype(jnp.float32)
   master = _remainder.combine(p, buffer)
-  kw = how._asdict() | {"fused": True}
-  new, m, v, vm = _kernel.optax_leaf(wide(g), wide(m), wide(v), wide(vm), master, c, decay, **kw)
-  param, remainder = _remainder.split(new)
+  new, m, v, vm = _kernel.optax_leaf(
+    wide(g),
+    wide(m),
+    wide(v),
+    wide(vm),
+    master,
+    c,
+    decay,
+    z=how.z,
+    maximize=how.maximize,
+    decoupled=how.decoupled,
+    with_params=how.with_params,
+    fused=True,  # the new master as optax.apply_updates(master, new - master) makes it
+  )
+  param, remainder = _remainder.split(jnp.asarray(new))
   if how.fused:
     return param, m, v, vm, remainder
   # optax lands on `param` (_remainder.update), but for a master just below a power of two
