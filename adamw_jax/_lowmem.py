@@ -100,6 +100,12 @@ class Options:
     )
 
 
+_BFLOAT16_ONLY = {
+  "stochastic": "rounds to bfloat16",
+  "remainder": "keeps bfloat16 parameters and their float32 masters",
+}
+
+
 def check_leaves(options: Options, params, name: str) -> None:
   """Refuses at ``init`` the leaves an option cannot take: complex, float16 to bf16, split blocks."""
   q = options.quantization
@@ -110,10 +116,11 @@ def check_leaves(options: Options, params, name: str) -> None:
         f"{name}: moment_bits={q.bits} quantizes real moments; the parameter at {at} is "
         f"{dtype} (keep complex leaves in a param group without moment_bits)"
       )
-    if options.param_rounding in ("stochastic", "remainder") and dtype == jnp.float16:
+    if options.param_rounding in _BFLOAT16_ONLY and dtype == jnp.float16:
       raise ValueError(
-        f"{name}: param_rounding={options.param_rounding!r} writes bfloat16 parameters; the "
-        f"parameter at {at} is float16 (use param_rounding='kahan' for float16)"
+        f"{name}: param_rounding={options.param_rounding!r} "
+        f"{_BFLOAT16_ONLY[options.param_rounding]}; the parameter at {at} is float16 (use "
+        "param_rounding='kahan' for float16)"
       )
     if q is not None and q.applies(p):
       _moments.check_shards(p, q.block_size, at, name)

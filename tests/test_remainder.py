@@ -413,7 +413,7 @@ def test_master_params_and_split_master_refuse_what_does_not_fit():
     tx.update(params, state, {"w": jnp.ones(3), "f": jnp.ones(2)})
   with pytest.raises(
     ValueError,
-    match=r"writes bfloat16 parameters; the parameter at 'h' is "
+    match=r"keeps bfloat16 parameters and their float32 masters; the parameter at 'h' is "
     r"float16 \(use param_rounding='kahan' for float16\)",
   ):
     tx.init({"h": jnp.ones(2, jnp.float16)})
