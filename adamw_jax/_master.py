@@ -32,8 +32,8 @@ def _is_state(x) -> bool:
   return isinstance(x, _lowmem.LowMemoryAdamState)
 
 
-def _remainders(what: str, treedef, opt_state) -> list[Any]:
-  """For each leaf of `treedef` (boxes as leaves): its remainder in `opt_state`, or None."""
+def _remainders(what: str, treedef, paths: list[str], opt_state) -> list[Any]:
+  """For each leaf of `treedef` (boxes as leaves, at `paths`): its remainder in `opt_state`, or None."""
   states = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _has_remainders(s)]
   if not states:
     raise ValueError(
@@ -53,8 +53,8 @@ def _remainders(what: str, treedef, opt_state) -> list[Any]:
         continue
       if out[i] is not None:
         raise ValueError(
-          f"{what}: leaf {i} has remainders in two places of the optimizer state; a "
-          "parameter is written by one transform"
+          f"{what}: the parameter at {_tree.where(paths[i])} has remainders in two places of "
+          "the optimizer state; a parameter is written by one transform"
         )
       out[i] = _tree.unbox(r)
   return out
@@ -102,7 +102,7 @@ def master_params(params: Any, opt_state: Any) -> Any:
   """
   what = "master_params"
   pairs, treedef = _tree.flatten_params(params)
-  remainders = _remainders(what, treedef, _tree.unbox_all(opt_state))
+  remainders = _remainders(what, treedef, [p for p, _ in pairs], _tree.unbox_all(opt_state))
   out = []
   for (path, p), r in zip(pairs, remainders):
     if r is None:
@@ -145,7 +145,7 @@ def split_master(master: Any, opt_state: Any) -> tuple[Any, Any]:
   what = "split_master"
   pairs, treedef = _tree.flatten_params(master)
   opt_state = _tree.unbox_all(opt_state)
-  remainders = _remainders(what, treedef, opt_state)
+  remainders = _remainders(what, treedef, [p for p, _ in pairs], opt_state)
   params, new = [], []
   for (path, m), r in zip(pairs, remainders):
     if r is None:

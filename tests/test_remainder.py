@@ -400,6 +400,11 @@ def test_master_params_and_split_master_refuse_what_does_not_fit():
     adamw_jax.master_params({"w": jnp.ones(3), "f": jnp.ones(2)}, state)
   with pytest.raises(ValueError, match=r"^master_params: the parameters and the optimizer state"):
     adamw_jax.master_params({"w": params["w"]}, state)
+  twice = optax.chain(tx, tx).init(params)
+  with pytest.raises(
+    ValueError, match=r"^master_params: the parameter at 'w' has remainders in two"
+  ):
+    adamw_jax.master_params(params, twice)
   with pytest.raises(ValueError, match=r"^split_master: the master at 'w' is bfloat16, but"):
     adamw_jax.split_master(params, state)
   with pytest.raises(ValueError, match=r"^split_master: the master at 'w' has shape \(4,\)"):
