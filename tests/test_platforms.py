@@ -104,6 +104,7 @@ def _public_steps():
       False,
     ),
     "kahan": (lambda: adamw_jax.adamw(1e-3, param_rounding="kahan"), bf16, False, False),
+    "remainder": (lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"), bf16, True, False),
   }
 
 
