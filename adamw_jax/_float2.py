@@ -190,15 +190,50 @@ def one_minus_exp(x: F2, opaque_zero: jax.Array) -> F2:
   k = jnp.round(x.hi * jnp.asarray(1 / _LN2, dtype))
   r = sub(x, mul(F2(k, jnp.zeros_like(k)), const(_LN2)))
   # expm1(r) = r * sum_i r**i / (i + 1)!
-  poly = const(1.0 / math.factorial(_TAYLOR_TERMS + 1))
-  for i in range(_TAYLOR_TERMS - 1, -1, -1):
-    poly = add(mul(poly, r), const(1.0 / math.factorial(i + 1)))
-  expm1_r = mul(poly, r)
+  out = (jax.ShapeDtypeStruct(r.hi.shape, dtype),) * 2
+  expm1_r = mul(F2(*_steer.per_platform(_unrolled, _rolled, r, opaque_zero, out=out)), r)
   # 1 - 2**k (1 + expm1_r) = (1 - 2**k) - 2**k expm1_r.
   two_k = _exp2_int(k, dtype)
   scaled = F2(expm1_r.hi * two_k, expm1_r.lo * two_k)
   one = _steer.hide(jnp.ones_like(two_k), opaque_zero)
   return sub(F2(*_two_sum(one, -two_k)), scaled)
+
+
+def _taylor_coefficients(dtype, opaque_zero: jax.Array) -> F2:
+  """``1 / (i + 1)!`` for i = 0 .. _TAYLOR_TERMS as double words (index i), hidden."""
+  exact = np.array([1.0 / math.factorial(i + 1) for i in range(_TAYLOR_TERMS + 1)])
+  hi = exact.astype(dtype)
+  lo = (exact - hi.astype(np.float64)).astype(dtype)
+  return F2(_steer.hide(hi, opaque_zero), _steer.hide(lo, opaque_zero))
+
+
+def _horner_step(poly: F2, r: F2, c: F2) -> F2:
+  return add(mul(poly, r), c)
+
+
+def _unrolled(r: F2, opaque_zero: jax.Array) -> F2:
+  """``sum_i r**i / (i + 1)!`` by Horner's rule, unrolled (XLA:CPU: no loop to run)."""
+  c = _taylor_coefficients(r.hi.dtype, opaque_zero)
+  poly = F2(c.hi[_TAYLOR_TERMS], c.lo[_TAYLOR_TERMS])
+  for i in range(_TAYLOR_TERMS - 1, -1, -1):
+    poly = _horner_step(poly, r, F2(c.hi[i], c.lo[i]))
+  return poly
+
+
+def _rolled(r: F2, opaque_zero: jax.Array) -> F2:
+  """The same steps in a loop: XLA:GPU's fusion passes take minutes over the unrolled series.
+
+  (``optax.inject_hyperparams(adamw)`` has four such series, for traced betas: its
+  H100 compile took 90-115 s unrolled.)
+  """
+  c = _taylor_coefficients(r.hi.dtype, opaque_zero)
+
+  def body(j, poly):
+    i = _TAYLOR_TERMS - 1 - j
+    return _horner_step(poly, r, F2(c.hi[i], c.lo[i]))
+
+  last = F2(*(jnp.broadcast_to(x[_TAYLOR_TERMS], r.hi.shape) for x in c))
+  return lax.fori_loop(0, _TAYLOR_TERMS, body, last)
 
 
 def log(b: F2, opaque_zero: jax.Array) -> F2:

@@ -95,8 +95,10 @@ def _public_steps():
       True,
       True,
     ),
-    "8-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, True, False),
-    "4-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=4), jnp.float32, False, False),
+    # the leaf "b" (128 elements) is below the quantized size and keeps float32 moments, as
+    # torchao's: the default kernel (native on the CPU) serves it
+    "8-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, True, True),
+    "4-bit moments": (lambda: adamw_jax.adamw(1e-3, moment_bits=4), jnp.float32, False, True),
     "stochastic rounding": (
       lambda: adamw_jax.adamw(1e-3, param_rounding="stochastic"),
       bf16,
@@ -162,3 +164,31 @@ def test_the_step_scalar_table_is_small_on_a_tpu(scheduled):
   assert len(tables) == (3 if scheduled else 2), tables  # one column each
   assert all(len(dims) == 1 for dims, _ in tables), tables
   assert sum(dims[0] * size for dims, size in tables) <= _steps.MAX_BYTES
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_rolled_taylor_series_of_gpu_and_tpu_is_the_cpus_unrolled_one_bit_for_bit(dtype):
+  """GPU and TPU programs sum ``expm1``'s series in a loop (fast to compile); the CPU unrolled.
+
+  Both run here on the CPU, over the whole reduced range, hi and lo parts: equal bits.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  from adamw_jax import _float2 as f2
+
+  with jax.enable_x64(dtype == "float64"):
+    rng = np.random.default_rng(0)
+    hi = rng.uniform(-np.log(2) / 2, np.log(2) / 2, 4096).astype(dtype)
+    lo = (hi * rng.uniform(-(2.0**-25), 2.0**-25, hi.size)).astype(dtype)
+    z = jnp.zeros((), jnp.uint32)  # the opaque zero
+    r = f2.F2(jnp.asarray(hi), jnp.asarray(lo))
+    rolled = jax.jit(f2._rolled)(r, z)
+    unrolled = jax.jit(f2._unrolled)(r, z)
+    for a, b in zip(rolled, unrolled):
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    # and they are expm1(r) / r (to float64's accuracy, for float64 pairs)
+    x = hi.astype(np.float64) + lo.astype(np.float64)
+    want = np.expm1(x) / x
+    got = np.asarray(rolled.hi, np.float64) + np.asarray(rolled.lo, np.float64)
+    assert np.max(np.abs(got - want) / np.abs(want)) < (1e-13 if dtype == "float32" else 1e-15)
