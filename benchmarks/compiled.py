@@ -25,12 +25,14 @@ well (for that program, optax's too, 39.7 = 28.0 + 3 x 3.9 B/param: the 3.9 B/pa
 of prefetched gradients written into VMEM, joined, and read from VMEM).
 
 ``--check`` asserts what must hold (CI): every step compiles for both targets;
-parameters and state fully aliased (donation worked); temporaries at most 1 % of
-the state, except under ZeRO-1, where each device all-gathers the full parameters
-it holds replicated, by design (optax's step has the same temporaries there); no
-collective in the update under FSDP or on one device; and, under FSDP and on one
-device, bytes moved per parameter at most 1.1x the floor for every step listed in
-``AT_FLOOR``, on both targets.
+parameters and state fully aliased (donation worked); no collective in the update
+under FSDP or on one device; temporaries at most 1 % of the state (under ZeRO-1,
+where each device all-gathers the parameters it holds whole into a buffer of its
+own, at most optax's there + 1 %) but for the rows listed in ``OVER_TEMP`` (measured,
+open; a listed row that no longer exceeds fails too, so the list only shrinks); and
+bytes moved per parameter at most 1.1x the floor for the steps and layouts listed in
+``AT_FLOOR`` (under ZeRO-1, 1.1x the larger of the floor and optax's), on both
+targets. A ``--quick`` run asserts the first three only.
 Full runs write ``benchmarks/results/compiled.md``; ``--quick`` a folder of its own.
 """
 
@@ -102,7 +104,7 @@ def cases() -> list[Case]:
 
   bf16 = jnp.bfloat16
   return [
-    Case("optax.adamw (peer)", lambda: optax.adamw(1e-3, weight_decay=1e-2)),
+    Case(PEER, lambda: optax.adamw(1e-3, weight_decay=1e-2)),
     Case("adamw update + apply_updates", lambda: adamw_jax.adamw(1e-3)),
     Case("fused_step", lambda: adamw_jax.adamw(1e-3), fused=True),
     Case("flat buffers", lambda: adamw_jax.adamw(1e-3), flat=True),
@@ -130,18 +132,34 @@ def cases() -> list[Case]:
       lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="kahan"),
       param_dtype="bfloat16",
     ),
+    Case(
+      "bf16 params + remainders",
+      lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"),
+      param_dtype="bfloat16",
+    ),
   ]
 
 
-# Steps at their floor today: a regression past 1.1x fails --check (the others join as they reach it).
-AT_FLOOR = (
-  "optax.adamw (peer)",
-  "adamw update + apply_updates",
-  "fused_step",
-  "decay mask + param_groups",
-  "inject_hyperparams",
-  "bf16 moments",
-)
+PEER = "optax.adamw (peer)"
+
+# Steps (and layouts) at their floor today, on both targets: a regression past 1.1x fails
+# --check (the others join as they reach it). Under ZeRO-1 the yardstick is the larger of
+# the floor and optax.adamw's bytes there. Flat buffers under ZeRO-1 on TPU move 34.0 B/param
+# (optax 26.8): not listed there.
+AT_FLOOR: dict[str, tuple[str, ...]] = {
+  PEER: LAYOUTS,
+  "adamw update + apply_updates": LAYOUTS,
+  "fused_step": LAYOUTS,
+  "flat buffers": ("FSDP/4", "1 device"),
+  "decay mask + param_groups": LAYOUTS,
+  "inject_hyperparams": LAYOUTS,
+  "bf16 moments": LAYOUTS,
+}
+
+# Rows whose temporaries exceed 1 % of the state (under ZeRO-1: optax's + 1 %), measured by
+# the last full run and not yet removed (issue 24, item 5; issue 25). --check fails on any
+# other row above it, and on a listed row that no longer is (then remove it here).
+OVER_TEMP: set[tuple[str, str, str]] = set()
 
 
 def shapes(quick: bool) -> dict[str, tuple[int, ...]]:
@@ -346,8 +364,13 @@ def compile_case(case: Case, target: str, layout: str, quick: bool) -> Row:
   return row
 
 
-def problems(row: Row) -> list[str]:
-  """What --check asserts of a row."""
+def problems(row: Row, rows: list[Row] | None = None, quick: bool = False) -> list[str]:
+  """What --check asserts of a row (``rows``: the run's rows, for ZeRO-1's peer; ``quick``: a smoke run).
+
+  A ``--quick`` tree is too small for ratios: fixed costs (the step-scalar table,
+  the compilers' staging) dominate its state, so only compiling, aliasing and
+  collectives are asserted there.
+  """
   if row.error is not None:
     return [f"does not compile: {row.error}"]
   found = []
@@ -355,12 +378,37 @@ def problems(row: Row) -> list[str]:
     found.append(
       f"alias {row.alias} B < params + state {row.param_bytes + row.state} B: donation incomplete"
     )
-  if row.temp > 0.01 * row.state:
-    found.append(f"temporaries {row.temp} B > 1 % of the state ({row.state} B)")
   if row.layout != "ZeRO-1/4" and row.collectives:
     found.append(f"collectives in the update: {row.collectives}")
-  if row.case in AT_FLOOR and row.accessed is not None and row.accessed > 1.1 * row.floor:
-    found.append(f"{row.accessed:.1f} B/param accessed > 1.1 x the floor {row.floor:.1f}")
+  if quick:
+    return found
+  key = (row.case, row.target, row.layout)
+  # Under ZeRO-1 each device all-gathers the parameters it holds whole into a buffer of
+  # its own: the peer optax.adamw's temporaries and bytes there are the layout's.
+  peer = next(
+    (
+      r
+      for r in rows or []
+      if r.case == PEER and (r.target, r.layout) == (row.target, row.layout) and not r.error
+    ),
+    None,
+  )
+  zero1 = row.layout == "ZeRO-1/4" and peer is not None
+  temp_allowed = 0.01 * row.state + (peer.temp if zero1 else 0)
+  over = row.temp > temp_allowed
+  if over and key not in OVER_TEMP:
+    found.append(
+      f"temporaries {row.temp} B > {temp_allowed:.0f} B (1 % of the state {row.state} B"
+      + (f" + optax's {peer.temp} B)" if zero1 else ")")
+    )
+  if not over and key in OVER_TEMP:
+    found.append(f"temporaries {row.temp} B within {temp_allowed:.0f} B: remove it from OVER_TEMP")
+  floor = max(row.floor, peer.moved) if zero1 else row.floor
+  if row.layout in AT_FLOOR.get(row.case, ()) and row.moved > 1.1 * floor:
+    found.append(
+      f"{row.moved:.1f} B/param moved > 1.1 x {floor:.1f}"
+      + (" (optax's, or the floor)" if zero1 else " (the floor)")
+    )
   return found
 
 
@@ -368,7 +416,7 @@ def _mib(n: int) -> str:
   return f"{n / 2**20:.2f}"
 
 
-def report(rows: list[Row], command: str, versions: str) -> str:
+def report(rows: list[Row], command: str, versions: str, quick: bool = False) -> str:
   lines = [
     "# Every public step compiled for TPU and GPU (deviceless)",
     "",
@@ -398,7 +446,7 @@ def report(rows: list[Row], command: str, versions: str) -> str:
         f"| {_mib(r.output)} | {_mib(r.alias)} | {_mib(r.temp)} | {_mib(r.state)} "
         f"| {r.floor:.1f} | {r.moved:.1f} | {acc} | {r.compile_s:.1f} |"
       )
-  failing = [(r, p) for r in rows for p in problems(r)]
+  failing = [(r, p) for r in rows for p in problems(r, rows, quick)]
   lines += ["", "## What --check asserts", ""]
   lines += [f"- {r.case}, {r.target}, {r.layout}: {p}" for r, p in failing] or ["- all hold"]
   return "\n".join(lines) + "\n"
@@ -436,12 +484,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"{case.name:34s} {target:12s} {layout:9s} {status}", file=sys.stderr, flush=True)
   command = "python -m benchmarks.compiled" + (" --quick" if args.quick else "")
   versions = f"jax {jax.__version__}, adamw_jax {adamw_jax.__version__}"
-  md = report(rows, command, versions)
+  md = report(rows, command, versions, args.quick)
   out = output.out_dir(args.out, args.quick, "compiled")
   (out / "compiled.md").write_text(md)
   print(md)
   print(f"wrote {out / 'compiled.md'}")
-  if args.check and any(problems(r) for r in rows):
+  if args.check and any(problems(r, rows, args.quick) for r in rows):
     raise SystemExit(1)
   return rows
 
