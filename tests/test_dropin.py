@@ -8,6 +8,8 @@ or the untraced path's numbers, or an error that says how to write the call.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +185,49 @@ def test_add_decayed_weights_of_none_updates_still_needs_the_params():
   tx = adamw_jax.add_decayed_weights(0.1)
   with pytest.raises(ValueError, match=r"weight decay needs the parameters"):
     tx.update(None, tx.init(_params()), None)
+
+
+# --------------------------------------------------------------------------
+# Positional calls that mean another thing in optax or torch
+# --------------------------------------------------------------------------
+
+TOO_MANY = r"takes at most 4 positional arguments \(learning_rate, b1, b2, eps\), got {}"
+HOW = r".*as keywords, e\.g\. {}\(learning_rate=1e-3, b1=0\.9, b2=0\.999, eps=1e-8, weight_decay="
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+@pytest.mark.parametrize(
+  ("args", "kwargs", "match"),
+  [
+    # optax.adamw(lr, b1, b2, eps, eps_root): the 5th is eps_root there, weight_decay in torch.
+    ((1e-3, 0.9, 0.999, 1e-8, 0.0), {}, TOO_MANY.format(5) + r".*optax\.{}'s positional" + HOW),
+    # optax.adamw(lr, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask)
+    ((1e-3, 0.9, 0.999, 1e-8, 0.0, None, 1e-4, None), {}, TOO_MANY.format(8) + HOW),
+    # torch.optim.AdamW(params, lr, betas, ...) without the params: betas lands in b1.
+    ((1e-3, (0.9, 0.999), 1e-8, 1e-2), {}, r"{}: b1 got the pair \(0\.9, 0\.999\), torch's betas"),
+    ((1e-3,), {"b1": [0.9, 0.99]}, r"b1 got the pair \[0\.9, 0\.99\].*write b1=0\.9, b2=0\.99"),
+    # torch.optim.AdamW(params, lr): the params land in learning_rate.
+    (({"w": np.ones(2)}, 1e-3), {}, r"{}: learning_rate got a dict.*takes them at init"),
+    (([np.ones(2)], 1e-3), {}, r"learning_rate got a list.*\(learning_rate=1e-3, \.\.\.\)\.init"),
+  ],
+  ids=["optax-eps_root", "optax-8", "torch-betas", "betas-keyword", "torch-params", "params-list"],
+)
+def test_a_positional_call_meaning_else_in_optax_or_torch_says_how_to_write_it(
+  name, args, kwargs, match
+):
+  with pytest.raises(TypeError, match=match.replace("{}", re.escape(name))):
+    getattr(adamw_jax, name)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_the_positions_shared_with_optax_and_keywords_mean_the_same(name):
+  ours = getattr(adamw_jax, name)
+  params = _params()
+  positional = ours(0.5, 0.5, 0.75, 2.0**-20, weight_decay=0.25)
+  keywords = ours(learning_rate=0.5, b1=0.5, b2=0.75, eps=2.0**-20, weight_decay=0.25)
+  _assert_bitwise(_run(positional, params), _run(keywords, params))
+
+
+def test_inject_hyperparams_sees_the_keyword_only_signature():
+  tx = optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=0.5, weight_decay=0.25)
+  assert set(tx.init(_params()).hyperparams) >= {"learning_rate", "weight_decay", "eps_root"}
