@@ -118,7 +118,7 @@ def add_decayed_weights(
       _tree.check_mask(mask, params, what=name)
     return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args) -> tuple[Any, Any]:
     del extra_args  # optax's contract: accepted, and ignored here
     if updates is None:  # nothing to decay: None, as optax's (its count moves for a schedule)
       if params is None:
