@@ -2,20 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import optax
 
 from adamw_jax import _core, _hyperparams, _tree
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
+# Where optax's and torch's positional orders part from ours (``docs/math.md``,
+# "Positional arguments"): optax.adamw/adam continue with eps_root and
+# mu_dtype; torch.optim.AdamW/Adam take the params first and betas as a pair.
+_OPTAX_ORDER = {
+  "adamw": "learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask",
+  "adam": "learning_rate, b1, b2, eps, eps_root, mu_dtype",
+}
+
+
+def _positional_guard(fn: _F) -> _F:
+  """`fn` with an error that says how to write a positional call meaning else in optax or torch.
+
+  Past ``eps`` every argument is keyword-only: a fifth positional argument is
+  ``eps_root`` in ``optax.adamw`` and ``weight_decay`` in ``torch.optim.AdamW``,
+  so it is refused instead of guessed; so is a pair in ``b1`` (torch's
+  ``betas``) and a parameter tree in ``learning_rate`` (torch's first argument).
+  """
+  name = fn.__name__
+  positional = [
+    p.name
+    for p in inspect.signature(fn).parameters.values()
+    if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+  ]
+  wd = inspect.signature(fn).parameters["weight_decay"].default
+  how = f"{name}(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay={wd!r}, ...)"
+
+  @functools.wraps(fn)
+  def guarded(*args: Any, **kwargs: Any) -> Any:
+    if len(args) > len(positional):
+      raise TypeError(
+        f"{name} takes at most {len(positional)} positional arguments "
+        f"({', '.join(positional)}), got {len(args)}: optax.{name}'s positional order is "
+        f"({_OPTAX_ORDER[name]}) and torch.optim's is (params, lr, betas, eps, weight_decay, "
+        f"amsgrad), so the rest must be written as keywords, e.g. {how}"
+      )
+    given = dict(zip(positional, args))
+    b1 = given.get("b1", kwargs.get("b1"))
+    if isinstance(b1, (tuple, list)):
+      raise TypeError(
+        f"{name}: b1 got the pair {b1!r}, torch's betas: write b1={b1[0]!r}, "
+        f"b2={b1[1] if len(b1) > 1 else '...'!r} as keywords, e.g. {how}"
+      )
+    lr = given.get("learning_rate", kwargs.get("learning_rate"))
+    if (not callable(lr) and isinstance(lr, (dict, list, tuple))) or _tree.is_box(lr):
+      raise TypeError(
+        f"{name}: learning_rate got a {type(lr).__name__}, not a number: torch.optim takes the "
+        f"parameters first, an optax transform takes them at init: {name}(learning_rate=1e-3, "
+        "...).init(params)"
+      )
+    return fn(*args, **kwargs)
+
+  return guarded  # pyright: ignore[reportReturnType]
+
+
+@_positional_guard
 def adamw(
   learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
-  weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
   *,
+  weight_decay: _hyperparams.ScalarOrSchedule = 1e-2,
   amsgrad: bool = False,
   maximize: bool = False,
   mask: _tree.MaskOrFn | None = None,
@@ -138,13 +197,14 @@ def adamw(
   )
 
 
+@_positional_guard
 def adam(
   learning_rate: _hyperparams.ScalarOrSchedule = 1e-3,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
-  weight_decay: _hyperparams.ScalarOrSchedule = 0.0,
   *,
+  weight_decay: _hyperparams.ScalarOrSchedule = 0.0,
   amsgrad: bool = False,
   maximize: bool = False,
   mask: _tree.MaskOrFn | None = None,

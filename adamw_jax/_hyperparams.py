@@ -352,7 +352,20 @@ def check(name: str, value: Any) -> None:
     check_traced(name, value, ", a traced value")
   elif not _valid(hp, x):
     assert hp.rule is not None  # a number's
-    raise ValueError(f"{hp.label}: {x} ({hp.rule[1]})")
+    raise ValueError(f"{hp.label}: {x} ({hp.rule[1]}){_rounded_hint(name, value)}")
+
+
+def _rounded_hint(name: str, value: Any) -> str:
+  """For a half-precision array: how optax.inject_hyperparams came to round it, and the cure."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 16:
+    return ""
+  return (
+    f"; it is a {np.dtype(dtype).name} array: optax.inject_hyperparams stores the "
+    "hyperparameters in the params' dtype, which rounds them; pass "
+    f"hyperparam_dtype=jnp.float32 (the step computes in float32 for {np.dtype(dtype).name} "
+    f"params) or static_args=({name!r},)"
+  )
 
 
 def check_dtype(name: str, dtype: Any) -> jnp.dtype | None:
@@ -397,6 +410,20 @@ def _check_decay_mode(what: str, values: Mapping[str, Any], decoupled: bool) -> 
     )
 
 
+def _real_part(hp: Hyperparameter, value: Any) -> Any:
+  """A complex scalar array as its real part: optax.inject_hyperparams gives complex params'.
+
+  ``optax.inject_hyperparams`` stores the hyperparameters in the params'
+  dtype, complex64 for complex params, with a zero imaginary part; a concrete
+  one that is not zero is refused.
+  """
+  if not (isinstance(value, (np.ndarray, jax.Array)) and jnp.iscomplexobj(value)):
+    return value
+  if np.ndim(value) == 0 and not isinstance(value, jax.core.Tracer) and np.imag(value) != 0:
+    raise TypeError(f"{hp.label}: expected a real number, got the complex number {complex(value)}")
+  return jnp.real(value)
+
+
 def checked(
   what: str, *, decoupled: bool, optional: tuple[str, ...] = (), **values: Any
 ) -> dict[str, Any]:
@@ -411,6 +438,7 @@ def checked(
   for name, value in values.items():
     hp = BY_NAME[name]
     if hp.kind == "number" and not (value is None and (hp.default is None or name in optional)):
+      value = out[name] = _real_part(hp, value)
       check(name, value)
     elif hp.kind == "dtype":
       out[name] = check_dtype(name, value)

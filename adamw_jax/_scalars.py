@@ -58,7 +58,13 @@ def _bias_correction(beta: Any, t: jax.Array, dtype, z: jax.Array) -> f2.F2:
       return f2.one_minus_power(float(beta), t, dtype, z)
     log_beta = f2.constant(math.log(float(beta)), dtype, z)
   else:  # traced (e.g. optax.inject_hyperparams): log in double words
-    log_beta = f2.log(_f2_of(beta, dtype, z), z)
+    b = _f2_of(beta, dtype, z)
+    # A traced beta of (nearly) 0: 1 - beta**t is 1 in double, as for a number 0 above; the
+    # log (-inf for 0, overflowing exp(-log) below 2**-60) is taken of a stand-in instead.
+    tiny = b.hi < np.asarray(2.0**-60, b.hi.dtype)
+    safe = f2.F2(jnp.where(tiny, jnp.ones_like(b.hi) / 2, b.hi), jnp.where(tiny, 0, b.lo))
+    out = f2.one_minus_exp_times(f2.log(safe, z), t, z)
+    return f2.F2(jnp.where(tiny, jnp.ones_like(out.hi), out.hi), jnp.where(tiny, 0, out.lo))
   return f2.one_minus_exp_times(log_beta, t, z)
 
 

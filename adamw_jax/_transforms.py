@@ -118,8 +118,14 @@ def add_decayed_weights(
       _tree.check_mask(mask, params, what=name)
     return AddDecayedWeightsState(jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, **extra_args) -> tuple[Any, Any]:
     del extra_args  # optax's contract: accepted, and ignored here
+    if updates is None:  # nothing to decay: None, as optax's (its count moves for a schedule)
+      if params is None:
+        _tree.check_params_given(updates, params, what=name)  # raises: no params
+      if not callable(weight_decay):
+        return None, state
+      return None, AddDecayedWeightsState(cast(jax.Array, optax.safe_increment(state.count)))
     _tree.check_params_given(updates, params, what=name)
     wd = (
       _scalars.scheduled("weight_decay", weight_decay, state.count, name)
@@ -152,7 +158,8 @@ def masked(
   params at ``init`` and against the updates on every trace: a mask that is
   not a bool pytree with the updates' structure (or a prefix of it), or a
   callable returning one, raises an error naming the first mismatching path
-  and the keys of both trees there.
+  and the keys of both trees there. As ``optax.masked``'s, the state holds one
+  ``optax.MaskedNode`` for each unselected node of a prefix mask.
 
   >>> import jax.numpy as jnp, optax, adamw_jax
   >>> params = {"b": jnp.ones(2), "w": jnp.ones(2)}
@@ -169,7 +176,7 @@ def masked(
   what = "masked"
 
   def resolved(tree):
-    return _tree.resolve_mask(mask, tree, what=what)
+    return _tree.resolve_mask(mask, tree, what=what, broadcast=False)
 
   tx = optax.masked(inner, resolved)
 

@@ -7,6 +7,7 @@ that they read the same across the package.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -15,6 +16,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import tree_util as jtu
 
 MaskOrFn = Any | Callable[[Any], Any]
@@ -279,8 +281,12 @@ def expand_prefix(
   noun: str,
   leaf_ok: Callable[[Any], bool],
   leaf_error: Callable[[Any, str], str],
+  broadcast: bool = True,
 ) -> Any:
   """A prefix of `tree` (a mask or a label tree) broadcast to the full structure of `tree`.
+
+  With `broadcast` False it stays a prefix (one leaf for each of its leaves),
+  with the node types of `tree`, as ``optax.masked`` takes it.
 
   Boxes in `prefix` (``nnx.Param(True)``, from ``jax.tree.map`` over an
   ``nnx.State``) count as their values, so a prefix built from boxed
@@ -302,7 +308,7 @@ def expand_prefix(
     if p_kids is None:
       if not leaf_ok(p):
         raise TypeError(f"{what}: {leaf_error(p, where(path))}")
-      return jax.tree.map(lambda _: p, subtree)
+      return jax.tree.map(lambda _: p, subtree) if broadcast else p
     t_kids = _children(subtree)
     assert t_kids is not None  # a node of the prefix is one of the tree (first_mismatch)
     t_items, t_def = t_kids
@@ -331,7 +337,7 @@ class ResolvesMasks:
     raise NotImplementedError
 
 
-def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
+def resolve_mask(mask: MaskOrFn, tree, *, what: str, broadcast: bool = True) -> Any:
   """A mask (bool pytree, prefix of `tree`, or callable) as a full bool pytree like `tree`.
 
   Boxes in the mask (``nnx.Param(True)``) count as their values and mappings
@@ -339,7 +345,8 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
   Errors name the first mismatching path and both trees' keys there. For a
   :class:`ResolvesMasks` tree (a ``FlatParams``) the mask is written for the
   model's tree and the tree resolves it itself (per buffer, see
-  :meth:`adamw_jax.FlatParams.resolve_mask`).
+  :meth:`adamw_jax.FlatParams.resolve_mask`). With `broadcast` False a prefix
+  mask stays a prefix (:func:`expand_prefix`).
   """
   if isinstance(tree, ResolvesMasks):
     return tree.resolve_mask(mask, what=what)
@@ -350,7 +357,7 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str) -> Any:
     return f"mask leaves must be booleans, got {type(m).__name__} {m!r} at {place}."
 
   expanded = expand_prefix(
-    mask, tree, what=what, noun="mask", leaf_ok=_is_bool, leaf_error=leaf_error
+    mask, tree, what=what, noun="mask", leaf_ok=_is_bool, leaf_error=leaf_error, broadcast=broadcast
   )
   return jtu.tree_map_with_path(lambda path, m: _static_bool(m, path, what), expanded)
 
@@ -368,6 +375,32 @@ def _static_bool(flag, path: KeyPath, what: str) -> bool:
   return bool(flag)
 
 
+@functools.cache
+def _placeholder_type() -> type:
+  """The type of the stand-in that ``optax.tree.map_params`` passes to ``init``.
+
+  Found through that public function itself: it calls ``init`` with the
+  stand-in, whose type is recorded here.
+  """
+  seen: list[type] = []
+
+  def init(params):
+    seen.append(type(params))
+    return ()
+
+  optax.tree.map_params(init, lambda x: x, ())
+  return seen[0]
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``init`` was given ``optax.tree.map_params``'s stand-in for the parameters.
+
+  It has no leaves and stands for any parameter tree: a mask is not checked
+  against it, as ``optax.masked`` does not mask it.
+  """
+  return isinstance(params, _placeholder_type())
+
+
 def check_mask(mask: MaskOrFn, params: Any, *, what: str) -> None:
   """Resolves `mask` for `params` as an update will, to raise the update's errors at ``init``.
 
@@ -375,8 +408,11 @@ def check_mask(mask: MaskOrFn, params: Any, *, what: str) -> None:
   ``nnx.Optimizer`` passes pure arrays to ``update``); then on traced ones
   (under ``jax.eval_shape``, which computes nothing), as the update resolves
   the mask inside its trace, so that a callable reading the parameters'
-  values fails here with the update's message.
+  values fails here with the update's message. ``optax.tree.map_params``'s
+  stand-in for the parameters (:func:`is_params_placeholder`) is let through.
   """
+  if is_params_placeholder(params):
+    return
   pure = unbox_all(params)
   resolve_mask(mask, pure, what=what)
   trace_like_update(lambda tree: resolve_mask(mask, tree, what=what), pure)
