@@ -294,12 +294,14 @@ def test_each_returns_table_has_at_most_a_row_per_returned_value(site):
   assert checked >= 10
 
 
-# The layout (docs/stylesheets/site.css at its widest, Material's sizes): the content column
-# is the grid less two 12.1rem sidebars and 1.2rem margins, 1 rem = 20 px; code is set at
-# 0.85 x 0.8 rem in a monospace font, about 0.6 em a character; table cells are padded
-# 0.9375 em on each side at 0.64 rem (code at 0.8 of that), and their text, code included,
-# wraps only between words (site.css), so a table is at least as wide as the longest word of
-# each of its columns.
+# The layout (docs/stylesheets/site.css, Material's sizes) in a 1280 px window: the content
+# column is the window (or the grid, if narrower) less the navigation sidebar (12.1 rem; the
+# page's contents are in it, mkdocs.yml: toc.integrate) and 1.2 rem margins, 1 rem = 20 px;
+# code is set at 0.85 x 0.8 rem in a monospace font, about 0.6 em a character; table cells
+# are padded 0.9375 em on each side at 0.64 rem (code at 0.8 of that), and their text, code
+# included, wraps only between words (site.css), so a table is at least as wide as the
+# longest word of each of its columns.
+WINDOW = 1280
 REM = 20
 CODE_CHAR = 0.85 * 0.8 * REM * 0.6
 TABLE_CHAR = 0.64 * REM * 0.6  # a generous average for text; a code character is wider
@@ -309,7 +311,8 @@ CELL_PADDING = 2 * 0.9375 * 0.64 * REM
 def _column_px() -> float:
   css = (ROOT / "docs" / "stylesheets" / "site.css").read_text()
   grid = float(re.search(r"\.md-grid\s*{[^}]*max-width:\s*(\d+)px", css).group(1))
-  return grid - 2 * 12.1 * REM - 2 * 1.2 * REM
+  assert "toc.integrate" in (ROOT / "mkdocs.yml").read_text()
+  return min(grid, WINDOW) - 12.1 * REM - 2 * 1.2 * REM
 
 
 def test_the_layout_is_the_sites():
@@ -328,9 +331,11 @@ def test_code_blocks_and_tables_fit_the_content_column(site):
   """No code block (other than wrapped text) or table is wider than the content column."""
   column = _column_px()
   too_wide = []
+  blocks = 0
   for page, text in _pages(site).items():
     assert "stylesheets/site.css" in text, f"{page} does not load site.css"
     for m in re.finditer(r'<div class="language-(\w+) highlight">(.*?)</pre>', text, re.S):
+      blocks += 1
       width = _widest_line(m.group(2)) * CODE_CHAR
       if m.group(1) != "text" and width > column:
         too_wide.append(f"{page}: a {m.group(1)} block {width:.0f} px wide")
@@ -355,4 +360,5 @@ def test_code_blocks_and_tables_fit_the_content_column(site):
         too_wide.append(
           f"{page}: a table at least {sum(widths.values()):.0f} px wide ({' '.join(head)} ...)"
         )
+  assert blocks > 50, f"only {blocks} code blocks found: has the HTML changed?"
   assert not too_wide, f"the content column is {column:.0f} px:\n" + "\n".join(too_wide)
