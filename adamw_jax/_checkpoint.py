@@ -83,7 +83,7 @@ def save_opt_state(
 def restore_opt_state(
   directory: str | os.PathLike, target: Any, *, config: Mapping[str, Any] | None = None
 ) -> Any:
-  """Restores a state saved by [`save_opt_state`][adamw_jax.save_opt_state], checking that it fits `target` first.
+  """Restores a state saved by `save_opt_state`, checking that it fits `target` first.
 
   ```python
   adamw_jax.save_opt_state(path, opt_state, config=hyper)
@@ -200,7 +200,7 @@ def opt_state_save_args(opt_state: Any, *, config: Mapping[str, Any] | None = No
 
 
 def opt_state_restore_args(target: Any, *, config: Mapping[str, Any] | None = None) -> Any:
-  """orbax ``CheckpointArgs`` restoring an item saved with [`opt_state_save_args`][adamw_jax.opt_state_save_args], checked.
+  """orbax ``CheckpointArgs`` restoring an item saved with `opt_state_save_args`, checked.
 
   `target` and `config` are those of [`restore_opt_state`][adamw_jax.restore_opt_state], and so are
   the checks and errors.

@@ -48,7 +48,7 @@ class Slot(NamedTuple):
 
 
 class Layout:
-  """The static part of a [`FlatParams`][adamw_jax.FlatParams]: the model's treedef and each leaf's slot.
+  """The static part of a `FlatParams`: the model's treedef and each leaf's slot.
 
   Hashed once: jit hashes the pytree aux data on every call.
   """

@@ -565,7 +565,8 @@ def from_torch(
       remainders (torch.optim.AdamW / Adam only).
 
   Returns:
-    ``(tx, opt_state)``; [`to_torch_state_dict`][adamw_jax.to_torch_state_dict] takes `tx` back to torch.
+    ``(tx, opt_state)``; [`to_torch_state_dict`][adamw_jax.to_torch_state_dict] takes `tx`
+    back to torch.
   """
   what = "from_torch"
   sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)

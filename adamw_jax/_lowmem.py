@@ -79,7 +79,7 @@ class Options:
 
   @property
   def enabled(self) -> bool:
-    """Whether the state is a [`LowMemoryAdamState`][adamw_jax.LowMemoryAdamState] (an option is on)."""
+    """Whether the state is a `LowMemoryAdamState` (an option is on)."""
     return self.param_rounding != "nearest" or self.quantization is not None
 
   @property

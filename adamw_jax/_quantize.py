@@ -56,7 +56,7 @@ class QuantizedMoment(NamedTuple):
 
 
 class PackedQuantizedMoment(QuantizedMoment):
-  """A 4-bit [`QuantizedMoment`][adamw_jax.QuantizedMoment] (torchao's ``OptimState4bit``): flat codes, two a byte."""
+  """A 4-bit `QuantizedMoment` (torchao's ``OptimState4bit``): flat codes, two a byte."""
 
   __slots__ = ()
 
@@ -101,7 +101,7 @@ def _reshape(x: jax.Array, shape: tuple[int, ...], first: tuple | None) -> jax.A
 
 
 def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> QuantizedMoment:
-  """`x` (float32) as a [`QuantizedMoment`][adamw_jax.QuantizedMoment], torchao's ``copy_`` into its optimizer state.
+  """`x` (float32) as a `QuantizedMoment`, torchao's ``copy_`` into its optimizer state.
 
   4-bit: each block's codes packed two a byte, ``(even << 4) | odd``, as torchao's.
   """
@@ -122,7 +122,8 @@ def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> Quan
 def dequantize(q: QuantizedMoment, signed: bool, shape: tuple[int, ...] | None = None) -> jax.Array:
   """The float32 moment: ``qmap[codes] * scale``, block by block, as torchao's ``dequantize``.
 
-  4-bit (a [`PackedQuantizedMoment`][adamw_jax.PackedQuantizedMoment]) codes are flat: `shape` is the leaf's (None: flat).
+  4-bit (a [`PackedQuantizedMoment`][adamw_jax.PackedQuantizedMoment]) codes are flat: `shape`
+  is the leaf's (None: flat).
   """
   bits = 4 if isinstance(q, PackedQuantizedMoment) else 8
   first = _explicit_first_axis(q.codes)

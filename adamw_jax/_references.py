@@ -207,7 +207,7 @@ def to_optimi_moment(x: np.ndarray, beta: float, step: int) -> np.ndarray:
 def from_8bit(
   what: str, where: str, key: str, x: Any, block_size: int
 ) -> _quantize.QuantizedMoment:
-  """A torchao ``OptimState8bit`` as a [`QuantizedMoment`][adamw_jax.QuantizedMoment] (its codes and scales)."""
+  """A torchao ``OptimState8bit`` as a `QuantizedMoment` (its codes and scales)."""
   codes, scale = x.codes.detach().cpu().numpy(), x.scale.detach().cpu().numpy()
   signed = key == "exp_avg"
   if bool(x.signed) != signed:
@@ -224,7 +224,7 @@ def from_8bit(
 
 
 def to_8bit(q: _quantize.QuantizedMoment, signed: bool, dtype):
-  """A [`QuantizedMoment`][adamw_jax.QuantizedMoment] as torchao's ``OptimState8bit`` (appearance dtype `dtype`)."""
+  """A `QuantizedMoment` as torchao's ``OptimState8bit`` (appearance dtype `dtype`)."""
   import torch
   from torchao.optim.subclass_8bit import (
     OptimState8bit,

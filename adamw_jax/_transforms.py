@@ -83,7 +83,7 @@ def scale_by_adam(
 
 
 class AddDecayedWeightsState(NamedTuple):
-  """State of [`add_decayed_weights`][adamw_jax.add_decayed_weights]: the step count, for weight-decay schedules."""
+  """State of `add_decayed_weights`: the step count, for weight-decay schedules."""
 
   count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  # shadows tuple.count
 

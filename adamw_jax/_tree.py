@@ -319,7 +319,7 @@ def expand_prefix(
 
 
 class ResolvesMasks:
-  """A pytree that resolves masks written for another tree itself: [`FlatParams`][adamw_jax.FlatParams].
+  """A pytree that resolves masks written for another tree itself: `FlatParams`.
 
   A base class here, so that this module needs nothing from the ones that
   build on it: imports point one way.
