@@ -1,7 +1,7 @@
 """The public API of adamw_jax: torch.optim.AdamW as pure, chainable optax transformations.
 
 The math, the rounding and every difference from torch and optax are
-written once, in the documentation (``docs/math.md``, ``docs/fidelity.md``);
+written once, in the documentation ([the math](math.md), [Fidelity](fidelity.md));
 every public function's docstring has an example.
 """
 

@@ -104,9 +104,9 @@ def adamw(
   [ 0.85 -2.  ]
 
   The math, the rounding and every deliberate difference from torch and
-  optax are written once, in the documentation: ``docs/math.md`` (the math
-  and the differences from torch and optax), ``docs/fidelity.md`` (how close
-  to PyTorch) and, for ``decay_mode="paper"``, ``docs/paper-decay.md``.
+  optax are written once, in the documentation: [the math](math.md) (the math
+  and the differences from torch and optax), [Fidelity](fidelity.md) (how close
+  to PyTorch) and, for ``decay_mode="paper"``, [the paper's decay](paper-decay.md).
 
   Args:
     learning_rate: a non-negative float, or a schedule ``count -> lr`` (torch's
@@ -121,8 +121,8 @@ def adamw(
     maximize: maximise the objective instead of minimising it.
     mask: which leaves are decayed: a bool pytree (full, or a prefix of the
       params), or a callable ``params -> mask``. All leaves get the Adam step.
-      For parameters kept in flat buffers (:func:`adamw_jax.flatten`) it is
-      written for the model's tree (``docs/flat.md``).
+      For parameters kept in flat buffers ([`flatten`][adamw_jax.flatten]) it is
+      written for the model's tree ([Flat buffers](flat.md)).
     eps_root: added to the bias-corrected second moment inside the square root.
     mu_dtype: dtype of the first moment (default: the parameter's).
     nu_dtype: dtype of the second moment (default: the parameter's).
@@ -140,8 +140,8 @@ def adamw(
       ``"remainder"`` (bfloat16 only: an int16 remainder in the state makes the
       parameter a float32 master weight exactly, stepped as float32 AdamW
       steps it, bit for bit; moments float32 unless given; the update is
-      float32; :func:`adamw_jax.master_params`). Leaves of other dtypes are
-      written as with ``"nearest"``. See ``docs/low-memory.md``.
+      float32; [`master_params`][adamw_jax.master_params]). Leaves of other dtypes are
+      written as with ``"nearest"``. See [Low-memory AdamW](low-memory.md).
     rounding_seed: the seed of the PRNG key in the state, with ``"stochastic"``
       (None: 0).
     moment_bits: ``8``: moments of leaves of at least 4096 elements (a multiple
@@ -154,7 +154,7 @@ def adamw(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`ScaleByAdamState` (``update`` accepts and ignores extra keyword
+    [`ScaleByAdamState`][adamw_jax.ScaleByAdamState] (``update`` accepts and ignores extra keyword
     arguments, such as a chain's ``value=loss``).
 
   Raises:
@@ -164,7 +164,7 @@ def adamw(
       mask that does not match them, naming the path. Values known only inside
       the compiled step (``optax.inject_hyperparams``, later values of a
       schedule) are checked under ``jax.experimental.checkify``
-      (``docs/bad-inputs.md``).
+      ([Bad inputs](bad-inputs.md)).
 
   References:
     Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -221,7 +221,7 @@ def adam(
   Weight decay is an L2 term added to the gradient before the moments
   (``g <- g + weight_decay * param``, after negation when ``maximize``): the
   "Adam + L2" that Loshchilov & Hutter compare AdamW against. Everything else
-  is as :func:`adamw`; the arguments mean the same, with ``weight_decay``
+  is as [`adamw`][adamw_jax.adamw]; the arguments mean the same, with ``weight_decay``
   defaulting to 0 as in torch.
 
   >>> import jax.numpy as jnp, optax, adamw_jax

@@ -1,12 +1,12 @@
 """Optimizer state saved and restored with orbax-checkpoint; a misfit or damaged checkpoint is refused.
 
-:func:`save_opt_state` writes one checkpoint directory, committed whole
-(:mod:`adamw_jax._ckpt_commit`: one writer, written beside, then renamed), so
-that no save can destroy the last good checkpoint; :func:`restore_opt_state`
-reads it back, checked (:mod:`adamw_jax._ckpt_orbax`). For periodic saving,
+[`save_opt_state`][adamw_jax.save_opt_state] writes one checkpoint directory, committed whole
+(`adamw_jax._ckpt_commit`: one writer, written beside, then renamed), so
+that no save can destroy the last good checkpoint; [`restore_opt_state`][adamw_jax.restore_opt_state]
+reads it back, checked (`adamw_jax._ckpt_orbax`). For periodic saving,
 keeping the last N and restoring the latest, the same item goes into orbax's
-``CheckpointManager`` through :func:`opt_state_save_args` and
-:func:`opt_state_restore_args`.
+``CheckpointManager`` through [`opt_state_save_args`][adamw_jax.opt_state_save_args] and
+[`opt_state_restore_args`][adamw_jax.opt_state_restore_args].
 """
 
 from __future__ import annotations
@@ -83,13 +83,13 @@ def save_opt_state(
 def restore_opt_state(
   directory: str | os.PathLike, target: Any, *, config: Mapping[str, Any] | None = None
 ) -> Any:
-  """Restores a state saved by :func:`save_opt_state`, checking that it fits `target` first.
+  """Restores a state saved by `save_opt_state`, checking that it fits `target` first.
 
-  .. code-block:: python
-
-     adamw_jax.save_opt_state(path, opt_state, config=hyper)
-     opt_state = adamw_jax.restore_opt_state(path, tx.init(params), config=hyper)
-     adamw_jax.restore_opt_state(path, nnx_optimizer)   # in place
+  ```python
+  adamw_jax.save_opt_state(path, opt_state, config=hyper)
+  opt_state = adamw_jax.restore_opt_state(path, tx.init(params), config=hyper)
+  adamw_jax.restore_opt_state(path, nnx_optimizer)   # in place
+  ```
 
   A checkpoint that does not fit the target is refused, naming the difference:
 
@@ -105,7 +105,7 @@ def restore_opt_state(
   structure (AMSGrad: the target has 'nu_max', the checkpoint has it None):...
 
   Args:
-    directory: a checkpoint written by :func:`save_opt_state`.
+    directory: a checkpoint written by [`save_opt_state`][adamw_jax.save_opt_state].
     target: what the state should look like: ``tx.init(params)``,
       ``jax.eval_shape(tx.init, params)``, or an ``nnx.Optimizer``, which is
       updated in place.
@@ -177,10 +177,10 @@ def _existing(path: str, who: str) -> str:
 def opt_state_save_args(opt_state: Any, *, config: Mapping[str, Any] | None = None) -> Any:
   """orbax ``CheckpointArgs`` saving an optimizer state as one item of a ``CheckpointManager`` step.
 
-  The item is the checkpoint :func:`save_opt_state` writes (description,
+  The item is the checkpoint [`save_opt_state`][adamw_jax.save_opt_state] writes (description,
   checksums and config); orbax's ``CheckpointManager`` saves it in step
   directories, each committed atomically, keeps the last ``max_to_keep``, and
-  restores it with :func:`opt_state_restore_args`, all checks included.
+  restores it with [`opt_state_restore_args`][adamw_jax.opt_state_restore_args], all checks included.
 
   >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, adamw_jax
   >>> tx = adamw_jax.adamw()
@@ -200,9 +200,9 @@ def opt_state_save_args(opt_state: Any, *, config: Mapping[str, Any] | None = No
 
 
 def opt_state_restore_args(target: Any, *, config: Mapping[str, Any] | None = None) -> Any:
-  """orbax ``CheckpointArgs`` restoring an item saved with :func:`opt_state_save_args`, checked.
+  """orbax ``CheckpointArgs`` restoring an item saved with `opt_state_save_args`, checked.
 
-  `target` and `config` are those of :func:`restore_opt_state`, and so are
+  `target` and `config` are those of [`restore_opt_state`][adamw_jax.restore_opt_state], and so are
   the checks and errors.
 
   >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp, adamw_jax

@@ -4,7 +4,7 @@ The description is JSON: every leaf's path, shape and dtype (``None`` and
 ``optax.MaskedNode`` included, so AMSGrad and parameter groups show; a typed
 PRNG key as ``key<fry>``, its implementation kept), the pytree node types
 (the treedef, and each node's class by module and name), the whole layout of
-every :class:`~adamw_jax.FlatParams` (which the treedef's text abbreviates),
+every [`FlatParams`][adamw_jax.FlatParams] (which the treedef's text abbreviates),
 an optional user ``config``, and a CRC-32 of the description itself.
 """
 

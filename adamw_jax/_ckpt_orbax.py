@@ -1,8 +1,8 @@
 """The orbax item of a checked optimizer state: its CheckpointHandler, its save and restore args.
 
 One item is what orbax's ``StandardCheckpointHandler`` writes of the arrays,
-with the JSON description of :mod:`adamw_jax._ckpt_describe` (and the
-arrays' checksums of :mod:`adamw_jax._ckpt_sums`) as its custom metadata.
+with the JSON description of `adamw_jax._ckpt_describe` (and the
+arrays' checksums of `adamw_jax._ckpt_sums`) as its custom metadata.
 ``save_opt_state`` writes it with an orbax ``Checkpointer``; orbax's ``CheckpointManager`` writes it as one item of a step
 (keeping the last N steps, committing each step atomically). Restoring checks
 the description, compares it with the target, reads the arrays into the
@@ -10,7 +10,7 @@ target's shardings and checks them against their sums in every process:
 nothing is returned, or updated in place, unless all of it passed.
 
 orbax is imported when a checkpoint is first saved or restored, so the classes
-are made then (:func:`types`).
+are made then (`types`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ word (a flipped byte anywhere) is always caught; several, unless both sums
 happen to cancel (about 1 in 2**64 for random damage).
 
 Format 2 checkpoints carry a CRC-32 per fully addressable leaf instead
-(:func:`crc32`), still checked on restore.
+(`crc32`), still checked on restore.
 """
 
 from __future__ import annotations

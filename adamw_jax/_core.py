@@ -1,7 +1,7 @@
 """The Adam-family gradient transformation behind ``scale_by_adam``, ``adamw`` and ``adam``.
 
 The math and every deliberate difference from torch and optax are written
-once, in ``docs/math.md`` (the math, the differences from torch and optax); this
+once, in [the math](math.md) (the math, the differences from torch and optax); this
 module wires the hyperparameters, the state, the per-step scalars and the two
 twin kernels (``_kernel``, pure JAX; ``_native``, the CPU kernel) together, in
 one step loop for every option: the low-memory ones (``_lowmem``) only choose
@@ -74,7 +74,7 @@ class AdamUpdate:
 
   Calling it is optax's ``update(updates, state, params=None, **extra_args)``
   (the extra arguments, e.g. a loss ``value`` meant for another transform of a
-  chain, are ignored); :meth:`step` is :func:`adamw_jax.fused_step`.
+  chain, are ignored); `step` is [`fused_step`][adamw_jax.fused_step].
   """
 
   def __init__(self, update: Callable, step: Callable):
@@ -100,7 +100,7 @@ def check_count(count: Any, what: str) -> None:
   The dtype and shape are checked when the step is traced. The value is
   checked here only when it is a Python or NumPy integer (free to read); a
   jax.Array is checked inside the step by ``checkify.debug_check``
-  (:func:`_check_count_traced`), as reading it here would cost a device round
+  (`_check_count_traced`), as reading it here would cost a device round
   trip per step.
   """
   integer = (hasattr(count, "dtype") and jnp.issubdtype(count.dtype, jnp.integer)) or (
@@ -174,7 +174,7 @@ def _eps_hint(options: _lowmem.Options) -> str:
 
 
 def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtraArgs:
-  """One Adam-family transform, from its checked settings (:class:`~adamw_jax._hyperparams.Settings`).
+  """One Adam-family transform, from its checked settings (`Settings`).
 
   With ``s.direction_only`` (and no learning rate) it returns the
   bias-corrected Adam direction (``scale_by_adam``); otherwise it returns

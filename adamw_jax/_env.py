@@ -1,8 +1,8 @@
 """The environment switches: every variable adamw_jax reads, read here and nowhere else.
 
 What each one does is written once, in the API reference
-(``docs/api.md``, "Environment switches"; ``tests/test_docs.py`` keeps that
-table equal to :data:`SWITCHES`). Each is read when a step is traced, so a
+([the API reference](api.md), "Environment switches"; ``tests/test_docs.py`` keeps that
+table equal to `SWITCHES`). Each is read when a step is traced, so a
 change takes effect at the next trace (jitted steps retrace: the value is a
 static argument of the compiled step).
 """

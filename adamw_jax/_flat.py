@@ -1,11 +1,11 @@
 """Flat buffers: parameters (and so gradients and moments) in one 1-D array per dtype.
 
 ``flatten(params)`` packs the leaves of a pytree into one buffer per dtype (per
-dtype and decay group when given a mask) and returns a :class:`FlatParams`, a
+dtype and decay group when given a mask) and returns a [`FlatParams`][adamw_jax.FlatParams], a
 pytree whose children are those buffers. Every optax transform therefore runs
 on a handful of large arrays instead of many small ones: one kernel launch per
 buffer, one output per buffer, and compile time that does not grow with the
-number of leaves. Inside the loss, :meth:`FlatParams.view` gives back the
+number of leaves. Inside the loss, [`FlatParams.view`][adamw_jax.FlatParams.view] gives back the
 model's pytree (slices and reshapes); its gradient is again a ``FlatParams``,
 built by writing each leaf's gradient into its place in the buffer (a
 ``jax.custom_vjp``), not by summing one zero-padded copy per leaf.
@@ -48,7 +48,7 @@ class Slot(NamedTuple):
 
 
 class Layout:
-  """The static part of a :class:`FlatParams`: the model's treedef and each leaf's slot.
+  """The static part of a `FlatParams`: the model's treedef and each leaf's slot.
 
   Hashed once: jit hashes the pytree aux data on every call.
   """
@@ -119,15 +119,15 @@ def _placed(path: str, slot: Slot, names: tuple[str, ...]) -> str:
 class FlatParams(_tree.ResolvesMasks):
   """A model's parameters packed into a few flat buffers; a pytree of those buffers.
 
-  Build it with :func:`adamw_jax.flatten`. Its children (``.buffers``) are one
+  Build it with [`flatten`][adamw_jax.flatten]. Its children (``.buffers``) are one
   1-D array per dtype (per dtype and decay group if ``flatten`` had a mask),
-  plus any sharded leaf kept whole; its static aux data is the :class:`Layout`.
+  plus any sharded leaf kept whole; its static aux data is the `Layout`.
   ``jax.tree.map``, ``optax.apply_updates`` and every optax transform treat it
   as any pytree, so gradients, updates and optimizer moments of a
   ``FlatParams`` are ``FlatParams`` with the same layout.
 
-  - :meth:`view`: the model's pytree, differentiable (gradients come out flat);
-  - :meth:`pack`: a pytree shaped like the model (e.g. gradients computed on
+  - `view`: the model's pytree, differentiable (gradients come out flat);
+  - `pack`: a pytree shaped like the model (e.g. gradients computed on
     the tree) packed with this layout.
   """
 
@@ -206,7 +206,7 @@ class FlatParams(_tree.ResolvesMasks):
     """A mask written for the model's tree, as one bool per child.
 
     Raises ValueError if a child holds leaves the mask decays and leaves it
-    does not: pass the same mask to :func:`flatten` to keep them apart.
+    does not: pass the same mask to [`flatten`][adamw_jax.flatten] to keep them apart.
     """
     resolved = _tree.resolve_mask(mask, self.shapes(), what=what)
     leaf_mask = self.layout.treedef.flatten_up_to(resolved)
@@ -311,7 +311,7 @@ def _sharding(leaf):
 def flatten(
   params: Any, *, mask: _tree.MaskOrFn | None = None, moment_block_size: int | None = None
 ) -> FlatParams:
-  """`params` packed into one flat buffer per dtype: a :class:`FlatParams`.
+  """`params` packed into one flat buffer per dtype: a [`FlatParams`][adamw_jax.FlatParams].
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> flat = adamw_jax.flatten({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
@@ -325,7 +325,7 @@ def flatten(
   Args:
     params: the model's parameters, a pytree of floating-point or complex arrays.
     mask: optional weight-decay mask for `params` (a bool pytree or prefix of
-      it, or a callable such as :func:`adamw_jax.decay_mask`). Decayed and
+      it, or a callable such as [`decay_mask`][adamw_jax.decay_mask]). Decayed and
       non-decayed leaves then go to separate buffers, so that the same mask
       given to ``adamw_jax.adamw`` applies to whole buffers. It only groups the
       leaves: which are decayed is still decided by the transform's ``mask``.
@@ -342,7 +342,7 @@ def flatten(
   leaves on several devices are packed with each other, by sharding.
 
   Returns:
-    A :class:`FlatParams`; ``flat.view()`` gives the model's pytree back.
+    A [`FlatParams`][adamw_jax.FlatParams]; ``flat.view()`` gives the model's pytree back.
   """
   _tree.check_params(params, "flatten")
   if moment_block_size is not None:

@@ -11,7 +11,7 @@ Every product is formed from operands split by bit masking into halves whose
 products are exact, so the results do not depend on whether the compiler
 contracts multiply-adds. These helpers are only used on scalars (or on small
 batches of them under ``vmap``): their cost is a few dozen scalar operations
-per step. See ``docs/fidelity.md`` ("How close to PyTorch?").
+per step. See [Fidelity](fidelity.md) ("How close to PyTorch?").
 """
 
 from __future__ import annotations

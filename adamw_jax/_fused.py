@@ -26,7 +26,7 @@ def fused_step(
   ``optax.apply_updates``.
 
   Args:
-    tx: a transform made by :func:`adamw_jax.adamw` or :func:`adamw_jax.adam`
+    tx: a transform made by [`adamw`][adamw_jax.adamw] or [`adam`][adamw_jax.adam]
       (not a chain: the step is the whole optimizer).
     grads: the gradients, a tree like `params`.
     state: ``tx``'s state.

@@ -196,12 +196,12 @@ def param_groups(
   ``torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params":
   no_decay, "weight_decay": 0.0}], lr=1e-3)`` becomes
 
-  .. code-block:: python
-
-     tx = adamw_jax.param_groups(
-         {"decay": (adamw_jax.decay_mask, {"weight_decay": 0.1}),
-          "no_decay": (r"(^|/)(bias|scale)$", {"weight_decay": 0.0})},
-         learning_rate=1e-3)
+  ```python
+  tx = adamw_jax.param_groups(
+      {"decay": (adamw_jax.decay_mask, {"weight_decay": 0.1}),
+       "no_decay": (r"(^|/)(bias|scale)$", {"weight_decay": 0.0})},
+      learning_rate=1e-3)
+  ```
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> params = {"dense": {"bias": jnp.zeros(2), "kernel": jnp.ones((2, 2))}}
@@ -220,10 +220,10 @@ def param_groups(
   overrides)``, where the selector is
 
   - a regex string or a sequence of them, over the '/'-joined key path of each
-    parameter (``re.search``, as in :func:`adamw_jax.decay_mask`): the group
+    parameter (``re.search``, as in [`decay_mask`][adamw_jax.decay_mask]): the group
     takes the parameters that any of them matches;
   - a bool mask: a pytree like the params, a prefix of it, or a callable
-    ``params -> mask`` such as :func:`adamw_jax.decay_mask`;
+    ``params -> mask`` such as [`decay_mask`][adamw_jax.decay_mask];
 
   or ``labels`` is given (a pytree of group names like the params, a prefix of
   it, or a callable ``params -> labels``) and each group is just its overrides
@@ -249,7 +249,7 @@ def param_groups(
   Args:
     groups: group name -> ``(selector, overrides)``, or -> ``overrides`` with
       ``labels``. Overrides are a mapping of hyperparameter name to value:
-      any keyword argument of `optimizer` but ``mask`` (for :func:`adamw`,
+      any keyword argument of `optimizer` but ``mask`` (for [`adamw`][adamw_jax.adamw],
       ``learning_rate`` ... ``peak_learning_rate``; torch's ``lr`` is
       ``learning_rate``, ``betas`` is ``b1`` and ``b2``).
     labels: a pytree of group names, or a callable returning one.
@@ -265,7 +265,7 @@ def param_groups(
   Returns:
     An ``optax.partition`` of one ``optimizer`` per group. Its state is an
     ``optax.PartitionState`` whose ``inner_states[name].inner_state`` is the
-    group's :class:`ScaleByAdamState` (parameters of other groups hold
+    group's [`ScaleByAdamState`][adamw_jax.ScaleByAdamState] (parameters of other groups hold
     ``optax.MaskedNode()``).
 
   Raises:

@@ -1,8 +1,8 @@
 """The hyperparameters of adamw, adam and scale_by_adam: one table, and the checks made from it.
 
-:data:`TABLE` declares each hyperparameter once: its name, kind, default,
+`TABLE` declares each hyperparameter once: its name, kind, default,
 validation rule, torch's param-group key (or why torch has none), whether it
-may be a schedule, and whether :func:`adamw_jax.param_groups` takes it per
+may be a schedule, and whether [`param_groups`][adamw_jax.param_groups] takes it per
 group. From it come the checks made when a transform is built (with torch's
 wording), the hyperparameters ``param_groups`` accepts, and the param-group
 keys ``from_torch`` reads and ``to_torch_state_dict`` writes.
@@ -229,7 +229,7 @@ def default(hp: Hyperparameter, factory: str) -> Any:
 
 
 def per_group() -> tuple[Hyperparameter, ...]:
-  """The hyperparameters :func:`adamw_jax.param_groups` takes per group (and shared)."""
+  """The hyperparameters [`param_groups`][adamw_jax.param_groups] takes per group (and shared)."""
   return tuple(h for h in TABLE if not h.not_per_group)
 
 
@@ -303,10 +303,10 @@ def check_traced(
 ) -> None:
   """A check of a value known only inside the trace: a ``checkify.debug_check``.
 
-  Only with ``ADAMW_JAX_CHECKIFY=1`` (:func:`traced_checks`). It then
+  Only with ``ADAMW_JAX_CHECKIFY=1`` (`traced_checks`). It then
   compiles to no operation unless the step runs under
   ``jax.experimental.checkify.checkify``, which reports the message; the
-  outcome without checkify is in ``docs/bad-inputs.md``. `context` is
+  outcome without checkify is in [Bad inputs](bad-inputs.md). `context` is
   appended to the message, with ``{}`` for each of `args`.
   """
   if not traced_checks():
@@ -341,7 +341,7 @@ def check(name: str, value: Any) -> None:
   """Raises if a number hyperparameter given as a number (or a schedule, at step 0) is invalid.
 
   A traced value (``optax.inject_hyperparams``, ``jax.grad`` with respect to
-  it) is checked by :func:`check_traced` instead.
+  it) is checked by `check_traced` instead.
   """
   hp = BY_NAME[name]
   if callable(value):
@@ -463,8 +463,8 @@ def is_zero(value: Any) -> bool:
 class Settings:
   """One transform's hyperparameters, checked: everything ``_core.adam_transform`` builds from.
 
-  Made by :meth:`of` from the factory's keyword arguments; those not given
-  take :data:`TABLE`'s default. The fields after `direction_only` are the
+  Made by `of` from the factory's keyword arguments; those not given
+  take `TABLE`'s default. The fields after `direction_only` are the
   table's, in its order (``tests/test_hyperparams.py`` holds them together).
 
   Attributes:
@@ -502,7 +502,7 @@ class Settings:
   ) -> Settings:
     """The checked settings of the factory `name` given the keyword arguments `values`.
 
-    Raises ValueError or TypeError for an invalid value (:func:`checked`).
+    Raises ValueError or TypeError for an invalid value (`checked`).
     """
     given = checked(
       name, decoupled=decoupled, optional=("learning_rate",) if direction_only else (), **values

@@ -1,13 +1,13 @@
 """Optimizer state between ``torch.optim.AdamW`` / ``torch.optim.Adam`` and adamw_jax, both ways.
 
 torch keeps, per parameter, ``step``, ``exp_avg``, ``exp_avg_sq`` and (AMSGrad)
-``max_exp_avg_sq``; :class:`adamw_jax.ScaleByAdamState` holds the same numbers
+``max_exp_avg_sq``; [`ScaleByAdamState`][adamw_jax.ScaleByAdamState] holds the same numbers
 as ``count``, ``mu``, ``nu`` and ``nu_max``, so a run moves across with its
 moments. Which torch parameter is which pytree leaf is decided by order, or by
-torch's parameter names and a mapping (see :func:`flax_layout`). The
+torch's parameter names and a mapping (see [`flax_layout`][adamw_jax.flax_layout]). The
 low-memory references (torchao's ``AdamW8bit``, torch-optimi's ``AdamW``) come
 and go with their 8-bit moments and Kahan compensation into a
-:class:`adamw_jax.LowMemoryAdamState` (:mod:`adamw_jax._references`).
+[`LowMemoryAdamState`][adamw_jax.LowMemoryAdamState] (`adamw_jax._references`).
 """
 
 from __future__ import annotations
@@ -478,11 +478,11 @@ def from_torch(
 ) -> tuple[optax.GradientTransformation, Any]:
   """A torch AdamW / Adam run as ``(tx, opt_state)``: the transform and its state, moments and all.
 
-  .. code-block:: python
-
-     tx, opt_state = adamw_jax.from_torch(optimizer, params)                # by order
-     tx, opt_state = adamw_jax.from_torch(optimizer, flax_params, names=model,
-                                          mapping=adamw_jax.flax_layout(flax_params))
+  ```python
+  tx, opt_state = adamw_jax.from_torch(optimizer, params)                # by order
+  tx, opt_state = adamw_jax.from_torch(optimizer, flax_params, names=model,
+                                       mapping=adamw_jax.flax_layout(flax_params))
+  ```
 
   >>> import torch, jax.numpy as jnp, adamw_jax
   >>> w = torch.nn.Parameter(torch.ones(3))
@@ -493,9 +493,9 @@ def from_torch(
   1 [0.1 0.1 0.1]
 
   The next ``tx.update(grads, opt_state, params)`` is torch's next
-  ``optimizer.step()``. One param group gives :func:`adamw_jax.adamw` (or
-  :func:`adamw_jax.adam` for ``torch.optim.Adam`` without
-  ``decoupled_weight_decay``); several give :func:`adamw_jax.param_groups`
+  ``optimizer.step()``. One param group gives [`adamw`][adamw_jax.adamw] (or
+  [`adam`][adamw_jax.adam] for ``torch.optim.Adam`` without
+  ``decoupled_weight_decay``); several give [`param_groups`][adamw_jax.param_groups]
   with groups named ``"group0"``, ``"group1"``, ... in torch's order, each
   with its own step count. ``foreach``, ``fused``, ``capturable`` and
   ``differentiable`` choose torch's implementation, not the math, and are
@@ -507,13 +507,13 @@ def from_torch(
   `mapping` is given, the ``param_names`` torch stores for an optimizer built
   from ``model.named_parameters()``), each torch name goes to the path
   ``mapping(name)`` (default: dots become slashes), optionally with axes to
-  transpose by: :func:`flax_layout` does Linear and Conv weights. Every leaf
+  transpose by: [`flax_layout`][adamw_jax.flax_layout] does Linear and Conv weights. Every leaf
   must get exactly one torch parameter.
 
   **The low-memory references.** A ``torchao.optim.AdamW8bit`` /
   ``Adam8bit`` gives ``moment_bits=8`` with its ``block_size`` (and
   ``param_rounding="stochastic"`` with ``bf16_stochastic_round``): its 8-bit
-  moments' codes and scales become :class:`adamw_jax.QuantizedMoment` bit
+  moments' codes and scales become [`QuantizedMoment`][adamw_jax.QuantizedMoment] bit
   for bit. Pass the optimizer, not its state dict (which lacks those
   settings). An ``optimi.AdamW`` / ``Adam`` gives ``param_rounding="kahan"``
   with its ``kahan_sum`` (its ``kahan_comp`` becomes the ``compensation``
@@ -527,13 +527,15 @@ def from_torch(
   arrays): `tx` has ``param_rounding="remainder"`` and `opt_state` is the
   state of their bfloat16 parameters, torch's moments (float32) and the
   remainders that make each bfloat16 parameter its float32 master exactly;
-  :func:`adamw_jax.split_master` gives the bfloat16 parameters::
+  [`split_master`][adamw_jax.split_master] gives the bfloat16 parameters:
 
-     tx, opt_state = adamw_jax.from_torch(optimizer, master, param_rounding="remainder")
-     params, opt_state = adamw_jax.split_master(master, opt_state)
+  ```python
+  tx, opt_state = adamw_jax.from_torch(optimizer, master, param_rounding="remainder")
+  params, opt_state = adamw_jax.split_master(master, opt_state)
+  ```
 
   The run then continues torch's float32 run bit for bit
-  (``docs/low-memory.md``); :func:`adamw_jax.master_params` gives torch's
+  ([Low-memory AdamW](low-memory.md)); [`master_params`][adamw_jax.master_params] gives torch's
   parameters back.
 
   **Refused, with an error saying what differs:** another optimizer class; a
@@ -553,7 +555,7 @@ def from_torch(
     names: torch parameter names in the optimizer's order: the torch module
       (matched by identity; needs the optimizer), or a list of strings.
     mapping: torch name -> JAX path (``'/'``-joined), or -> ``(path, axes)``:
-      a dict, a function, or :func:`flax_layout`.
+      a dict, a function, or [`flax_layout`][adamw_jax.flax_layout].
     learning_rate: replaces torch's ``lr``: a float or an optax schedule
       ``count -> lr`` (``count`` continues from torch's step), or a list of
       one per param group. Needed when an LR scheduler is attached.
@@ -563,7 +565,8 @@ def from_torch(
       remainders (torch.optim.AdamW / Adam only).
 
   Returns:
-    ``(tx, opt_state)``; :func:`to_torch_state_dict` takes `tx` back to torch.
+    ``(tx, opt_state)``; [`to_torch_state_dict`][adamw_jax.to_torch_state_dict] takes `tx`
+    back to torch.
   """
   what = "from_torch"
   sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)
@@ -741,10 +744,10 @@ def to_torch_state_dict(
 ) -> dict:
   """The ``state_dict()`` of a torch AdamW / Adam that continues a JAX run.
 
-  .. code-block:: python
-
-     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
-     optimizer.load_state_dict(adamw_jax.to_torch_state_dict(optimizer, opt_state))
+  ```python
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+  optimizer.load_state_dict(adamw_jax.to_torch_state_dict(optimizer, opt_state))
+  ```
 
   >>> import torch, jax.numpy as jnp, adamw_jax
   >>> params = {"w": jnp.ones(3)}
@@ -758,19 +761,19 @@ def to_torch_state_dict(
 
   With ``param_rounding="remainder"`` the state dict is torch's float32 AdamW
   state (the moments are float32); the torch parameters are the float32
-  master weights, :func:`adamw_jax.master_params` (copy them into the model).
+  master weights, [`master_params`][adamw_jax.master_params] (copy them into the model).
 
   Args:
     tx_or_optimizer: the torch optimizer that is to continue (torch's, torchao's
       ``AdamW8bit`` / ``Adam8bit``, which get ``OptimState8bit`` moments, or
       optimi's, which get ``kahan_comp`` and the group's ``step``; its param groups
       give the hyperparameters and group membership; `names` and `mapping`
-      say which leaf is which parameter, as in :func:`from_torch`), or the
-      `tx` that :func:`from_torch` returned (everything is known from it).
+      say which leaf is which parameter, as in [`from_torch`][adamw_jax.from_torch]), or the
+      `tx` that [`from_torch`][adamw_jax.from_torch] returned (everything is known from it).
     opt_state: the state of an adamw_jax transform (``adamw``, ``adam``,
       ``param_groups``, or a chain holding one), or ``nnx.Optimizer.opt_state``.
-    names: as in :func:`from_torch` (with a torch optimizer only).
-    mapping: as in :func:`from_torch` (with a torch optimizer only).
+    names: as in [`from_torch`][adamw_jax.from_torch] (with a torch optimizer only).
+    mapping: as in [`from_torch`][adamw_jax.from_torch] (with a torch optimizer only).
 
   Returns:
     A state dict for ``optimizer.load_state_dict``: per parameter ``step``
@@ -781,7 +784,7 @@ def to_torch_state_dict(
     ValueError: when the state does not fit the optimizer: a parameter without
       a leaf or the other way round, another shape, AMSGrad on one side only.
     TypeError: when `tx_or_optimizer` is neither a torch optimizer nor a
-      transform made by :func:`from_torch`.
+      transform made by [`from_torch`][adamw_jax.from_torch].
   """
   what = "to_torch_state_dict"
   torch = _torch()

@@ -1,31 +1,33 @@
 """The one elementwise Adam/AdamW kernel, in torch's rounding order.
 
 Every public transform (``scale_by_adam``, ``adamw``, ``adam``) calls
-:func:`adam_leaf` for each parameter leaf; nothing else in the package writes
+`adam_leaf` for each parameter leaf; nothing else in the package writes
 the Adam math. The operation order reproduces ``torch.optim.AdamW``'s
-single-tensor CPU path (``foreach=False``) operation by operation::
+single-tensor CPU path (``foreach=False``) operation by operation:
 
-  g  <- -g                               if maximize
-  g  <- fma(wd, p, g)                    Adam's L2 term: grad.add(param, alpha=wd)
-  p  <- p * (1 - lr*wd)                  AdamW's decoupled decay: param.mul_(...)
-  m  <- fma(1 - b1, g - m, m)            exp_avg.lerp_(g, 1 - b1)
-  v  <- fma((1 - b2) * g, g, v * b2)     exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
-  vm <- max(vm, v)                       amsgrad
-  d  <- sqrt(v) / sqrt(1 - b2**t) + eps  (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-  p  <- p + (s * m) / d                  param.addcdiv_(m, d, value=s), s = -lr / (1 - b1**t)
+```text
+g  <- -g                               if maximize
+g  <- fma(wd, p, g)                    Adam's L2 term: grad.add(param, alpha=wd)
+p  <- p * (1 - lr*wd)                  AdamW's decoupled decay: param.mul_(...)
+m  <- fma(1 - b1, g - m, m)            exp_avg.lerp_(g, 1 - b1)
+v  <- fma((1 - b2) * g, g, v * b2)     exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+vm <- max(vm, v)                       amsgrad
+d  <- sqrt(v) / sqrt(1 - b2**t) + eps  (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+p  <- p + (s * m) / d                  param.addcdiv_(m, d, value=s), s = -lr / (1 - b1**t)
+```
 
 XLA contracts ``a * b + c`` into a fused multiply-add when ``a * b`` is the
 first operand of the addition (measured on CPU), so the expressions below are
 written in that order where torch fuses and separated by
-:func:`adamw_jax._steer.rounded` where it does not; the division by
-``sqrt(1 - b2**t)`` is :func:`adamw_jax._steer.divide_by_scalar` (every trick
+`adamw_jax._steer.rounded` where it does not; the division by
+``sqrt(1 - b2**t)`` is `adamw_jax._steer.divide_by_scalar` (every trick
 that steers XLA lives in ``_steer``). Tests in ``tests/test_fidelity.py`` pin
 all of this against torch bit for bit. The native CPU kernel (``_native.cc``)
 is this kernel's twin, tested bit for bit against it (``tests/test_native.py``).
 
 With the opt-in ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
 the same operations are laid out so that XLA fuses the whole step into one
-pass over memory (:func:`_real_kernel`); ``tests/test_one_pass.py`` checks
+pass over memory (`_real_kernel`); ``tests/test_one_pass.py`` checks
 that the results do not change by a bit.
 """
 
@@ -70,7 +72,7 @@ def _real_step(
   """The kernel on real arrays of one compute dtype. Returns (out, mu, nu, nu_max).
 
   `out` is the new parameter when `param` is given, else the step ``(s*m)/d``.
-  `z` is the step's :func:`adamw_jax._steer.opaque_zero`, for the steering tricks.
+  `z` is the step's `adamw_jax._steer.opaque_zero`, for the steering tricks.
   `moments`: the new ``(mu, nu, nu_max)``, already computed by the native twin
   (``_native``), which leaves only the parameter's step to this kernel.
   """
@@ -119,7 +121,7 @@ def _real_kernel(
   l2: jax.Array | None,
   decay: jax.Array | None,
 ):
-  """:func:`_real_step`, laid out for one pass over memory when XLA can fuse it so.
+  """`_real_step`, laid out for one pass over memory when XLA can fuse it so.
 
   XLA on CPU emits one loop per output unless multi-output fusion is on. The
   parameter loop then reads the new moments back from memory (40 bytes per
@@ -127,7 +129,7 @@ def _real_kernel(
   parameter's output is recomputed from the inputs instead: its loop and the
   moments' loops become siblings reading the same arrays, which XLA merges
   into one loop writing all outputs. The gradient, the second moment and the
-  parameter of the recomputation pass through :func:`rounded`, so that
+  parameter of the recomputation pass through `rounded`, so that
   common-subexpression elimination cannot merge its products back into the
   moments' loops (every product involves one of the three; hiding fewer
   splits the loop or, with Adam's L2 term, moves an FMA); the values, and so
@@ -179,7 +181,7 @@ def adam_leaf(
   """One leaf's Adam/AdamW step. Returns ``(out, mu, nu, nu_max)``.
 
   `c` holds the step's scalars (``_scalars.coefficients``); `z` is the step's
-  :func:`adamw_jax._steer.opaque_zero`, which the steering tricks OR into bits.
+  `adamw_jax._steer.opaque_zero`, which the steering tricks OR into bits.
 
   `out` is the new parameter if `param` is given, else the (unscaled) Adam step.
   The moments come back in their own dtypes and `out` in the dtype of `param`

@@ -2,7 +2,7 @@
 
 A mapping takes a torch parameter name (``named_parameters()``) to a
 '/'-joined pytree path, or to ``(path, axes)`` when the layouts differ (torch
-array -> JAX array is ``np.transpose(x, axes)``). :func:`flax_layout` is the
+array -> JAX array is ``np.transpose(x, axes)``). [`flax_layout`][adamw_jax.flax_layout] is the
 ready one for Flax models.
 """
 
@@ -54,17 +54,15 @@ def flax_layout(params: Any, rename: Rename | None = None) -> Callable[[str], tu
   also tried as Linen's ``layers_0``); every other name keeps its attribute
   (``fc1.bias`` -> ``fc1/bias``). Layouts:
 
-  ========================================  ====================  ===================
-  torch                                     Flax                  axes (torch -> Flax)
-  ========================================  ====================  ===================
-  ``Linear.weight`` (out, in)               ``Dense.kernel``      (in, out)
-  ``Conv1d/2d/3d.weight`` (O, I, *spatial)  ``Conv.kernel``       (*spatial, I, O)
-  ``LayerNorm/BatchNorm/...weight``         ``scale``             as is
-  ``Embedding.weight``                      ``embedding``         as is
-  ========================================  ====================  ===================
+  | torch | Flax | axes (torch -> Flax) |
+  |---|---|---|
+  | `Linear.weight` `(out, in)` | `Dense.kernel` | `(in, out)` |
+  | `Conv1d/2d/3d.weight` `(O, I, *spatial)` | `Conv.kernel` | `(*spatial, I, O)` |
+  | `LayerNorm/BatchNorm/...weight` | `scale` | as is |
+  | `Embedding.weight` | `embedding` | as is |
 
   ``ConvTranspose`` and fused attention projections have other layouts: map
-  them with your own function (see :func:`from_torch`).
+  them with your own function (see [`from_torch`][adamw_jax.from_torch]).
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
@@ -79,8 +77,8 @@ def flax_layout(params: Any, rename: Rename | None = None) -> Callable[[str], tu
       differently (a mapping, or a callable); e.g. ``{"features.0": "conv1"}``.
 
   Returns:
-    ``name -> (path, axes)``, for the `mapping` argument of :func:`from_torch`
-    and :func:`to_torch_state_dict`.
+    ``name -> (path, axes)``, for the `mapping` argument of [`from_torch`][adamw_jax.from_torch]
+    and [`to_torch_state_dict`][adamw_jax.to_torch_state_dict].
   """
   paths = dict(_tree.flatten_params(params)[0])
 

@@ -1,15 +1,15 @@
 """Low-memory AdamW: the options ``param_rounding`` and ``moment_bits``, their state and its checks.
 
 The options change two things per leaf, each a hook of the one step
-(``_core``): how its moments are held (:mod:`adamw_jax._moments`: full
+(``_core``): how its moments are held (`adamw_jax._moments`: full
 precision, or ``moment_bits=8``/``4`` block-wise quantized for leaves of at
 least 4096 elements) and how its parameter is written
-(:mod:`adamw_jax._writes`: ``param_rounding="stochastic"``, ``"kahan"`` or
-``"remainder"`` for bfloat16 leaves). :class:`Options` picks the hooks of each
+(`adamw_jax._writes`: ``param_rounding="stochastic"``, ``"kahan"`` or
+``"remainder"`` for bfloat16 leaves). `Options` picks the hooks of each
 leaf; leaves that use neither get exactly the plain step, native kernel
-included. With an option on, the state is a :class:`LowMemoryAdamState`,
+included. With an option on, the state is a [`LowMemoryAdamState`][adamw_jax.LowMemoryAdamState],
 which also holds the PRNG key of stochastic rounding, the Kahan compensation
-buffers or the master weights' remainders; :func:`check_state` refuses a
+buffers or the master weights' remainders; `check_state` refuses a
 state made with other options than the transform's.
 """
 
@@ -29,11 +29,15 @@ class LowMemoryAdamState(NamedTuple):
   """State of ``adamw``/``adam``/``scale_by_adam`` with ``param_rounding`` or ``moment_bits``.
 
   Attributes:
-    count: int32 step count, as :class:`adamw_jax.ScaleByAdamState`'s.
-    mu, nu, nu_max: the moments as in ``ScaleByAdamState``; with
-      ``moment_bits=8`` or ``4`` a leaf of at least 4096 elements (a multiple
-      of the block size) holds a :class:`adamw_jax.QuantizedMoment` instead
-      (4-bit: its subclass ``PackedQuantizedMoment``, flat codes two a byte).
+    count: int32 step count, as [`ScaleByAdamState`][adamw_jax.ScaleByAdamState]'s.
+    mu: the first moment, as in ``ScaleByAdamState``; with ``moment_bits=8``
+      or ``4`` a leaf of at least 4096 elements (a multiple of the block size)
+      holds a [`QuantizedMoment`][adamw_jax.QuantizedMoment] instead (4-bit:
+      its subclass [`PackedQuantizedMoment`][adamw_jax.PackedQuantizedMoment],
+      flat codes two a byte).
+    nu: the second moment, as in ``ScaleByAdamState``, quantized as `mu` is.
+    nu_max: with ``amsgrad=True``, the running maximum of `nu`, quantized as
+      `mu` is; else None.
     key: with ``param_rounding="stochastic"``: the raw uint32[2] PRNG key of
       the next step's rounding (split once per step), else None.
     compensation: with ``param_rounding="kahan"``: one buffer per leaf, in the
@@ -41,7 +45,7 @@ class LowMemoryAdamState(NamedTuple):
       for the others; else None.
     remainder: with ``param_rounding="remainder"``: one int16 array per
       bfloat16 leaf, the low 16 bits of its float32 master weight
-      (:func:`adamw_jax.master_params`), ``optax.MaskedNode()`` for the other
+      ([`master_params`][adamw_jax.master_params]), ``optax.MaskedNode()`` for the other
       leaves; else None.
   """
 
@@ -75,7 +79,7 @@ class Options:
 
   @property
   def enabled(self) -> bool:
-    """Whether the state is a :class:`LowMemoryAdamState` (an option is on)."""
+    """Whether the state is a `LowMemoryAdamState` (an option is on)."""
     return self.param_rounding != "nearest" or self.quantization is not None
 
   @property

@@ -4,10 +4,10 @@ A bfloat16 parameter written by round-to-nearest loses every update smaller
 than half its ulp (2**-9 relative), so a small learning rate stops moving it.
 Two cures, both given the new parameter computed in float32:
 
-- :func:`stochastic_round_bf16` rounds up or down with probabilities that make
+- `stochastic_round_bf16` rounds up or down with probabilities that make
   the written value unbiased (torchao's ``_fp32_to_bf16_sr``: the low 16 bits of
   the float32 word against 16 random bits).
-- :func:`kahan_write` keeps the part of the update the bfloat16 parameter could
+- `kahan_write` keeps the part of the update the bfloat16 parameter could
   not hold in a compensation buffer of the parameter's dtype and adds it back
   at the next step (torch-optimi's ``kahan_sum=True``, operation for operation).
 """
@@ -45,9 +45,11 @@ def stochastic_round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
 def kahan_write(param: jax.Array, compensation: jax.Array, update: jax.Array):
   """``param + update`` with Kahan compensation: ``(new_param, new_compensation)``.
 
-  torch-optimi's steps, each rounded to the parameter's dtype::
+  torch-optimi's steps, each rounded to the parameter's dtype:
 
-    c <- c + u;  p' <- p + c;  c <- c + (p - p')
+  ```text
+  c <- c + u;  p' <- p + c;  c <- c + (p - p')
+  ```
 
   `update` (float32) is the whole change torch's step makes to the parameter,
   weight decay included.

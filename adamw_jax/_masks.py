@@ -17,7 +17,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
   r"(^|/)(scale|offset)$",
   r"(?i)(^|/)([^/]*norm[^/]*|(ln|bn|gn)[^/]*)/weight$",
 )
-"""The rules :func:`decay_mask` excludes by default.
+"""The rules [`decay_mask`][adamw_jax.decay_mask] excludes by default.
 
 - ``(^|/)bias$``: every bias (Dense, Conv, attention, LayerNorm, BatchNorm, ...);
 - ``(^|/)(scale|offset)$``: normalisation scales and offsets of Flax (LayerNorm,
@@ -70,7 +70,7 @@ def decay_mask(
   (integers, ``None``, an Equinox module's functions) are never decayed and
   rules ignore them.
 
-  **The default** (:data:`adamw_jax.DEFAULT_EXCLUDE`, ``min_ndim=2``) is the usual
+  **The default** ([`DEFAULT_EXCLUDE`][adamw_jax.DEFAULT_EXCLUDE], ``min_ndim=2``) is the usual
   transformer recipe: kernels and embeddings are decayed; biases, and the
   scales and offsets of LayerNorm, BatchNorm, RMSNorm and GroupNorm, are not.
   The name rules and the ndim rule agree on ordinary models and each catches
@@ -118,18 +118,18 @@ def decay_mask(
     params: the parameters (only their structure, paths, shapes and dtypes are read).
     include: rules (regex strings or compiled patterns) for parameters to decay
       whatever the other rules say.
-    exclude: rules for parameters not to decay. Default :data:`DEFAULT_EXCLUDE`.
+    exclude: rules for parameters not to decay. Default [`DEFAULT_EXCLUDE`][adamw_jax.DEFAULT_EXCLUDE].
     min_ndim: parameters with fewer effective dimensions are not decayed.
     stacked_axes: leading axes that stack layers and do not count towards the
       ndim: an int for every parameter, or a mapping ``rule -> int``.
     allow_unmatched: every rule in ``include``, ``exclude`` and ``stacked_axes``
       must match at least one parameter (a rule that matches nothing is usually
-      a typo), except the rules of :data:`DEFAULT_EXCLUDE` (a model may have no
+      a typo), except the rules of [`DEFAULT_EXCLUDE`][adamw_jax.DEFAULT_EXCLUDE] (a model may have no
       biases). ``True`` lifts the check.
 
   Returns:
     A pytree like `params` with ``True`` where weight decay applies. For a
-    :class:`adamw_jax.FlatParams` it decides on the model's tree and returns
+    [`FlatParams`][adamw_jax.FlatParams] it decides on the model's tree and returns
     one bool per buffer (an error if a buffer holds both kinds of leaf).
 
   Raises:
@@ -199,9 +199,9 @@ def _shape_text(shape) -> str:
 def describe_mask(params: Any, mask: _tree.MaskOrFn) -> str:
   """A table of the parameters, their shapes, dtypes and whether `mask` decays them, with totals.
 
-  `mask` is anything the ``mask`` argument of :func:`adamw_jax.adamw` accepts:
+  `mask` is anything the ``mask`` argument of [`adamw`][adamw_jax.adamw] accepts:
   a bool pytree like `params`, a prefix of it, or a callable ``params -> mask``
-  (e.g. :func:`adamw_jax.decay_mask`). Returns a string, for ``print``:
+  (e.g. [`decay_mask`][adamw_jax.decay_mask]). Returns a string, for ``print``:
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> params = {"embed": {"embedding": jnp.zeros((100, 8))},

@@ -2,9 +2,9 @@
 
 A state of ``param_rounding="remainder"`` holds one int16 remainder per
 bfloat16 parameter (``LowMemoryAdamState.remainder``); the parameter and its
-remainder are the float32 master weight exactly (:mod:`adamw_jax._remainder`).
-:func:`master_params` gives the masters (to evaluate, export, or load into a
-torch model after ``to_torch_state_dict``); :func:`split_master` is its
+remainder are the float32 master weight exactly (`adamw_jax._remainder`).
+[`master_params`][adamw_jax.master_params] gives the masters (to evaluate, export, or load into a
+torch model after ``to_torch_state_dict``); [`split_master`][adamw_jax.split_master] is its
 inverse: the bfloat16 parameters of given float32 masters, and the state with
 their remainders (to start from float32 weights, or after ``from_torch``).
 Both look for every ``LowMemoryAdamState`` with remainders in the optimizer
@@ -116,7 +116,7 @@ def master_params(params: Any, opt_state: Any) -> Any:
 def split_master(master: Any, opt_state: Any) -> tuple[Any, Any]:
   """The bfloat16 parameters of float32 master weights, and `opt_state` with their remainders.
 
-  :func:`master_params`'s inverse: ``master_params(*split_master(master,
+  [`master_params`][adamw_jax.master_params]'s inverse: ``master_params(*split_master(master,
   opt_state))`` is `master` bit for bit. Each leaf with a remainder slot in
   `opt_state` (a bfloat16 parameter of a ``param_rounding="remainder"``
   transform) must be float32 in `master`; it becomes its bfloat16 parameter

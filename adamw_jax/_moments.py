@@ -1,12 +1,12 @@
 """How a leaf's moments are held in the state: full precision, or block-wise quantized, and checked.
 
-The one step (``_core``) reads each leaf's moments with :func:`load` and
-writes them back with :func:`store`: a full-precision moment passes as it is;
-a :class:`~adamw_jax.QuantizedMoment` (``moment_bits=8`` or ``4``,
-:mod:`adamw_jax._quantize`) is dequantized to float32 for the step and
-requantized after. :func:`zeros` makes either kind, :func:`quantized_leaves`
+The one step (``_core``) reads each leaf's moments with `load` and
+writes them back with `store`: a full-precision moment passes as it is;
+a [`QuantizedMoment`][adamw_jax.QuantizedMoment] (``moment_bits=8`` or ``4``,
+`adamw_jax._quantize`) is dequantized to float32 for the step and
+requantized after. `zeros` makes either kind, `quantized_leaves`
 says which leaves get quantized moments (torchao's rule, and per buffer for a
-``FlatParams``), and :func:`check_layout` refuses a state whose moments were
+``FlatParams``), and `check_layout` refuses a state whose moments were
 made with other options than the transform's.
 
 Layout: a quantization block is ``block_size`` consecutive elements of one
@@ -17,7 +17,7 @@ moment_block_size=)`` packs them apart), else none or, mixed, it is refused.
 Sharding: a leaf with quantized moments may be sharded along its first axis
 into shards of whole blocks; its 8-bit codes are then sharded like it, its
 4-bit codes (flat, two a byte, a block's bytes its own) and its scales (one
-per block) along their one axis as its rows. :func:`check_shards` refuses a
+per block) along their one axis as its rows. `check_shards` refuses a
 leaf whose shards would split a block (sharded along another axis, or into
 shards whose sizes are not multiples of the block size) where it sees the
 sharding: a concrete leaf, or a traced one on a mesh with explicit axes.
@@ -114,7 +114,7 @@ def quantized_zeros(p, q: Quantization) -> _quantize.QuantizedMoment:
 
   4-bit codes are flat, sharded as the scales (a shard's blocks are its bytes).
 
-  A leaf may be sharded along its first axis only (:func:`check_shards`), so
+  A leaf may be sharded along its first axis only (`check_shards`), so
   each shard holds whole blocks and the scales (one per block, in row-major
   order) split along their one axis as the leaf along its first. Traced on a
   mesh with automatic axes, both are computed from the parameter (the sharding
@@ -282,7 +282,7 @@ def check_layout(
   """Refuses a state's moments (the field `field`) not held as this transform holds them.
 
   `expected`: for each leaf of `updates`, whether this transform quantizes its
-  moments (:func:`quantized_leaves`); None: none. A quantized moment must have this
+  moments (`quantized_leaves`); None: none. A quantized moment must have this
   transform's bits and block size; a state made with other options would be
   read in other blocks (or maps) and converted silently.
   """

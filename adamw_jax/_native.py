@@ -1,6 +1,6 @@
 """The native CPU kernel (``_native.cc``): loading it, when it serves, and calling it.
 
-The C++ kernel is the twin of :func:`adamw_jax._kernel.adam_leaf`: the same
+The C++ kernel is the twin of `adamw_jax._kernel.adam_leaf`: the same
 operations in the same order with the same roundings, in one pass over memory
 for any number of leaves (one XLA custom call per group of leaves, so a tree
 of 10,000 leaves adds one operation to the compiled step, not 10,000 loops).
@@ -91,7 +91,7 @@ def enabled() -> bool:
 
 
 def serves(grad: jax.Array, param: jax.Array | None, l2: bool) -> bool:
-  """Whether the kernel computes this leaf (given :func:`enabled`)."""
+  """Whether the kernel computes this leaf (given `enabled`)."""
   dtype = jnp.dtype(grad.dtype)
   if dtype not in _DTYPES or (param is not None and jnp.dtype(param.dtype) != dtype):
     return False
@@ -126,7 +126,7 @@ def mode(
   fused: bool,
   with_params: bool,
 ) -> Mode:
-  """The native mode for one leaf that the kernel :func:`serves`."""
+  """The native mode for one leaf that the kernel `serves`."""
   if fused:
     return Mode.FUSED if with_params else Mode.FUSED_STEP
   if (
@@ -197,7 +197,7 @@ def group(
 
   `z` is the step's opaque zero, for the pure kernel of the derivatives.
 
-  The same results bit for bit as :func:`adamw_jax._kernel.optax_leaf` on each (``tests/test_native.py``);
+  The same results bit for bit as `adamw_jax._kernel.optax_leaf` on each (``tests/test_native.py``);
   derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
   """
   real = jnp.finfo(cdtype).dtype

@@ -4,7 +4,7 @@
 (Algorithm 2, line 12), where ``eta_t`` is the schedule multiplier and the base
 learning rate ``alpha`` does not enter; torch, optax and apex decay by
 ``lr_t * lambda = alpha * eta_t * lambda``. ``adamw(..., decay_mode="paper")``
-gives the paper's form (``docs/paper-decay.md``); this module adds the
+gives the paper's form ([the paper's decay](paper-decay.md)); this module adds the
 paper's normalized weight decay and warm restarts (AdamWR, built on optax
 schedules), both from its appendix.
 """
@@ -31,14 +31,13 @@ def _positive(name: str, value: Any, integer: bool) -> float:
 def normalized_weight_decay(
   lambda_norm: float, batch_size: int, dataset_size: int, epochs: float
 ) -> float:
-  r"""The paper's normalized weight decay: :math:`\lambda = \lambda_{norm}\sqrt{b / (B\,T)}`.
+  """The paper's normalized weight decay: `λ = λ_norm·√(b / (B·T))`.
 
   Loshchilov & Hutter (appendix) make the best weight decay independent of
-  the length of the run by fixing :math:`\lambda_{norm}` instead of
-  :math:`\lambda`: with batch size :math:`b`, :math:`B` training points and
-  :math:`T` epochs, there are :math:`B T / b` steps, and :math:`\lambda` shrinks
-  as the square root of their number. With warm restarts, :math:`T` is the
-  length :math:`T_i` of the current period, in epochs.
+  the length of the run by fixing `λ_norm` instead of `λ`: with batch size
+  `b`, `B` training points and `T` epochs, there are `B·T / b` steps, and `λ`
+  shrinks as the square root of their number. With warm restarts, `T` is the
+  length `T_i` of the current period, in epochs.
 
   >>> import adamw_jax
   >>> lam = adamw_jax.normalized_weight_decay(0.05, batch_size=128, dataset_size=50_000, epochs=100)
@@ -48,14 +47,14 @@ def normalized_weight_decay(
   Args:
     lambda_norm: the normalized weight decay (>= 0); the paper's best values
       for its CIFAR-10 ResNets were around 0.025 to 0.05.
-    batch_size: the batch size :math:`b` (a positive integer).
-    dataset_size: the number of training points :math:`B` (a positive integer).
-    epochs: the number of epochs :math:`T` (> 0; fractions allowed).
+    batch_size: the batch size `b` (a positive integer).
+    dataset_size: the number of training points `B` (a positive integer).
+    epochs: the number of epochs `T` (> 0; fractions allowed).
 
   Returns:
-    :math:`\lambda`, a Python float, to pass as ``weight_decay`` to
-    ``adamw(..., decay_mode="paper")``: the paper's :math:`\lambda` is not
-    multiplied by the learning rate.
+    `λ`, a Python float, to pass as `weight_decay` to
+    `adamw(..., decay_mode="paper")`: the paper's `λ` is not multiplied by
+    the learning rate.
   """
   if isinstance(lambda_norm, bool) or not isinstance(lambda_norm, numbers.Real):
     raise TypeError(f"Invalid lambda_norm: expected a number, got {lambda_norm!r}")
@@ -75,15 +74,14 @@ def warm_restarts(
   num_periods: int,
   min_value: float = 0.0,
 ) -> optax.Schedule:
-  r"""Cosine annealing with warm restarts (SGDR; with AdamW, the paper's AdamWR).
+  """Cosine annealing with warm restarts (SGDR; with AdamW, the paper's AdamWR).
 
-  Period :math:`i = 0, 1, \dots` lasts :math:`T_i = T_0 m^i` steps (rounded
-  half up); within it, after :math:`t` steps,
+  Period `i = 0, 1, …` lasts `T_i = T_0·mⁱ` steps (rounded half up); within
+  it, after `t` steps,
 
-  .. math::
-
-     \mathrm{lr}_t = \mathrm{min} + \tfrac12(\mathrm{peak} - \mathrm{min})
-        \bigl(1 + \cos(\pi\, t / T_i)\bigr),
+  ```text
+  lr_t = min + ½·(peak - min)·(1 + cos(π·t / T_i)),
+  ```
 
   so every period starts at the peak again. Built with ``optax.sgdr_schedule``
   (``optax.join_schedules`` of cosine decays). After the last period the
@@ -93,8 +91,8 @@ def warm_restarts(
 
   For the paper's decay, pass the same peak:
   ``adamw(warm_restarts(alpha, ...), weight_decay=lam, decay_mode="paper",
-  peak_learning_rate=alpha)`` decays by :math:`\eta_t\lambda` with the paper's
-  multiplier :math:`\eta_t = \mathrm{lr}_t/\alpha \in [\mathrm{min}/\alpha, 1]`.
+  peak_learning_rate=alpha)`` decays by `η_t·λ` with the paper's multiplier
+  `η_t = lr_t / alpha ∈ [min / alpha, 1]`.
 
   >>> import adamw_jax
   >>> schedule = adamw_jax.warm_restarts(1e-3, first_period=10, num_periods=2)  # 10 steps, then 20
@@ -103,9 +101,9 @@ def warm_restarts(
 
   Args:
     peak_value: the learning rate at the start of every period (> 0).
-    first_period: :math:`T_0`, the length of the first period in steps.
-    period_mult: :math:`m \geq 1`, the factor by which each period is longer
-      than the one before (the paper's :math:`T_{mult}`; 2 in its experiments).
+    first_period: `T_0`, the length of the first period in steps.
+    period_mult: `m ≥ 1`, the factor by which each period is longer than the
+      one before (the paper's `T_mult`; 2 in its experiments).
     num_periods: how many periods the schedule has.
     min_value: the learning rate at the end of every period, in [0, peak].
 

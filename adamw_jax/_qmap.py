@@ -3,16 +3,20 @@
 **The maps** (torchao's ``create_dynamic_map``, bitsandbytes' dynamic map; ``subclass_8bit``,
 ``subclass_4bit``). A dynamic map of ``D`` decades (8-bit: 7; 4-bit signed: 3) holds
 ``0``, ``1.0`` and positive entries ``P(i, k)``; decade ``i = 0 .. D-1`` holds
-``n_i = 2**(i + u)`` of them (``u = 0`` signed, ``1`` unsigned)::
+``n_i = 2**(i + u)`` of them (``u = 0`` signed, ``1`` unsigned):
 
-  P(i, k) = fl(s_i * fl(B[k * w_i] + B[(k + 1) * w_i]) / 2),   k = 0 .. n_i - 1,
-  s_i = float32(10.0 ** (i - D + 1)),   w_i = 256 / n_i,
+```text
+P(i, k) = fl(s_i * fl(B[k * w_i] + B[(k + 1) * w_i]) / 2),   k = 0 .. n_i - 1,
+s_i = float32(10.0 ** (i - D + 1)),   w_i = 256 / n_i,
+```
 
 ``fl`` a float32 rounding. ``B[0 .. 256]`` is ``torch.linspace(0.1, 1, 257)`` in float32
-(torch steps from both ends, each value rounded once), exactly::
+(torch steps from both ends, each value rounded once), exactly:
 
-  B[j] = float32(I_j) * 2**-31,   I_j = 214748368 + 7549747 * j          (j < 128)
-                                   I_j = 2**31 - 7549747 * (256 - j)       (j >= 128)
+```text
+B[j] = float32(I_j) * 2**-31,   I_j = 214748368 + 7549747 * j          (j < 128)
+                                 I_j = 2**31 - 7549747 * (256 - j)       (j >= 128)
+```
 
 (``0.1f = 214748368 * 2**-31``; ``fl(1 - 0.1f) / 256 = 7549747 * 2**-31``; ``I_j`` is an
 unsigned 32-bit integer, its conversion to float32 rounds to nearest even.) Every
@@ -28,7 +32,7 @@ Codes, in ascending order of value, with ``M`` positive entries below 1 (``2**u 
 value is ``<= x`` (0 if none) and ``up = min(c + 1, last)``, the code is ``up`` if
 ``fl(x - map[c]) >= fl((map[up] - map[c]) * 0.5)``, else ``c``; NaN gives 0.
 
-**How a code is found** (:func:`codes`), for a float32 ``x`` (a dynamic map):
+**How a code is found** (`codes`), for a float32 ``x`` (a dynamic map):
 
 1. ``a = |x|``; the decade ``d`` = (number of decades whose first entry ``P(i, 0)`` is
    ``<= a``) - 1: ``D`` comparisons with constants; ``d = -1`` below the first entry.
@@ -53,7 +57,7 @@ language may take ``lo`` and ``hi`` from a table of the map instead of the formu
 decision of step 4 is the same, so are the codes. The linear 4-bit map needs no guess:
 ``k = floor(16 x) - 1`` is exact.
 
-A code's value (:func:`values`) is the same formula. Every operation is exact or one
+A code's value (`values`) is the same formula. Every operation is exact or one
 float32 rounding; the rounded products (``s_i * mean``) are hidden from the compiler before
 they are subtracted, so that no fused multiply-add rounds them differently on any platform.
 """

@@ -7,14 +7,14 @@ as torchao writes it in plain PyTorch (``torchao/optim/quant_utils.py``,
 divided by its largest magnitude (its ``scale``, at least 1e-12) and every
 element is stored as the uint8 index of the nearest entry of a 256-entry
 dynamic-exponent map (signed for the first moment, unsigned for the second),
-found by arithmetic on the value, as torchao's search finds it (:mod:`adamw_jax._qmap`).
+found by arithmetic on the value, as torchao's search finds it (`adamw_jax._qmap`).
 Blocks never span two leaves (a flat buffer quantizes only leaves that are
 whole numbers of blocks, packed end to end). As in torchao and bitsandbytes,
-only leaves of at least :data:`MIN_SIZE` elements whose size is a multiple of
+only leaves of at least `MIN_SIZE` elements whose size is a multiple of
 the block size are quantized; the others keep full-precision moments. A
 non-finite value poisons its block, as in torchao: a NaN makes the block's
 scale NaN, an infinity makes it infinite, so the whole block reads back
-non-finite (``docs/low-memory.md``, "Non-finite gradients").
+non-finite ([Low-memory AdamW](low-memory.md), "Non-finite gradients").
 
 4-bit (2309.01507, torchao's ``subclass_4bit.py``): the same blocks and
 rounding with a 16-entry map (signed: the dynamic map with 3 exponent bits;
@@ -56,7 +56,7 @@ class QuantizedMoment(NamedTuple):
 
 
 class PackedQuantizedMoment(QuantizedMoment):
-  """A 4-bit :class:`QuantizedMoment` (torchao's ``OptimState4bit``): flat codes, two a byte."""
+  """A 4-bit `QuantizedMoment` (torchao's ``OptimState4bit``): flat codes, two a byte."""
 
   __slots__ = ()
 
@@ -101,7 +101,7 @@ def _reshape(x: jax.Array, shape: tuple[int, ...], first: tuple | None) -> jax.A
 
 
 def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> QuantizedMoment:
-  """`x` (float32) as a :class:`QuantizedMoment`, torchao's ``copy_`` into its optimizer state.
+  """`x` (float32) as a `QuantizedMoment`, torchao's ``copy_`` into its optimizer state.
 
   4-bit: each block's codes packed two a byte, ``(even << 4) | odd``, as torchao's.
   """
@@ -122,7 +122,8 @@ def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> Quan
 def dequantize(q: QuantizedMoment, signed: bool, shape: tuple[int, ...] | None = None) -> jax.Array:
   """The float32 moment: ``qmap[codes] * scale``, block by block, as torchao's ``dequantize``.
 
-  4-bit (a :class:`PackedQuantizedMoment`) codes are flat: `shape` is the leaf's (None: flat).
+  4-bit (a [`PackedQuantizedMoment`][adamw_jax.PackedQuantizedMoment]) codes are flat: `shape`
+  is the leaf's (None: flat).
   """
   bits = 4 if isinstance(q, PackedQuantizedMoment) else 8
   first = _explicit_first_axis(q.codes)

@@ -3,7 +3,7 @@
 Which optimizer a run comes from is told by the optimizer itself (its class),
 or, for a state dict, by its param groups' keys:
 
-- ``torch.optim.AdamW`` / ``Adam``: the plain state (:mod:`adamw_jax._interop`).
+- ``torch.optim.AdamW`` / ``Adam``: the plain state (`adamw_jax._interop`).
 - torchao's ``AdamW8bit`` / ``Adam8bit`` (``torchao.optim``): ``moment_bits=8``
   with ``moment_block_size`` its ``block_size``, and
   ``param_rounding="stochastic"`` where its ``bf16_stochastic_round`` is on.
@@ -11,7 +11,7 @@ or, for a state dict, by its param groups' keys:
   state dict alone does not say them: pass the optimizer. Its ``exp_avg``,
   ``exp_avg_sq`` (``max_exp_avg_sq``) of leaves that quantize are
   ``OptimState8bit`` tensors whose ``codes`` and ``scale`` are a
-  :class:`adamw_jax.QuantizedMoment`'s, bit for bit.
+  [`QuantizedMoment`][adamw_jax.QuantizedMoment]'s, bit for bit.
 - torch-optimi's ``AdamW`` / ``Adam``: ``kahan_sum`` gives
   ``param_rounding="kahan"`` (its ``kahan_comp`` is the ``compensation``,
   bit for bit); ``decouple_lr`` gives ``decay_mode="paper"`` with
@@ -128,7 +128,7 @@ def of_state_dict(what: str, sd: Mapping) -> Reference:
 def optimi_group(what: str, i: int, group: Mapping, ignore) -> tuple[dict, dict]:
   """(a torch-keyed param group, the extra keyword arguments) for optimi's group `group`.
 
-  ``kahan_sum`` is read by :func:`optimi_kahan`, once the parameters' dtypes are known.
+  ``kahan_sum`` is read by `optimi_kahan`, once the parameters' dtypes are known.
   """
   where = f"{what}: param group {i}"
   known = {
@@ -207,7 +207,7 @@ def to_optimi_moment(x: np.ndarray, beta: float, step: int) -> np.ndarray:
 def from_8bit(
   what: str, where: str, key: str, x: Any, block_size: int
 ) -> _quantize.QuantizedMoment:
-  """A torchao ``OptimState8bit`` as a :class:`QuantizedMoment` (its codes and scales)."""
+  """A torchao ``OptimState8bit`` as a `QuantizedMoment` (its codes and scales)."""
   codes, scale = x.codes.detach().cpu().numpy(), x.scale.detach().cpu().numpy()
   signed = key == "exp_avg"
   if bool(x.signed) != signed:
@@ -224,7 +224,7 @@ def from_8bit(
 
 
 def to_8bit(q: _quantize.QuantizedMoment, signed: bool, dtype):
-  """A :class:`QuantizedMoment` as torchao's ``OptimState8bit`` (appearance dtype `dtype`)."""
+  """A `QuantizedMoment` as torchao's ``OptimState8bit`` (appearance dtype `dtype`)."""
   import torch
   from torchao.optim.subclass_8bit import (
     OptimState8bit,

@@ -3,7 +3,7 @@
 A float32 master weight ``m`` (its bits ``M``, a uint32) is held as
 
 - the bfloat16 parameter ``b`` the model computes with: ``m`` rounded to
-  nearest, **ties away from zero** (:func:`split`), and
+  nearest, **ties away from zero** (`split`), and
 - the remainder ``r``: the low 16 bits of ``M``, read as an int16.
 
 Why ties away from zero: with ``hi = M >> 16`` and ``lo = M & 0xFFFF`` (on the
@@ -12,7 +12,7 @@ magnitude; the sign bit rides along), rounding up means ``b = hi + 1`` where
 ``(b << 16) + lo``: the remainder ``lo - 0x10000`` lies in ``[-0x8000, -1]``
 exactly when ``b`` was rounded up, and ``lo`` in ``[0, 0x7FFF]`` when not. Both
 are ``lo`` modulo 2**16, so the remainder *is* the low 16 bits, and its sign
-says which way ``b`` was rounded: :func:`combine` gives back ``M`` exactly as
+says which way ``b`` was rounded: `combine` gives back ``M`` exactly as
 ``((b - (r < 0)) << 16) | (r & 0xFFFF)``. Every bfloat16 value has exactly
 2**16 masters (``hi = b`` with ``lo < 0x8000``, ``hi = b - 1`` with ``lo >=
 0x8000``). Round-to-nearest-*even* cannot do this in 16 bits: an even ``b``
@@ -26,7 +26,7 @@ below a power of two rounds up to it, and the largest finite masters (from
 ``0x7F7F8000``) round up to bfloat16's infinity while the master stays finite.
 Zeros and subnormals are split like any other bits. A NaN master (magnitude
 above ``0x7F800000``) gets a NaN parameter: ``b = hi | 0x40`` (bfloat16's
-quiet bit), ``r = lo``, and :func:`combine` of a NaN parameter is ``(b << 16)
+quiet bit), ``r = lo``, and `combine` of a NaN parameter is ``(b << 16)
 | lo``: a quiet NaN comes back bit for bit, a signalling one quieted (as any
 arithmetic would).
 """
@@ -61,9 +61,9 @@ def _nan16(bits: jax.Array) -> jax.Array:
 
 
 def combine(param: jax.Array, remainder: jax.Array) -> jax.Array:
-  """The float32 master of a bfloat16 parameter and its int16 remainder (:func:`split`'s inverse).
+  """The float32 master of a bfloat16 parameter and its int16 remainder (`split`'s inverse).
 
-  A pair :func:`split` cannot make, a zero parameter with a negative remainder
+  A pair `split` cannot make, a zero parameter with a negative remainder
   (a magnitude rounded up is at least one), gives the zero: a borrow from the
   sign bit would make a NaN.
   """

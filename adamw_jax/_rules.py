@@ -1,21 +1,21 @@
 """Path rules: regular expressions over the '/'-joined key path of each parameter.
 
-Shared by :func:`adamw_jax.decay_mask` and :func:`adamw_jax.param_groups`. A
+Shared by [`decay_mask`][adamw_jax.decay_mask] and [`param_groups`][adamw_jax.param_groups]. A
 rule matches a parameter when ``re.search(rule, path)`` finds a match, so
 anchor rules (``r"(^|/)bias$"``) to avoid matching inside other names. A rule
 that matches no parameter is almost always a typo or a renamed module, so
-:func:`check_all_matched` makes it an error.
+`check_all_matched` makes it an error.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import TypeGuard, Union
+from typing import TypeGuard
 
 from adamw_jax import _tree
 
-Pattern = Union[str, "re.Pattern[str]"]
+Pattern = str | re.Pattern[str]
 Patterns = Pattern | Sequence[Pattern]
 
 

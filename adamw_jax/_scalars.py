@@ -4,15 +4,15 @@ torch computes ``1 - beta**t``, ``lr / bc1``, ``sqrt(bc2)`` and ``1 - lr*wd``
 in Python doubles and rounds them to the parameter dtype once. Here that
 arithmetic runs inside the jitted step, by one of three strategies:
 
-- :func:`_float64`: float64 leaves, every operation rounded to a double as
+- `_float64`: float64 leaves, every operation rounded to a double as
   Python rounds it;
-- :func:`_tabulated`: Python-number betas (and lr), torch's own Python
+- `_tabulated`: Python-number betas (and lr), torch's own Python
   scalars read from a table (``_steps``);
-- :func:`_double_word`: everything else (traced betas, steps beyond the
+- `_double_word`: everything else (traced betas, steps beyond the
   table), in double-word arithmetic (``_float2``) to double precision.
 
-:func:`coefficients` picks one and returns the kernel's
-:class:`adamw_jax._kernel.Coefficients` and the decay factor (or L2 term).
+`coefficients` picks one and returns the kernel's
+`adamw_jax._kernel.Coefficients` and the decay factor (or L2 term).
 """
 
 from __future__ import annotations
@@ -187,12 +187,12 @@ def schedules_at(cfg: Settings, count: jax.Array) -> tuple[Any, Any]:
 
 
 def at_count(cfg: Settings, count: jax.Array, new_count: jax.Array, dtype):
-  """:func:`coefficients` with the schedules evaluated at `count` (:func:`schedules_at`)."""
+  """`coefficients` with the schedules evaluated at `count` (`schedules_at`)."""
   return coefficients(cfg, *schedules_at(cfg, count), new_count, dtype)
 
 
 def coefficients(cfg: Settings, lr: Any, wd: Any, new_count: jax.Array, dtype):
-  """One step's (:class:`~adamw_jax._kernel.Coefficients`, decay) for leaves computed in `dtype`.
+  """One step's (`Coefficients`, decay) for leaves computed in `dtype`.
 
   `lr` and `wd` are this step's learning rate (None for the unscaled
   direction) and weight decay, schedules already evaluated; `new_count` is

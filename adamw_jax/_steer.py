@@ -5,23 +5,23 @@ leaves values unchanged (it is an OR with zero bits, an exact division by
 one, or a correctly rounded division); it only blocks a rewrite XLA would
 otherwise make. Those specific to XLA:CPU (measured on this project's
 machine, ``benchmarks/overhead.py``) are chosen by the platform the step is
-lowered for, not by the host (:func:`per_platform`, a primitive lowered per
+lowered for, not by the host (`per_platform`, a primitive lowered per
 platform), so a GPU/TPU program gets the plain operation:
 
-- :func:`opaque_zero`: an int32 zero the compiler cannot prove is zero (the
+- `opaque_zero`: an int32 zero the compiler cannot prove is zero (the
   step count shifted right by 31 bits), which the other tricks OR into bits;
-- :func:`hide` (all platforms): a constant the compiler cannot see, so XLA's
+- `hide` (all platforms): a constant the compiler cannot see, so XLA's
   algebraic simplifier cannot reassociate the error-free transformations of
   ``_float2`` (e.g. ``(a + 1) - 1 -> a``);
-- :func:`rounded` (all platforms): a product forced to be rounded before its
+- `rounded` (all platforms): a product forced to be rounded before its
   next use, so XLA does not contract it into a fused multiply-add where torch
   rounds (XLA contracts ``a * b + c`` when ``a * b`` is the first operand);
-- :func:`divide_by_scalar` (CPU): XLA:CPU divides by a loop-invariant divisor
+- `divide_by_scalar` (CPU): XLA:CPU divides by a loop-invariant divisor
   by multiplying with its reciprocal, off by an ulp in about a third of cases;
-- :func:`computed_once` (CPU): XLA:CPU launches one kernel per scalar result
+- `computed_once` (CPU): XLA:CPU launches one kernel per scalar result
   (about a microsecond each) and inlines cheap scalar producers into every
   loop that broadcasts them;
-- :func:`multi_output_fusion` (CPU): whether the opt-in
+- `multi_output_fusion` (CPU): whether the opt-in
   ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
   is on, for the one-pass layout of ``_kernel._real_kernel``.
 """

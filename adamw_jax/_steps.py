@@ -61,7 +61,7 @@ def _table(
 def lookup(
   b1: float, b2: float, lr: float | None, t: jax.Array, dtype, *, scheduled: bool
 ) -> jax.Array | None:
-  """Row ``min(t, rows)`` of the table (see :func:`_table`), or None when it would be too long."""
+  """Row ``min(t, rows)`` of the table (see `_table`), or None when it would be too long."""
   rows = max(rows_until_one(float(b1)), rows_until_one(float(b2)))
   if (rows + 1) * (3 if scheduled else 2) * jnp.dtype(dtype).itemsize > MAX_BYTES:
     return None

@@ -2,9 +2,9 @@
 
 Chained as ``optax.chain(scale_by_adam(), add_decayed_weights(wd),
 optax.scale_by_learning_rate(lr))`` they give AdamW, but one ulp-level rounding
-differs from torch at each of the three joins; :func:`adamw_jax.adamw` runs the
+differs from torch at each of the three joins; [`adamw`][adamw_jax.adamw] runs the
 same kernel in one piece and reproduces torch's rounding
-(``docs/fidelity.md``).
+([Fidelity](fidelity.md)).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def scale_by_adam(
   sqrt(1 - b2**t) + eps)`` with torch's rounding. ``amsgrad`` takes the running
   maximum of the raw second moment before bias correction, as torch does;
   ``maximize`` negates the gradient first. The state is a
-  :class:`ScaleByAdamState`. The math: ``docs/math.md``.
+  [`ScaleByAdamState`][adamw_jax.ScaleByAdamState]. The math: [the math](math.md).
 
   >>> import jax.numpy as jnp, adamw_jax
   >>> tx = adamw_jax.scale_by_adam()
@@ -57,7 +57,7 @@ def scale_by_adam(
     maximize: ascend instead of descend (negates the gradient first).
     mu_dtype: dtype of the first moment (default: the parameter's dtype).
     nu_dtype: dtype of the second moment (default: the parameter's dtype).
-    moment_bits: ``8`` or ``4``: block-wise quantized moments, as :func:`adamw_jax.adamw`'s.
+    moment_bits: ``8`` or ``4``: block-wise quantized moments, as [`adamw`][adamw_jax.adamw]'s.
     moment_block_size: elements per quantization block.
   """
   return _core.adam_transform(
@@ -83,7 +83,7 @@ def scale_by_adam(
 
 
 class AddDecayedWeightsState(NamedTuple):
-  """State of :func:`add_decayed_weights`: the step count, for weight-decay schedules."""
+  """State of `add_decayed_weights`: the step count, for weight-decay schedules."""
 
   count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  # shadows tuple.count
 

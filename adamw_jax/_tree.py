@@ -1,7 +1,7 @@
 """Pytrees of parameters: their paths, boxes and masks, and checks whose errors name the path.
 
-Messages name a place in a tree with :func:`where` (the quoted '/'-joined
-path, or "the root") and list example paths with :func:`describe_paths`, so
+Messages name a place in a tree with `where` (the quoted '/'-joined
+path, or "the root") and list example paths with `describe_paths`, so
 that they read the same across the package.
 """
 
@@ -46,7 +46,7 @@ def is_box(x) -> bool:
 
 
 def unbox(x):
-  """The value inside a box (see :func:`is_box`); anything else unchanged."""
+  """The value inside a box (see `is_box`); anything else unchanged."""
   if not is_box(x):
     return x
   if hasattr(x, "get_value"):  # nnx.Variable (flax >= 0.12)
@@ -164,7 +164,7 @@ def _node_keys(node, detail: str = "") -> str:
 def _aux_difference(a_def, b_def) -> tuple[str, str]:
   """How two nodes of one type and the same keys differ in their static data, for messages.
 
-  Node data with a ``difference(other)`` method (a :class:`adamw_jax.FlatParams`
+  Node data with a ``difference(other)`` method (a [`FlatParams`][adamw_jax.FlatParams]
   layout) says it in words; any other is shown as its repr.
   """
   a_aux, b_aux = a_def.node_data()[1], b_def.node_data()[1]
@@ -325,7 +325,7 @@ def expand_prefix(
 
 
 class ResolvesMasks:
-  """A pytree that resolves masks written for another tree itself: :class:`adamw_jax.FlatParams`.
+  """A pytree that resolves masks written for another tree itself: `FlatParams`.
 
   A base class here, so that this module needs nothing from the ones that
   build on it: imports point one way.
@@ -341,12 +341,12 @@ def resolve_mask(mask: MaskOrFn, tree, *, what: str, broadcast: bool = True) -> 
   """A mask (bool pytree, prefix of `tree`, or callable) as a full bool pytree like `tree`.
 
   Boxes in the mask (``nnx.Param(True)``) count as their values and mappings
-  match mappings of another type with the same keys (see :func:`expand_prefix`).
+  match mappings of another type with the same keys (see `expand_prefix`).
   Errors name the first mismatching path and both trees' keys there. For a
-  :class:`ResolvesMasks` tree (a ``FlatParams``) the mask is written for the
+  `ResolvesMasks` tree (a ``FlatParams``) the mask is written for the
   model's tree and the tree resolves it itself (per buffer, see
-  :meth:`adamw_jax.FlatParams.resolve_mask`). With `broadcast` False a prefix
-  mask stays a prefix (:func:`expand_prefix`).
+  [`FlatParams.resolve_mask`][adamw_jax.FlatParams.resolve_mask]). With `broadcast` False a
+  prefix mask stays a prefix (`expand_prefix`).
   """
   if isinstance(tree, ResolvesMasks):
     return tree.resolve_mask(mask, what=what)

@@ -1,25 +1,25 @@
 """How a leaf's new parameter is written: to nearest, stochastically, Kahan-compensated, or exactly.
 
-The one step (``_core``) runs each leaf through one :class:`Writer`, chosen
-per leaf by ``param_rounding`` (:func:`writer`): every writer runs the one
-kernel (:mod:`adamw_jax._kernel`) on the moments as ``_moments`` loaded them
+The one step (``_core``) runs each leaf through one `Writer`, chosen
+per leaf by ``param_rounding`` (`writer`): every writer runs the one
+kernel (`adamw_jax._kernel`) on the moments as ``_moments`` loaded them
 and returns ``(out, mu, nu, nu_max, buffer)``, `out` being the optax update
 (or the new parameter in the fused step) and `buffer` the writer's per-leaf
-buffer in the state (the field :attr:`Writer.buffer` of
+buffer in the state (the field `Writer.buffer` of
 ``LowMemoryAdamState``: Kahan's compensation, the master's remainder; passed
 through by the others).
 
-- :data:`NEAREST`: torch's step in the leaf's own dtype (``optax_leaf``);
+- `NEAREST`: torch's step in the leaf's own dtype (``optax_leaf``);
 - ``"stochastic"``: a bfloat16 leaf's step in float32, written by stochastic
-  rounding (:func:`adamw_jax._lowprec.stochastic_round_bf16`) with the leaf's key;
+  rounding (`adamw_jax._lowprec.stochastic_round_bf16`) with the leaf's key;
 - ``"kahan"``: a bfloat16/float16 leaf's step in float32, its whole change
-  added with Kahan compensation (:func:`adamw_jax._lowprec.kahan_write`);
+  added with Kahan compensation (`adamw_jax._lowprec.kahan_write`);
 - ``"remainder"``: a bfloat16 leaf and its int16 remainder are a float32
-  master (:mod:`adamw_jax._remainder`), stepped as a float32 leaf is, and
+  master (`adamw_jax._remainder`), stepped as a float32 leaf is, and
   split again: the master's trajectory is the float32 one, bit for bit.
 
 A leaf a writer does not write (a float32 leaf with ``"stochastic"``) gets
-:data:`NEAREST`, exactly the plain step.
+`NEAREST`, exactly the plain step.
 """
 
 from __future__ import annotations

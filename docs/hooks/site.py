@@ -7,11 +7,18 @@ The pages link files outside ``docs/`` as ``../path`` (so the links also work
 when the Markdown is read in the repository); these hooks copy each such file
 into the site under ``_repo/`` and point the link there. A link to a file that
 does not exist is a warning, which ``mkdocs build --strict`` turns into an error.
+
+Each notebook (``notebooks/*.ipynb``, stored without outputs) is a page of the
+site, ``notebooks/<name>.md``: its Markdown cells as they are, its code cells
+as code, and after the cell that draws it the figure ``notebooks/figures.py``
+saved (the cell's ``image`` metadata); a page's link to the ``.ipynb`` goes
+to that page.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import pathlib
 import re
@@ -22,6 +29,7 @@ from mkdocs.structure.pages import Page
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REPO_PREFIX = "_repo/"
+NOTEBOOKS = "notebooks/"
 _LINK = re.compile(r"\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
 log = logging.getLogger("mkdocs.hooks.site")
 
@@ -54,7 +62,45 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     path = ROOT / target
     if path.is_file() and ROOT in path.resolve().parents:
       files.append(File.generated(config, REPO_PREFIX + target, abs_src_path=str(path)))
+  for notebook in sorted((ROOT / NOTEBOOKS).glob("*.ipynb")):
+    for source in [notebook, *_notebook_images(notebook)]:
+      target = REPO_PREFIX + str(source.relative_to(ROOT))
+      if files.get_file_from_path(target) is None:
+        files.append(File.generated(config, target, abs_src_path=str(source)))
+    page = NOTEBOOKS + notebook.stem + ".md"
+    files.append(File.generated(config, page, content=notebook_markdown(notebook)))
   return files
+
+
+def _cells(notebook: pathlib.Path) -> list[dict]:
+  return json.loads(notebook.read_text())["cells"]
+
+
+def _notebook_images(notebook: pathlib.Path) -> list[pathlib.Path]:
+  images = [c.get("metadata", {}).get("image") for c in _cells(notebook)]
+  return [notebook.parent / image for image in images if image]
+
+
+def notebook_markdown(notebook: pathlib.Path) -> str:
+  """The notebook as a page: Markdown cells, code cells fenced, each saved figure after its cell."""
+  up = "../" + REPO_PREFIX + NOTEBOOKS
+  parts = []
+  for cell in _cells(notebook):
+    source = "".join(cell["source"]).strip("\n")
+    if cell["cell_type"] == "markdown":
+      parts.append(source)
+    elif cell["cell_type"] == "code":
+      parts.append(f"```python\n{source}\n```")
+      image = cell.get("metadata", {}).get("image")
+      if image:
+        parts.append(f"![The figure this cell draws]({up}{image})")
+  script = notebook.with_suffix(".py").name
+  parts.append(
+    f"*The notebook: [{notebook.name}]({up}{notebook.name}) (stored without outputs; "
+    f"`{script}` is its jupytext script). The figure is the one `notebooks/figures.py` "
+    "saved when it last ran the notebook.*"
+  )
+  return "\n\n".join(parts) + "\n"
 
 
 def readme_for_site() -> str:
@@ -69,6 +115,10 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
 
   def repoint(m: re.Match) -> str:
     target, anchor = m.group(1), m.group(2) or ""
+    if target.startswith(NOTEBOOKS) and target.endswith(".ipynb"):
+      rendered = target.removesuffix(".ipynb") + ".md"
+      if files.get_file_from_path(rendered) is not None:
+        return f"]({rendered}{anchor})"
     if files.get_file_from_path(REPO_PREFIX + target) is None:
       log.warning(
         "%s links ../%s, which is not a file of the repository", page.file.src_uri, target
@@ -76,4 +126,6 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
       return m.group(0)
     return f"]({REPO_PREFIX}{target}{anchor})"
 
+  if page.file.src_uri.startswith(NOTEBOOKS):  # made here, its links already into the site
+    return markdown
   return _LINK.sub(repoint, markdown)
