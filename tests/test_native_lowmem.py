@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
   _native.UNAVAILABLE is not None, reason=f"native kernel not built: {_native.UNAVAILABLE}"
 )
 
-STEPS = 6
+STEPS = 4
 LOWMEM = _native.LOWMEM_TARGET
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 # 8192 and 40960 elements: quantized (the larger one from the emulated division's Markstein
@@ -47,10 +47,23 @@ OPTIONS = {
   "kahan f16": ({"param_rounding": "kahan", "eps": 1e-4}, F16),
   "8-bit": ({"moment_bits": 8}, F32),
   "4-bit": ({"moment_bits": 4}, F32),
-  "8-bit, stochastic": ({"moment_bits": 8, "param_rounding": "stochastic"}, BF16),
+}
+# Options together, each in one configuration: (keywords, parameters' dtype, configuration).
+COMBINED = {
+  "8-bit, stochastic": (
+    {"moment_bits": 8, "param_rounding": "stochastic"},
+    BF16,
+    "mask + amsgrad, fused",
+  ),
   "4-bit blocks of 64, kahan": (
     {"moment_bits": 4, "moment_block_size": 64, "param_rounding": "kahan"},
     BF16,
+    "adam L2 + amsgrad, update",
+  ),
+  "8-bit blocks of 96, bf16 params": (
+    {"moment_bits": 8, "moment_block_size": 96},
+    BF16,
+    "adamw, update",
   ),
 }
 
@@ -137,6 +150,14 @@ def test_options_by_configurations(option, config, monkeypatch):
   params, grads = _problem(dtype)
   if flat:
     params, grads = _flat(params, grads, options)
+  _compare(make(options), params, grads, monkeypatch, fused=fused)
+
+
+@pytest.mark.parametrize("option", list(COMBINED))
+def test_options_combined(option, monkeypatch):
+  options, dtype, config = COMBINED[option]
+  make, fused, _ = CONFIGS[config]
+  params, grads = _problem(dtype, {**SHAPES, "big": (36864,)})  # a multiple of 96 too
   _compare(make(options), params, grads, monkeypatch, fused=fused)
 
 
