@@ -280,14 +280,19 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
         cache[dtype] = _scalars.coefficients(s, lr, wd, new_count, dtype)
       return cache[dtype]
 
-    def leaf(g, m, v, vm, p, decayed, buffer, key, writer: _writes.Writer):
-      """One leaf through its hooks: moments loaded, the writer's step, moments stored."""
+    def leaf(g, m, v, vm, p, decayed, buffer, key, writer: _writes.Writer, scalars=None, how=how):
+      """One leaf through its hooks: moments loaded, the writer's step, moments stored.
+
+      `scalars`: the step's (coefficients, decay) for its dtype, and `how`, when the leaf is
+      traced apart from the step (the native call's pure branch); else the step's own.
+      """
       shape = tuple(np.shape(g))
       m_c, v_c = _moments.load(m, True, shape), _moments.load(v, False, shape)
       vm_c = None if vm is None else _moments.load(vm, False, shape)
-      c, decay = scalars_for(
-        _scalars.scalar_dtype(jnp.result_type(g, m_c, v_c, *(() if p is None else (p,))))
-      )
+      if scalars is None:
+        dtype = jnp.result_type(g, m_c, v_c, *(() if p is None else (p,)))
+        scalars = scalars_for(_scalars.scalar_dtype(dtype))
+      c, decay = scalars
       out, m_n, v_n, vm_n, buffer = writer.step(
         g, m_c, v_c, vm_c, p, c, decay if decayed else None, buffer, key, how
       )
@@ -357,9 +362,9 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
         writer = _writes.WRITERS[rounding]
         own = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], b_l[i], keys[i]) for i in indices]
 
-        def pure(args, decayed=decayed, writer=writer):
+        def pure(args, scalars, z, decayed=decayed, writer=writer):
           g, m, v, vm, p, buffer, key = args
-          return leaf(g, m, v, vm, p, decayed, buffer, key, writer)
+          return leaf(g, m, v, vm, p, decayed, buffer, key, writer, scalars, how._replace(z=z))
 
         outs = _native_lowmem.group(
           c,

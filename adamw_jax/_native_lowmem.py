@@ -1,4 +1,4 @@
-"""The native twin of the low-memory options (``_native_lowmem.cc``): which leaves it serves, and calling it.
+"""The native twin of the low-memory options (``_native_lowmem.cc``): which leaves, and the call.
 
 The one step (``_core``) gives the native kernel a leaf whose moments are
 bfloat16/float16 or block-wise quantized (``moment_bits``), whose parameter
@@ -242,7 +242,7 @@ def group(
   c: _kernel.Coefficients,
   decay,
   leaves: list[tuple],
-  pure: Callable[[tuple], tuple],
+  pure: Callable[[tuple, tuple, jax.Array], tuple],
   cdtype,
   *,
   z: jax.Array,
@@ -254,8 +254,9 @@ def group(
 ) -> list[tuple]:
   """Leaves ``(g, m, v, vm, p, buffer, key)`` through one native call (in a CPU program).
 
-  `pure(leaf)` is the pure step of a leaf, ``(out, m, v, vm, buffer)``: what a
-  GPU or TPU program computes, and the derivative. `buffer` is the leaf's in
+  `pure(leaf, (c, decay), z)` is the pure step of a leaf, ``(out, m, v, vm,
+  buffer)``, from the scalars and opaque zero it is given: what a GPU or TPU
+  program computes, and the derivative. `buffer` is the leaf's in
   the state (Kahan's compensation; passed through by the other writers) and
   `key` its PRNG key (stochastic rounding; else None). `c` and `decay` are the
   step's scalars (``_scalars.coefficients``), rounded here to `cdtype` as the
@@ -277,8 +278,8 @@ def group(
   reads_p = writer != Writer.NEAREST or mode != _native.Mode.STEP
   out_of = lambda g, p: g if mode == _native.Mode.STEP else p
 
-  def native(scalars, z, leaves):
-    del z
+  def native(scalars, z, leaves, coefficients):
+    del z, coefficients
     own = [
       (
         g,
@@ -297,13 +298,15 @@ def group(
       for (out, m, v, vm, buffer), leaf in zip(outs, leaves)
     ]
 
-  def default(scalars, z, leaves):
-    del scalars, z
-    return [pure(leaf) for leaf in leaves]
+  def default(scalars, z, leaves, coefficients):
+    del scalars
+    return [pure(leaf, coefficients, z) for leaf in leaves]
 
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   shapes = [
     jax.tree.map(like, (out_of(g, p), m, v, vm if amsgrad else None, buffer))
     for g, m, v, vm, p, buffer, _ in leaves
   ]
-  return _steer.per_platform(native, default, scalars, z, leaves, out=shapes, default_is_exact=True)
+  return _steer.per_platform(
+    native, default, scalars, z, leaves, (c, decay), out=shapes, default_is_exact=True
+  )
