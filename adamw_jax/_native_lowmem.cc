@@ -129,10 +129,10 @@ void Store(const Moment& m, int64_t k, int64_t n, const float* x) {
 
 // The Adam step on float32 arrays in the compute dtype kE: new m, v, vm in place, and
 // o = q + s (kNew) or s. Operations and order: _native.cc's Block; see the file's comment.
-template <int kE, int64_t kDecay, bool kAmsgrad, bool kNew>
+template <int kE, int64_t kDecay, bool kAmsgrad, bool kNew, bool kMarkstein>
 ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
                            const float* __restrict p, float* __restrict m, float* __restrict v,
-                           float* __restrict vm, float* __restrict o, int64_t n, bool markstein) {
+                           float* __restrict vm, float* __restrict o, int64_t n) {
   using E = Emulated<kE>;
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * c.sign;
@@ -163,12 +163,14 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
       d = DivideByScalar(std::sqrt(vu), c) + c.eps;
     } else {
       const float a = E::R(std::sqrt(vu));
-      float q = E::R(a / c.bc2_sqrt);
-      if (markstein) {
+      float q;
+      if (kMarkstein) {
         float q0 = E::R(a * c.inv_bc2_sqrt);
         q0 = q0 < c.max ? q0 : (q0 != q0 ? q0 : c.max);
         const float residual = E::R(a - E::R(q0 * c.bc2_sqrt));
         q = E::R(E::R(residual * c.inv_bc2_sqrt) + q0);
+      } else {
+        q = E::R(a / c.bc2_sqrt);
       }
       d = E::R(q + c.eps);
     }
@@ -183,16 +185,28 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
 }
 
 // The nearest writer into a parameter of dtype kP (the gradient's dtype kG for mode 3's step).
-template <int kP, int kG>
-ADAMW_JAX_CLONES void Nearest(int64_t mode, const float* __restrict o, const float* __restrict p,
+template <int kP, int kG, int64_t kMode>
+ADAMW_JAX_CLONES void Nearest(const float* __restrict o, const float* __restrict p,
                               float* __restrict out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    if (mode == kFusedStep) {
+    if (kMode == kFusedStep) {
       out[i] = Round<kP>(p[i] + Round<kG>(o[i]));
     } else {
       const float u = Round<kP>(Round<kP>(o[i]) - p[i]);
-      out[i] = mode == kFused ? Round<kP>(p[i] + u) : u;
+      out[i] = kMode == kFused ? Round<kP>(p[i] + u) : u;
     }
+  }
+}
+
+template <int kP, int kG>
+void NearestMode(int64_t mode, const float* o, const float* p, float* out, int64_t n) {
+  switch (mode) {
+    case kFusedStep:
+      return Nearest<kP, kG, kFusedStep>(o, p, out, n);
+    case kFused:
+      return Nearest<kP, kG, kFused>(o, p, out, n);
+    default:
+      return Nearest<kP, kG, kUpdate>(o, p, out, n);
   }
 }
 
@@ -200,32 +214,39 @@ template <int kP>
 void NearestFor(int64_t mode, int g, const float* o, const float* p, float* out, int64_t n) {
   switch (g) {
     case kBF16:
-      return Nearest<kP, kBF16>(mode, o, p, out, n);
+      return NearestMode<kP, kBF16>(mode, o, p, out, n);
     case kF16:
-      return Nearest<kP, kF16>(mode, o, p, out, n);
+      return NearestMode<kP, kF16>(mode, o, p, out, n);
     default:
-      return Nearest<kP, kF32>(mode, o, p, out, n);
+      return NearestMode<kP, kF32>(mode, o, p, out, n);
   }
 }
 
-ADAMW_JAX_CLONES void Stochastic(bool fused, const uint32_t key[2], int64_t k,
-                                 const float* __restrict o, const float* __restrict p,
-                                 uint16_t* __restrict out, int64_t n) {
+template <bool kFusedOut>
+ADAMW_JAX_CLONES void Stochastic(const uint32_t key[2], int64_t k, const float* __restrict o,
+                                 const float* __restrict p, uint16_t* __restrict out, int64_t n) {
   const uint32_t k0 = key[0], k1 = key[1];
+  // The index's high word is fixed in a chunk unless the chunk crosses a multiple of 2**32.
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(k) >> 32);
+  const uint32_t lo = static_cast<uint32_t>(k);
+  const bool crosses = (static_cast<uint64_t>(k + n - 1) >> 32) != hi;
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t rounded = StochasticBF16(o[i], RandomBits(k0, k1, static_cast<uint64_t>(k + i)));
-    out[i] = fused ? rounded : ToBF16(FromBF16(rounded) - p[i]);
+    uint32_t x0 = crosses ? static_cast<uint32_t>(static_cast<uint64_t>(k + i) >> 32) : hi;
+    uint32_t x1 = lo + static_cast<uint32_t>(i);
+    Threefry2x32(k0, k1, x0, x1);
+    const uint16_t rounded = StochasticBF16(o[i], x0 ^ x1);
+    out[i] = kFusedOut ? rounded : ToBF16(FromBF16(rounded) - p[i]);
   }
 }
 
-template <int kP>
-ADAMW_JAX_CLONES void Kahan(bool fused, const float* __restrict o, const float* __restrict p,
+template <int kP, bool kFusedOut>
+ADAMW_JAX_CLONES void Kahan(const float* __restrict o, const float* __restrict p,
                             float* __restrict c, float* __restrict out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float sum = Round<kP>(c[i] + (o[i] - p[i]));
     const float next = Round<kP>(p[i] + sum);
     c[i] = Round<kP>(sum + Round<kP>(p[i] - next));
-    out[i] = fused ? next : Round<kP>(next - p[i]);
+    out[i] = kFusedOut ? next : Round<kP>(next - p[i]);
   }
 }
 
@@ -234,16 +255,22 @@ ADAMW_JAX_CLONES void Kahan(bool fused, const float* __restrict o, const float* 
 void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, const float* o,
                     const float* p, float* work, float* work2) {
   if (cfg.writer == kStochastic) {
-    Stochastic(cfg.mode == kFused, l.key, k, o, p, static_cast<uint16_t*>(l.out.data) + k, n);
+    uint16_t* out = static_cast<uint16_t*>(l.out.data) + k;
+    if (cfg.mode == kFused) {
+      Stochastic<true>(l.key, k, o, p, out, n);
+    } else {
+      Stochastic<false>(l.key, k, o, p, out, n);
+    }
     return;
   }
   if (cfg.writer == kKahan) {
     float* c = Read(l.buffer, k, n, work);
     float* out = work2;
+    const bool fused = cfg.mode == kFused;
     if (l.p.type == kBF16) {
-      Kahan<kBF16>(cfg.mode == kFused, o, p, c, out, n);
+      fused ? Kahan<kBF16, true>(o, p, c, out, n) : Kahan<kBF16, false>(o, p, c, out, n);
     } else {
-      Kahan<kF16>(cfg.mode == kFused, o, p, c, out, n);
+      fused ? Kahan<kF16, true>(o, p, c, out, n) : Kahan<kF16, false>(o, p, c, out, n);
     }
     Write(c, k, n, l.buffer);
     Write(out, k, n, l.out);
@@ -281,7 +308,11 @@ void Chunk(const Config& cfg, const Scalars<float>& c, const LowLeaf& l, int64_t
   float* v = Load(l.v, k, n, s.Row(3, w));
   float* vm = kAmsgrad ? Load(l.vm, k, n, s.Row(4, w)) : nullptr;
   float* o = s.Row(5, w);
-  Core<kE, kDecay, kAmsgrad, kNew>(c, g, p, m, v, vm, o, n, l.markstein);
+  if (kE != kF32 && l.markstein) {
+    Core<kE, kDecay, kAmsgrad, kNew, true>(c, g, p, m, v, vm, o, n);
+  } else {
+    Core<kE, kDecay, kAmsgrad, kNew, false>(c, g, p, m, v, vm, o, n);
+  }
   Store(l.m, k, n, m);
   Store(l.v, k, n, v);
   if (kAmsgrad) Store(l.vm, k, n, vm);

@@ -19,66 +19,79 @@
 #define ADAMW_JAX_NATIVE_LOWP_H_
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+
+#if defined(__GNUC__)
+#define ADAMW_JAX_INLINE inline __attribute__((always_inline))  // into the kernels' loops
+#else
+#define ADAMW_JAX_INLINE inline
+#endif
 
 namespace adamw_jax {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-inline uint32_t Bits(float x) {
+ADAMW_JAX_INLINE uint32_t Bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   return u;
 }
 
-inline float FromBits(uint32_t u) {
+ADAMW_JAX_INLINE float FromBits(uint32_t u) {
   float x;
   std::memcpy(&x, &u, sizeof x);
   return x;
 }
 
-inline uint16_t ToBF16(float x) {
+ADAMW_JAX_INLINE uint16_t ToBF16(float x) {
   const uint32_t u = Bits(x);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
 }
 
-inline float FromBF16(uint16_t h) { return FromBits(static_cast<uint32_t>(h) << 16); }
+ADAMW_JAX_INLINE float FromBF16(uint16_t h) { return FromBits(static_cast<uint32_t>(h) << 16); }
 
-inline uint16_t ToF16(float x) {
+// c ? a : b, as masks (GCC's vectorizer does not if-convert a chain of conditionals).
+ADAMW_JAX_INLINE uint32_t Select(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return (a & mask) | (b & ~mask);
+}
+
+// Branch-free (vectorized): every case computed, the right one selected.
+ADAMW_JAX_INLINE uint16_t ToF16(float x) {
   const uint32_t u = Bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
-  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // 65520 and up: inf
-  if (a >= 0x38800000u) {                                               // normal: 2**-14 and up
-    const uint32_t r = a - 0x38000000u;                                 // exponent rebiased
-    return static_cast<uint16_t>(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
-  }
-  if (a <= 0x33000000u) return static_cast<uint16_t>(sign);  // up to 2**-25 (a tie): zero
-  // Subnormal: the significand, implicit bit included, in units of 2**-24, rounded to even.
-  const uint32_t shift = 126u - (a >> 23);  // 14..24
-  const uint32_t m = (a & 0x7FFFFFu) | 0x800000u;
-  const uint32_t k = m >> shift;
-  const uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-  return static_cast<uint16_t>(sign | (k + (rest > half || (rest == half && (k & 1u)))));
+  // Normal (2**-14 and up): the exponent rebiased, the significand rounded to even.
+  const uint32_t r = a - 0x38000000u;
+  const uint32_t normal = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+  // Subnormal (and zero): |x| in units of 2**-24 (an exact product), rounded to an integer, to
+  // even, by the addition of 2**23 (up to 2**-25, a tie, gives 0). Under the kernel's control
+  // word, XLA's: round to nearest; a float32 subnormal counts as 0 (DAZ) and gives 0 anyway.
+  const float units = FromBits(a) * 16777216.0f;
+  const uint32_t subnormal = Bits(units + 8388608.0f) - 0x4B000000u;
+  const uint32_t nan = 0x7E00u | ((a >> 13) & 0x3FFu);
+  uint32_t magnitude = Select(a >= 0x38800000u, normal, subnormal);
+  magnitude = Select(a >= 0x477FF000u, 0x7C00u, magnitude);  // 65520 and up: inf
+  magnitude = Select(a > 0x7F800000u, nan, magnitude);
+  return static_cast<uint16_t>(sign | magnitude);
 }
 
-inline float FromF16(uint16_t h) {
+ADAMW_JAX_INLINE float FromF16(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0x1F) return FromBits(sign | 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u));
-  if (e == 0) {  // subnormal: m * 2**-24, a normal float32 (exact, whatever the control word)
-    const float magnitude = static_cast<float>(m) * 5.9604644775390625e-08f;
-    return FromBits(sign | Bits(magnitude));
-  }
-  return FromBits(sign | ((e + 112u) << 23) | (m << 13));
+  const uint32_t normal = ((e + 112u) << 23) | (m << 13);
+  const uint32_t special = 0x7F800000u | (m << 13) | Select(m != 0, 0x400000u, 0u);  // inf, NaN
+  // Subnormal: m * 2**-24, a normal float32 (exact, whatever the control word).
+  const uint32_t subnormal = Bits(static_cast<float>(static_cast<int32_t>(m)) * 5.9604644775390625e-08f);
+  return FromBits(sign | Select(e == 0x1Fu, special, Select(e == 0, subnormal, normal)));
 }
 
 // A value rounded to a storage dtype and read back (the identity for float32).
 template <int kType>
-inline float Round(float x) {
+ADAMW_JAX_INLINE float Round(float x) {
   if (kType == kBF16) return FromBF16(ToBF16(x));
   if (kType == kF16) return FromF16(ToF16(x));
   return x;
@@ -89,13 +102,13 @@ inline float Round(float x) {
 template <int kType>
 struct Emulated {
   static constexpr bool kFma = kType == kF32;
-  static float R(float x) { return Round<kType>(x); }
+  static ADAMW_JAX_INLINE float R(float x) { return Round<kType>(x); }
 };
 
 // threefry2x32 (Salmon et al. 2011; JAX's), 20 rounds, on (x0, x1) in place.
-inline uint32_t RotateLeft(uint32_t v, int r) { return (v << r) | (v >> (32 - r)); }
+ADAMW_JAX_INLINE uint32_t RotateLeft(uint32_t v, int r) { return (v << r) | (v >> (32 - r)); }
 
-inline void Threefry2x32(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
+ADAMW_JAX_INLINE void Threefry2x32(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
   const uint32_t k2 = k0 ^ k1 ^ 0x1BD11BDAu;
   const uint32_t ks[3] = {k0, k1, k2};
   static constexpr int kRotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
@@ -113,14 +126,14 @@ inline void Threefry2x32(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
 }
 
 // jax.random.bits(key, shape, jnp.uint32) at the flat index `j`.
-inline uint32_t RandomBits(uint32_t k0, uint32_t k1, uint64_t j) {
+ADAMW_JAX_INLINE uint32_t RandomBits(uint32_t k0, uint32_t k1, uint64_t j) {
   uint32_t x0 = static_cast<uint32_t>(j >> 32), x1 = static_cast<uint32_t>(j);
   Threefry2x32(k0, k1, x0, x1);
   return x0 ^ x1;
 }
 
 // _lowprec.stochastic_round_bf16 of x with the random word `bits`.
-inline uint16_t StochasticBF16(float x, uint32_t bits) {
+ADAMW_JAX_INLINE uint16_t StochasticBF16(float x, uint32_t bits) {
   const uint32_t u = Bits(x);
   const uint32_t truncated = u & 0xFFFF0000u;
   const uint32_t rounded = (bits >> 16) < (u & 0xFFFFu) ? truncated + 0x10000u : truncated;
