@@ -6,7 +6,12 @@ every public function's docstring has an example.
 """
 
 from adamw_jax._alias import adam, adamw
-from adamw_jax._checkpoint import restore_opt_state, save_opt_state
+from adamw_jax._checkpoint import (
+  opt_state_restore_args,
+  opt_state_save_args,
+  restore_opt_state,
+  save_opt_state,
+)
 from adamw_jax._core import ScaleByAdamState
 from adamw_jax._flat import FlatParams, flatten
 from adamw_jax._fused import fused_step
@@ -15,6 +20,7 @@ from adamw_jax._interop import from_torch, to_torch_state_dict
 from adamw_jax._layout import flax_layout
 from adamw_jax._lowmem import LowMemoryAdamState
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
+from adamw_jax._master import master_params, split_master
 from adamw_jax._paper import normalized_weight_decay, warm_restarts
 from adamw_jax._quantize import PackedQuantizedMoment, QuantizedMoment
 from adamw_jax._transforms import (
@@ -43,11 +49,15 @@ __all__ = [
   "from_torch",
   "fused_step",
   "masked",
+  "master_params",
   "normalized_weight_decay",
+  "opt_state_restore_args",
+  "opt_state_save_args",
   "param_groups",
   "restore_opt_state",
   "save_opt_state",
   "scale_by_adam",
+  "split_master",
   "to_torch_state_dict",
   "warm_restarts",
 ]

@@ -76,9 +76,13 @@ def adamw(
     param_rounding: how a bfloat16 (or float16) parameter is written:
       ``"nearest"`` (default, as torch), ``"stochastic"`` (bfloat16 only:
       computed in float32, rounded up or down without bias, torchao's
-      ``bf16_stochastic_round``) or ``"kahan"`` (a compensation buffer in the
-      state keeps what rounding lost, torch-optimi's ``kahan_sum``). Leaves of
-      other dtypes are written as with ``"nearest"``. See ``docs/low-memory.md``.
+      ``bf16_stochastic_round``), ``"kahan"`` (a compensation buffer in the
+      state keeps what rounding lost, torch-optimi's ``kahan_sum``) or
+      ``"remainder"`` (bfloat16 only: an int16 remainder in the state makes the
+      parameter a float32 master weight exactly, stepped as float32 AdamW
+      steps it, bit for bit; moments float32 unless given; the update is
+      float32; :func:`adamw_jax.master_params`). Leaves of other dtypes are
+      written as with ``"nearest"``. See ``docs/low-memory.md``.
     rounding_seed: the seed of the PRNG key in the state, with ``"stochastic"``
       (None: 0).
     moment_bits: ``8``: moments of leaves of at least 4096 elements (a multiple

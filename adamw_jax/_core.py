@@ -61,9 +61,10 @@ class ScaleByAdamState(NamedTuple):
   nu_max: Any
 
 
-def _moment_dtype(param_dtype, requested) -> jnp.dtype:
+def _moment_dtype(param_dtype, requested, default=None) -> jnp.dtype:
+  """A moment's dtype: `requested`, else `default` (a writer's), else the parameter's."""
   if requested is None:
-    return jnp.dtype(param_dtype)
+    return jnp.dtype(param_dtype if default is None else default)
   if jnp.issubdtype(param_dtype, jnp.complexfloating):
     return jnp.promote_types(requested, jnp.complex64)
   return jnp.dtype(requested)
@@ -133,7 +134,10 @@ def _compute_dtypes(params, quantized: list[bool], options: _lowmem.Options, req
   out = []
   for p, q in zip(jax.tree.leaves(params), quantized):
     writer = options.writer(p)
-    moments = (jnp.float32,) if q else tuple(d for d in requested if d is not None)
+    moments = (
+      (jnp.float32,) if q else tuple(writer.moments_in if d is None else d for d in requested)
+    )
+    moments = tuple(d for d in moments if d is not None)
     own = writer.computes_in
     out.append(
       jnp.dtype(own) if own is not None else jnp.result_type(_tree.leaf_dtype(p), *moments)
@@ -206,7 +210,9 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
         [
           _moments.quantized_zeros(p, quantization)
           if quantization is not None and q
-          else _moments.zeros(p, _moment_dtype(_tree.leaf_dtype(p), requested))
+          else _moments.zeros(
+            p, _moment_dtype(_tree.leaf_dtype(p), requested, options.writer(p).moments_in)
+          )
           for p, q in zip(leaves, quantized)
         ]
       )
@@ -307,7 +313,8 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     vm_l = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * n
     p_l = treedef.flatten_up_to(params) if params is not None else [None] * n
     d_l = treedef.flatten_up_to(decay_mask)
-    b_l = treedef.flatten_up_to(state.compensation) if options.kahan else [None] * n
+    field = options.buffer_field
+    b_l = treedef.flatten_up_to(getattr(state, field)) if field else [None] * n
     new_key, step_key = jax.random.split(state.key) if options.stochastic else (None, None)
     results: list[Any] = [None] * n
     groups: dict[tuple, list[int]] = {}
@@ -402,7 +409,9 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     nu_max = nu_max if amsgrad else None
     if not options.enabled:
       return out, ScaleByAdamState(new_count, mu, nu, nu_max)
-    compensation = (buffers if results else state.compensation) if options.kahan else None
-    return out, _lowmem.LowMemoryAdamState(new_count, mu, nu, nu_max, new_key, compensation)
+    new = _lowmem.LowMemoryAdamState(new_count, mu, nu, nu_max, new_key, None)
+    if field is not None:
+      new = new._replace(**{field: buffers if results else getattr(state, field)})
+    return out, new
 
   return optax.GradientTransformationExtraArgs(init_fn, AdamUpdate(update_fn, step_fn))

@@ -171,12 +171,12 @@ TABLE: tuple[Hyperparameter, ...] = (
     adamw_only=True,
     no_torch="torch's decay does not depend on a peak learning rate (decay_mode='torch')",
   ),
-  # Low-memory AdamW (_lowmem): bfloat16 parameter writes and 8-bit moments.
+  # Low-memory AdamW (_lowmem): bfloat16 parameter writes and 8-bit or 4-bit moments.
   Hyperparameter(
     "param_rounding",
     "choice",
     "nearest",
-    choices=("nearest", "stochastic", "kahan"),
+    choices=("nearest", "stochastic", "kahan", "remainder"),
     no_torch="torch.optim.AdamW writes parameters rounded to nearest (param_rounding='nearest')",
   ),
   Hyperparameter(

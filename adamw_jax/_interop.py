@@ -31,6 +31,7 @@ from adamw_jax import (
   _hyperparams,
   _layout,
   _lowmem,
+  _master,
   _quantize,
   _references,
   _tree,
@@ -438,6 +439,33 @@ def _group_readings(
   return out
 
 
+def _to_bf16(x):
+  return jnp.asarray(x).astype(jnp.bfloat16)
+
+
+def _check_rounding(what: str, rounding: str | None, ref: _references.Reference, params) -> None:
+  """``param_rounding="remainder"``: float32 parameters of torch's AdamW / Adam; nothing else."""
+  if rounding is None:
+    return
+  if rounding != "remainder":
+    raise ValueError(
+      f"{what}: param_rounding={rounding!r}: from_torch takes None (torch's parameters as "
+      "they are) or 'remainder' (float32 parameters held as bfloat16 parameters and "
+      "remainders, exactly)"
+    )
+  if ref.kind != _references.TORCH:
+    raise ValueError(
+      f"{what}: param_rounding='remainder' continues a float32 torch.optim.AdamW / Adam run; "
+      f"{ref.label} keeps its own low-memory state"
+    )
+  for path, p in _tree.flatten_params(params)[0]:
+    if _tree.leaf_dtype(p) != jnp.float32:
+      raise ValueError(
+        f"{what}: param_rounding='remainder' takes torch's float32 parameters (the master "
+        f"weights); the parameter at {_tree.where(path)} is {_tree.leaf_dtype(p)}"
+      )
+
+
 def from_torch(
   optimizer_or_state_dict: Any,
   params: Any,
@@ -446,6 +474,7 @@ def from_torch(
   mapping: Mapper | None = None,
   learning_rate: Any = None,
   ignore: Sequence[str] = (),
+  param_rounding: str | None = None,
 ) -> tuple[optax.GradientTransformation, Any]:
   """A torch AdamW / Adam run as ``(tx, opt_state)``: the transform and its state, moments and all.
 
@@ -493,6 +522,20 @@ def from_torch(
   rounding). The next step is then torch's AdamW, close to the reference's
   (README, "Low-memory AdamW").
 
+  **Exact bfloat16 master weights.** With ``param_rounding="remainder"``,
+  `params` are torch's float32 parameters (the master weights, as JAX
+  arrays): `tx` has ``param_rounding="remainder"`` and `opt_state` is the
+  state of their bfloat16 parameters, torch's moments (float32) and the
+  remainders that make each bfloat16 parameter its float32 master exactly;
+  :func:`adamw_jax.split_master` gives the bfloat16 parameters::
+
+     tx, opt_state = adamw_jax.from_torch(optimizer, master, param_rounding="remainder")
+     params, opt_state = adamw_jax.split_master(master, opt_state)
+
+  The run then continues torch's float32 run bit for bit
+  (``docs/low-memory.md``); :func:`adamw_jax.master_params` gives torch's
+  parameters back.
+
   **Refused, with an error saying what differs:** another optimizer class; a
   param group setting that AdamW / Adam do not have; an LR scheduler's
   ``initial_lr`` (pass `learning_rate`); counts, shapes or dtypes that do not
@@ -515,12 +558,16 @@ def from_torch(
       ``count -> lr`` (``count`` continues from torch's step), or a list of
       one per param group. Needed when an LR scheduler is attached.
     ignore: param group keys to ignore (your own labels).
+    param_rounding: None (default: torch's parameters as they are) or
+      ``"remainder"``: float32 `params` held as bfloat16 parameters and
+      remainders (torch.optim.AdamW / Adam only).
 
   Returns:
     ``(tx, opt_state)``; :func:`to_torch_state_dict` takes `tx` back to torch.
   """
   what = "from_torch"
   sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)
+  _check_rounding(what, param_rounding, ref, params)
   raw_groups = list(sd["param_groups"])
   extras = [dict(ref.options) for _ in raw_groups]
   groups = raw_groups
@@ -546,6 +593,8 @@ def from_torch(
         extras[i]["param_rounding"] = "kahan"
   for h, e in zip(hypers, extras):
     h.update(e)
+    if param_rounding is not None:
+      h["param_rounding"] = param_rounding
   readings = _group_readings(what, ref, raw_groups, groups, hypers)
   block = ref.block_size
   read = {
@@ -573,9 +622,11 @@ def from_torch(
       labels=treedef.unflatten([group_of[p] for p, _ in flat]),
       optimizer=factory,
     )
-  opt_state = jax.tree.map(
-    lambda s: _filled(what, s, read), tx.init(_tree.unbox_all(params)), is_leaf=_is_state
-  )
+  pure = _tree.unbox_all(params)
+  working = pure if param_rounding is None else jax.tree.map(_to_bf16, pure)
+  opt_state = jax.tree.map(lambda s: _filled(what, s, read), tx.init(working), is_leaf=_is_state)
+  if param_rounding is not None:
+    opt_state = _master.split_master(pure, opt_state)[1]
   _CONFIGS[tx.init] = _Config(
     tuple({k: v for k, v in g.items() if k != "initial_lr"} for g in raw_groups), tuple(slots), ref
   )
@@ -704,6 +755,10 @@ def to_torch_state_dict(
   >>> optimizer.load_state_dict(state_dict)
   >>> optimizer.state_dict()["state"][0]["step"], optimizer.state_dict()["state"][0]["exp_avg"]
   (tensor(1.), tensor([0.1000, 0.1000, 0.1000]))
+
+  With ``param_rounding="remainder"`` the state dict is torch's float32 AdamW
+  state (the moments are float32); the torch parameters are the float32
+  master weights, :func:`adamw_jax.master_params` (copy them into the model).
 
   Args:
     tx_or_optimizer: the torch optimizer that is to continue (torch's, torchao's

@@ -33,7 +33,6 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -71,14 +70,16 @@ def quantization_of(x) -> Quantization | None:
 
 
 def zeros(p, dtype) -> jax.Array:
-  """A full-precision zero moment of `dtype` for the parameter `p`, sharded as `p`."""
-  z = jnp.zeros_like(p, dtype=dtype)
+  """A full-precision zero moment (or buffer) of `dtype` for the parameter `p`, sharded as `p`."""
   if isinstance(p, jax.core.Tracer):
-    # Under jit the zeros would not depend on p and lose its sharding
-    # (jax-ml/jax#16080, optax.adamw too): tie them to p's sharding. Eager
-    # zeros_like already keeps it, without a compile per leaf shape.
-    z = shard_alike(p, z)[1]
-  return z
+    # Under jit, zeros that do not depend on p lose its sharding (jax-ml/jax#16080, optax.adamw
+    # too). Tied to p by shard_alike, the equal zero constants of two leaves of one shape are one
+    # value to the partitioner, which gave them one sharding (a replicated leaf's moments took a
+    # split one's, on a mesh with automatic axes). Zeros computed from p are laid out as p.
+    # Eager zeros_like already keeps p's sharding, without a compile per leaf shape.
+    zero = jnp.isnan(p) & jnp.isinf(p)  # False everywhere, NaN and infinity included
+    return zero.astype(dtype)
+  return jnp.zeros_like(p, dtype=dtype)
 
 
 def load(x, signed: bool, shape: tuple[int, ...]):

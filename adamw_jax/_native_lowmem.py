@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _kernel, _native, _quantize, _steer
+from adamw_jax import _kernel, _native, _qmap, _quantize, _steer
 
 F32, BF16, F16 = map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
 _STORED = (F32, BF16, F16)
@@ -67,8 +67,11 @@ def compute_dtype(g, m, v, vm, p, writer: str) -> jnp.dtype | None:
   float32 to the step. Served: float32, bfloat16 and float16 arrays, computed
   in float32 by the stochastic and Kahan writers and in the arrays' promoted
   dtype by the nearest one; not a leaf whose arrays are all float32 and
-  full precision (the plain kernel's).
+  full precision (the plain kernel's), nor one written with its master's
+  remainder (``param_rounding="remainder"``: no native twin yet, the pure hooks).
   """
+  if writer not in WRITERS:  # "remainder": the pure hooks (docs/native.md)
+    return None
   moments = [x for x in (m, v, vm) if x is not None]
   arrays = [g, *(x for x in moments if not _quantized(x)), *(() if p is None else (p,))]
   if any(jnp.dtype(x.dtype) not in _STORED for x in arrays):
@@ -127,7 +130,7 @@ def maps(bits: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np
   """
   out, params = [], []
   for signed in (True, False):
-    qmap = np.asarray(_quantize.quantization_map(signed, bits), np.float32)
+    qmap = np.asarray(_qmap.quantization_map(signed, bits), np.float32)
     smallest = float(np.abs(qmap[qmap != 0]).min())
     e_lo = int(np.floor(np.log2(smallest))) + 127 - 1
     for mbits in range(1, 12):

@@ -6,7 +6,8 @@ as torchao writes it in plain PyTorch (``torchao/optim/quant_utils.py``,
 ``n / block_size`` blocks of ``block_size`` consecutive elements; each block is
 divided by its largest magnitude (its ``scale``, at least 1e-12) and every
 element is stored as the uint8 index of the nearest entry of a 256-entry
-dynamic-exponent map (signed for the first moment, unsigned for the second).
+dynamic-exponent map (signed for the first moment, unsigned for the second),
+found by arithmetic on the value, as torchao's search finds it (:mod:`adamw_jax._qmap`).
 Blocks never span two leaves (a flat buffer quantizes only leaves that are
 whole numbers of blocks, packed end to end). As in torchao and bitsandbytes,
 only leaves of at least :data:`MIN_SIZE` elements whose size is a multiple of
@@ -34,6 +35,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from adamw_jax import _qmap
+
 MIN_SIZE = 4096
 """Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
 
@@ -58,46 +61,6 @@ class PackedQuantizedMoment(QuantizedMoment):
   __slots__ = ()
 
 
-def _linspace(start: float, end: float, steps: int) -> np.ndarray:
-  """``torch.linspace`` in float32 on the CPU: fused multiply-adds from both ends to the middle."""
-  start32, end32 = np.float32(start), np.float32(end)
-  step = np.float64(np.float32((end32 - start32) / np.float32(steps - 1)))
-  i = np.arange(steps)
-  low = (np.float64(start32) + step * i).astype(np.float32)  # exact product: one rounding, an FMA's
-  high = (np.float64(end32) - step * (steps - i - 1)).astype(np.float32)
-  return np.where(i < steps // 2, low, high).astype(np.float32)
-
-
-def dynamic_map(signed: bool, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
-  """The sorted float32 values of bitsandbytes' dynamic map, as torchao's ``create_dynamic_map``."""
-  data: list[np.ndarray] = []
-  non_sign_bits = total_bits - 1
-  assert non_sign_bits == max_exponent_bits  # torchao's maps: no "additional items"
-  for i in range(max_exponent_bits):
-    items = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1
-    bounds = _linspace(0.1, 1.0, items)
-    means = ((bounds[:-1] + bounds[1:]) / np.float32(2.0)).astype(np.float32)
-    scaled = (np.float32(10.0 ** (-(max_exponent_bits - 1) + i)) * means).astype(np.float32)
-    data += [scaled] + ([-scaled] if signed else [])
-  out = np.sort(np.concatenate([*data, np.array([0.0, 1.0], np.float32)]))
-  assert out.size == 2**total_bits
-  return out
-
-
-def quantization_map(signed: bool, bits: int = 8) -> np.ndarray:
-  """torchao's map for `bits` (8: ``subclass_8bit``'s; 4: ``subclass_4bit``'s)."""
-  if bits == 8:
-    return dynamic_map(signed)
-  if signed:
-    return dynamic_map(True, 3, 4)
-  return _linspace(0.0, 1.0, 17)[1:]  # linear, no zero
-
-
-_MAPS = {
-  (signed, bits): quantization_map(signed, bits) for signed in (True, False) for bits in (8, 4)
-}
-
-
 def quantizes(shape: tuple[int, ...], block_size: int) -> bool:
   """Whether a leaf of `shape` gets quantized moments (torchao's rule)."""
   n = int(np.prod(shape, dtype=np.int64))
@@ -111,27 +74,6 @@ def zeros(x: jax.Array, block_size: int, bits: int = 8) -> QuantizedMoment:
     jnp.zeros(x.shape if bits == 8 else (x.size // 2,), jnp.uint8),
     jnp.zeros((x.size // block_size,), jnp.float32),
   )
-
-
-def _lookup(qmap: jax.Array, codes: jax.Array) -> jax.Array:
-  """``qmap[codes]``; on a mesh with explicit axes, sharded as `codes` (a gather needs it said)."""
-  if _explicit_first_axis(codes) is None:
-    return qmap[codes]
-  return qmap.at[codes].get(out_sharding=jax.typeof(codes).sharding)
-
-
-def _codes(x: jax.Array, qmap: jax.Array) -> jax.Array:
-  """torchao's ``quantize_{8,4}bit_with_qmap``: branchless binary search, then round to nearest."""
-  top = qmap.shape[0] // 2
-  codes = jnp.where(x >= qmap[top], top, 0)
-  half = top // 2
-  while half:
-    codes = codes + jnp.where(x >= _lookup(qmap, codes + half), half, 0)
-    half //= 2
-  up = jnp.minimum(codes + 1, qmap.shape[0] - 1)
-  down_value, up_value = _lookup(qmap, codes), _lookup(qmap, up)
-  codes = jnp.where(x - down_value >= (up_value - down_value) * 0.5, up, codes)
-  return codes.astype(jnp.uint8)
 
 
 def _explicit_first_axis(x) -> tuple | None:
@@ -170,7 +112,7 @@ def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> Quan
   # drops it (measured), so it is said: a NaN anywhere in a block makes its scale NaN, its
   # codes 0 (every comparison of the search is false), and so the whole block NaN when read.
   scale = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.float32(jnp.nan), scale)
-  codes = _codes(blocks / scale[:, None], jnp.asarray(_MAPS[signed, bits]))
+  codes = _qmap.codes(blocks / scale[:, None], signed, bits)
   if bits == 8:
     return QuantizedMoment(_reshape(codes, x.shape, first), scale)
   packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
@@ -193,6 +135,6 @@ def dequantize(q: QuantizedMoment, signed: bool, shape: tuple[int, ...] | None =
     shape = (2 * q.codes.size,) if shape is None else tuple(shape)
   else:
     shape = q.codes.shape
-  values = _lookup(jnp.asarray(_MAPS[signed, bits]), codes.astype(jnp.int32))
+  values = _qmap.values(codes, signed, bits)
   blocks = _reshape(values, (nblocks, values.size // nblocks), first)
   return _reshape(blocks * q.scale[:, None], shape, first)

@@ -1,72 +1,110 @@
-"""How fast is each low-memory option's step? The fused step beside torch's fused float32 AdamW.
+"""Low-memory AdamW's step on the CPU: each option next to torch's fp32 step and the peers.
 
 Run from the repository root:  python -m benchmarks.lowmem   (a few minutes; --quick: seconds)
 
-A side-by-side check for issue 24 (item 2), until the speed benchmark gains its own section:
-per option (float32; bfloat16 moments; 8-bit and 4-bit moments; bfloat16 parameters written
-to nearest, by stochastic rounding or with Kahan compensation) and workload (one 16M-element
-leaf, the transformer-like tree of ``benchmarks/workloads.py``), ``adamw_jax.fused_step``
-jitted with parameters and state donated, with the native kernel and (``--pure``) with
-``ADAMW_JAX_NATIVE=0``, against ``torch.optim.AdamW(fused=True)`` on float32 parameters (and,
-``--torchao``, torchao's ``AdamW8bit``/``AdamW4bit`` for the 8-bit and 4-bit rows). Each
-repetition runs every method once in a fresh random order, each after a 20 ms pause; the
-table gives medians, the ratio to torch fused, the option's byte floor (bytes per parameter
-a step must move) over torch's 28, and the bandwidth at that floor.
+In one process, interleaved repetitions in a random order with pauses
+(``benchmarks/timing.py``), medians: one AdamW step (lr 1e-3, weight decay
+1e-2, fixed random gradients) of each low-memory option of ``adamw_jax.adamw``,
+per-leaf (jitted ``update`` + ``optax.apply_updates``) and fused
+(``adamw_jax.fused_step``), parameters and state donated; next to torch's fused
+fp32 ``AdamW`` (the reference of the ratios), torchao's ``AdamW8bit`` and
+``AdamW4bit`` and torch-optimi's ``AdamW(kahan_sum=True)`` on bfloat16
+parameters, on the 16M-element leaf and the transformer tree of
+``benchmarks/workloads.py``. For each: ms per step, the bytes per parameter a
+step must move (read the parameters, gradients and state, write the parameters
+and state, at their dtypes), the effective bandwidth at those bytes, and the
+ratio to torch fused fp32 against the floor's ratio (its bytes / 28).
+On the CPU the options run on the native low-memory kernel; ``--pure`` adds each
+option's fused step compiled with ``ADAMW_JAX_NATIVE=0`` (the pure-JAX kernel) and
+``--only TEXT`` keeps the options whose name contains TEXT.
+Full runs write ``benchmarks/results/lowmem.md``; ``--quick`` a folder of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
+import pathlib
+import platform
+import sys
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numpy as np
+from benchmarks import output, timing
 
-from benchmarks import workloads
-
-PAUSE_S = 0.02
+FP32_BYTES = 28  # read p, g, m, v; write p, m, v (float32)
 
 
 class Option(NamedTuple):
   name: str
-  kwargs: dict
-  param_dtype: str  # "float32" or "bfloat16"
-  floor: float  # bytes per parameter a step reads and writes, at least
-  torchao: str | None = None  # the torchao optimizer of the same state, if any
+  kwargs: dict  # of adamw_jax.adamw (jnp dtypes as names, resolved when built)
+  param_dtype: str
 
 
-def _options() -> list[Option]:
-  import jax.numpy as jnp
+OPTIONS = (
+  Option("fp32", {}, "float32"),
+  Option("bf16 params, nearest", {}, "bfloat16"),
+  Option("bf16 moments", {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}, "float32"),
+  Option("8-bit moments", {"moment_bits": 8}, "float32"),
+  Option("4-bit moments", {"moment_bits": 4}, "float32"),
+  Option(
+    "bf16 params + stochastic rounding",
+    {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16", "param_rounding": "stochastic"},
+    "bfloat16",
+  ),
+  Option(
+    "bf16 params + Kahan",
+    {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16", "param_rounding": "kahan"},
+    "bfloat16",
+  ),
+  Option("bf16 params + remainder", {"param_rounding": "remainder"}, "bfloat16"),
+)
+PEERS = ("torch fused fp32", "torchao AdamW8bit", "torchao AdamW4bit", "optimi AdamW Kahan bf16")
 
-  bf16 = jnp.bfloat16
-  return [
-    Option("float32", {}, "float32", 28),
-    Option("bf16 moments", {"mu_dtype": bf16, "nu_dtype": bf16}, "float32", 20),
-    Option("8-bit moments", {"moment_bits": 8}, "float32", 16 + 8 / 256, "AdamW8bit"),
-    Option("4-bit moments", {"moment_bits": 4}, "float32", 14 + 8 / 128, "AdamW4bit"),
-    Option("bf16 params, nearest", {}, "bfloat16", 14),
-    Option("bf16 params, stochastic", {"param_rounding": "stochastic"}, "bfloat16", 14),
-    Option("bf16 params, kahan", {"param_rounding": "kahan"}, "bfloat16", 18),
-  ]
+
+def _workloads(quick: bool) -> list[tuple[str, dict]]:
+  from benchmarks import workloads
+
+  by_name = {wl.name: wl for wl in workloads.WORKLOADS}
+  return [(name, by_name[name].shapes(quick)) for name in list(by_name)[:2]]
 
 
-def _jax_runner(option: Option, params_np: Any, grads_np: Any, native: bool):
+def _jax_runner(option: Option, fused: bool, params_np: Any, grads_np: Any, native: bool = True):
+  """(run(k) -> seconds per step, bytes a step moves) of one option, jitted and donated.
+
+  `native` False: compiled with ``ADAMW_JAX_NATIVE=0``, the pure-JAX kernel.
+  """
   import jax
   import jax.numpy as jnp
+  import optax
 
   import adamw_jax
 
-  os.environ["ADAMW_JAX_NATIVE"] = "1" if native else "0"
+  kwargs = {k: (jnp.dtype(v) if k.endswith("_dtype") else v) for k, v in option.kwargs.items()}
+  tx = adamw_jax.adamw(1e-3, weight_decay=1e-2, **kwargs)
   dtype = jnp.dtype(option.param_dtype)
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params_np)
   grads = jax.tree.map(lambda x: jnp.asarray(x, dtype), grads_np)
-  tx = adamw_jax.adamw(1e-3, weight_decay=1e-2, **option.kwargs)
   state = tx.init(params)
-  step = jax.jit(lambda p, s, g: adamw_jax.fused_step(tx, g, s, p), donate_argnums=(0, 1))
-  compiled = step.lower(params, state, grads).compile()
-  os.environ.pop("ADAMW_JAX_NATIVE")
+
+  def step(p, s, g):
+    if fused:
+      return adamw_jax.fused_step(tx, g, s, p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  saved = os.environ.get("ADAMW_JAX_NATIVE")
+  os.environ["ADAMW_JAX_NATIVE"] = "1" if native else "0"  # read when the step is traced
+  try:
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  finally:
+    if saved is None:
+      os.environ.pop("ADAMW_JAX_NATIVE")
+    else:
+      os.environ["ADAMW_JAX_NATIVE"] = saved
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim > 0)
+  moved = 2 * nbytes(params) + nbytes(grads) + 2 * nbytes(state)
   box = [params, state]
 
   def run(k: int) -> float:
@@ -76,23 +114,42 @@ def _jax_runner(option: Option, params_np: Any, grads_np: Any, native: bool):
     jax.block_until_ready(box[0])
     return (time.perf_counter() - t0) / k
 
-  return run
+  return run, moved
 
 
-def _torch_runner(params_np: Any, grads_np: Any, kind: str):
+def _torch_runner(peer: str, params_np: Any, grads_np: Any):
   import jax
   import torch
 
-  params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in jax.tree.leaves(params_np)]
+  dtype = torch.bfloat16 if "bf16" in peer else torch.float32
+  as_t = lambda a: torch.from_numpy(a.copy()).to(dtype)
+  params = [torch.nn.Parameter(as_t(p)) for p in jax.tree.leaves(params_np)]
   for p, g in zip(params, jax.tree.leaves(grads_np)):
-    p.grad = torch.from_numpy(g)
-  if kind == "fused":
+    p.grad = as_t(g)
+  if peer == "torch fused fp32":
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, fused=True)
-  else:
-    import torchao.optim
+  elif peer.startswith("torchao"):
+    from torchao.optim import AdamW4bit, AdamW8bit
 
-    opt = getattr(torchao.optim, kind)(params, lr=1e-3, weight_decay=1e-2)
-  opt.step()
+    cls = AdamW8bit if "8bit" in peer else AdamW4bit
+    opt = cls(params, lr=1e-3, weight_decay=1e-2)
+  else:
+    import optimi
+
+    opt = optimi.AdamW(params, lr=1e-3, weight_decay=1e-2, kahan_sum=True)
+  opt.step()  # creates the state (and compiles torchao's step)
+
+  def state_bytes() -> int:
+    total = 0
+    for s in opt.state.values():
+      for v in s.values():
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+          inner = [getattr(v, a) for a in ("codes", "scale", "qmap") if hasattr(v, a)]
+          total += sum(t.numel() * t.element_size() for t in inner) or v.numel() * v.element_size()
+    return total
+
+  p_bytes = sum(p.numel() * p.element_size() for p in params)
+  moved = 3 * p_bytes + 2 * state_bytes()  # read p, g, state; write p, state
 
   def run(k: int) -> float:
     t0 = time.perf_counter()
@@ -100,77 +157,111 @@ def _torch_runner(params_np: Any, grads_np: Any, kind: str):
       opt.step()
     return (time.perf_counter() - t0) / k
 
-  return run
+  return run, moved
 
 
-def _time(runners: dict, reps: int, target_s: float) -> dict[str, float]:
-  gc.collect()
-  gc.freeze()
-  inner = {}
-  for name, run in runners.items():
-    run(1)
-    inner[name] = max(1, min(200, round(target_s / max(run(1), 1e-6))))
-  times: dict[str, list[float]] = {name: [] for name in runners}
-  rng = np.random.default_rng(0)
-  for _ in range(reps):
-    for name in rng.permutation(list(runners)):
-      time.sleep(PAUSE_S)
-      times[name].append(runners[name](inner[name]))
-  gc.unfreeze()
-  return {name: float(np.median(t)) for name, t in times.items()}
+def measure(quick: bool, reps: int, pure: bool = False, only: str | None = None) -> list[dict]:
+  import numpy as np
+
+  from benchmarks import workloads
+
+  rows = []
+  for name, shapes in _workloads(quick):
+    n, _ = workloads.count(shapes)
+    params_np = workloads.arrays(shapes, seed=0)
+    grads_np = workloads.arrays(shapes, seed=1, scale=1e-2)
+    runners: dict[str, Callable[[int], float]] = {}
+    moved: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    makers: dict[str, Callable[[], tuple]] = {}
+    for option in OPTIONS:
+      if only is not None and only not in option.name:
+        continue
+      for fused in (False, True):
+        key = f"{option.name}, {'fused' if fused else 'per-leaf'}"
+        makers[key] = lambda o=option, f=fused: _jax_runner(o, f, params_np, grads_np)
+      if pure:
+        key = f"{option.name}, fused, pure-JAX kernel"
+        makers[key] = lambda o=option: _jax_runner(o, True, params_np, grads_np, native=False)
+    for peer in PEERS:
+      makers[peer] = lambda p=peer: _torch_runner(p, params_np, grads_np)
+    for key, make in makers.items():
+      try:
+        runners[key], moved[key] = make()
+      except Exception as e:  # an option this version lacks, a peer that fails: reported
+        skipped[key] = f"{type(e).__name__}: {e}".splitlines()[0][:120]
+    times = timing.interleaved(runners, reps, 0.005 if quick else 0.05)
+    reference = float(np.median(times["torch fused fp32"]))
+    for key in makers:
+      row: dict[str, Any] = {"workload": name, "params": n, "method": key}
+      if key in skipped:
+        rows.append({**row, "skipped": skipped[key]})
+        continue
+      t = float(np.median(times[key]))
+      rows.append(
+        {
+          **row,
+          "ms": 1e3 * t,
+          "bytes_per_param": moved[key] / n,
+          "gbps": moved[key] / t / 1e9,
+          "ratio": t / reference,
+          "floor_ratio": moved[key] / n / FP32_BYTES,
+        }
+      )
+    print(f"  {name}: done", file=sys.stderr, flush=True)
+  return rows
+
+
+def report(rows: list[dict], command: str, reps: int) -> str:
+  import jax
+  import torch
+
+  lines = [
+    "# Low-memory AdamW on the CPU: `" + command + "`",
+    "",
+    f"{platform.processor() or platform.machine()}, jax {jax.__version__}, torch "
+    f"{torch.__version__} ({torch.get_num_threads()} threads); medians of {reps} interleaved "
+    "repetitions. Ratio: time / torch fused fp32's on the same workload; floor: the bytes a "
+    "step must move / 28 (fp32's), the ratio a step at the memory bandwidth would reach.",
+  ]
+  for workload in dict.fromkeys(r["workload"] for r in rows):
+    mine = [r for r in rows if r["workload"] == workload]
+    lines += [
+      "",
+      f"## {workload} ({mine[0]['params']:,} parameters)",
+      "",
+      "| method | ms/step | bytes/param | GB/s | ratio to torch fused fp32 | floor |",
+      "|---|---|---|---|---|---|",
+    ]
+    for r in mine:
+      if "skipped" in r:
+        lines.append(f"| {r['method']} | not run: {r['skipped']} | | | | |")
+      else:
+        lines.append(
+          f"| {r['method']} | {r['ms']:.2f} | {r['bytes_per_param']:.1f} | {r['gbps']:.1f} "
+          f"| {r['ratio']:.2f}x | {r['floor_ratio']:.2f}x |"
+        )
+  return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small workloads, few repetitions")
-  parser.add_argument("--pure", action="store_true", help="also the pure-JAX kernel")
-  parser.add_argument("--torchao", action="store_true", help="also torchao's 8-bit and 4-bit")
-  parser.add_argument("--reps", type=int, default=None)
-  parser.add_argument("--only", default=None, help="options whose name contains this")
+  parser.add_argument("--reps", type=int, default=None, help="repetitions (default 9; quick 2)")
+  parser.add_argument("--out", type=pathlib.Path, help="output directory")
+  parser.add_argument("--pure", action="store_true", help="also each fused step on the pure kernel")
+  parser.add_argument("--only", default=None, help="only the options whose name contains this")
   args = parser.parse_args(argv)
-  reps = args.reps or (3 if args.quick else 9)
-  target_s = 0.01 if args.quick else 0.15
-  rows = []
-  for workload in workloads.WORKLOADS[:2]:
-    shapes = workload.shapes(args.quick)
-    n, leaves = workloads.count(shapes)
-    params_np = workloads.arrays(shapes, seed=0)
-    grads_np = workloads.arrays(shapes, seed=1, scale=1e-2)
-    options = [o for o in _options() if args.only is None or args.only in o.name]
-    runners = {"torch fused": _torch_runner(params_np, grads_np, "fused")}
-    for option in options:
-      runners[option.name] = _jax_runner(option, params_np, grads_np, native=True)
-      if args.pure:
-        runners[option.name + ", pure"] = _jax_runner(option, params_np, grads_np, native=False)
-      if args.torchao and option.torchao:
-        runners[option.torchao] = _torch_runner(params_np, grads_np, option.torchao)
-    medians = _time(runners, reps, target_s)
-    torch_s = medians["torch fused"]
-    print(f"\n{workload.name}: {n / 1e6:.1f}M parameters, {leaves} leaves; torch fused "
-          f"{torch_s * 1e3:.2f} ms ({28 * n / torch_s / 1e9:.1f} GB/s at 28 B/param)")
-    print("| option | floor B/param | floor / 28 | ms | / torch fused | GB/s at floor |"
-          + (" pure / torch |" if args.pure else "") + (" torchao / ours |" if args.torchao else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if args.pure else "") + ("---|" if args.torchao else ""))
-    for option in options:
-      t = medians[option.name]
-      row = {
-        "workload": workload.name,
-        "option": option.name,
-        "ms": t * 1e3,
-        "ratio": t / torch_s,
-        "floor": option.floor,
-        "gbps": option.floor * n / t / 1e9,
-      }
-      line = (f"| {option.name} | {option.floor:.2f} | {option.floor / 28:.2f} | {t * 1e3:.2f} | "
-              f"{t / torch_s:.2f}x | {row['gbps']:.1f} |")
-      if args.pure:
-        row["pure_ratio"] = medians[option.name + ", pure"] / torch_s
-        line += f" {row['pure_ratio']:.2f}x |"
-      if args.torchao:
-        other = medians.get(option.torchao or "")
-        line += f" {other / t:.1f}x |" if other else " |"
-      print(line)
-      rows.append(row)
+  reps = args.reps or (2 if args.quick else 9)
+  rows = measure(args.quick, reps, pure=args.pure, only=args.only)
+  flags = ["--quick"] * args.quick + ["--pure"] * args.pure
+  flags += [f"--only '{args.only}'"] if args.only else []
+  command = " ".join(["python -m benchmarks.lowmem", *flags])
+  md = report(rows, command, reps)
+  out = output.out_dir(args.out, args.quick, "lowmem")
+  (out / "lowmem.md").write_text(md)
+  print(md)
+  print(f"wrote {out / 'lowmem.md'}")
   return rows
 
 

@@ -1,7 +1,7 @@
 """Low-memory AdamW: state bytes per parameter, step time and final loss / accuracy.
 
 ``python -m benchmarks.memory [--quick] [--out DIR]`` trains two small real
-models with five optimizer settings and writes ``memory.md``, ``memory.json``
+models with six optimizer settings and writes ``memory.md``, ``memory.json``
 and ``memory.png`` to ``benchmarks/results/``:
 
 - the digits CNN of :mod:`adamw_jax.demo` (scikit-learn's 8x8 digits),
@@ -10,7 +10,7 @@ and ``memory.png`` to ``benchmarks/results/``:
 
 for: float32 parameters and moments; bfloat16 parameters and moments written
 round-to-nearest ("bf16 plain"); the same with ``param_rounding="stochastic"``
-and ``"kahan"``; float32 parameters with ``moment_bits=8``. The forward pass
+and ``"kahan"``; float32 parameters with ``moment_bits=8`` and ``4``. The forward pass
 runs in float32 (bfloat16 is the storage of parameters and moments), so the
 differences are the optimizer's writes alone. A few minutes on 2 CPU cores;
 ``--quick`` (a test runs it) in well under a minute.
@@ -48,6 +48,7 @@ SETTINGS = (
   Setting("bf16 + stochastic rounding", jnp.bfloat16, {"param_rounding": "stochastic"}),
   Setting("bf16 + Kahan", jnp.bfloat16, {"param_rounding": "kahan"}),
   Setting("fp32 + 8-bit moments", jnp.float32, {"moment_bits": 8}),
+  Setting("fp32 + 4-bit moments", jnp.float32, {"moment_bits": 4}),
 )
 
 

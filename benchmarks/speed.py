@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import output
+from benchmarks import output, timing
 
 FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion"
 VARIANTS = {"default": "", "multi-output fusion": FLAG}
@@ -60,7 +60,6 @@ JAX_METHODS = METHODS[:5]
 PURE = "adamw_jax per-leaf, pure JAX"  # ADAMW_JAX_NATIVE=0 while it is traced
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 MINIMUM_PER_PARAM = 16  # p, g, m, v resident
-PAUSE_S = 0.02  # before each timed repetition (see _time_workload)
 
 
 # ----------------------------------------------------------------------------- workers (subprocesses)
@@ -166,8 +165,6 @@ def _torch_runner(method: str, params_np: Any, grads_np: Any):
 
 
 def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
-  import gc
-
   import numpy as np
 
   from benchmarks import workloads
@@ -182,27 +179,8 @@ def _time_workload(shapes: dict, reps: int, target_s: float) -> dict:
       runners[method], peaks[method], compile_s[method] = make(method, params_np, grads_np)
     except AttributeError as e:  # adamw_jax.flatten not available
       skipped[method] = str(e)
-  # Every method's arrays stay alive side by side: keep the collector from
-  # rescanning them on each step (the 2000-leaf trees hold 8,000 arrays each).
-  gc.collect()
-  gc.freeze()
-  inner = {}
-  for method, run in runners.items():
-    run(2)
-    inner[method] = max(1, min(500, round(target_s / max(run(1), 1e-6))))
-  times: dict[str, list[float]] = {m: [] for m in runners}
-  # A fresh random order each rep: a fixed cyclic order would always run one
-  # method right after torch's threads (or after the same neighbour).
-  rng = np.random.default_rng(0)
-  for _rep in range(reps):
-    for method in rng.permutation(list(runners)):
-      # A pause first: torch's OpenMP threads spin for milliseconds after a
-      # parallel region and would take the cores from whatever runs next.
-      time.sleep(PAUSE_S)
-      times[method].append(runners[method](inner[method]))
+  times = timing.interleaved(runners, reps, target_s)
   del runners
-  gc.unfreeze()
-  gc.collect()
   out = {}
   fused = float(np.median(times["torch fused"]))
   for method in METHODS:
@@ -384,7 +362,7 @@ def report(data: dict) -> str:
     *goals(data),
     "",
   ]
-  for variant, timing in data["timings"].items():
+  for variant, measured in data["timings"].items():
     flags = VARIANTS[variant]
     lines += [
       f"## Ratio to torch fused, {variant}"
@@ -393,7 +371,7 @@ def report(data: dict) -> str:
       "| workload | params | leaves | " + " | ".join(methods) + " |",
       "|---|---|---|" + "---|" * len(methods),
     ]
-    for wl in timing["workloads"]:
+    for wl in measured["workloads"]:
       cells = [
         f"{r['ratio']:.2f}x" if "ratio" in r else "n/a" for r in (wl["results"][m] for m in methods)
       ]
@@ -407,8 +385,8 @@ def report(data: dict) -> str:
     "| flags | workload | method | ms/step | GB/s | × torch fused | peak memory / minimum |",
     "|---|---|---|---|---|---|---|",
   ]
-  for variant, timing in data["timings"].items():
-    for wl in timing["workloads"]:
+  for variant, measured in data["timings"].items():
+    for wl in measured["workloads"]:
       for m in methods:
         r = wl["results"][m]
         if "ms" not in r:

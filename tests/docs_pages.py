@@ -4,7 +4,9 @@ Every fenced block names its language (``python``, ``bash`` or ``text``).
 tests/test_docs.py runs every ``python`` block, page by page, except those
 after a marker comment on the line before the fence:
 
-  <!-- docs-test: 8-devices -->   needs 8 devices: run by tests/sharded_checks.py instead
+  <!-- docs-test: 8-devices -->     needs 8 devices: run by tests/sharded_checks.py instead
+  <!-- docs-test: 2-processes -->   one program run as 2 jax.distributed processes: run by
+                                    tests/multiprocess_checks.py instead
 
 No other marker exists; test_docs fails on an unknown one.
 """
@@ -20,7 +22,8 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 LANGUAGES = ("python", "bash", "text")
 EIGHT_DEVICES = "8-devices"
-MARKERS = (EIGHT_DEVICES,)
+TWO_PROCESSES = "2-processes"
+MARKERS = (EIGHT_DEVICES, TWO_PROCESSES)
 _MARKER = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->")
 _HEADING = re.compile(r"(#{1,6}) (.*)")
 

@@ -573,6 +573,99 @@ for _kind in ("auto", "explicit"):
     )
 
 
+def _remainder_steps(tx, params, state, steps=3):
+  """Steps on gradients computed from the float32 master (the same for the float32 run)."""
+
+  @jax.jit
+  def update(params, state, step):
+    master = adamw_jax.master_params(params, state) if state_has_remainders(state) else params
+    grads = jax.tree.map(lambda p: jnp.cos(p * (3.0 + step)), master)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(steps):
+    params, state = update(params, state, jnp.float32(i))
+  return params, state
+
+
+def state_has_remainders(state) -> bool:
+  return getattr(state, "remainder", None) is not None
+
+
+def _remainder_sharded(kind: str, jitted: bool) -> str:
+  """param_rounding='remainder' on bfloat16 leaves split over 8 devices (and one replicated)."""
+  mesh = mesh_of(kind)
+  make = lambda **kw: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, **kw)
+  tx, tx32 = make(param_rounding="remainder"), make()
+  master = lowmem_params()
+  shardings = {
+    "b": NamedSharding(mesh, P()),
+    "r": NamedSharding(mesh, P()),
+    "v": NamedSharding(mesh, P(AXIS)),
+    "w": NamedSharding(mesh, P(AXIS, None)),
+  }
+  m8 = jax.device_put(master, shardings)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m8)
+  init = jax.jit(tx.init) if jitted else tx.init
+  split = jax.jit(adamw_jax.split_master) if jitted else adamw_jax.split_master
+  p8, s8 = split(m8, init(bf16))
+
+  def layout_problems(state, params) -> list[str]:
+    bad = []
+    for field in ("remainder", "mu", "nu", "nu_max"):
+      for k, x in getattr(state, field).items():
+        if not x.sharding.is_equivalent_to(params[k].sharding, params[k].ndim):
+          bad.append(f"{field}[{k!r}]: {x.sharding} vs {params[k].sharding}")
+    return bad
+
+  bad = layout_problems(s8, p8)
+  assert not bad, "init: state not laid out like the params:\n" + "\n".join(bad)
+  assert s8.remainder["w"].dtype == jnp.int16 and s8.mu["w"].dtype == jnp.float32
+  grads = jax.tree.map(jnp.cos, m8)
+  found = collectives_in(jax.jit(tx.update).lower(grads, s8, p8).compile().as_text())
+  assert not found, f"the compiled update communicates: {found}"
+  p8, s8 = _remainder_steps(tx, p8, s8)
+  bad = layout_problems(s8, p8)
+  assert not bad, "after 3 steps: state not laid out like the params:\n" + "\n".join(bad)
+  f8, t8 = _remainder_steps(tx32, m8, tx32.init(m8))
+  diffs = bitwise_diffs(adamw_jax.master_params(p8, s8), f8)
+  diffs += bitwise_diffs((s8.mu, s8.nu, s8.nu_max), (t8.mu, t8.nu, t8.nu_max))
+  assert not diffs, "masters or moments differ from the float32 run at:\n" + "\n".join(diffs)
+  m1 = one_device(master)
+  p1, s1 = adamw_jax.split_master(m1, tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), m1)))
+  p1, s1 = _remainder_steps(tx, p1, s1)
+  diffs = bitwise_diffs((p8, s8), (p1, s1))
+  assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
+  return (
+    "bfloat16 leaves (64, 256) and (8192,) split in 8, two replicated: remainders and moments "
+    "laid out like the params after init and 3 steps; no collectives in the update; masters "
+    "and moments bitwise the float32 run on the same mesh; equal to 1 device bitwise"
+  )
+
+
+for _kind in ("auto", "explicit"):
+  for _mode in ("eager", "jit"):
+    check(f"lowmem_remainder_sharded[{_kind}-{_mode}]")(
+      lambda k=_kind, m=_mode: _remainder_sharded(k, m == "jit")
+    )
+
+
+@check("zero_moments_of_same_shaped_leaves[auto-jit]")
+def _zero_moments_follow_their_leaf() -> str:
+  """jit(init) on an automatic mesh: a replicated leaf's moments beside a split one of its shape."""
+  mesh = mesh_of("auto")
+  params = {
+    "r": jax.device_put(jnp.ones((64, 256)), NamedSharding(mesh, P())),
+    "w": jax.device_put(jnp.ones((64, 256)), NamedSharding(mesh, P(AXIS, None))),
+  }
+  for tx in (adamw_jax.adamw(1e-2, amsgrad=True), adamw_jax.adamw(1e-2, mu_dtype=jnp.bfloat16)):
+    state = jax.jit(tx.init)(params)
+    for field in ("mu", "nu", "nu_max"):
+      for k, x in (getattr(state, field) or {}).items():
+        assert x.sharding.is_equivalent_to(params[k].sharding, 2), (field, k, x.sharding)
+  return "the moments of a replicated (64, 256) leaf replicated, of a split one split"
+
+
 SPLITTING = {  # shardings of w (64, 256) whose shards split a block
   "last_axis": (P(None, AXIS), 256),  # 8 columns of 32: a block (one row) spans 8 devices
   "small_shards": (P(AXIS, None), 4096),  # 8 rows (2048 elements) per device, blocks of 4096

@@ -848,6 +848,7 @@ OPTIONS = {
   "bf16 moments": ({"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}, jnp.float32),
   "stochastic": ({"param_rounding": "stochastic"}, jnp.bfloat16),
   "kahan": ({"param_rounding": "kahan"}, jnp.bfloat16),
+  "remainder": ({"param_rounding": "remainder"}, jnp.bfloat16),
   "8-bit": ({"moment_bits": 8}, jnp.float32),
   "4-bit": ({"moment_bits": 4}, jnp.float32),
 }
@@ -1081,7 +1082,15 @@ def test_every_option_takes_a_python_float_leaf_as_a_float32_scalar(option):
 def test_the_options_table_covers_each_refusal_once():
   assert len(BAD) >= 20 and len({b.name for b in BAD}) == len(BAD)
   assert {b.when for b in BAD} == {"init", "update", "checkify"}
-  assert list(OPTIONS) == ["default", "bf16 moments", "stochastic", "kahan", "8-bit", "4-bit"]
+  assert list(OPTIONS) == [
+    "default",
+    "bf16 moments",
+    "stochastic",
+    "kahan",
+    "remainder",
+    "8-bit",
+    "4-bit",
+  ]
 
 
 _F16 = {"big": jnp.linspace(-1, 1, 4096, dtype=jnp.float16), "small": jnp.array([1, 2, -0.5])}
@@ -1176,15 +1185,62 @@ _8BIT_256 = r"8-bit in blocks of 256 \(moment_bits=8, moment_block_size=256\)"
       r"has no PRNG key, but this transform has param_rounding='stochastic'",
       id="kahan to stochastic",
     ),
+    pytest.param(
+      {"param_rounding": "remainder"},
+      {"param_rounding": "kahan"},
+      jnp.bfloat16,
+      r"has no compensation buffers, but this transform has param_rounding='kahan'",
+      id="remainder to kahan",
+    ),
+    pytest.param(
+      {"param_rounding": "kahan"},
+      {"param_rounding": "remainder"},
+      jnp.bfloat16,
+      r"holds compensation buffers \(param_rounding='kahan'\), but this transform has "
+      r"param_rounding='remainder', moment_bits=None",
+      id="kahan to remainder",
+    ),
+    pytest.param(
+      {"param_rounding": "stochastic"},
+      {"param_rounding": "remainder"},
+      jnp.bfloat16,
+      r"holds a PRNG key \(param_rounding='stochastic'\), but this transform has "
+      r"param_rounding='remainder'",
+      id="stochastic to remainder",
+    ),
+    pytest.param(
+      {"moment_bits": 8},
+      {"param_rounding": "remainder", "moment_bits": 8},
+      jnp.bfloat16,
+      r"has no master remainders, but this transform has param_rounding='remainder', "
+      r"moment_bits=8, moment_block_size=256",
+      id="8-bit to remainder",
+    ),
+    pytest.param(
+      {"param_rounding": "remainder"},
+      {"param_rounding": "nearest", "mu_dtype": jnp.float32, "nu_dtype": jnp.float32},
+      jnp.bfloat16,
+      None,
+      id="remainder to nearest",
+    ),
   ],
 )
 def test_a_state_made_with_other_options_is_refused_naming_both(made, used, dtype, pattern):
-  """Read in other blocks, maps or buffers, such a state would be converted silently."""
+  """Read in other blocks, maps or buffers, such a state would be converted silently.
+
+  A low-memory state given to the default transform (no option: ``pattern``
+  None) is refused by its type.
+  """
   params = {"w": jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(16, 256).astype(dtype)}
   state = adamw_jax.adamw(**made).init(params)
   tx = adamw_jax.adamw(**used)
+  error, full = (
+    (TypeError, r"^adamw: the optimizer state is a LowMemoryAdamState, not the ScaleByAdamState")
+    if pattern is None
+    else (ValueError, r"^adamw: the optimizer state('s \w+ at)? " + pattern)
+  )
   for update in (tx.update, jax.jit(tx.update)):
-    with pytest.raises(ValueError, match=r"^adamw: the optimizer state('s \w+ at)? " + pattern):
+    with pytest.raises(error, match=full):
       update(jax.tree.map(jnp.ones_like, params), state, params)
 
 
@@ -1211,13 +1267,14 @@ def test_4bit_without_params_takes_a_gradient_of_the_leafs_size_in_another_shape
     tx.update(flat, tx.init(params))
 
 
-def test_rounding_without_params_says_that_it_writes_them():
-  tx = adamw_jax.adamw(weight_decay=0.0, param_rounding="kahan")
+@pytest.mark.parametrize("rounding", ["kahan", "remainder"])
+def test_rounding_without_params_says_that_it_writes_them(rounding):
+  tx = adamw_jax.adamw(weight_decay=0.0, param_rounding=rounding)
   params = {"w": jnp.ones(3, jnp.bfloat16)}
   with pytest.raises(
     ValueError,
-    match=r"^adamw: param_rounding='kahan' writes the parameters; call update\(updates, state, "
-    r"params\) with params\.$",
+    match=rf"^adamw: param_rounding='{rounding}' writes the parameters; call update\(updates, "
+    r"state, params\) with params\.$",
   ):
     tx.update(params, tx.init(params))
 

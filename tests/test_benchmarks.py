@@ -66,7 +66,7 @@ def test_compile_past_the_timeout_is_reported_as_such():
 
 
 def test_memory_benchmark_quick_run(tmp_path):
-  """benchmarks.memory --quick: five settings on both tasks; the table, the JSON and the plot."""
+  """benchmarks.memory --quick: every setting on both tasks; the table, the JSON and the plot."""
   from benchmarks import memory
 
   rows = memory.main(["--quick", "--out", str(tmp_path)])
@@ -76,5 +76,26 @@ def test_memory_benchmark_quick_run(tmp_path):
     assert by[(task, "fp32")]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)  # + count
     assert by[(task, "bf16 plain")]["state_bytes_per_param"] == pytest.approx(4.0, abs=0.01)
     assert by[(task, "fp32 + 8-bit moments")]["state_bytes_per_param"] < 2.6
+    four = by[(task, "fp32 + 4-bit moments")]["state_bytes_per_param"]
+    assert four < by[(task, "fp32 + 8-bit moments")]["state_bytes_per_param"]
   assert (tmp_path / "memory.png").stat().st_size > 0
   assert "| bf16 + Kahan |" in (tmp_path / "memory.md").read_text()
+
+
+def test_lowmem_benchmark_quick_run(tmp_path):
+  """benchmarks.lowmem --quick: every option per-leaf and fused, and every peer, on both workloads."""
+  from benchmarks import lowmem
+
+  rows = lowmem.main(["--quick", "--reps", "1", "--out", str(tmp_path)])
+  methods = [f"{o.name}, {k}" for o in lowmem.OPTIONS for k in ("per-leaf", "fused")]
+  methods += list(lowmem.PEERS)
+  for workload in dict.fromkeys(r["workload"] for r in rows):
+    mine = {r["method"]: r for r in rows if r["workload"] == workload}
+    assert list(mine) == methods
+    measured = {m: r for m, r in mine.items() if "skipped" not in r}
+    assert set(mine) - set(measured) <= {m for m in methods if "remainder" in m}, mine
+    assert measured["torch fused fp32"]["ratio"] == 1.0
+    for r in measured.values():
+      assert r["ms"] > 0 and r["bytes_per_param"] > 0 and r["gbps"] > 0
+  md = (tmp_path / "lowmem.md").read_text()
+  assert md.count("| fp32, fused |") == 2

@@ -30,6 +30,8 @@ from flax import core as flax_core
 from flax import nnx
 
 import adamw_jax
+from adamw_jax import _ckpt_describe, _ckpt_sums
+from tests import checkpoint_files
 
 # After a failed restore orbax's reader threads complain, when collected, that their event
 # loop is closed (during whichever test runs then).
@@ -83,10 +85,7 @@ def _stepper(tx):
 
 
 def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    assert x.dtype == y.dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert checkpoint_files.bitwise_equal(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
@@ -103,6 +102,24 @@ def test_resume_is_bitwise(tmp_path, name):
   resumed_params, resumed_state = run(params, restored, range(K, STEPS))
   _assert_bitwise(resumed_params, full_params)
   _assert_bitwise(resumed_state, full_state)
+
+
+def test_typed_prng_keys_round_trip(tmp_path):
+  """optax.add_noise keeps a typed key (jax.random.key) in its state: saved with its
+  implementation, restored bit for bit into a state or its shapes."""
+  tx = optax.chain(
+    optax.add_noise(0.01, 0.55, key=jax.random.key(3, impl="rbg")), adamw_jax.adamw(1e-2)
+  )
+  state = tx.init(PARAMS)
+  state = (state[0]._replace(rng_key=jax.random.split(state[0].rng_key)[1]), state[1])
+  adamw_jax.save_opt_state(tmp_path / "c", state)
+  for target in (tx.init(PARAMS), jax.eval_shape(tx.init, PARAMS)):
+    restored = adamw_jax.restore_opt_state(tmp_path / "c", target)
+    assert jax.random.key_impl(restored[0].rng_key) == jax.random.key_impl(state[0].rng_key)
+    _assert_bitwise(restored, state)
+  other = optax.chain(optax.add_noise(0.01, 0.55, key=jax.random.key(3)), adamw_jax.adamw(1e-2))
+  with pytest.raises(ValueError, match=r"different dtype at '0/rng_key': the checkpoint has "):
+    adamw_jax.restore_opt_state(tmp_path / "c", other.init(PARAMS))
 
 
 def test_zero_size_and_unusual_leaves_resume_bitwise(tmp_path):
@@ -285,6 +302,214 @@ def test_config_given_but_none_saved(tmp_path):
     adamw_jax.restore_opt_state(tmp_path / "c", state, config={"lr": 0.1})
 
 
+@pytest.fixture(scope="module")
+def saved_adamw(tmp_path_factory):
+  """A checkpoint of adamw_jax.adamw's state (no groups, AMSGrad off)."""
+  path = tmp_path_factory.mktemp("ckpt") / "adamw"
+  adamw_jax.save_opt_state(path, adamw_jax.adamw(1e-2).init(PARAMS))
+  return path
+
+
+_OPTAX_TYPES = r"\['builtins\.tuple', 'optax\._src\.transform\.ScaleByAdamState', "
+
+OTHER_TRANSFORMS = [
+  (
+    "optax.adamw",
+    lambda: optax.adamw(1e-2).init(PARAMS),
+    _WHERE + r"different tree structure \(the state of another transform: node types only in the "
+    r"checkpoint: \['adamw_jax\._core\.ScaleByAdamState'\], only in the target: " + _OPTAX_TYPES,
+  ),
+  (
+    "inside a chain",
+    lambda: optax.chain(optax.clip(1.0), adamw_jax.adamw(1e-2)).init(PARAMS),
+    _WHERE + r"different tree structure \(the target holds a state like the checkpoint's under "
+    r"'1/', inside a chain or inject_hyperparams: restore into that part of the target, or "
+    r"save the whole state\):\n",
+  ),
+  (
+    "inside inject_hyperparams",
+    lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-2).init(PARAMS),
+    _WHERE + r"different tree structure \(the target holds a state like the checkpoint's under "
+    r"'inner_state/', ",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "make, message", [m[1:] for m in OTHER_TRANSFORMS], ids=[m[0] for m in OTHER_TRANSFORMS]
+)
+def test_another_transform_is_named(saved_adamw, make, message):
+  """Not an AMSGrad hint (there is no AMSGrad difference): the transform or where the state is."""
+  with pytest.raises(ValueError, match=message):
+    adamw_jax.restore_opt_state(saved_adamw, make())
+
+
+def _flat(**shapes):
+  return adamw_jax.flatten({k: jnp.ones(n) for k, n in shapes.items()})
+
+
+def test_flat_params_resume_bitwise_and_other_layouts_are_refused(tmp_path):
+  """A FlatParams state restores into its own layout only; the error names the first leaf."""
+  tx = adamw_jax.adamw(1e-2)
+  params = _flat(bias=3, kernel=5)
+  state = tx.update(params, tx.init(params), params)[1]
+  adamw_jax.save_opt_state(tmp_path / "flat", state)
+  _assert_bitwise(adamw_jax.restore_opt_state(tmp_path / "flat", tx.init(params)), state)
+  where = _WHERE + r"the FlatParams at 'mu' packs another model tree: "
+  for other, message in [
+    (
+      _flat(bias=5, kernel=3),
+      r"leaf 'bias' is in buffer 'float32' at offset 0, shape \[3\] in the checkpoint and in "
+      r"buffer 'float32' at offset 0, shape \[5\] in the target\.$",
+    ),
+    (_flat(zbias=3, kernel=5), r"leaf 'bias' is only in the checkpoint's\.$"),
+  ]:
+    assert jax.tree.structure(tx.init(other)) != jax.tree.structure(state)  # the layouts differ
+    assert str(jax.tree.structure(tx.init(other))) == str(jax.tree.structure(state))  # not in text
+    with pytest.raises(ValueError, match=where + message):
+      adamw_jax.restore_opt_state(tmp_path / "flat", tx.init(other))
+
+
+_USER_FILES = {"notes.txt": "mine"}
+
+BAD_SAVES = [
+  (
+    "an empty path",
+    lambda p: "",
+    {},
+    ValueError,
+    r"the directory must be a non-empty path, not ''",
+  ),
+  (
+    "exists, no force",
+    lambda p: p / "ckpt",
+    {},
+    FileExistsError,
+    r"'.*ckpt' already exists; give force=True to replace the checkpoint there\.$",
+  ),
+  (
+    "force over a folder of user files",
+    lambda p: p / "user",
+    {"force": True},
+    FileExistsError,
+    r"'.*user' is not an adamw_jax checkpoint \(it holds \['notes\.txt'\]\); force=True replaces "
+    r"only a checkpoint\. Nothing was written or deleted\.$",
+  ),
+  (
+    "config with NaN",
+    lambda p: p / "new",
+    {"config": {"lr": float("nan")}},
+    ValueError,
+    r"config\['lr'\] is nan, which JSON cannot hold and which never equals itself",
+  ),
+  (
+    "config with a jnp scalar",
+    lambda p: p / "new",
+    {"config": {"betas": [0.9, jnp.float32(0.999)]}},
+    TypeError,
+    r"config\['betas'\]\[1\] is a jax\.Array \(float32\[\]: convert it, e\.g\. float\(x\) or "
+    r"x\.tolist\(\)\); a config holds JSON values",
+  ),
+  (
+    "config not a dict",
+    lambda p: p / "new",
+    {"config": [("lr", 0.1)]},
+    TypeError,
+    r"config must be a dict of JSON values, not list\.$",
+  ),
+  (
+    "config key not a string",
+    lambda p: p / "new",
+    {"config": {1: 0.1}},
+    TypeError,
+    r"config has the key 1: JSON keys are strings\.$",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "where, kwargs, error, message", [b[1:] for b in BAD_SAVES], ids=[b[0] for b in BAD_SAVES]
+)
+def test_bad_save_is_refused_and_touches_nothing(tmp_path, where, kwargs, error, message):
+  state = adamw_jax.adamw().init(PARAMS)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  (tmp_path / "user").mkdir()
+  (tmp_path / "user" / "notes.txt").write_text("mine")
+  files = lambda: sorted(
+    str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.endswith("-lock")
+  )
+  before = files()
+  with pytest.raises(error, match="^save_opt_state: " + message):
+    adamw_jax.save_opt_state(where(tmp_path), state, **kwargs)
+  assert files() == before  # a lock file beside the directory aside
+  assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+
+
+def test_a_config_that_json_cannot_hold_is_refused_on_restore_too(saved):
+  with pytest.raises(TypeError, match=r"^restore_opt_state: config\['lr'\] is a jax\.Array"):
+    adamw_jax.restore_opt_state(saved, _grouped().init(PARAMS), config={"lr": jnp.ones(2)})
+
+
+def test_interrupted_between_the_renames_the_previous_restores(tmp_path):
+  """The state a save killed between its two renames leaves: the previous checkpoint restores
+  (with a warning) and the next save puts it back first."""
+  state = adamw_jax.adamw().init(PARAMS)
+  adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  (tmp_path / "ckpt").rename(tmp_path / "ckpt.adamw_jax-old")
+  with pytest.warns(UserWarning, match=r"'.*ckpt' is missing and 'ckpt\.adamw_jax-old' is there"):
+    _assert_bitwise(adamw_jax.restore_opt_state(tmp_path / "ckpt", state), state)
+  with pytest.raises(FileExistsError, match="already exists"):  # put back, so it exists
+    adamw_jax.save_opt_state(tmp_path / "ckpt", state)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.adamw_jax-lock"]
+
+
+def test_checkpoint_manager_keeps_the_last_and_checks_them(tmp_path):
+  """orbax's CheckpointManager with our item: the last 2 steps kept, restored bitwise, checked."""
+  tx = _grouped()
+  run = _stepper(tx)
+  states = {}
+  options = ocp.CheckpointManagerOptions(max_to_keep=2)
+  with ocp.CheckpointManager(tmp_path / "steps", options=options) as manager:
+    params, state = PARAMS, tx.init(PARAMS)
+    for step in range(4):
+      params, state = run(params, state, [step])
+      states[step] = state
+      args = adamw_jax.opt_state_save_args(state, config={"lr": 0.01})
+      manager.save(step, args=ocp.args.Composite(opt_state=args))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 3]
+    restore = lambda step, target, **kw: manager.restore(
+      step, args=ocp.args.Composite(opt_state=adamw_jax.opt_state_restore_args(target, **kw))
+    )["opt_state"]
+    for step in (2, 3):
+      _assert_bitwise(restore(step, tx.init(PARAMS), config={"lr": 0.01}), states[step])
+    with pytest.raises(ValueError, match=r"^adamw_jax\.opt_state_restore_args: the checkpoint at "):
+      restore(3, _grouped(amsgrad=False).init(PARAMS))
+    for file in checkpoint_files.data_files(tmp_path / "steps" / "3"):
+      checkpoint_files.flip(file, 0.3)
+      checkpoint_files.flip(file, 0.7)
+    with pytest.raises(ValueError, match=r"^adamw_jax\.opt_state_restore_args: .* is damaged"):
+      restore(3, tx.init(PARAMS))
+
+
+def test_checksums_catch_every_changed_word_and_cover_the_dtypes():
+  """One bit flipped anywhere (each word, low and high bits) changes the checksum; every dtype
+  of a state has one; zero-size arrays sum to 0."""
+  x = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+  base = _ckpt_sums.sums([jnp.asarray(x)])[0]
+  words = x.view(np.uint32).reshape(-1)
+  for i in range(words.size):
+    for bit in (0, 31):
+      changed = words.copy()
+      changed[i] ^= np.uint32(1 << bit)
+      assert _ckpt_sums.sums([jnp.asarray(changed.view(np.float32))])[0] != base, (i, bit)
+  dtypes = [jnp.bfloat16, jnp.float16, jnp.int8, jnp.uint8, jnp.bool_, jnp.complex64, jnp.int4]
+  leaves = [jnp.asarray(x).astype(d) for d in dtypes]
+  found = _ckpt_sums.sums([*leaves, jax.random.key_data(jax.random.key(0)), jnp.zeros((0, 3))])
+  assert all(re.fullmatch(r"[0-9a-f]{16}", s) for s in found)
+  assert len(set(found[:-1])) == len(found) - 1 and found[-1] == "0" * 16
+
+
 def test_missing_checkpoint(tmp_path):
   with pytest.raises(
     FileNotFoundError, match=r"^restore_opt_state: no adamw_jax checkpoint at '.*nope'\.$"
@@ -307,53 +532,27 @@ def copy(saved, tmp_path):
   return target
 
 
-def _data_files(path: pathlib.Path) -> list[pathlib.Path]:
-  """The files of the arrays' OCDBT database (tensorstore's chunks and b-tree nodes)."""
-  return sorted(p for p in (path / "opt_state").rglob("*") if p.is_file() and p.parent.name == "d")
-
-
-def _truncate(file: pathlib.Path) -> None:
-  data = file.read_bytes()
-  file.write_bytes(data[: len(data) // 2])
-
-
-def _flip(file: pathlib.Path, at: float = 0.5) -> None:
-  data = bytearray(file.read_bytes())
-  data[int(len(data) * at)] ^= 0x10
-  file.write_bytes(bytes(data))
-
-
-def _description(path: pathlib.Path) -> dict:
-  return json.loads((path / "adamw_jax" / "metadata").read_text())
-
-
-def _rewrite(path: pathlib.Path, meta: dict, *, crc: bool = True) -> None:
-  """Writes `meta` as the description, with its CRC recomputed (as a writer would)."""
-  meta = {k: v for k, v in meta.items() if k != "checksum"}
-  if crc:
-    meta["checksum"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
-  (path / "adamw_jax" / "metadata").write_text(json.dumps(meta))
-
-
 def _edit_config(path: pathlib.Path) -> None:
-  file = path / "adamw_jax" / "metadata"
+  file = path / "_METADATA"
   text = file.read_text()
   assert '"learning_rate": 0.01' in text
   file.write_text(text.replace('"learning_rate": 0.01', '"learning_rate": 0.02'))
 
 
+_METADATA = _DAMAGED + r"its metadata \(the tree, the arrays, the description\) cannot be read: "
+
 DAMAGES = [
   (
     "description truncated",
-    lambda p: _truncate(p / "adamw_jax" / "metadata"),
+    lambda p: checkpoint_files.truncate(p / "_METADATA"),
     ValueError,
-    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: JSONDecodeError: ",
+    _METADATA + "JSONDecodeError: ",
   ),
   (
     "description deleted",
-    lambda p: (p / "adamw_jax" / "metadata").unlink(),
+    lambda p: (p / "_METADATA").unlink(),
     ValueError,
-    _DAMAGED + r"its description \(adamw_jax/\) cannot be read: FileNotFoundError: ",
+    _METADATA + "FileNotFoundError: ",
   ),
   (
     "description edited",
@@ -364,55 +563,57 @@ DAMAGES = [
   ),
   (
     "description without a format",
-    lambda p: _rewrite(p, {"leaves": {}}, crc=False),
+    lambda p: checkpoint_files.rewrite(p, {"leaves": {}}, crc=False),
     ValueError,
     _DAMAGED + r"its description is not one adamw_jax writes \(no format\)",
   ),
   (
-    "array metadata truncated",
-    lambda p: _truncate(p / "opt_state" / "_METADATA"),
+    "shardings truncated",
+    lambda p: checkpoint_files.truncate(p / "_sharding"),
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: JSONDecodeError: ",
+    _METADATA + "ValueError: FAILED_PRECONDITION",
   ),
   (
     "array data truncated",
-    lambda p: [_truncate(f) for f in _data_files(p)],
+    lambda p: [checkpoint_files.truncate(f) for f in checkpoint_files.data_files(p)],
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+    _METADATA,
   ),
   (
     "array manifest deleted",
-    lambda p: (p / "opt_state" / "manifest.ocdbt").unlink(),
+    lambda p: (p / "manifest.ocdbt").unlink(),
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ValueError: NOT_FOUND",
+    _METADATA + "ValueError: NOT_FOUND",
   ),
   (
-    "arrays directory missing (partly copied)",
-    lambda p: shutil.rmtree(p / "opt_state"),
+    "the arrays' data files missing (partly copied)",
+    lambda p: [shutil.rmtree(d) for d in sorted(p.rglob("d"), reverse=True)],
     ValueError,
-    _DAMAGED + r"reading the arrays \(opt_state/\) failed: ",
+    _METADATA + "ValueError: NOT_FOUND",
   ),
   (
-    "never finished (orbax's temporary directory)",
-    lambda p: p.rename(p.with_name(p.name + ".orbax-checkpoint-tmp")),
+    "never finished",
+    lambda p: p.rename(p.with_name(p.name + ".adamw_jax-new")),
     FileNotFoundError,
     r"^restore_opt_state: the checkpoint at '.*copy' was never finished: only the partly written "
-    r"'copy\.orbax-checkpoint-tmp' is there",
+    r"'copy\.adamw_jax-new' is there",
   ),
   (
     "another library version",
-    lambda p: _rewrite(p, {**_description(p), "format": 3, "library": "adamw_jax 9.0.0"}),
+    lambda p: checkpoint_files.rewrite(
+      p, {**checkpoint_files.description(p), "format": 4, "library": "adamw_jax 9.0.0"}
+    ),
     ValueError,
-    r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 3, written by "
-    r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2: restore it with the "
-    r"version that wrote it\.$",
+    r"^restore_opt_state: the checkpoint at '.*copy' is in checkpoint format 4, written by "
+    r"adamw_jax 9\.0\.0; this is adamw_jax 0\.1\.0, which reads formats 1, 2, 3: restore it with "
+    r"the version that wrote it\.$",
   ),
   (
     "not a checkpoint",
-    lambda p: [shutil.rmtree(p / "adamw_jax")],
+    lambda p: [(p / "_METADATA").unlink(), (p / "_CHECKPOINT_METADATA").unlink()],
     FileNotFoundError,
-    r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no 'adamw_jax' "
-    r"description; it holds \[",
+    r"^restore_opt_state: '.*copy' is not an adamw_jax checkpoint \(it has no description; it "
+    r"holds \[",
   ),
 ]
 
@@ -426,51 +627,45 @@ def test_damaged_checkpoint_is_refused_naming_the_directory(copy, damage, error,
     adamw_jax.restore_opt_state(copy, _grouped().init(PARAMS))
 
 
-def test_every_corrupted_data_file_is_refused_or_harmless(tmp_path):
-  """One byte flipped in each file of the arrays in turn: an error, or bitwise the saved state.
+def _legacy(path: pathlib.Path, state, fmt: int) -> None:
+  """A checkpoint as adamw_jax wrote it in format 1 or 2: an orbax composite of two items."""
+  described = _ckpt_describe.describe(state)
+  meta = {"format": fmt, "leaves": described["leaves"], "structure": described["structure"]}
+  meta["config"] = {"learning_rate": 0.01}
+  if fmt == 2:
+    arrays = [(k, x) for k, x in _ckpt_describe.leaves(state) if x is not None]
+    meta["checksums"] = {k: zlib.crc32(np.asarray(x).tobytes()) for k, x in arrays}
+    meta["library"] = "adamw_jax 0.1.0"
+    meta["checksum"] = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(
+      path,
+      args=ocp.args.Composite(
+        opt_state=ocp.args.StandardSave(state), adamw_jax=ocp.args.JsonSave(meta)
+      ),
+    )
 
-  tensorstore detects some corruptions itself; a flipped byte inside a chunk's
-  compressed data decodes to other numbers without complaint, and only the
-  CRCs catch it. Files the restore does not read leave it unchanged. The
-  arrays are random, so that their chunks fill the files.
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_checkpoints_of_formats_1_and_2_still_restore(tmp_path, fmt):
+  """Written before format 3 (two orbax items; format 1 without CRCs): restored bit for bit.
+
+  Format 2's CRC-32s are checked: a damaged array is refused.
   """
-  params = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 32)), jnp.float32)}
-  tx = adamw_jax.adamw(1e-2)
-  state = tx.update(jax.tree.map(jnp.cos, params), tx.init(params), params)[1]
-  adamw_jax.save_opt_state(tmp_path / "saved", state)
-  outcomes = []
-  files = len(_data_files(tmp_path / "saved"))
-  # Several places in each file: which file holds the chunks (and where) is
-  # tensorstore's choice, and differs between runs.
-  for i, at in ((i, at) for i in range(files) for at in (0.2, 0.4, 0.6, 0.8)):
-    path = tmp_path / f"flip{i}-{at}"
-    shutil.copytree(tmp_path / "saved", path)
-    _flip(_data_files(path)[i], at)
-    try:
-      got = adamw_jax.restore_opt_state(path, tx.init(params))
-    except ValueError as e:
-      assert re.match(_DAMAGED, str(e)), e
-      outcomes.append("CRC" if "does not match the CRC" in str(e) else "orbax")
-    else:
-      _assert_bitwise(got, state)
-      outcomes.append("same")
-  assert "CRC" in outcomes, outcomes  # the corruption only the CRCs catch did occur
-
-
-def test_format_1_checkpoint_without_crcs_still_restores(saved, tmp_path):
-  """A checkpoint of the format before the CRCs restores (its arrays unchecked)."""
-  path = tmp_path / "old"
-  shutil.copytree(saved, path)
-  meta = _description(path)
-  _rewrite(
-    path,
-    {k: v for k, v in meta.items() if k not in ("checksums", "library")} | {"format": 1},
-    crc=False,
-  )
-  target = _grouped().init(PARAMS)
+  tx = _grouped()
+  state = _stepper(tx)(PARAMS, tx.init(PARAMS), range(K))[1]
+  _legacy(tmp_path / "old", state, fmt)
+  config = {"learning_rate": 0.01}
   _assert_bitwise(
-    adamw_jax.restore_opt_state(path, target), adamw_jax.restore_opt_state(saved, target)
+    adamw_jax.restore_opt_state(tmp_path / "old", tx.init(PARAMS), config=config), state
   )
+  if fmt == 2:
+    described = json.loads((tmp_path / "old" / "adamw_jax" / "metadata").read_text())
+    first = sorted(described["checksums"])[0]
+    described["checksums"][first] ^= 1  # as if the array had changed
+    checkpoint_files.rewrite_legacy(tmp_path / "old", described)
+    with pytest.raises(ValueError, match=_DAMAGED + f"the array at '{first}' does not match"):
+      adamw_jax.restore_opt_state(tmp_path / "old", tx.init(PARAMS))
 
 
 def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
@@ -478,9 +673,9 @@ def test_damaged_checkpoint_leaves_an_nnx_optimizer_untouched(tmp_path):
   model = _Mlp(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, adamw_jax.adamw(1e-2), wrt=nnx.Param)
   adamw_jax.save_opt_state(tmp_path / "opt", optimizer)
-  for file in _data_files(tmp_path / "opt"):
-    _flip(file, 0.3)
-    _flip(file, 0.7)
+  for file in checkpoint_files.data_files(tmp_path / "opt"):
+    checkpoint_files.flip(file, 0.3)
+    checkpoint_files.flip(file, 0.7)
   fresh = nnx.Optimizer(_Mlp(nnx.Rngs(1)), adamw_jax.adamw(1e-2), wrt=nnx.Param)
   fresh.step[...] = 7
   before = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(fresh)))

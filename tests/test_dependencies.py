@@ -45,7 +45,7 @@ LOCAL = ("adamw_jax", "benchmarks", "tests", "notebooks", "docs")
 # (file, top-level module): the extra that brings it. Imported inside a function, for one
 # feature; without the extra that feature says what to install.
 OPTIONAL = {
-  ("adamw_jax/_checkpoint.py", "orbax"): "checkpoint",
+  ("adamw_jax/_ckpt_orbax.py", "orbax"): "checkpoint",
   ("adamw_jax/_interop.py", "torch"): "torch",
   ("adamw_jax/_references.py", "torch"): "torch",  # given torch's own objects
   ("adamw_jax/_references.py", "torchao"): "test",  # given a torchao optimizer

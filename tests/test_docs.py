@@ -3,7 +3,9 @@
 Each page's ``python`` blocks run in order in one namespace (in a temporary
 directory); a ``text`` block right after one is its exact output. Blocks
 marked ``<!-- docs-test: 8-devices -->`` are run by tests/sharded_checks.py in
-its 8-device subprocess, and only there. The site is built with
+its 8-device subprocess, and only there; blocks marked
+``<!-- docs-test: 2-processes -->`` by tests/multiprocess_checks.py in each of
+its 2 ``jax.distributed`` processes, and only there. The site is built with
 ``python -m mkdocs build --strict``, so a broken link, anchor or API
 reference fails.
 """
@@ -22,7 +24,7 @@ import tomllib
 import pytest
 
 import adamw_jax
-from tests import docs_pages, sharded_checks
+from tests import docs_pages, multiprocess_checks, sharded_checks
 from tests.docs_pages import ROOT
 
 PAGES_WITH_CODE = [
@@ -60,6 +62,20 @@ def test_the_eight_device_blocks_are_exactly_those_sharded_checks_runs():
   assert "docs_scaling_out_example" in sharded_checks.CHECKS
 
 
+def test_the_two_process_blocks_are_exactly_those_multiprocess_checks_runs():
+  marked = {
+    (b.page, b.line)
+    for p in docs_pages.pages()
+    for b in docs_pages.blocks(p)
+    if b.marker == docs_pages.TWO_PROCESSES
+  }
+  assert marked, "no block is marked for 2 processes, but the Several hosts example is"
+  assert {(b.page, b.line) for b in multiprocess_checks.docs_blocks()} == marked
+  several_hosts = docs_pages.section(docs_pages.page("scaling-out.md"), "Several hosts")
+  assert {(b.page, b.line) for b in several_hosts} <= marked
+  assert multiprocess_checks.DOCS_CHECK not in multiprocess_checks.CHECKS  # run before them
+
+
 def test_every_page_with_code_is_run():
   assert docs_pages.README in PAGES_WITH_CODE
   assert {p.name for p in PAGES_WITH_CODE} >= {
@@ -85,7 +101,7 @@ def test_page_runs(path, tmp_path, monkeypatch):
   ran = 0
   try:
     for i, block in enumerate(blocks):
-      if block.lang != "python" or block.marker == docs_pages.EIGHT_DEVICES:
+      if block.lang != "python" or block.marker in docs_pages.MARKERS:
         continue
       out = io.StringIO()
       with contextlib.redirect_stdout(out):

@@ -20,7 +20,7 @@ from torchao.optim.subclass_4bit import OptimState4bit
 from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
 
 import adamw_jax
-from adamw_jax import _lowprec, _quantize
+from adamw_jax import _lowprec, _qmap, _quantize
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -34,7 +34,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("signed, reference", [(True, get_qmap_signed), (False, get_qmap_unsigned)])
 def test_quantization_map_is_torchaos(signed, reference):
-  np.testing.assert_array_equal(_quantize.dynamic_map(signed), np.asarray(reference(), np.float32))
+  np.testing.assert_array_equal(_qmap.dynamic_map(signed), np.asarray(reference(), np.float32))
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -249,7 +249,7 @@ def test_param_groups_with_and_without_8bit():
   [(True, subclass_4bit.get_qmap_signed), (False, subclass_4bit.get_qmap_unsigned)],
 )
 def test_4bit_quantization_map_is_torchaos(signed, reference):
-  ours = _quantize.quantization_map(signed, 4)
+  ours = _qmap.quantization_map(signed, 4)
   assert ours.shape == (16,)
   np.testing.assert_array_equal(ours, np.asarray(reference(), np.float32))
 

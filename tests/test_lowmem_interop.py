@@ -379,3 +379,129 @@ def test_optimi_decouple_lr_and_refusals():
     r"torch\.optim\.adamw\.AdamW cannot hold",
   ):
     adamw_jax.to_torch_state_dict(torch.optim.AdamW(list(tp.values())), state)
+
+
+# --------------------------------------------------------------------------
+# Exact bfloat16 master weights: torch.optim.AdamW on float32 parameters
+# --------------------------------------------------------------------------
+
+
+def _torch_adamw_run(steps: int = 3):
+  """torch's float32 AdamW (single-tensor, AMSGrad), two groups: b undecayed."""
+  tp = _torch_params(5)
+  groups = [{"params": [tp["b"]], "weight_decay": 0.0}, {"params": [tp["v"], tp["w"]]}]
+  opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+  for k in range(steps):
+    for p, g in zip(tp.values(), _grads(30 + k, tp).values()):
+      p.grad = torch.tensor(g)
+    opt.step()
+  return tp, opt
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+  return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _close_to_torch(got: np.ndarray, torch_p: np.ndarray) -> None:
+  """Within torch's own square root (MKL's, not correctly rounded for ~0.7 % of inputs).
+
+  ``docs/fidelity.md``: adamw_jax's float32 AdamW is torch's single-tensor
+  step but for that square root; the moments stay bitwise (checked apart).
+  """
+  np.testing.assert_allclose(got, torch_p, rtol=2.0**-20, atol=1e-9)
+  assert np.mean(got == torch_p) > 0.98
+
+
+def test_remainder_from_torch_is_torchs_float32_run_both_ways():
+  """The masters are torch's parameters, exactly; the run continues adamw_jax's float32 run
+  bit for bit (torch's within its square root), and goes back to torch exactly."""
+  tp, opt = _torch_adamw_run()
+  master = _jax(tp)
+  tx, state = adamw_jax.from_torch(opt, master, param_rounding="remainder")
+  params, state = adamw_jax.split_master(master, state)
+  tx32, state32 = adamw_jax.from_torch(opt, master)  # the float32 run it must be
+  assert {p.dtype for p in params.values()} == {jnp.dtype(jnp.bfloat16)}
+  inner = [s.inner_state for s in state.inner_states.values()]
+  assert all(s.remainder is not None for s in inner)
+
+  def moments_are_torchs(state, opt, tp) -> None:
+    inner = [s.inner_state for s in state.inner_states.values()]
+    for name, p in tp.items():
+      mine = next(i for i in inner if not isinstance(i.mu[name], optax.MaskedNode))
+      for field, key in (("mu", "exp_avg"), ("nu", "exp_avg_sq"), ("nu_max", "max_exp_avg_sq")):
+        assert _same(np.asarray(getattr(mine, field)[name]), _np(opt.state[p][key])), (name, key)
+
+  for name, p in tp.items():
+    assert _same(np.asarray(adamw_jax.master_params(params, state)[name]), _np(p))
+  moments_are_torchs(state, opt, tp)
+  # The same import from the state dict alone (the masters are the JAX params given).
+  _, from_sd = adamw_jax.from_torch(opt.state_dict(), master, param_rounding="remainder")
+  assert all(
+    _same(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(from_sd), jax.tree.leaves(state))
+  )
+
+  def stepper(tx):
+    @jax.jit
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return step
+
+  step, step32 = stepper(tx), stepper(tx32)
+  p32 = master
+  for k in range(3):
+    grads = _grads(40 + k, tp)
+    jgrads = {n: jnp.asarray(g) for n, g in grads.items()}
+    params, state = step(params, state, jgrads)
+    p32, state32 = step32(p32, state32, jgrads)
+    for p, g in zip(tp.values(), grads.values()):
+      p.grad = torch.tensor(g)
+    opt.step()
+    got = adamw_jax.master_params(params, state)
+    for name, p in tp.items():
+      assert _same(np.asarray(got[name]), np.asarray(p32[name])), (k, name)
+      _close_to_torch(np.asarray(got[name]), _np(p))
+    moments_are_torchs(state, opt, tp)
+  # Back to torch: the state dict, and the masters as the parameters, exactly.
+  sd = adamw_jax.to_torch_state_dict(tx, state)
+  back = {
+    n: torch.nn.Parameter(torch.tensor(np.asarray(x)))
+    for n, x in adamw_jax.master_params(params, state).items()
+  }
+  groups = [{"params": [back["b"]], "weight_decay": 0.0}, {"params": [back["v"], back["w"]]}]
+  opt2 = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, amsgrad=True, foreach=False)
+  opt2.load_state_dict(sd)
+  moments_are_torchs(state, opt2, back)
+  assert all(_same(_np(back[n]), np.asarray(p32[n])) for n in tp)
+  for k in range(2):
+    grads = _grads(50 + k, tp)
+    params, state = step(params, state, {n: jnp.asarray(g) for n, g in grads.items()})
+    for p, g in zip(back.values(), grads.values()):
+      p.grad = torch.tensor(g)
+    opt2.step()
+    got = adamw_jax.master_params(params, state)
+    for name in tp:
+      _close_to_torch(np.asarray(got[name]), _np(back[name]))
+    moments_are_torchs(state, opt2, back)
+
+
+def test_remainder_interop_refusals():
+  tp, opt = _torch_adamw_run(steps=1)
+  with pytest.raises(ValueError, match=r"param_rounding='kahan': from_torch takes None"):
+    adamw_jax.from_torch(opt, _jax(tp), param_rounding="kahan")
+  bf16 = {n: x.astype(jnp.bfloat16) for n, x in _jax(tp).items()}
+  with pytest.raises(
+    ValueError,
+    match=r"takes torch's float32 parameters \(the master weights\); "
+    r"the parameter at 'b' is bfloat16",
+  ):
+    adamw_jax.from_torch(opt, bf16, param_rounding="remainder")
+  tp8, opt8 = _torchao_run(steps=1)
+  with pytest.raises(
+    ValueError,
+    match=r"continues a float32 torch\.optim\.AdamW / Adam run; "
+    r"torchao\.optim\.adam\.AdamW8bit keeps its own",
+  ):
+    adamw_jax.from_torch(opt8, _jax(tp8), param_rounding="remainder")

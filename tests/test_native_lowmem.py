@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import adamw_jax
-from adamw_jax import _native, _native_lowmem, _quantize
+from adamw_jax import _native, _native_lowmem, _qmap, _quantize
 from tests import torch_reference as ref
 from tests.test_native import _assert_bitwise, _trajectory
 
@@ -224,7 +224,7 @@ def test_quantizer_decides_as_the_binary_search(bits, monkeypatch):
   native kernel's bucket table and comparisons.
   """
   block = 256 if bits == 8 else 128
-  values = _decision_values(_quantize.quantization_map(True, bits))
+  values = _decision_values(_qmap.quantization_map(True, bits))
   per_block = block - 1
   blocks = -(-values.size // per_block)
   g = np.zeros((blocks, block), np.float32)
@@ -255,7 +255,7 @@ def test_bucket_tables_start_below_every_answer(bits, signed):
   qmap, table, e_lo, mbits = (
     (smap, stable, e_lo_s, mbits_s) if signed else (umap, utable, e_lo_u, mbits_u)
   )
-  assert np.array_equal(qmap, _quantize.quantization_map(signed, bits))
+  assert np.array_equal(qmap, _qmap.quantization_map(signed, bits))
   rng = np.random.default_rng(bits)
   x = np.concatenate(
     [
