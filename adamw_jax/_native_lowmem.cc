@@ -17,7 +17,11 @@
 //                     u = R_P(R_P(q + s) - p) (mode 1), p + u (mode 2), p + R(s) (mode 3);
 //        stochastic:  n = stochastic_round_bf16(q + s) with the leaf's key; n or n - p;
 //        kahan:       c = R_P(c + ((q + s) - p)); n = R_P(p + c); c = R_P(c + R_P(p - n));
-//                     n or n - p.
+//                     n or n - p;
+//        remainder:   the float32 master M = combine(p, r) (_remainder.py) is the step's
+//                     parameter; M' = M + (o - M) (with the parameters) or M + s, as the
+//                     nearest writer's float32 modes; (p', r) = split(M'); p' (fused) or
+//                     the float32 update f32(p') - f32(p).
 // The bit-level operations are in _native_lowp.h and _native_quantize.h; the parallel
 // loop and the scalars are _native.cc's (_native_common.h).
 
@@ -36,7 +40,9 @@ namespace {
 
 using namespace adamw_jax;  // NOLINT: the kernel's shared vocabulary
 
-enum Writer : int64_t { kNearest = 0, kStochastic = 1, kKahan = 2 };
+enum Writer : int64_t { kNearest = 0, kStochastic = 1, kKahan = 2, kRemainder = 3 };
+
+constexpr int kInt16 = 3;  // a Stream's type: the remainders (raw 16-bit words)
 
 // Per-leaf flags (the "flags" attribute; _native_lowmem.py).
 constexpr int64_t kHasParam = 1, kQuantized = 2, kHasBuffer = 4, kHasKey = 8;
@@ -250,6 +256,58 @@ ADAMW_JAX_CLONES void Kahan(const float* __restrict o, const float* __restrict p
   }
 }
 
+// _remainder.combine: the float32 master of a bfloat16 parameter (as float32) and its remainder.
+ADAMW_JAX_CLONES void Combine(const float* __restrict p, const uint16_t* __restrict r,
+                              float* __restrict master, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = Bits(p[i]) >> 16, ri = r[i];
+    const bool nan = (b & 0x7FFFu) > 0x7F80u, zero = (b & 0x7FFFu) == 0;
+    const bool down = ri >= 0x8000u && !nan;  // b was rounded up from the master: hi = b - 1
+    const uint32_t hi = Select(down && !zero, b - 1u, b);
+    const uint32_t lo = Select(down && zero, 0u, ri);
+    master[i] = FromBits((hi << 16) | lo);
+  }
+}
+
+// The new master from Core's `o` (nearest's float32 modes), split into the parameter (fused:
+// `out` bfloat16) or the float32 update f32(p') - f32(p) (`out` float32), and the remainder.
+template <int64_t kMode>
+ADAMW_JAX_CLONES void Remainder(const float* __restrict o, const float* __restrict master,
+                                const float* __restrict p, uint16_t* __restrict r,
+                                void* __restrict out, int64_t n) {
+  constexpr bool kStepOnly = kMode == kStep || kMode == kFusedStep;
+  constexpr bool kParamOut = kMode == kFused || kMode == kFusedStep;
+  for (int64_t i = 0; i < n; ++i) {
+    const float next = kStepOnly ? master[i] + o[i] : master[i] + (o[i] - master[i]);
+    const uint32_t bits = Bits(next), magnitude = bits & 0x7FFFFFFFu;
+    const uint32_t hi = magnitude >> 16, lo = bits & 0xFFFFu;
+    const uint32_t rounded =
+        Select(magnitude > 0x7F800000u, hi | 0x40u, hi + static_cast<uint32_t>(lo >= 0x8000u));
+    const uint16_t param = static_cast<uint16_t>(((bits & 0x80000000u) >> 16) | rounded);
+    r[i] = static_cast<uint16_t>(lo);
+    if (kParamOut) {
+      static_cast<uint16_t*>(out)[i] = param;
+    } else {
+      static_cast<float*>(out)[i] = FromBF16(param) - p[i];
+    }
+  }
+}
+
+void WriteRemainder(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, const float* o,
+                    const float* master, const float* p) {
+  uint16_t* r = static_cast<uint16_t*>(l.buffer.data) + k;
+  switch (cfg.mode) {
+    case kFused:
+      return Remainder<kFused>(o, master, p, r, static_cast<uint16_t*>(l.out.data) + k, n);
+    case kFusedStep:
+      return Remainder<kFusedStep>(o, master, p, r, static_cast<uint16_t*>(l.out.data) + k, n);
+    case kUpdate:
+      return Remainder<kUpdate>(o, master, p, r, static_cast<float*>(l.out.data) + k, n);
+    default:
+      return Remainder<kStep>(o, master, p, r, static_cast<float*>(l.out.data) + k, n);
+  }
+}
+
 // Step 4 for the chunk [k, k + n): `o` from Core, `p` the parameter as float32; `work` and
 // `work2` are scratch rows.
 void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, const float* o,
@@ -304,18 +362,25 @@ void Chunk(const Config& cfg, const Scalars<float>& c, const LowLeaf& l, int64_t
   const int64_t w = l.chunk;
   const float* g = Read(l.g, k, n, s.Row(0, w));
   const float* p = l.p.data != nullptr ? Read(l.p, k, n, s.Row(1, w)) : nullptr;
+  const float* step_p = p;  // the parameter the step computes with: the master for kRemainder
+  if (cfg.writer == kRemainder) {
+    float* master = s.Row(6, w);
+    Combine(p, static_cast<const uint16_t*>(l.buffer.data) + k, master, n);
+    step_p = master;
+  }
   float* m = Load(l.m, k, n, s.Row(2, w));
   float* v = Load(l.v, k, n, s.Row(3, w));
   float* vm = kAmsgrad ? Load(l.vm, k, n, s.Row(4, w)) : nullptr;
   float* o = s.Row(5, w);
   if (kE != kF32 && l.markstein) {
-    Core<kE, kDecay, kAmsgrad, kNew, true>(c, g, p, m, v, vm, o, n);
+    Core<kE, kDecay, kAmsgrad, kNew, true>(c, g, step_p, m, v, vm, o, n);
   } else {
-    Core<kE, kDecay, kAmsgrad, kNew, false>(c, g, p, m, v, vm, o, n);
+    Core<kE, kDecay, kAmsgrad, kNew, false>(c, g, step_p, m, v, vm, o, n);
   }
   Store(l.m, k, n, m);
   Store(l.v, k, n, v);
   if (kAmsgrad) Store(l.vm, k, n, vm);
+  if (cfg.writer == kRemainder) return WriteRemainder(cfg, l, k, n, o, step_p, p);
   WriteParameter(cfg, l, k, n, o, p, s.Row(6, w), s.Row(7, w));
 }
 
@@ -351,7 +416,9 @@ void Run(ffi::ThreadPool& pool, const Config& cfg, const Scalars<float>& c,
 template <int kE>
 ffi::Error DispatchE(ffi::ThreadPool& pool, const Config& cfg, const Scalars<float>& c,
                      const std::vector<LowLeaf>& leaves, int64_t decay, bool amsgrad) {
-  const bool with_new = cfg.writer != kNearest || cfg.mode == kUpdate || cfg.mode == kFused;
+  // The remainder writer steps its master in the nearest writer's float32 modes.
+  const bool with_new = (cfg.writer != kNearest && cfg.writer != kRemainder) ||
+                        cfg.mode == kUpdate || cfg.mode == kFused;
 #define ADAMW_JAX_CASE(D, A, N)                                \
   if (decay == D && amsgrad == A && with_new == N) {           \
     Run<kE, D, A, N>(pool, cfg, c, leaves);                    \
@@ -482,15 +549,26 @@ ffi::Error ReadLeaf(Reader& in, int64_t flags, const Config& cfg, bool amsgrad, 
   }
   auto out = in.Ret();
   if (out.has_error()) return out.error();
-  // The result's dtype: the parameter's, or the gradient's for the step alone (mode 0).
-  l.out = Stream{*out, cfg.mode == kStep ? l.g.type : l.p.type};
+  // The result's dtype: the parameter's, or the gradient's for the step alone (mode 0); the
+  // remainder writer's update is float32.
+  const bool update = cfg.mode == kStep || cfg.mode == kUpdate;
+  l.out = Stream{*out, cfg.writer == kRemainder ? (update ? kF32 : l.p.type)
+                                                : (cfg.mode == kStep ? l.g.type : l.p.type)};
   const bool quantized = (flags & kQuantized) != 0;
   if (auto e = ReadMoment(in, quantized, &maps[0], l.n, l.m); e.failure()) return e;
   if (auto e = ReadMoment(in, quantized, &maps[1], l.n, l.v); e.failure()) return e;
   if (amsgrad) {
     if (auto e = ReadMoment(in, quantized, &maps[1], l.n, l.vm); e.failure()) return e;
   }
-  if (flags & kHasBuffer) {
+  if ((flags & kHasBuffer) && cfg.writer == kRemainder) {
+    size_t count;
+    ffi::DataType t;
+    if (auto e = in.InPlace(&l.buffer.data, &count, &t); e.failure()) return e;
+    if (t != ffi::S16 || static_cast<int64_t>(count) != l.n) {
+      return Invalid("the remainders must be int16 of the parameter's size");
+    }
+    l.buffer.type = kInt16;
+  } else if (flags & kHasBuffer) {
     if (auto e = ReadInPlace(in, l.n, l.buffer); e.failure()) return e;
   }
   if (flags & kHasKey) {
@@ -515,6 +593,9 @@ ffi::Error ReadLeaf(Reader& in, int64_t flags, const Config& cfg, bool amsgrad, 
   if (cfg.writer == kKahan && (l.p.type == kF32 || l.buffer.type != l.p.type)) {
     return Invalid("Kahan compensation writes bfloat16/float16 parameters with a buffer");
   }
+  if (cfg.writer == kRemainder && (l.p.type != kBF16 || l.buffer.type != kInt16)) {
+    return Invalid("the remainder writer writes bfloat16 parameters with int16 remainders");
+  }
   return ffi::Error::Success();
 }
 
@@ -537,7 +618,7 @@ ffi::Error LowmemStep(ffi::ThreadPool pool, ffi::AnyBuffer scalars, ffi::Remaini
   if (scalars.element_type() != ffi::F32 || scalars.element_count() != 9) {
     return Invalid("the scalars must be float32[9]");
   }
-  if (mode < kStep || mode > kFusedStep || writer < kNearest || writer > kKahan ||
+  if (mode < kStep || mode > kFusedStep || writer < kNearest || writer > kRemainder ||
       compute < kF32 || compute > kF16 || (writer != kNearest && compute != kF32)) {
     return Invalid("unknown mode, writer or compute dtype");
   }

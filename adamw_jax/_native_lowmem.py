@@ -2,8 +2,8 @@
 
 The one step (``_core``) gives the native kernel a leaf whose moments are
 bfloat16/float16 or block-wise quantized (``moment_bits``), whose parameter
-is bfloat16/float16, or whose parameter is written by stochastic rounding or
-with Kahan compensation (``param_rounding``); :func:`compute_dtype` says which
+is bfloat16/float16, or whose parameter is written by stochastic rounding,
+with Kahan compensation or with its master's remainder (``param_rounding``); :func:`compute_dtype` says which
 (the plain kernel, ``_native``, keeps the leaves whose arrays are all of one
 float32/float64/complex dtype). The kernel computes what the leaf's hooks
 compute (``_moments.load``, the writer's step in ``_writes``,
@@ -47,9 +47,16 @@ class Writer(enum.IntEnum):
   NEAREST = 0
   STOCHASTIC = 1
   KAHAN = 2
+  REMAINDER = 3
 
 
-WRITERS = {"nearest": Writer.NEAREST, "stochastic": Writer.STOCHASTIC, "kahan": Writer.KAHAN}
+WRITERS = {
+  "nearest": Writer.NEAREST,
+  "stochastic": Writer.STOCHASTIC,
+  "kahan": Writer.KAHAN,
+  "remainder": Writer.REMAINDER,
+}
+_BUFFERED = (Writer.KAHAN, Writer.REMAINDER)  # a buffer per leaf in the state
 
 # Per-leaf flags (``_native_lowmem.cc``).
 _HAS_PARAM, _QUANTIZED, _HAS_BUFFER, _HAS_KEY = 1, 2, 4, 8
@@ -67,11 +74,8 @@ def compute_dtype(g, m, v, vm, p, writer: str) -> jnp.dtype | None:
   float32 to the step. Served: float32, bfloat16 and float16 arrays, computed
   in float32 by the stochastic and Kahan writers and in the arrays' promoted
   dtype by the nearest one; not a leaf whose arrays are all float32 and
-  full precision (the plain kernel's), nor one written with its master's
-  remainder (``param_rounding="remainder"``: no native twin yet, the pure hooks).
+  full precision (the plain kernel's).
   """
-  if writer not in WRITERS:  # "remainder": the pure hooks (docs/native.md)
-    return None
   moments = [x for x in (m, v, vm) if x is not None]
   arrays = [g, *(x for x in moments if not _quantized(x)), *(() if p is None else (p,))]
   if any(jnp.dtype(x.dtype) not in _STORED for x in arrays):
@@ -88,8 +92,8 @@ def compute_dtype(g, m, v, vm, p, writer: str) -> jnp.dtype | None:
 
 def mode(writer: str, *, fused: bool, with_params: bool) -> _native.Mode:
   """The kernel's mode for a leaf it serves (no ``Mode.MOMENTS``: the moments it stores are not
-  the step's)."""
-  if writer != "nearest":
+  the step's). The remainder writer steps its float32 master in the nearest writer's modes."""
+  if writer not in ("nearest", "remainder"):
     return _native.Mode.FUSED if fused else _native.Mode.UPDATE
   if fused:
     return _native.Mode.FUSED if with_params else _native.Mode.FUSED_STEP
@@ -144,6 +148,17 @@ def maps(bits: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np
   return out[0], out[1], tuple(params)
 
 
+def out_struct(g, p, mode: _native.Mode, writer: Writer) -> jax.ShapeDtypeStruct:
+  """The kernel's first result for a leaf: the new parameter, or the update (the gradient's
+  dtype for ``Mode.STEP``; float32 for the remainder writer, as ``_remainder.update``)."""
+  in_place = mode in (_native.Mode.FUSED, _native.Mode.FUSED_STEP)
+  if writer == Writer.REMAINDER and not in_place:
+    return jax.ShapeDtypeStruct(p.shape, F32)
+  like = g if mode == _native.Mode.STEP else p
+  assert like is not None  # the parameter is read where it is written
+  return jax.ShapeDtypeStruct(like.shape, like.dtype)
+
+
 def call(
   scalars: jax.Array,
   leaves: Sequence[tuple],
@@ -157,9 +172,9 @@ def call(
   """One kernel call over `leaves`, each ``(g, m, v, vm, p, buffer, key)``.
 
   A moment is an array or a :class:`~adamw_jax.QuantizedMoment`; `p` is None
-  where the mode and writer do not read it; `buffer` (Kahan's compensation)
+  where the mode and writer do not read it; `buffer` (Kahan's compensation, the remainders)
   and `key` (stochastic rounding's, raw uint32[2]) are None where the writer
-  has none. Returns ``(out, m, v, vm, buffer)`` per leaf, `out` in the
+  has none (the remainder writer's int16 remainders are its `buffer`). Returns ``(out, m, v, vm, buffer)`` per leaf, `out` in the
   parameter's dtype (the gradient's for ``Mode.STEP``). The state, and the
   parameter in the fused modes, are updated in place where XLA can reuse
   their buffers.
@@ -194,9 +209,7 @@ def call(
       operands.append(p)
       if in_place:
         aliases[len(operands) - 1] = len(results)
-    out_like = g if mode == _native.Mode.STEP else p
-    assert out_like is not None  # the parameter is read where it is written
-    results.append(jax.ShapeDtypeStruct(out_like.shape, out_like.dtype))
+    results.append(out_struct(g, p, mode, writer))
     for x in (m, v) + ((vm,) if amsgrad else ()):
       for part in (x.codes, x.scale) if _quantized(x) else (x,):
         updated(part)
@@ -260,7 +273,7 @@ def group(
   `pure(leaf, (c, decay), z)` is the pure step of a leaf, ``(out, m, v, vm,
   buffer)``, from the scalars and opaque zero it is given: what a GPU or TPU
   program computes, and the derivative. `buffer` is the leaf's in
-  the state (Kahan's compensation; passed through by the other writers) and
+  the state (Kahan's compensation, the remainders; passed through by the other writers) and
   `key` its PRNG key (stochastic rounding; else None). `c` and `decay` are the
   step's scalars (``_scalars.coefficients``), rounded here to `cdtype` as the
   pure kernel rounds them. The same results bit for bit as `pure`
@@ -279,7 +292,6 @@ def group(
   )
   scalars = jnp.stack([jnp.asarray(x).astype(cdtype).astype(F32) for x in fields])
   reads_p = writer != Writer.NEAREST or mode != _native.Mode.STEP
-  out_of = lambda g, p: g if mode == _native.Mode.STEP else p
 
   def native(scalars, z, leaves, coefficients):
     del z, coefficients
@@ -290,14 +302,14 @@ def group(
         v,
         vm if amsgrad else None,
         p if reads_p else None,
-        buffer if writer == Writer.KAHAN else None,
+        buffer if writer in _BUFFERED else None,
         key if writer == Writer.STOCHASTIC else None,
       )
       for g, m, v, vm, p, buffer, key in leaves
     ]
     outs = call(scalars, own, mode=mode, decay=kind, amsgrad=amsgrad, writer=writer, cdtype=cdtype)
     return [
-      (out, m, v, vm, buffer if writer == Writer.KAHAN else leaf[5])
+      (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5])
       for (out, m, v, vm, buffer), leaf in zip(outs, leaves)
     ]
 
@@ -307,7 +319,7 @@ def group(
 
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   shapes = [
-    jax.tree.map(like, (out_of(g, p), m, v, vm if amsgrad else None, buffer))
+    (out_struct(g, p, mode, writer), *jax.tree.map(like, (m, v, vm if amsgrad else None, buffer)))
     for g, m, v, vm, p, buffer, _ in leaves
   ]
   return _steer.per_platform(

@@ -45,6 +45,7 @@ OPTIONS = {
   "stochastic": ({"param_rounding": "stochastic"}, BF16),
   "kahan": ({"param_rounding": "kahan"}, BF16),
   "kahan f16": ({"param_rounding": "kahan", "eps": 1e-4}, F16),
+  "remainder": ({"param_rounding": "remainder"}, BF16),
   "8-bit": ({"moment_bits": 8}, F32),
   "4-bit": ({"moment_bits": 4}, F32),
 }
@@ -59,6 +60,16 @@ COMBINED = {
     {"moment_bits": 4, "moment_block_size": 64, "param_rounding": "kahan"},
     BF16,
     "adam L2 + amsgrad, update",
+  ),
+  "8-bit, remainder": (
+    {"moment_bits": 8, "param_rounding": "remainder"},
+    BF16,
+    "adam L2 + amsgrad, update",
+  ),
+  "bf16 moments, remainder": (
+    {"mu_dtype": BF16, "nu_dtype": BF16, "param_rounding": "remainder"},
+    BF16,
+    "mask + amsgrad, fused",
   ),
   "8-bit blocks of 96, bf16 params": (
     {"moment_bits": 8, "moment_block_size": 96},
@@ -163,7 +174,7 @@ def test_options_combined(option, monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["update", "fused"])
 @pytest.mark.parametrize(
-  "option", ["bf16 moments", "bf16 params", "stochastic", "kahan", "8-bit", "4-bit"]
+  "option", ["bf16 moments", "bf16 params", "stochastic", "kahan", "remainder", "8-bit", "4-bit"]
 )
 def test_leaves_of_several_tasks_and_chunks(option, fused, monkeypatch):
   """Leaves split into tasks of 65,536 elements and chunks (partial ones too), on two threads.
@@ -177,7 +188,9 @@ def test_leaves_of_several_tasks_and_chunks(option, fused, monkeypatch):
   _compare(tx, params, grads, monkeypatch, fused=fused, steps=3)
 
 
-@pytest.mark.parametrize("option", ["bf16 params", "stochastic", "kahan", "8-bit", "4-bit"])
+@pytest.mark.parametrize(
+  "option", ["bf16 params", "stochastic", "kahan", "remainder", "8-bit", "4-bit"]
+)
 def test_non_finite_gradients(option, monkeypatch):
   """inf, -inf, NaN and huge gradients: NaNs where the pure kernel's are, poisoned blocks as its.
 

@@ -105,8 +105,7 @@ def _public_steps():
     ),
     "kahan": (lambda: adamw_jax.adamw(1e-3, param_rounding="kahan"), bf16, False, True),
     "bf16 params": (lambda: adamw_jax.adamw(1e-3), bf16, False, True),
-    # No native twin yet: the pure hooks on the CPU too (docs/native.md).
-    "remainder": (lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"), bf16, True, False),
+    "remainder": (lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"), bf16, True, True),
   }
 
 
