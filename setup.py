@@ -61,7 +61,15 @@ class OptionalBuildExt(build_ext):
 setup(
   ext_modules=[
     Extension(
-      "adamw_jax._native_lib", ["adamw_jax/_native.cc"], extra_compile_args=FLAGS, language="c++"
+      "adamw_jax._native_lib",
+      ["adamw_jax/_native.cc", "adamw_jax/_native_lowmem.cc"],
+      depends=[
+        "adamw_jax/_native_common.h",
+        "adamw_jax/_native_lowp.h",
+        "adamw_jax/_native_quantize.h",
+      ],
+      extra_compile_args=FLAGS,
+      language="c++",
     )
   ],
   cmdclass={"build_ext": OptionalBuildExt},

@@ -31,6 +31,7 @@ from adamw_jax import (
   _lowmem,
   _moments,
   _native,
+  _native_lowmem,
   _quantize,
   _scalars,
   _steer,
@@ -285,14 +286,19 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
         cache[dtype] = _scalars.coefficients(s, lr, wd, new_count, dtype)
       return cache[dtype]
 
-    def leaf(g, m, v, vm, p, decayed, buffer, key, writer: _writes.Writer):
-      """One leaf through its hooks: moments loaded, the writer's step, moments stored."""
+    def leaf(g, m, v, vm, p, decayed, buffer, key, writer: _writes.Writer, scalars=None, how=how):
+      """One leaf through its hooks: moments loaded, the writer's step, moments stored.
+
+      `scalars`: the step's (coefficients, decay) for its dtype, and `how`, when the leaf is
+      traced apart from the step (the native call's pure branch); else the step's own.
+      """
       shape = tuple(np.shape(g))
       m_c, v_c = _moments.load(m, True, shape), _moments.load(v, False, shape)
       vm_c = None if vm is None else _moments.load(vm, False, shape)
-      c, decay = scalars_for(
-        _scalars.scalar_dtype(jnp.result_type(g, m_c, v_c, *(() if p is None else (p,))))
-      )
+      if scalars is None:
+        dtype = jnp.result_type(g, m_c, v_c, *(() if p is None else (p,)))
+        scalars = scalars_for(_scalars.scalar_dtype(dtype))
+      c, decay = scalars
       out, m_n, v_n, vm_n, buffer = writer.step(
         g, m_c, v_c, vm_c, p, c, decay if decayed else None, buffer, key, how
       )
@@ -311,29 +317,45 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
     b_l = treedef.flatten_up_to(getattr(state, field)) if field else [None] * n
     new_key, step_key = jax.random.split(state.key) if options.stochastic else (None, None)
     results: list[Any] = [None] * n
-    groups: dict[tuple[Any, bool, _native.Mode], list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
+    keys: list[Any] = [None] * n
+
+    def native_group(g, m, v, vm, p, decayed, writer: _writes.Writer) -> tuple | None:
+      """The key of the native call that computes this leaf, or None (the pure hooks)."""
+      p_read = p if (with_params or fused) else None
+      rounding = writer.param_rounding
+      # The nearest writer computes with the parameter only with weight decay (optax_leaf).
+      cdtype = _native_lowmem.compute_dtype(
+        g, m, v, vm, p if writer.reads_params or with_params else None, rounding
+      )
+      if cdtype is not None:
+        mode = _native_lowmem.mode(rounding, fused=fused, with_params=with_params)
+        return (_native_lowmem, cdtype, bool(decayed), mode, rounding)
+      plain = writer is _writes.NEAREST and not any(map(_moments.is_quantized, (m, v, vm)))
+      if not plain:
+        return None
+      cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,)))
+      l2 = needs_params and not decoupled and decayed
+      if cdtype != g.dtype or not _native.serves(g, p_read, l2=l2):
+        return None
+      mode = _native.mode(g, m, v, vm, fused=fused, with_params=with_params)
+      return (_native, cdtype, bool(decayed), mode, "nearest")
+
     for i, (g, m, v, vm, p, decayed, buffer) in enumerate(zip(g_l, m_l, v_l, vm_l, p_l, d_l, b_l)):
       writer = options.writer(p)
-      p_read = p if (with_params or fused) else None
-      plain = writer is _writes.NEAREST and not any(map(_moments.is_quantized, (m, v, vm)))
-      cdtype = jnp.result_type(g, m, v, *(() if p_read is None else (p_read,))) if plain else None
-      if (
-        native
-        and plain
-        and cdtype == g.dtype
-        and _native.serves(g, p_read, l2=needs_params and not decoupled and decayed)
-      ):
-        mode = _native.mode(g, m, v, vm, fused=fused, with_params=with_params)
-        groups.setdefault((cdtype, bool(decayed), mode), []).append(i)
+      if writer.uses_key:
+        keys[i] = jax.random.fold_in(cast(jax.Array, step_key), i)
+      key = native_group(g, m, v, vm, p, decayed, writer) if native else None
+      if key is None:
+        results[i] = leaf(g, m, v, vm, p, decayed, buffer, keys[i], writer)
       else:
-        key = jax.random.fold_in(cast(jax.Array, step_key), i) if writer.uses_key else None
-        results[i] = leaf(g, m, v, vm, p, decayed, buffer, key, writer)
+        groups.setdefault(key, []).append(i)
     calls = [
       (key, members[k : k + _native.LEAVES_PER_CALL])
       for key, members in groups.items()
       for k in range(0, len(members), _native.LEAVES_PER_CALL)
     ]
-    for (cdtype, decayed, mode), indices in calls:
+    for (module, cdtype, decayed, mode, rounding), indices in calls:
       c, decay = scalars_for(_scalars.scalar_dtype(cdtype))
       decay = decay if (decayed and needs_params) else None
       kind = (
@@ -343,6 +365,30 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
         if decoupled
         else _native.Decay.L2
       )
+      if module is _native_lowmem:
+        writer = _writes.WRITERS[rounding]
+        own = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i], b_l[i], keys[i]) for i in indices]
+
+        def pure(args, scalars, z, decayed=decayed, writer=writer):
+          g, m, v, vm, p, buffer, key = args
+          return leaf(g, m, v, vm, p, decayed, buffer, key, writer, scalars, how._replace(z=z))
+
+        outs = _native_lowmem.group(
+          c,
+          decay,
+          own,
+          pure,
+          cdtype,
+          z=z,
+          mode=mode,
+          kind=kind,
+          amsgrad=amsgrad,
+          writer=_native_lowmem.WRITERS[rounding],
+          maximize=maximize,
+        )
+        for i, result in zip(indices, outs):
+          results[i] = result
+        continue
       if mode == _native.Mode.MOMENTS and kind == _native.Decay.DECOUPLED:
         kind = _native.Decay.NONE  # the decoupled decay is in the parameter's step
       leaves = [(g_l[i], m_l[i], v_l[i], vm_l[i], p_l[i]) for i in indices]

@@ -16,41 +16,22 @@
 //         nothing: m, v, vm only            (mode 4: the pure kernel computes the step)
 //
 // Compiled with -ffp-contract=off, so the only fused multiply-adds are the
-// std::fma calls in Block, where XLA fuses them in the pure kernel. The work is split into blocks run on XLA's intra-op
-// thread pool and on the calling thread, each with the caller's floating-point
-// control word (XLA runs with denormals flushed to zero).
+// std::fma calls in Block, where XLA fuses them in the pure kernel. The work is split
+// into blocks run in parallel (_native_common.h's ParallelFor). The low-memory
+// options have a kernel of their own, _native_lowmem.cc.
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <limits>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define ADAMW_JAX_X86 1
-#endif
-
-#include "xla/ffi/api/ffi.h"
+#include "_native_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-enum Decay : int64_t { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
-enum Mode : int64_t { kStep = 0, kUpdate = 1, kFused = 2, kFusedStep = 3, kMoments = 4 };
-
-// The order of the scalars in the first operand (see _native.py).
-template <typename T>
-struct Scalars {
-  T one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, eps_root, step_size, decay, sign;
-  T inv_bc2_sqrt;  // 1 / bc2_sqrt, rounded
-  T max;           // the largest finite T
-};
+using namespace adamw_jax;  // _native_common.h: Scalars, DivideByScalar, ParallelFor, the enums
 
 template <typename T>
 struct Leaf {
@@ -62,24 +43,6 @@ struct Leaf {
   T* out;
   int64_t n;
 };
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(ADAMW_JAX_X86)
-#define ADAMW_JAX_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define ADAMW_JAX_CLONES
-#endif
-
-// a / bc2_sqrt, correctly rounded, without a division: the product with the
-// rounded reciprocal and one residual step (Markstein's theorem), as the pure
-// kernel does for large arrays (_steer.divide_by_scalar; equal to the true
-// quotient bit for bit, tests/test_fidelity.py). The cap keeps inf / b = inf.
-template <typename T>
-inline T DivideByScalar(T a, const Scalars<T>& c) {
-  T q0 = a * c.inv_bc2_sqrt;
-  q0 = q0 < c.max ? q0 : (q0 != q0 ? q0 : c.max);
-  const T residual = std::fma(-q0, c.bc2_sqrt, a);  // exact
-  return std::fma(residual, c.inv_bc2_sqrt, q0);
-}
 
 template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
 ADAMW_JAX_CLONES void Block(const Scalars<T> c, const T* __restrict g, const T* p, T* m, T* v,
@@ -121,74 +84,32 @@ struct Range {
   int64_t start, end;
 };
 
-constexpr int64_t kBlock = int64_t{1} << 16;        // elements per task
-constexpr int64_t kParallelMin = int64_t{1} << 15;  // below: on the calling thread only
-
 template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
-struct Job {
-  Scalars<T> c;
-  std::vector<Leaf<T>> leaves;
+void Run(ffi::ThreadPool& pool, const Scalars<T>& c, const std::vector<Leaf<T>>& leaves) {
   std::vector<Range> ranges;
-  std::atomic<size_t> next{0};
-  std::atomic<size_t> done{0};
-  unsigned csr = 0;
-
-  void RunOne(const Range& r) {
+  int64_t total = 0;
+  for (int i = 0; i < static_cast<int>(leaves.size()); ++i) {
+    const int64_t n = leaves[i].n;
+    total += n;
+    for (int64_t k = 0; k < n; k += kBlock) ranges.push_back({i, k, std::min(n, k + kBlock)});
+  }
+  ParallelFor::Run(pool, ranges.size(), total >= kParallelMin, [&](size_t index) {
+    const Range& r = ranges[index];
     const Leaf<T>& l = leaves[r.leaf];
     const int64_t k = r.start;
     Block<T, kDecay, kAmsgrad, kMode>(c, l.g + k, l.p ? l.p + k : nullptr, l.m + k, l.v + k,
                                       kAmsgrad ? l.vm + k : nullptr, l.out ? l.out + k : nullptr,
                                       r.end - k);
-  }
-
-  void Work() {
-#ifdef ADAMW_JAX_X86
-    const unsigned saved = _mm_getcsr();
-    _mm_setcsr(csr);
-#endif
-    for (size_t i = next.fetch_add(1); i < ranges.size(); i = next.fetch_add(1)) {
-      RunOne(ranges[i]);
-      done.fetch_add(1, std::memory_order_release);
-    }
-#ifdef ADAMW_JAX_X86
-    _mm_setcsr(saved);
-#endif
-  }
-};
-
-template <typename T, int64_t kDecay, bool kAmsgrad, int64_t kMode>
-void Run(ffi::ThreadPool& pool, const Scalars<T>& c, std::vector<Leaf<T>> leaves) {
-  auto job = std::make_shared<Job<T, kDecay, kAmsgrad, kMode>>();
-  job->c = c;
-  job->leaves = std::move(leaves);
-  int64_t total = 0;
-  for (int i = 0; i < static_cast<int>(job->leaves.size()); ++i) {
-    const int64_t n = job->leaves[i].n;
-    total += n;
-    for (int64_t k = 0; k < n; k += kBlock) job->ranges.push_back({i, k, std::min(n, k + kBlock)});
-  }
-#ifdef ADAMW_JAX_X86
-  job->csr = _mm_getcsr();
-#endif
-  const size_t blocks = job->ranges.size();
-  const size_t threads = total < kParallelMin ? 0 : static_cast<size_t>(pool.num_threads());
-  // The calling thread works too: threads - 1 helpers keep every core busy, no more.
-  const size_t helpers = blocks == 0 || threads == 0 ? 0 : std::min(threads - 1, blocks - 1);
-  for (size_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  // Every block has been claimed; wait for those that other threads are running.
-  while (job->done.load(std::memory_order_acquire) < job->ranges.size()) {
-    std::this_thread::yield();
-  }
+  });
 }
 
 template <typename T>
 ffi::Error Dispatch(ffi::ThreadPool& pool, const Scalars<T>& c, std::vector<Leaf<T>> leaves,
                     int64_t mode, int64_t decay, bool amsgrad) {
-#define ADAMW_JAX_CASE(D, A, M)                                        \
-  if (decay == D && amsgrad == A && mode == M) {                       \
-    Run<T, D, A, M>(pool, c, std::move(leaves));                       \
-    return ffi::Error::Success();                                      \
+#define ADAMW_JAX_CASE(D, A, M)                  \
+  if (decay == D && amsgrad == A && mode == M) { \
+    Run<T, D, A, M>(pool, c, leaves);            \
+    return ffi::Error::Success();                \
   }
 #define ADAMW_JAX_MODES(D, A) \
   ADAMW_JAX_CASE(D, A, kStep) ADAMW_JAX_CASE(D, A, kUpdate) \
@@ -215,8 +136,7 @@ template <typename T>
 ffi::Error Collect(ffi::ThreadPool& pool, const ffi::AnyBuffer& scalars, ffi::RemainingArgs args,
                    ffi::RemainingRets rets, int64_t mode, int64_t decay, bool amsgrad) {
   const T* s = reinterpret_cast<const T*>(scalars.untyped_data());
-  const Scalars<T> c{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8],
-                     T(1) / s[3], std::numeric_limits<T>::max()};
+  const Scalars<T> c = adamw_jax::ReadScalars(s);
   const bool has_p = mode != kStep && (mode != kMoments || decay == kL2);
   const bool has_out = mode != kMoments;
   const bool in_place = mode == kFused || mode == kFusedStep;

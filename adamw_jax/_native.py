@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from adamw_jax import _env, _kernel, _steer
 
 TARGET = "adamw_jax_adam_step"
+LOWMEM_TARGET = "adamw_jax_lowmem_step"  # the low-memory options' kernel (_native_lowmem)
 _DTYPES = frozenset(map(jnp.dtype, (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)))
 
 
@@ -69,7 +70,11 @@ def _load() -> str | None:
     return "the extension adamw_jax._native_lib was not built"
   try:
     library = ctypes.CDLL(spec.origin)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AdamwJaxAdamStep), platform="cpu")
+    for target, symbol in (
+      (TARGET, library.AdamwJaxAdamStep),
+      (LOWMEM_TARGET, library.AdamwJaxLowmemStep),
+    ):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, AttributeError, RuntimeError, ValueError) as e:
     return f"{spec.origin} could not be loaded: {e}"
   return None

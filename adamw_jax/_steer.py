@@ -150,7 +150,7 @@ def _rounded_jvp(primals, tangents):
   return rounded(x, z), tangents[0]
 
 
-_SMALL = 1 << 15  # elements: below, a true division; above, a residual correction (measured)
+SMALL = 1 << 15  # elements: below, a true division; above, a residual correction (measured)
 
 
 def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
@@ -173,7 +173,7 @@ def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
 
 def _divide_on_cpu(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   utype = UINT[a.dtype.itemsize]
-  if a.size < _SMALL:
+  if a.size < SMALL:
     zero_bits = lax.bitcast_convert_type(a, utype) & z.astype(utype)
     return a / lax.bitcast_convert_type(lax.bitcast_convert_type(b, utype) | zero_bits, a.dtype)
   inv_b = rounded(1 / b, z)

@@ -14,12 +14,16 @@ parameters, on the 16M-element leaf and the transformer tree of
 step must move (read the parameters, gradients and state, write the parameters
 and state, at their dtypes), the effective bandwidth at those bytes, and the
 ratio to torch fused fp32 against the floor's ratio (its bytes / 28).
+On the CPU the options run on the native low-memory kernel; ``--pure`` adds each
+option's fused step compiled with ``ADAMW_JAX_NATIVE=0`` (the pure-JAX kernel) and
+``--only TEXT`` keeps the options whose name contains TEXT.
 Full runs write ``benchmarks/results/lowmem.md``; ``--quick`` a folder of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import platform
 import sys
@@ -40,6 +44,7 @@ class Option(NamedTuple):
 
 OPTIONS = (
   Option("fp32", {}, "float32"),
+  Option("bf16 params, nearest", {}, "bfloat16"),
   Option("bf16 moments", {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}, "float32"),
   Option("8-bit moments", {"moment_bits": 8}, "float32"),
   Option("4-bit moments", {"moment_bits": 4}, "float32"),
@@ -65,8 +70,11 @@ def _workloads(quick: bool) -> list[tuple[str, dict]]:
   return [(name, by_name[name].shapes(quick)) for name in list(by_name)[:2]]
 
 
-def _jax_runner(option: Option, fused: bool, params_np: Any, grads_np: Any):
-  """(run(k) -> seconds per step, bytes a step moves) of one option, jitted and donated."""
+def _jax_runner(option: Option, fused: bool, params_np: Any, grads_np: Any, native: bool = True):
+  """(run(k) -> seconds per step, bytes a step moves) of one option, jitted and donated.
+
+  `native` False: compiled with ``ADAMW_JAX_NATIVE=0``, the pure-JAX kernel.
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -86,7 +94,15 @@ def _jax_runner(option: Option, fused: bool, params_np: Any, grads_np: Any):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  saved = os.environ.get("ADAMW_JAX_NATIVE")
+  os.environ["ADAMW_JAX_NATIVE"] = "1" if native else "0"  # read when the step is traced
+  try:
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  finally:
+    if saved is None:
+      os.environ.pop("ADAMW_JAX_NATIVE")
+    else:
+      os.environ["ADAMW_JAX_NATIVE"] = saved
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim > 0)
   moved = 2 * nbytes(params) + nbytes(grads) + 2 * nbytes(state)
   box = [params, state]
@@ -144,7 +160,7 @@ def _torch_runner(peer: str, params_np: Any, grads_np: Any):
   return run, moved
 
 
-def measure(quick: bool, reps: int) -> list[dict]:
+def measure(quick: bool, reps: int, pure: bool = False, only: str | None = None) -> list[dict]:
   import numpy as np
 
   from benchmarks import workloads
@@ -159,9 +175,14 @@ def measure(quick: bool, reps: int) -> list[dict]:
     skipped: dict[str, str] = {}
     makers: dict[str, Callable[[], tuple]] = {}
     for option in OPTIONS:
+      if only is not None and only not in option.name:
+        continue
       for fused in (False, True):
         key = f"{option.name}, {'fused' if fused else 'per-leaf'}"
         makers[key] = lambda o=option, f=fused: _jax_runner(o, f, params_np, grads_np)
+      if pure:
+        key = f"{option.name}, fused, pure-JAX kernel"
+        makers[key] = lambda o=option: _jax_runner(o, True, params_np, grads_np, native=False)
     for peer in PEERS:
       makers[peer] = lambda p=peer: _torch_runner(p, params_np, grads_np)
     for key, make in makers.items():
@@ -228,10 +249,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--quick", action="store_true", help="small workloads, few repetitions")
   parser.add_argument("--reps", type=int, default=None, help="repetitions (default 9; quick 2)")
   parser.add_argument("--out", type=pathlib.Path, help="output directory")
+  parser.add_argument("--pure", action="store_true", help="also each fused step on the pure kernel")
+  parser.add_argument("--only", default=None, help="only the options whose name contains this")
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 9)
-  rows = measure(args.quick, reps)
-  command = "python -m benchmarks.lowmem" + (" --quick" if args.quick else "")
+  rows = measure(args.quick, reps, pure=args.pure, only=args.only)
+  flags = ["--quick"] * args.quick + ["--pure"] * args.pure
+  flags += [f"--only '{args.only}'"] if args.only else []
+  command = " ".join(["python -m benchmarks.lowmem", *flags])
   md = report(rows, command, reps)
   out = output.out_dir(args.out, args.quick, "lowmem")
   (out / "lowmem.md").write_text(md)
