@@ -458,8 +458,8 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
   `moments`: the leaf's quantized mu, nu (and nu_max); `z`: the step's opaque zero.
   """
   args = (g, list(moments), p, buffer, c, decay, z)
-  if not _kernel_takes(g, moments, p):  # 4-bit moments, complex or float64 leaves
-    return through(*args)
+  if not _kernel_takes(g, moments, p) or not (buffer is None or isinstance(buffer, jax.Array)):
+    return through(*args)  # 4-bit moments, complex or float64 leaves, a masked-out buffer
   spec = spec._replace(how=spec.how._replace(z=None))
   dtype = lambda x: None if x is None else jnp.dtype(x.dtype)
   spec = spec._replace(out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)))
