@@ -26,6 +26,7 @@ from jax import tree_util as jtu
 from jax.experimental import checkify
 
 from adamw_jax import (
+  _accel,
   _hyperparams,
   _kernel,
   _lowmem,
@@ -293,17 +294,42 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       traced apart from the step (the native call's pure branch); else the step's own.
       """
       shape = tuple(np.shape(g))
-      m_c, v_c = _moments.load(m, True, shape), _moments.load(v, False, shape)
-      vm_c = None if vm is None else _moments.load(vm, False, shape)
+      signs = (True, False, False)
+      moments = [x for x in (m, v, vm) if x is not None]
       if scalars is None:
-        dtype = jnp.result_type(g, m_c, v_c, *(() if p is None else (p,)))
+        held = [jnp.float32 if _moments.is_quantized(x) else x for x in moments[:2]]
+        dtype = jnp.result_type(g, *held, *(() if p is None else (p,)))
         scalars = scalars_for(_scalars.scalar_dtype(dtype))
       c, decay = scalars
-      out, m_n, v_n, vm_n, buffer = writer.step(
-        g, m_c, v_c, vm_c, p, c, decay if decayed else None, buffer, key, how
-      )
-      vm_n = None if vm is None else _moments.store(vm_n, vm, False)
-      return out, _moments.store(m_n, m, True), _moments.store(v_n, v, False), vm_n, buffer
+      decay = decay if decayed else None
+
+      def through(g, moments, p, buffer, c, decay, z):
+        """The hooks in XLA: moments loaded, the writer's step, moments stored."""
+        loaded = [_moments.load(x, signed, shape) for x, signed in zip(moments, signs)]
+        m_c, v_c, vm_c = (*loaded, None)[:3]
+        out, *new, buffer = writer.step(
+          g, m_c, v_c, vm_c, p, c, decay, buffer, key, how._replace(z=z)
+        )
+        stored = [_moments.store(x, old, signed) for x, old, signed in zip(new, moments, signs)]
+        return out, stored, buffer
+
+      if all(map(_moments.is_quantized, moments)) and _accel.eligible(writer):
+        spec = _accel.Spec(
+          block_size=cast(_moments.Quantization, quantization).block_size,
+          moments=signs[: len(moments)],
+          writer=writer,
+          how=how,
+          decayed=decay is not None,
+          has_params=p is not None and (how.with_params or how.fused or writer.reads_params),
+          has_buffer=buffer is not None,
+          eps_root=c.eps_root is not None,
+          out_dtype=None,
+        )
+        out, stored, buffer = _accel.leaf(spec, through, g, moments, p, buffer, c, decay, how.z)
+      else:
+        out, stored, buffer = through(g, moments, p, buffer, c, decay, how.z)
+      stored = [*stored, None][:3]
+      return out, stored[0], stored[1], stored[2], buffer
 
     treedef = jax.tree.structure(updates)
     n = treedef.num_leaves

@@ -145,56 +145,57 @@ def _dynamic(signed: bool, decades: int) -> _Dynamic:
 
 
 def _bound(j: jax.Array) -> jax.Array:
-  """``B[j]`` (module docstring) for int32 ``0 <= j <= 256``, exactly."""
-  low = (_LOW + _STEP * j).astype(jnp.uint32)
-  high = jnp.uint32(2**31) - (_STEP * (256 - j)).astype(jnp.uint32)
-  return jnp.where(j < 128, low, high).astype(jnp.float32) * _SCALE
+  """``B[j]`` (module docstring) for ``0 <= j <= 256``, exactly (any larger `j`: some value).
+
+  The two ends' integers differ by 48: ``2**31 - 7549747 (256 - j) = 214748416 + 7549747 j``.
+  """
+  j = j.astype(jnp.uint32)
+  i = _LOW + _STEP * j + jnp.where(j >= 128, jnp.uint32(48), jnp.uint32(0))
+  return i.astype(jnp.float32) * _SCALE
 
 
-def _opaque(x: jax.Array) -> jax.Array:
-  """`x`, its value hidden from the compiler (OR with a zero it cannot see): rounded where it stands.
+def opaque_zero() -> jax.Array:
+  """A uint32 zero the compiler cannot see through (an optimization barrier)."""
+  return lax.optimization_barrier(jnp.zeros((), jnp.uint32))
+
+
+def _opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
+  """`x`, its value hidden from the compiler (OR with a `zero` it cannot see): rounded where it stands.
 
   A product passed through here cannot be contracted with a later subtraction into a fused
   multiply-add, which would round once where torchao rounds twice.
   """
-  zero = lax.optimization_barrier(jnp.zeros((), jnp.uint32))
   return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) | zero, jnp.float32)
 
 
-def _entry(s: jax.Array, shift: jax.Array, k: jax.Array) -> jax.Array:
-  """``P(i, k)`` for a decade of scale ``s = s_i`` and bound stride ``w_i = 2**shift``."""
-  mean = (_bound(k << shift) + _bound((k + 1) << shift)) * jnp.float32(0.5)
-  return _opaque(s * mean)
-
-
-def _by_decade(d: jax.Array, table, dtype) -> jax.Array:
-  """``table[d]`` for int32 ``0 <= d < len(table)``, by selects (no gather)."""
-  out = jnp.full(d.shape, table[0], dtype)
+def _pick(reached: list[jax.Array], table, dtype) -> jax.Array:
+  """``table[i]`` for the last ``i`` with ``reached[i]`` (``table[0]`` if none), by selects."""
+  out = jnp.asarray(table[0], dtype)
   for i in range(1, len(table)):
-    out = jnp.where(d >= i, jnp.asarray(table[i], dtype), out)
+    out = jnp.where(reached[i], jnp.asarray(table[i], dtype), out)
   return out
 
 
-def _dynamic_codes(x: jax.Array, m: _Dynamic) -> jax.Array:
+def _dynamic_codes(x: jax.Array, m: _Dynamic, zero: jax.Array) -> jax.Array:
   a = jnp.abs(x)
-  above = [a >= f for f in m.firsts[: m.decades]]  # decade i reached
-  d = sum(b.astype(jnp.int32) for b in above) - 1  # -1 .. D-1
-  dd = jnp.maximum(d, 0)
-  s = _by_decade(dd, m.scales, jnp.float32)
-  n = jnp.left_shift(1, dd + m.u)  # entries in the decade
+  reached = [a >= f for f in m.firsts[: m.decades]]  # decade i's first entry reached
+  d = _pick(reached, range(m.decades), jnp.int32)  # the decade (0 below the first)
+  s = _pick(reached, m.scales, jnp.float32)
+  n = jnp.left_shift(1, d + m.u)  # entries in the decade
   # The guess (any rounding): k = floor(a * n / (0.9 s) - n / 9 - 0.5), clamped.
-  inv = _by_decade(
-    dd, [np.float32(2 ** (i + m.u) / (0.9 * f)) for i, f in enumerate(m.scales)], jnp.float32
+  inv = [np.float32(2 ** (i + m.u) / (0.9 * f)) for i, f in enumerate(m.scales)]
+  guess = a * _pick(reached, inv, jnp.float32) - (
+    n.astype(jnp.float32) * jnp.float32(1 / 9) + jnp.float32(0.5)
   )
-  guess = a * inv - (n.astype(jnp.float32) * jnp.float32(1 / 9) + jnp.float32(0.5))
   guess = jnp.clip(guess, 0.0, float(2 ** (m.decades - 1 + m.u)))
   k = jnp.minimum(jnp.floor(guess).astype(jnp.int32), n - 1)
-  shift = 8 - dd - m.u
-  last = k == n - 1
-  following = _by_decade(dd, m.firsts[1:], jnp.float32)  # the next decade's first entry, or 1.0
-  lo = _entry(s, shift, k)
-  hi = jnp.where(last, following, _entry(s, shift, jnp.minimum(k + 1, n - 1)))
-  below = d < 0
+  shift = 8 - d - m.u
+  bounds = [_bound((k + i) << shift) for i in range(3)]
+  lo = _opaque(s * ((bounds[0] + bounds[1]) * jnp.float32(0.5)), zero)
+  hi = _opaque(s * ((bounds[1] + bounds[2]) * jnp.float32(0.5)), zero)
+  following = _pick(reached, m.firsts[1:], jnp.float32)  # the next decade's first entry, or 1.0
+  hi = jnp.where(k == n - 1, following, hi)
+  below = jnp.logical_not(reached[0])
   lo = jnp.where(below, jnp.float32(0.0), lo)
   hi = jnp.where(below, jnp.float32(m.firsts[0]), hi)
   j = jnp.where(below, 0, n - 2**m.u + 1 + k)  # the rank of lo
@@ -220,10 +221,16 @@ _MAPS = {
 }
 
 
-def codes(x: jax.Array, signed: bool, bits: int = 8) -> jax.Array:
-  """The uint8 code of each float32 of `x` in torchao's map (module docstring): the search's, exactly."""
+def codes(x: jax.Array, signed: bool, bits: int = 8, zero: jax.Array | None = None) -> jax.Array:
+  """The uint8 code of each float32 of `x` in torchao's map (module docstring): the search's, exactly.
+
+  `zero`: a uint32 zero the compiler cannot see (default :func:`opaque_zero`).
+  """
   x = jnp.asarray(x, jnp.float32)
-  out = _dynamic_codes(x, _MAPS[signed, bits]) if (signed, bits) in _MAPS else _linear_codes(x)
+  if (signed, bits) not in _MAPS:
+    return _linear_codes(x).astype(jnp.uint8)
+  zero = opaque_zero() if zero is None else zero
+  out = _dynamic_codes(x, _MAPS[signed, bits], zero)
   return out.astype(jnp.uint8)
 
 
@@ -236,8 +243,8 @@ def values(c: jax.Array, signed: bool, bits: int = 8) -> jax.Array:
   j = jnp.abs(c - m.zero)  # rank among the positive entries; 0 for 0, M + 1 for 1.0
   t = jnp.clip(j, 1, m.positives) - 1 + 2**m.u  # 2**(d + u) + k
   top = (lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) >> 23) - 127  # floor(log2 t)
-  d = top - m.u
   k = t - jnp.left_shift(1, top)
-  value = _entry(_by_decade(d, m.scales, jnp.float32), 8 - top, k)
+  s = _pick([top - m.u >= i for i in range(m.decades)], m.scales, jnp.float32)
+  value = s * ((_bound(k << (8 - top)) + _bound((k + 1) << (8 - top))) * jnp.float32(0.5))
   value = jnp.where(j == 0, jnp.float32(0.0), jnp.where(j > m.positives, jnp.float32(1.0), value))
   return jnp.where(c < m.zero, -value, value)

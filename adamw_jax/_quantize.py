@@ -100,6 +100,43 @@ def _reshape(x: jax.Array, shape: tuple[int, ...], first: tuple | None) -> jax.A
   )
 
 
+def block_scales(blocks: jax.Array) -> jax.Array:
+  """Each block's scale (blocks along the last axis): its largest magnitude, at least 1e-12.
+
+  torchao's amax (and clip) propagate a NaN into the block's scale; XLA:CPU's max reduction
+  drops it (measured), so it is said: a NaN anywhere in a block makes its scale NaN, its
+  codes 0 (every comparison of the search is false), and so the whole block NaN when read.
+  """
+  scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), jnp.float32(1e-12))
+  nan = jnp.max(jnp.isnan(blocks).astype(jnp.float32), axis=-1) > 0
+  return jnp.where(nan, jnp.float32(jnp.nan), scale)
+
+
+def quantize_blocks(blocks: jax.Array, signed: bool, bits: int, zero=None):
+  """``(codes, scales)`` of float32 `blocks` (blocks along the last axis), codes unpacked.
+
+  `zero`: a uint32 zero the compiler cannot see (``_qmap.codes``).
+  """
+  scale = block_scales(blocks)
+  return _qmap.codes(blocks / scale[..., None], signed, bits, zero), scale
+
+
+def dequantize_blocks(codes: jax.Array, scale: jax.Array, signed: bool, bits: int):
+  """``map[codes] * scale``: `codes` unpacked, blocks along the last axis, `scale` one a block."""
+  return _qmap.values(codes, signed, bits) * scale[..., None]
+
+
+def pack(codes: jax.Array) -> jax.Array:
+  """4-bit codes two a byte, ``(even << 4) | odd`` along the last axis, as torchao's."""
+  return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+  """The 4-bit codes of :func:`pack`'s bytes, along the last axis."""
+  codes = jnp.stack([packed >> 4, packed & 0b1111], axis=-1)
+  return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
 def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> QuantizedMoment:
   """`x` (float32) as a `QuantizedMoment`, torchao's ``copy_`` into its optimizer state.
 
@@ -107,16 +144,10 @@ def quantize(x: jax.Array, block_size: int, signed: bool, bits: int = 8) -> Quan
   """
   first = _explicit_first_axis(x)
   blocks = _reshape(x.astype(jnp.float32), (x.size // block_size, block_size), first)
-  scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=-1), jnp.float32(1e-12))
-  # torchao's amax (and clip) propagate a NaN into the block's scale; XLA:CPU's max reduction
-  # drops it (measured), so it is said: a NaN anywhere in a block makes its scale NaN, its
-  # codes 0 (every comparison of the search is false), and so the whole block NaN when read.
-  scale = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.float32(jnp.nan), scale)
-  codes = _qmap.codes(blocks / scale[:, None], signed, bits)
+  codes, scale = quantize_blocks(blocks, signed, bits)
   if bits == 8:
     return QuantizedMoment(_reshape(codes, x.shape, first), scale)
-  packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
-  return PackedQuantizedMoment(_reshape(packed, (x.size // 2,), first), scale)
+  return PackedQuantizedMoment(_reshape(pack(codes), (x.size // 2,), first), scale)
 
 
 def dequantize(q: QuantizedMoment, signed: bool, shape: tuple[int, ...] | None = None) -> jax.Array:
@@ -130,12 +161,10 @@ def dequantize(q: QuantizedMoment, signed: bool, shape: tuple[int, ...] | None =
   nblocks = q.scale.shape[0]
   codes = jnp.asarray(q.codes)
   if bits == 4:
-    pairs = _reshape(codes, (nblocks, codes.size // nblocks), first)
-    codes = jnp.stack([pairs >> 4, pairs & 0b1111], axis=-1)
-    codes = _reshape(codes, (nblocks, 2 * pairs.shape[1]), first)
+    codes = unpack(_reshape(codes, (nblocks, codes.size // nblocks), first))
     shape = (2 * q.codes.size,) if shape is None else tuple(shape)
   else:
+    codes = _reshape(codes, (nblocks, codes.size // nblocks), first)
     shape = q.codes.shape
-  values = _qmap.values(codes, signed, bits)
-  blocks = _reshape(values, (nblocks, values.size // nblocks), first)
-  return _reshape(blocks * q.scale[:, None], shape, first)
+  blocks = dequantize_blocks(codes, jnp.asarray(q.scale), signed, bits)
+  return _reshape(blocks, shape, first)

@@ -28,6 +28,8 @@ platform), so a GPU/TPU program gets the plain operation:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -50,8 +52,14 @@ def per_platform(
   *args: Any,
   out: Any,
   default_is_exact: bool = False,
+  tpu: Callable[..., Any] | None = None,
+  gpu: Callable[..., Any] | None = None,
 ) -> Any:
   """``cpu(*args)`` in a program lowered for XLA:CPU, ``default(*args)`` in any other.
+
+  `tpu` and `gpu` (optional): the branches of programs lowered for a TPU and for
+  an NVIDIA or AMD GPU (their own kernels, ``_accel``); `default` where not given.
+  Inside such a kernel (:func:`in_kernel`) every ``per_platform`` is `default` itself.
 
   The choice is made where the step is lowered, not where it is traced: one
   traced step compiles for CPU, GPU and TPU from any host, and only a CPU
@@ -63,6 +71,8 @@ def per_platform(
   platform's branch; where `default` computes the same values as `cpu` on a
   CPU too (`default_is_exact`), it alone is differentiated.
   """
+  if _IN_KERNEL.get():
+    return default(*args)
   leaves, tree = jax.tree.flatten(args)
   is_array = [isinstance(x, jax.Array) for x in leaves]
   arrays = [x for x, a in zip(leaves, is_array) if a]
@@ -77,33 +87,52 @@ def per_platform(
     return run
 
   avals = tuple(ShapedArray(o.shape, o.dtype) for o in out_leaves)
-  results = _per_platform_p.bind(
-    *arrays, cpu=flat(cpu), default=flat(default), out=avals, exact=default_is_exact
-  )
+  branches = {"cpu": flat(cpu), "default": flat(default)}
+  branches |= {"tpu": None if tpu is None else flat(tpu), "gpu": None if gpu is None else flat(gpu)}
+  results = _per_platform_p.bind(*arrays, **branches, out=avals, exact=default_is_exact)
   return jax.tree.unflatten(out_tree, results)
+
+
+_IN_KERNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_kernel", default=False)
+
+
+@contextlib.contextmanager
+def in_kernel():
+  """While a kernel's body is traced (``_accel``): every :func:`per_platform` is its `default`."""
+  token = _IN_KERNEL.set(True)
+  try:
+    yield
+  finally:
+    _IN_KERNEL.reset(token)
 
 
 def _lower(which: str):
   def rule(ctx, *args, **params):
-    return mlir.lower_fun(params[which], multiple_results=True)(ctx, *args)
+    branch = params[which] if params.get(which) is not None else params["default"]
+    return mlir.lower_fun(branch, multiple_results=True)(ctx, *args)
 
   return rule
 
 
-def _jvp(primals, tangents, *, cpu, default, out, exact):
+def _jvp(primals, tangents, *, cpu, default, out, exact, tpu, gpu):
   tangents = [ad.instantiate_zeros(t) for t in tangents]
   primals_out, tangents_out = jax.jvp(default, tuple(primals), tuple(tangents))
   if not exact:
-    primals_out = _per_platform_p.bind(*primals, cpu=cpu, default=default, out=out, exact=exact)
+    branches = {"cpu": cpu, "default": default, "tpu": tpu, "gpu": gpu}
+    primals_out = _per_platform_p.bind(*primals, **branches, out=out, exact=exact)
   return primals_out, tangents_out
 
 
-def _batch(args, dims, *, cpu, default, out, exact):
+def _batch(args, dims, *, cpu, default, out, exact, tpu, gpu):
+  """Each branch vmapped; an accelerator's own kernel gives way to `default` (``vmap`` of XLA)."""
+  del tpu, gpu
   size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   in_axes = tuple(dims)  # None: not mapped
   params = {
     "cpu": jax.vmap(cpu, in_axes=in_axes),
     "default": jax.vmap(default, in_axes=in_axes),
+    "tpu": None,
+    "gpu": None,
     "out": tuple(ShapedArray((size, *o.shape), o.dtype) for o in out),
     "exact": exact,
   }
@@ -118,6 +147,9 @@ _per_platform_p.def_impl(
 )
 mlir.register_lowering(_per_platform_p, _lower("default"))
 mlir.register_lowering(_per_platform_p, _lower("cpu"), platform="cpu")
+mlir.register_lowering(_per_platform_p, _lower("tpu"), platform="tpu")
+for _gpu in ("cuda", "rocm"):
+  mlir.register_lowering(_per_platform_p, _lower("gpu"), platform=_gpu)
 ad.primitive_jvps[_per_platform_p] = _jvp
 batching.primitive_batchers[_per_platform_p] = _batch
 

@@ -1,0 +1,490 @@
+"""A leaf with quantized moments stepped by one kernel per device on TPU and GPU: each block once.
+
+The step of a leaf with 8-bit moments reads its gradient, parameter, codes and scales and writes
+its parameter, codes and scales; a block's new scale is the largest magnitude of its new
+moments, which the codes then divide. XLA fuses that diamond (elementwise, reduce, elementwise
+on the same block) on neither accelerator: compiled for TPU v5e it writes the new moments to
+memory, reduces them and reads them back (116 B/param where the floor is 16, and relayouts of
+the scales to every element), for H100 it computes them twice (40 B/param). Here the step of
+such a leaf is one Pallas kernel instead, lowered for the platform (``_steer.per_platform``):
+each tile of whole blocks is read once, its moments dequantized, stepped by the one kernel
+(``_kernel``, through the leaf's writer, ``_writes``), reduced per block and quantized
+(``_quantize``), and written once. Its body is the XLA path's own functions on a tile, so the
+numbers are the XLA path's (``tests/test_accel.py`` runs both kernels on the CPU in Pallas'
+interpreter and compares them bit for bit).
+
+- TPU (Mosaic): the leaf as ``(rows, columns)`` (its last axis the columns, the others the rows;
+  a free view when the rows are tile-aligned), the columns a whole number of blocks, tiles of
+  whole rows; the scales as ``(rows, columns / block_size)``.
+- GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 16 blocks.
+
+Leaves the kernel does not take (4-bit moments, stochastic rounding, which draws its bits with
+``jax.random``, complex or float64 leaves, columns that are not whole blocks on a TPU) take the
+XLA path; so does every leaf under ``jax.vmap``.
+
+Sharding: a kernel runs on one device's rows (``jax.shard_map``). On a mesh with explicit axes
+the leaf's own sharding of its first axis is used; on a mesh with automatic axes it is not
+known when the step is traced, and the update of such a leaf is computed sharded along its
+first axis over every mesh axis (the layout FSDP gives it, ``docs/scaling-out.md``), the
+devices' shards then laid out as the step's outputs ask (gathered for a replicated leaf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from adamw_jax import _kernel, _quantize, _steer, _writes
+
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("interpret", default=False)
+_GPU_BLOCKS = 2  # blocks a GPU tile (a power of two)
+_TPU_TILE_BYTES = 1 << 20  # the largest float32 tile of a TPU kernel's working values
+_TPU_COLUMNS = 8192  # the widest flat view of a TPU kernel
+_TPU_VMEM = 64 << 20  # what a TPU kernel may hold in VMEM (v5e and v6e have 128 MiB)
+
+
+class Spec(NamedTuple):
+  """What one leaf's kernel is, fixed when the step is traced."""
+
+  block_size: int
+  moments: tuple[bool, ...]  # for mu, nu (and nu_max): signed
+  writer: _writes.Writer
+  how: _writes.How  # its z is replaced by the kernel's
+  decayed: bool
+  has_params: bool
+  has_buffer: bool
+  eps_root: bool
+  out_dtype: Any
+
+
+def eligible(writer: _writes.Writer) -> bool:
+  """Whether a leaf with quantized moments takes this module's paths (a writer without keys)."""
+  return not writer.uses_key
+
+
+def _kernel_takes(g, moments, p) -> bool:
+  """Whether the kernel may take the leaf: 8-bit moments, float leaves."""
+  if any(isinstance(m, _quantize.PackedQuantizedMoment) for m in moments):
+    return False
+  dtypes = [g.dtype] + ([] if p is None else [p.dtype])
+  return all(jnp.issubdtype(d, jnp.floating) and jnp.dtype(d).itemsize <= 4 for d in dtypes)
+
+
+@contextlib.contextmanager
+def interpreted():
+  """Kernels traced meanwhile run in Pallas' interpreter (on any platform: the tests, on a CPU)."""
+  token = _INTERPRET.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+# ---------------------------------------------------------------- scalars
+
+
+def _pack_scalars(c: _kernel.Coefficients, decay, z) -> tuple[jax.Array, jax.Array]:
+  """The step's scalars as one float32 vector (the coefficients, then the decay) and z."""
+  values = [x for x in c if x is not None] + ([] if decay is None else [decay])
+  floats = jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
+  floats = jnp.pad(floats, (0, 8 - floats.shape[0]))
+  return floats, jnp.reshape(z, (1,)).astype(jnp.int32)
+
+
+def _unpack_scalars(floats, spec: Spec):
+  it = iter(range(8))
+  fields = {}
+  for name in _kernel.Coefficients._fields:
+    fields[name] = None if (name == "eps_root" and not spec.eps_root) else floats[next(it)]
+  decay = floats[next(it)] if spec.decayed else None
+  return _kernel.Coefficients(**fields), decay
+
+
+# ---------------------------------------------------------------- the tile
+
+
+def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
+  """One tile's step: values ``(blocks, block_size)``, scales ``(blocks,)``.
+
+  Returns ``(out, buffer, [(codes, scales) of each new moment])``.
+  """
+  zero = z.astype(jnp.uint32)
+  moments = [
+    _quantize.dequantize_blocks(k, s, signed, 8)
+    for k, s, signed in zip(codes, scales, spec.moments)
+  ]
+  c, decay = _unpack_scalars(floats, spec)
+  how = spec.how._replace(z=z)
+  m, v = moments[0], moments[1]
+  vm = moments[2] if len(moments) > 2 else None
+  # Compiled, the body takes each platform choice's `default` (what XLA does on that platform);
+  # interpreted on a CPU (the tests), XLA:CPU's own branches, as the XLA path there.
+  inside = contextlib.nullcontext() if _INTERPRET.get() else _steer.in_kernel()
+  with inside:
+    out, m, v, vm, buffer = spec.writer.step(g, m, v, vm, p, c, decay, buffer, None, how)
+  new = [m, v] + ([vm] if vm is not None else [])
+  quantized = [
+    _quantize.quantize_blocks(x, signed, 8, zero) for x, signed in zip(new, spec.moments)
+  ]
+  return out.astype(spec.out_dtype), buffer, quantized
+
+
+class _Refs(NamedTuple):
+  floats: Any
+  z: Any
+  g: Any
+  p: Any
+  buffer: Any
+  codes: list
+  scales: list
+  out: Any
+  new_buffer: Any
+  new_codes: list
+  new_scales: list
+
+
+def _refs(spec: Spec, n: int, refs) -> _Refs:
+  """The kernel's refs by name: (floats, z, g, [p], [buffer], codes..., scales...), then outputs."""
+  floats, z, g, *rest = refs
+  p = rest.pop(0) if spec.has_params else None
+  buffer = rest.pop(0) if spec.has_buffer else None
+  codes, scales = rest[:n], rest[n : 2 * n]
+  out, *rest = rest[2 * n :]
+  new_buffer = rest.pop(0) if spec.has_buffer else None
+  return _Refs(floats, z, g, p, buffer, codes, scales, out, new_buffer, rest[:n], rest[n:])
+
+
+def _gpu_body(spec: Spec, n: int):
+  """GPU: a tile of whole blocks ``(blocks, block_size)``, its scales ``(blocks,)``, at once."""
+
+  def kernel(*refs):
+    r = _refs(spec, n, refs)
+    load = lambda ref: None if ref is None else ref[...]
+    out, buffer, quantized = _tile(
+      spec,
+      r.floats,
+      r.z[0],
+      load(r.g),
+      load(r.p),
+      load(r.buffer),
+      [load(k) for k in r.codes],
+      [load(s) for s in r.scales],
+    )
+    r.out[...] = out
+    if r.new_buffer is not None:
+      r.new_buffer[...] = buffer
+    for (k, s), kr, sr in zip(quantized, r.new_codes, r.new_scales):
+      kr[...] = k
+      sr[...] = s
+
+  return kernel
+
+
+def _tpu_body(spec: Spec, n: int, group: int):
+  """TPU: a tile of rows ``(rows, columns)``, stepped `group` rows by one block at a time.
+
+  uint8 codes are read and written whole (32-row tiles), through an int32 copy in VMEM; the
+  rest, and the scales ``(rows, columns / block_size)``, `group` rows at a time, a block's
+  scales picked out of their rows by a lane mask (a sum with zeros: exact, NaN kept).
+  """
+  bs = spec.block_size
+
+  def kernel(*refs):
+    r = _refs(spec, n, refs[: len(refs) - n])
+    wide = refs[len(refs) - n :]
+    rows, columns = r.g.shape
+    blocks = columns // bs
+    for w, k in zip(wide, r.codes):
+      w[...] = k[...].astype(jnp.int32)
+    lanes = jax.lax.broadcasted_iota(jnp.int32, (group, blocks), 1)
+
+    def one(i, carry):
+      at = pl.ds(pl.multiple_of(jax.lax.div(i, blocks) * group, group), group)
+      b = jax.lax.rem(i, blocks)
+      cols = pl.ds(pl.multiple_of(b * bs, bs), bs)
+      load = lambda ref: None if ref is None else ref[at, cols]
+      mine = lanes == b
+      picked = [jnp.sum(jnp.where(mine, s[at, :], 0.0), axis=1) for s in r.scales]
+      out, buffer, quantized = _tile(
+        spec,
+        r.floats,
+        r.z[0],
+        load(r.g),
+        load(r.p),
+        load(r.buffer),
+        [load(w) for w in wide],
+        picked,
+      )
+      r.out[at, cols] = out
+      if r.new_buffer is not None:
+        r.new_buffer[at, cols] = buffer
+      for (k, s), w, sr in zip(quantized, wide, r.new_scales):
+        w[at, cols] = k.astype(jnp.int32)
+        sr[at, :] = jnp.where(mine, s[:, None], sr[at, :])
+      return carry
+
+    jax.lax.fori_loop(0, (rows // group) * blocks, one, 0)
+    for w, k in zip(wide, r.new_codes):
+      k[...] = w[...].astype(jnp.uint8)
+
+  return kernel
+
+
+# ---------------------------------------------------------------- the two lowerings
+
+
+def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, codes, scales):
+  """One device's kernel on its rows (flat arrays already viewed as the target wants)."""
+  n = len(codes)
+  bs = spec.block_size
+  leaf = [g] + ([p] if spec.has_params else []) + ([buffer] if spec.has_buffer else [])
+  if target == "tpu":
+    rows, columns = g.shape
+    tile = _tpu_rows(rows, columns)
+    data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
+    per_block = pl.BlockSpec((tile, columns // bs), lambda i: (i, 0))
+    scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
+    grid = (rows // tile,)
+    params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM)
+    narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in leaf) or spec.out_dtype.itemsize < 4
+    group = min(16 if narrow else 8, tile)
+    body = _tpu_body(spec, n, group)
+    scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
+  else:
+    blocks = g.shape[0]
+    tile = math.gcd(blocks, _GPU_BLOCKS)
+    data = pl.BlockSpec((tile, bs), lambda i: (i, 0))
+    per_block = pl.BlockSpec((tile,), lambda i: (i,))
+    scalar = pl.BlockSpec((8,), lambda i: (0,))
+    grid = (blocks // tile,)
+    params = pltriton.CompilerParams(num_warps=8)
+    body = _gpu_body(spec, n)
+    scratch = []
+  z_spec = scalar if target == "tpu" else pl.BlockSpec((1,), lambda i: (0,))
+  in_specs = [scalar, z_spec] + [data] * len(leaf) + [data] * n + [per_block] * n
+  out_specs = [data] + ([data] if spec.has_buffer else []) + [data] * n + [per_block] * n
+  out_shape = (
+    [jax.ShapeDtypeStruct(g.shape, spec.out_dtype)]
+    + ([jax.ShapeDtypeStruct(g.shape, buffer.dtype)] if spec.has_buffer else [])
+    + [jax.ShapeDtypeStruct(k.shape, jnp.uint8) for k in codes]
+    + [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scales]
+  )
+  first_code = 2 + len(leaf)
+  aliases = {first_code + i: 1 + int(spec.has_buffer) + i for i in range(2 * n)}
+  if spec.has_buffer:
+    aliases[2 + len(leaf) - 1] = 1
+  if spec.has_params and jnp.dtype(p.dtype) == jnp.dtype(spec.out_dtype) and spec.how.fused:
+    aliases[3] = 0
+  return pl.pallas_call(
+    body,
+    interpret=(pltpu.InterpretParams() if target == "tpu" else True) if interpret else False,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    input_output_aliases=aliases,
+    compiler_params=params,
+    scratch_shapes=scratch,
+  )(floats, z, *leaf, *codes, *scales)
+
+
+def _tpu_rows(rows: int, columns: int) -> int:
+  """Rows a TPU tile: a divisor of `rows`, a multiple of 32 (uint8 tiles) unless all of them."""
+  most = max(1, _TPU_TILE_BYTES // (4 * columns))
+  for tile in (256, 128, 64, 32):
+    if tile <= most and rows % tile == 0:
+      return tile
+  return rows
+
+
+# ---------------------------------------------------------------- one device, then the mesh
+
+
+def _view(target: str, leaf_shape: tuple[int, ...], block_size: int):
+  """(the 2-D view of a device's leaf, of its scales) the target's kernel takes.
+
+  GPU: ``(blocks, block_size)``. TPU: ``(rows, last axis)`` when the last axis holds whole
+  blocks and lanes (free when the rows are whole tiles), else ``(n / width, width)``,
+  `width` a power-of-two number of blocks (XLA relayouts such a leaf, and back).
+  """
+  n = math.prod(leaf_shape)
+  if target != "tpu":
+    return (n // block_size, block_size), (n // block_size,)
+  columns = leaf_shape[-1] if leaf_shape else 1
+  if len(leaf_shape) < 2 or columns % block_size or columns % 128:
+    columns = block_size
+    while columns * 2 <= _TPU_COLUMNS and n % (columns * 2) == 0:
+      columns *= 2
+  return (n // columns, columns), (n // columns, columns // block_size)
+
+
+def _takes(target: str, leaf_shape: tuple[int, ...], block_size: int) -> bool:
+  """Whether `target`'s kernel takes one device's leaf of `leaf_shape` (a tile that fits)."""
+  if target != "tpu":
+    return True
+  (rows, columns), _ = _view(target, leaf_shape, block_size)
+  return columns % 128 == 0 and _tpu_rows(rows, columns) * columns * 4 <= 4 * _TPU_TILE_BYTES
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "target", "interpret"))
+def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = False):
+  """The kernel on one device's arrays of the leaf: viewed, stepped, viewed back.
+
+  Jitted: leaves of one shape (the layers of a model) share one traced and lowered kernel.
+  """
+  g = arrays["g"]
+  leaf_shape = tuple(g.shape)
+  shape2, scale_shape = _view(target, leaf_shape, spec.block_size)
+  as2 = lambda x: None if x is None else x.reshape(shape2)
+  codes = [as2(k) for k in arrays["codes"]]
+  scales = [s.reshape(scale_shape) for s in arrays["scales"]]
+  outs = _call(
+    spec,
+    target,
+    interpret,
+    arrays["floats"],
+    arrays["z"],
+    as2(g),
+    as2(arrays.get("p")),
+    as2(arrays.get("buffer")),
+    codes,
+    scales,
+  )
+  out, *rest = outs
+  new_buffer = rest.pop(0) if spec.has_buffer else None
+  n = len(codes)
+  return {
+    "out": out.reshape(leaf_shape),
+    "codes": [k.reshape(leaf_shape) for k in rest[:n]],
+    "scales": [s.reshape(-1) for s in rest[n:]],
+    **({} if new_buffer is None else {"buffer": new_buffer.reshape(leaf_shape)}),
+  }
+
+
+def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
+  """(mesh, the axes a leaf's first axis is split over) for :func:`jax.shard_map`; None: one device.
+
+  Explicit axes: the leaf's own; automatic: every axis of the mesh, if they split its rows
+  evenly, else none (module docstring).
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or math.prod(mesh.shape.values()) == 1:
+    return None
+  if all(t == AxisType.Explicit for t in mesh.axis_types):
+    assert sharding is not None  # it has a mesh
+    spec = tuple(sharding.spec)
+    first = spec[0] if spec else None
+    axes = () if first is None else ((first,) if isinstance(first, str) else tuple(first))
+  else:
+    axes = tuple(mesh.axis_names)
+  count = math.prod(mesh.shape[a] for a in axes)
+  return mesh, (axes if rows % count == 0 else ())
+
+
+def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | None:
+  """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them."""
+  g = arrays["g"]
+  leaf_shape = tuple(g.shape)
+  placed = _placement(g, leaf_shape[0] if leaf_shape else 1)
+  interpret = _INTERPRET.get()
+  if placed is None:
+    if not _takes(target, leaf_shape, spec.block_size):
+      return None
+    return _local(spec=spec, target=target, arrays=arrays, interpret=interpret)
+  mesh, axes = placed
+  count = math.prod(mesh.shape[a] for a in axes)
+  local = (leaf_shape[0] // count, *leaf_shape[1:])
+  blocks = math.prod(local) // spec.block_size
+  if not _takes(target, local, spec.block_size) or blocks * spec.block_size != math.prod(local):
+    return None
+  split = P(axes if axes else None)
+  n = len(arrays["codes"])
+  each = {"codes": [split] * n, "scales": [split] * n}
+  in_specs = {k: split for k in ("g", "p", "buffer") if k in arrays} | each
+  in_specs |= {"floats": P(), "z": P()}
+  out_specs = {"out": split, **each} | ({"buffer": split} if "buffer" in arrays else {})
+  mapped = jax.shard_map(
+    lambda a: _local(spec=spec, target=target, arrays=a, interpret=interpret),
+    mesh=mesh,
+    in_specs=(in_specs,),
+    out_specs=out_specs,
+    axis_names=set(mesh.axis_names),
+    check_vma=False,
+  )
+  return mapped(arrays)
+
+
+@functools.cache
+def _out_dtype(spec: Spec, g, p, buffer, moments: int):
+  """The dtype of the writer's `out` for these dtypes (its step traced on scalars, once)."""
+  scalar = lambda dtype: None if dtype is None else jax.ShapeDtypeStruct((), dtype)
+  f32 = jnp.dtype(jnp.float32)
+  c = _kernel.Coefficients(
+    *[
+      None if f == "eps_root" and not spec.eps_root else scalar(f32)
+      for f in _kernel.Coefficients._fields
+    ]
+  )
+
+  def out(g, m, v, vm, p, c, decay, buffer, z):
+    how = spec.how._replace(z=z)
+    return spec.writer.step(g, m, v, vm, p, c, decay, buffer, None, how)[0]
+
+  vm = scalar(f32) if moments > 2 else None
+  decay = scalar(f32) if spec.decayed else None
+  p = p if spec.has_params else None
+  args = (scalar(g), scalar(f32), scalar(f32), vm, scalar(p), c, decay, scalar(buffer))
+  return jax.eval_shape(out, *args, scalar(jnp.dtype(jnp.int32))).dtype
+
+
+def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
+  """One leaf with quantized moments: `through` on a CPU (and where no kernel takes it), else the kernel.
+
+  `through`: the XLA path, ``(g, moments, p, buffer, c, decay, z) -> (out, moments, buffer)``;
+  `moments`: the leaf's quantized mu, nu (and nu_max); `z`: the step's opaque zero.
+  """
+  args = (g, list(moments), p, buffer, c, decay, z)
+  if not _kernel_takes(g, moments, p) or not (buffer is None or isinstance(buffer, jax.Array)):
+    return through(*args)  # 4-bit moments, complex or float64 leaves, a masked-out buffer
+  spec = spec._replace(how=spec.how._replace(z=None))
+  dtype = lambda x: None if x is None else jnp.dtype(x.dtype)
+  spec = spec._replace(out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)))
+
+  def kernel(target: str):
+    def run(g, moments, p, buffer, c, decay, z):
+      floats, z1 = _pack_scalars(c, decay, z)
+      arrays: dict[str, Any] = {"g": g, "floats": floats, "z": z1}
+      arrays |= {"codes": [q.codes for q in moments], "scales": [q.scale for q in moments]}
+      if spec.has_params:
+        arrays["p"] = p
+      if spec.has_buffer:
+        arrays["buffer"] = buffer
+      result = step(spec, target, arrays)
+      if result is None:
+        return through(g, moments, p, buffer, c, decay, z)
+      qs = [_quantize.QuantizedMoment(k, s) for k, s in zip(result["codes"], result["scales"])]
+      return result["out"], qs, result.get("buffer", buffer)
+
+    return run
+
+  like = lambda x: None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  out = (
+    jax.ShapeDtypeStruct(np.shape(g), spec.out_dtype),
+    [_quantize.QuantizedMoment(like(q.codes), like(q.scale)) for q in moments],
+    like(buffer),
+  )
+  return _steer.per_platform(through, through, *args, out=out, tpu=kernel("tpu"), gpu=kernel("gpu"))

@@ -1,0 +1,150 @@
+"""The accelerators' kernels for leaves with quantized moments (``adamw_jax/_accel.py``), on this CPU.
+
+Each kernel (TPU's and GPU's) runs in Pallas' interpreter in place of the CPU's XLA path
+and must give the same parameters, updates, codes and scales, bit for bit, for every
+configuration it takes: update and fused step, masks, amsgrad, maximize, Adam's L2 decay,
+block sizes, bfloat16 parameters with Kahan compensation, leaves whose last axis is or is not
+a whole number of blocks. What it does not take (4-bit moments) keeps the XLA path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamw_jax
+from adamw_jax import _accel, _steer
+
+
+@pytest.fixture(params=["tpu", "gpu"])
+def kernel(request, monkeypatch):
+  """Every leaf the `target`'s kernel takes runs it (interpreted); the rest as on a CPU."""
+  target = request.param
+  real = _steer.per_platform
+  taken = []
+
+  def choose(cpu, default, *args, out, tpu=None, gpu=None, **kw):
+    branch = tpu if target == "tpu" else gpu
+    if branch is None or _steer._IN_KERNEL.get():
+      return real(cpu, default, *args, out=out, **kw)
+    taken.append(True)
+    return branch(*args)
+
+  monkeypatch.setattr(_steer, "per_platform", choose)
+  with _accel.interpreted():
+    yield taken
+
+
+PARAMS = {
+  "w": (64, 512),  # TPU: rows of whole blocks
+  "flat": (8192,),  # TPU: viewed as one row of 8192
+  "odd": (32, 384),  # TPU: 384 columns are not whole blocks of 256: viewed as (3, 4096)
+  "small": (10, 10),  # full-precision moments (fewer than 4096 elements)
+}
+
+CONFIGS = {
+  "adamw": (lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, moment_bits=8), jnp.float32),
+  "amsgrad, maximize, block 128": (
+    lambda: adamw_jax.adamw(
+      1e-2, amsgrad=True, maximize=True, moment_bits=8, moment_block_size=128
+    ),
+    jnp.float32,
+  ),
+  "adam L2": (lambda: adamw_jax.adam(1e-2, weight_decay=0.1, moment_bits=8), jnp.float32),
+  "mask": (
+    lambda: adamw_jax.adamw(
+      1e-2, weight_decay=0.1, moment_bits=8, mask=lambda p: {k: k != "w" for k in p}
+    ),
+    jnp.float32,
+  ),
+  "bf16 params, kahan": (
+    lambda: adamw_jax.adamw(1e-2, weight_decay=0.1, moment_bits=8, param_rounding="kahan"),
+    jnp.bfloat16,
+  ),
+  "scale_by_adam": (lambda: adamw_jax.scale_by_adam(moment_bits=8), jnp.float32),
+}
+
+
+def _problem(dtype, steps: int = 2):
+  rng = np.random.default_rng(0)
+  params = {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in PARAMS.items()}
+  grads = [
+    {
+      k: jnp.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 1), dtype)
+      for k, s in PARAMS.items()
+    }
+    for _ in range(steps)
+  ]
+  return params, grads
+
+
+def _run(make, dtype, fused: bool):
+  tx = make()
+  params, grads = _problem(dtype)
+  state = tx.init(params)
+  outs = []
+  for g in grads:
+    if fused:
+      params, state = adamw_jax.fused_step(tx, g, state, params)
+    else:
+      updates, state = tx.update(g, state, params)
+      outs.append(updates)
+      params = optax.apply_updates(params, updates)
+  return params, state, outs
+
+
+def _bits(tree):
+  return [np.atleast_1d(np.asarray(x)).view(np.uint8) for x in jax.tree.leaves(tree)]
+
+
+# Each case costs ~30 s interpreted on 2 cores: each configuration once, through update or the
+# fused step (the fused step needs a learning rate: not scale_by_adam's).
+CASES = [
+  ("adamw", False),
+  ("amsgrad, maximize, block 128", True),
+  ("adam L2", False),
+  ("mask", True),
+  ("bf16 params, kahan", True),
+  ("scale_by_adam", False),
+]
+
+
+@pytest.mark.parametrize(
+  ("name", "fused"), CASES, ids=[f"{n}-{'fused' if f else 'update'}" for n, f in CASES]
+)
+def test_the_kernel_is_the_xla_path_bit_for_bit(name, fused, kernel):
+  make, dtype = CONFIGS[name]
+  ours = _run(make, dtype, fused)
+  assert kernel, "no leaf took the kernel"
+  kernel.clear()
+  with _steer_off():
+    theirs = _run(make, dtype, fused)
+  for a, b in zip(_bits(ours), _bits(theirs), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+class _steer_off:
+  """The CPU's own path inside a kernel fixture (the real ``per_platform``)."""
+
+  def __enter__(self):
+    self.token = _accel._INTERPRET.set(False)
+    self.patched = _steer.per_platform
+    _steer.per_platform = _REAL
+    return self
+
+  def __exit__(self, *exc):
+    _steer.per_platform = self.patched
+    _accel._INTERPRET.reset(self.token)
+
+
+_REAL = _steer.per_platform
+
+
+def test_4bit_moments_keep_the_xla_path(kernel):
+  tx = adamw_jax.adamw(1e-2, moment_bits=4)
+  params, grads = _problem(jnp.float32, 1)
+  tx.update(grads[0], tx.init(params), params)
+  assert not kernel
