@@ -14,7 +14,7 @@ from adamw_jax._checkpoint import (
 )
 from adamw_jax._core import ScaleByAdamState
 from adamw_jax._flat import FlatParams, flatten
-from adamw_jax._fused import fused_step
+from adamw_jax._fused import clipped, fused_step
 from adamw_jax._groups import param_groups
 from adamw_jax._interop import from_torch, to_torch_state_dict
 from adamw_jax._layout import flax_layout
@@ -42,6 +42,7 @@ __all__ = [
   "adam",
   "adamw",
   "add_decayed_weights",
+  "clipped",
   "decay_mask",
   "describe_mask",
   "flatten",
