@@ -7,7 +7,7 @@ either; why these and how: [the fused step](native.md#the-fused-step).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,8 @@ def _multi_step(ms: optax.MultiSteps, grads: Any, state: Any, params: Any) -> tu
   _adam_update(inner, "the optimizer inside optax.MultiSteps")
   if params is None:
     raise TypeError("fused_step: params are required (the step writes them)")
-  (averaged, flag), new_state = ms.update(grads, state, params, **{_core.AdamUpdate.PROBE: True})
+  probed, new_state = ms.update(grads, state, params, **{_core.AdamUpdate.PROBE: True})
+  averaged, flag = cast(tuple, probed)
   emitted = flag != 0
   skipped = jnp.logical_and(jnp.logical_not(emitted), new_state.mini_step == state.mini_step)
   old_inner = state.inner_opt_state
@@ -147,7 +148,9 @@ def _plus_zero(p: jax.Array) -> jax.Array:
   return jnp.where(p == 0, jnp.zeros_like(p), p)
 
 
-def clipped(tx: optax.GradientTransformation, max_norm: float) -> optax.GradientTransformation:
+def clipped(
+  tx: optax.GradientTransformation, max_norm: float
+) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(optax.clip_by_global_norm(max_norm), tx)``, which ``fused_step`` serves.
 
   The same ``init``, ``update`` and state as that chain (a state of one is a

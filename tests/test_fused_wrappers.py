@@ -167,9 +167,9 @@ def test_fused_step_of_wrappers_is_update_and_apply_updates(config, wrapper):
 def test_fused_step_of_multisteps_that_skips():
   """``should_skip_update_fn``: the skipped step adds MultiSteps' zeros (+0.0), not 0 * update."""
   tx = adamw_jax.adamw(1e-2, weight_decay=0.1)
-  kw = {"should_skip_update_fn": optax.skip_not_finite}
+  make = lambda k: optax.MultiSteps(tx, k, should_skip_update_fn=optax.skip_not_finite)
   for k, nan_at in ((3, 1), (1, 2)):
-    _compare(optax.MultiSteps(tx, k, **kw), optax.MultiSteps(tx, k, **kw), _params(), 6, nan_at)
+    _compare(make(k), make(k), _params(), 6, nan_at)
 
 
 def test_multisteps_schedule_and_sum(monkeypatch):
@@ -244,7 +244,7 @@ REFUSED = {
     r"clipped: Invalid max_norm: nan",
   ),
   "clipped max_norm string": (
-    lambda: adamw_jax.clipped(adamw_jax.adamw(1e-2), "1.0"),
+    lambda: adamw_jax.clipped(adamw_jax.adamw(1e-2), "1.0"),  # pyright: ignore[reportArgumentType]
     TypeError,
     r"clipped: max_norm must be a real number > 0, got '1\.0'",
   ),
