@@ -21,6 +21,7 @@ from adamw_jax._layout import flax_layout
 from adamw_jax._lowmem import LowMemoryAdamState
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
 from adamw_jax._master import master_params, split_master
+from adamw_jax._nnx import fused_update
 from adamw_jax._paper import normalized_weight_decay, warm_restarts
 from adamw_jax._quantize import PackedQuantizedMoment, QuantizedMoment
 from adamw_jax._transforms import (
@@ -49,6 +50,7 @@ __all__ = [
   "flax_layout",
   "from_torch",
   "fused_step",
+  "fused_update",
   "masked",
   "master_params",
   "normalized_weight_decay",

@@ -266,3 +266,71 @@ def test_fused_step_refuses(case):
     if case == "clipped with another state":
       state = state[1]
     adamw_jax.fused_step(tx, p, state, p)
+
+
+@needs_native
+@pytest.mark.parametrize("wrapper", ["none", "MultiSteps k=2 of clip"])
+def test_fused_update_is_nnx_optimizer_update(wrapper):
+  """``fused_update`` in an NNX loop with BatchNorm statistics and dropout RNGs, bit for bit.
+
+  The same loop (``nnx.jit``, ``nnx.grad`` over the ``nnx.Param`` state, the
+  model in training mode) runs with ``optimizer.update`` and with
+  ``adamw_jax.fused_update``; parameters, batch statistics, RNG counts,
+  optimizer state and step must be equal bit for bit after every step.
+  """
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.fc1 = nnx.Linear(5, 16, rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+      self.drop = nnx.Dropout(0.3, rngs=rngs)
+      self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(nnx.relu(self.bn(self.fc1(x)))))
+
+  x = jax.random.normal(jax.random.key(0), (32, 5))
+  y = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+
+  def loss_fn(model):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  def make_tx():
+    tx = adamw_jax.adamw(1e-2, weight_decay=0.1)
+    multi = optax.MultiSteps(adamw_jax.clipped(tx, CLIP), 2)
+    return tx if wrapper == "none" else multi.gradient_transformation()
+
+  @nnx.jit
+  def plain(model, optimizer):
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  @nnx.jit
+  def fused(model, optimizer):
+    adamw_jax.fused_update(optimizer, model, nnx.grad(loss_fn)(model))
+
+  runs = []
+  for step in (plain, fused):
+    model = Model(nnx.Rngs(0, dropout=1))
+    model.train()
+    optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+    states = []
+    for _ in range(4):
+      step(model, optimizer)
+      states.append(nnx.state((model, optimizer)))
+    runs.append(states)
+  for t, (a, b) in enumerate(zip(*runs)):
+    _assert_bitwise(jax.tree.map(_key_data, a), jax.tree.map(_key_data, b), f"nnx step {t}")
+  stats = runs[1][-1]
+  assert not np.array_equal(stats[0]["bn"]["mean"][...], np.zeros(16))  # BatchNorm ran
+  assert int(stats[1]["step"][...]) == 4
+
+
+def _key_data(x):
+  return jax.random.key_data(x) if jnp.issubdtype(jnp.asarray(x).dtype, jax.dtypes.prng_key) else x
+
+
+def test_fused_update_refuses_what_is_not_an_nnx_optimizer():
+  tx = adamw_jax.adamw(1e-2)
+  with pytest.raises(TypeError, match=r"fused_update: optimizer must be an nnx\.Optimizer, got"):
+    adamw_jax.fused_update(tx, None, None)
