@@ -113,27 +113,24 @@ def _multi_step(ms: optax.MultiSteps, grads: Any, state: Any, params: Any) -> tu
   averaged, flag = cast(tuple, probed)
   emitted = flag != 0
   skipped = jnp.logical_and(jnp.logical_not(emitted), new_state.mini_step == state.mini_step)
-  old_inner = state.inner_opt_state
 
-  def emit(params, averaged, acc):
+  def emit(params, old_inner, averaged, acc):
     del acc
-    new_params, new_inner = fused_step(inner, averaged, old_inner, params)
-    return new_params, new_inner
+    return fused_step(inner, averaged, old_inner, params)
 
-  def accumulate(params, averaged, acc):
+  def accumulate(params, old_inner, averaged, acc):
     del averaged
     updates, _ = inner.update(optax.tree.cast_like(acc, grads), old_inner, params)
     updates = jax.tree.map(lambda u: emitted * u, updates)  # MultiSteps' emit * update
     return optax.apply_updates(params, updates), old_inner
 
-  def skip(params, averaged, acc):
+  def skip(params, old_inner, averaged, acc):
     del averaged, acc
     return jax.tree.map(_plus_zero, params), old_inner
 
   index = jnp.where(emitted, 0, jnp.where(skipped, 2, 1))
-  new_params, new_inner = lax.switch(
-    index, (emit, accumulate, skip), params, averaged, new_state.acc_grads
-  )
+  operands = (params, state.inner_opt_state, averaged, new_state.acc_grads)
+  new_params, new_inner = lax.switch(index, (emit, accumulate, skip), *operands)
   return new_params, new_state._replace(inner_opt_state=new_inner)
 
 
