@@ -83,6 +83,10 @@ CONFIGS: dict[str, tuple[Callable[[], optax.GradientTransformation], Callable[[]
     lambda: adamw_jax.flatten(_params()),
   ),
   "adam L2": (lambda: adamw_jax.adam(1e-2, weight_decay=0.1), _params),
+  "bf16 params": (
+    lambda: adamw_jax.adamw(1e-2, weight_decay=0.1),
+    lambda: jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params()),
+  ),
 }
 
 # name: (the wrapped transform for fused_step, optax's own reference, from the same optimizer)
