@@ -122,15 +122,12 @@ def _multi_step(ms: optax.MultiSteps, grads: Any, state: Any, params: Any) -> tu
     del averaged
     updates, _ = inner.update(optax.tree.cast_like(acc, grads), old_inner, params)
     updates = jax.tree.map(lambda u: emitted * u, updates)  # MultiSteps' emit * update
-    return optax.apply_updates(params, updates), old_inner
+    added = optax.apply_updates(params, updates)
+    kept = jax.tree.map(lambda p, a: jnp.where(skipped, _plus_zero(p), a), params, added)
+    return kept, old_inner
 
-  def skip(params, old_inner, averaged, acc):
-    del averaged, acc
-    return jax.tree.map(_plus_zero, params), old_inner
-
-  index = jnp.where(emitted, 0, jnp.where(skipped, 2, 1))
   operands = (params, state.inner_opt_state, averaged, new_state.acc_grads)
-  new_params, new_inner = lax.switch(index, (emit, accumulate, skip), *operands)
+  new_params, new_inner = lax.cond(emitted, emit, accumulate, *operands)
   return new_params, new_state._replace(inner_opt_state=new_inner)
 
 
