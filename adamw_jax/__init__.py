@@ -14,13 +14,14 @@ from adamw_jax._checkpoint import (
 )
 from adamw_jax._core import ScaleByAdamState
 from adamw_jax._flat import FlatParams, flatten
-from adamw_jax._fused import fused_step
+from adamw_jax._fused import clipped, fused_step
 from adamw_jax._groups import param_groups
 from adamw_jax._interop import from_torch, to_torch_state_dict
 from adamw_jax._layout import flax_layout
 from adamw_jax._lowmem import LowMemoryAdamState
 from adamw_jax._masks import DEFAULT_EXCLUDE, decay_mask, describe_mask
 from adamw_jax._master import master_params, split_master
+from adamw_jax._nnx import fused_update
 from adamw_jax._paper import normalized_weight_decay, warm_restarts
 from adamw_jax._quantize import PackedQuantizedMoment, QuantizedMoment
 from adamw_jax._transforms import (
@@ -42,12 +43,14 @@ __all__ = [
   "adam",
   "adamw",
   "add_decayed_weights",
+  "clipped",
   "decay_mask",
   "describe_mask",
   "flatten",
   "flax_layout",
   "from_torch",
   "fused_step",
+  "fused_update",
   "masked",
   "master_params",
   "normalized_weight_decay",

@@ -77,13 +77,23 @@ class AdamUpdate:
   Calling it is optax's ``update(updates, state, params=None, **extra_args)``
   (the extra arguments, e.g. a loss ``value`` meant for another transform of a
   chain, are ignored); `step` is [`fused_step`][adamw_jax.fused_step].
+
+  One extra argument is this package's own: ``fused_step`` on an
+  ``optax.MultiSteps`` runs the wrapper's public ``update`` with
+  ``PROBE=True``, and the inner update then returns, instead of its step,
+  ``(updates, 1.0)`` with its state unchanged: MultiSteps multiplies both by
+  its emit flag, which tells ``fused_step`` whether to take the fused step on
+  the averaged gradient it also hands back (``_fused``).
   """
+
+  PROBE = "_adamw_jax_fused_probe"
 
   def __init__(self, update: Callable, step: Callable):
     self._update, self._step = update, step
 
   def __call__(self, updates: Any, state: optax.OptState, params: Any = None, **extra_args):
-    del extra_args
+    if extra_args.get(self.PROBE) is True:
+      return (updates, jnp.ones([], jnp.float32)), state
     return self._update(updates, state, params)
 
   def step(self, grads: Any, state: optax.OptState, params: Any):

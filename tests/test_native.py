@@ -122,7 +122,7 @@ def _problem(dtype, shapes=None, scale_range=(-6, 2)):
   return ref.make_problem(dtype, STEPS, bank=5, shapes=shapes, log10_scale=scale_range)
 
 
-# fused_step takes adamw/adam, not a chain (test_fused_step_refuses_other_transforms).
+# fused_step takes adamw/adam (and clipped, MultiSteps: test_fused_wrappers), not another chain.
 _TABLE = [(c, False) for c in [*ref.CASES, ref.CHAIN]] + [(c, True) for c in ref.CASES]
 
 
@@ -321,7 +321,7 @@ def test_fused_step_refuses_other_transforms():
     _inject(),
   ):
     with pytest.raises(
-      TypeError, match=r"fused_step: tx must be made by adamw_jax\.adamw or adamw_jax\.adam"
+      TypeError, match=r"fused_step: tx must be made by adamw_jax\.adamw, adamw_jax\.adam"
     ):
       adamw_jax.fused_step(tx, p, tx.init(p), p)
   tx = adamw_jax.scale_by_adam()
