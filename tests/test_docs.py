@@ -128,7 +128,7 @@ def test_the_quickstart_commands_are_those_of_ci():
   commands = [line.split("#")[0].strip() for line in quickstart.splitlines()]
   assert commands == [
     'pip install -e ".[demo]" && python -m adamw_jax.demo',
-    'pip install -e ".[test]" && python -m pytest -q -n auto',
+    'pip install -e ".[test]" && python -m pytest -q -n auto --dist loadfile',
   ]
   site = docs_pages.section(
     docs_pages.page("getting-started.md"), "Install and run the demo", lang="bash"
