@@ -36,7 +36,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -433,12 +433,11 @@ def _out_dtype(spec: Spec, g, p, buffer, moments: int):
   """The dtype of the writer's `out` for these dtypes (its step traced on scalars, once)."""
   scalar = lambda dtype: None if dtype is None else jax.ShapeDtypeStruct((), dtype)
   f32 = jnp.dtype(jnp.float32)
-  c = _kernel.Coefficients(
-    *[
-      None if f == "eps_root" and not spec.eps_root else scalar(f32)
-      for f in _kernel.Coefficients._fields
-    ]
-  )
+  fields: list[Any] = [  # abstract values, traced by eval_shape
+    None if f == "eps_root" and not spec.eps_root else scalar(f32)
+    for f in _kernel.Coefficients._fields
+  ]
+  c = _kernel.Coefficients(*fields)
 
   def out(g, m, v, vm, p, c, decay, buffer, z):
     how = spec.how._replace(z=z)
@@ -481,7 +480,7 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
 
     return run
 
-  like = lambda x: None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  like = lambda x: cast(Any, None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype))
   out = (
     jax.ShapeDtypeStruct(np.shape(g), spec.out_dtype),
     [_quantize.QuantizedMoment(like(q.codes), like(q.scale)) for q in moments],

@@ -1,7 +1,7 @@
 """Low-memory AdamW: state bytes per parameter, step time and final loss / accuracy.
 
 ``python -m benchmarks.memory [--quick] [--out DIR]`` trains two small real
-models with six optimizer settings and writes ``memory.md``, ``memory.json``
+models with seven optimizer settings and writes ``memory.md``, ``memory.json``
 and ``memory.png`` to ``benchmarks/results/``:
 
 - the digits CNN of :mod:`adamw_jax.demo` (scikit-learn's 8x8 digits),
@@ -9,8 +9,9 @@ and ``memory.png`` to ``benchmarks/results/``:
   over 32 tokens), next-token cross-entropy;
 
 for: float32 parameters and moments; bfloat16 parameters and moments written
-round-to-nearest ("bf16 plain"); the same with ``param_rounding="stochastic"``
-and ``"kahan"``; float32 parameters with ``moment_bits=8`` and ``4``. The forward pass
+round-to-nearest ("bf16 plain"); the same with ``param_rounding="stochastic"``,
+``"kahan"`` and ``"remainder"`` (bfloat16 parameters whose int16 remainders make
+them the float32 masters exactly, float32 moments); float32 parameters with ``moment_bits=8`` and ``4``. The forward pass
 runs in float32 (bfloat16 is the storage of parameters and moments), so the
 differences are the optimizer's writes alone. A few minutes on 2 CPU cores;
 ``--quick`` (a test runs it) in well under a minute.
@@ -47,6 +48,7 @@ SETTINGS = (
   Setting("bf16 plain", jnp.bfloat16, {}),
   Setting("bf16 + stochastic rounding", jnp.bfloat16, {"param_rounding": "stochastic"}),
   Setting("bf16 + Kahan", jnp.bfloat16, {"param_rounding": "kahan"}),
+  Setting("bf16 + remainders (exact fp32 masters)", jnp.bfloat16, {"param_rounding": "remainder"}),
   Setting("fp32 + 8-bit moments", jnp.float32, {"moment_bits": 8}),
   Setting("fp32 + 4-bit moments", jnp.float32, {"moment_bits": 4}),
 )
