@@ -33,6 +33,7 @@ import importlib.util
 import pathlib
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,21 @@ def call(
   ]
 
 
+def scalar_fields(c: _kernel.Coefficients, decay: Any, maximize: bool) -> tuple:
+  """The step's scalars in the order both native kernels read them (``_native_common.h``)."""
+  return (
+    c.one_minus_b1,
+    c.b2,
+    c.one_minus_b2,
+    c.bc2_sqrt,
+    c.eps,
+    0.0 if c.eps_root is None else c.eps_root,
+    c.step_size,
+    0.0 if decay is None else decay,
+    -1.0 if maximize else 1.0,
+  )
+
+
 def group(
   c: _kernel.Coefficients,
   decay,
@@ -206,17 +222,7 @@ def group(
   derivatives (``jax.jvp``, ``jax.grad``) are the pure kernel's.
   """
   real = jnp.finfo(cdtype).dtype
-  fields = (
-    c.one_minus_b1,
-    c.b2,
-    c.one_minus_b2,
-    c.bc2_sqrt,
-    c.eps,
-    0.0 if c.eps_root is None else c.eps_root,
-    c.step_size,
-    0.0 if decay is None else decay,
-    -1.0 if maximize else 1.0,
-  )
+  fields = scalar_fields(c, decay, maximize)
   scalars = jnp.stack([jnp.asarray(x).astype(real) for x in fields])
   moments_only = mode == Mode.MOMENTS
   with_p = mode != Mode.STEP and (not moments_only or kind == Decay.L2)

@@ -279,17 +279,7 @@ def group(
   pure kernel rounds them. The same results bit for bit as `pure`
   (``tests/test_native.py``).
   """
-  fields = (
-    c.one_minus_b1,
-    c.b2,
-    c.one_minus_b2,
-    c.bc2_sqrt,
-    c.eps,
-    0.0 if c.eps_root is None else c.eps_root,
-    c.step_size,
-    0.0 if decay is None else decay,
-    -1.0 if maximize else 1.0,
-  )
+  fields = _native.scalar_fields(c, decay, maximize)
   scalars = jnp.stack([jnp.asarray(x).astype(cdtype).astype(F32) for x in fields])
   reads_p = writer != Writer.NEAREST or mode != _native.Mode.STEP
 

@@ -105,15 +105,7 @@ def _jax_runner(option: Option, fused: bool, params_np: Any, grads_np: Any, nati
       os.environ["ADAMW_JAX_NATIVE"] = saved
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim > 0)
   moved = 2 * nbytes(params) + nbytes(grads) + 2 * nbytes(state)
-  box = [params, state]
-
-  def run(k: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(k):
-      box[0], box[1] = compiled(box[0], box[1], grads)
-    jax.block_until_ready(box[0])
-    return (time.perf_counter() - t0) / k
-
+  run = timing.donated_step(compiled, params, state, grads)
   return run, moved
 
 

@@ -114,7 +114,6 @@ def _compile(method: str, step, *args):
 
 def jax_runner(method: str, params_np: Any, grads_np: Any):
   """(run(k) -> seconds per step, peak memory, compile seconds) of one JAX method; also ``benchmarks.device``'s."""
-  import jax
 
   step, params, state, grads = _jax_setup(method, params_np, grads_np)
   t0 = time.perf_counter()
@@ -127,15 +126,7 @@ def jax_runner(method: str, params_np: Any, grads_np: Any):
     - stats.alias_size_in_bytes
     + stats.temp_size_in_bytes
   )
-  box = [params, state]
-
-  def run(k: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(k):
-      box[0], box[1] = compiled(box[0], box[1], grads)
-    jax.block_until_ready(box[0])
-    return (time.perf_counter() - t0) / k
-
+  run = timing.donated_step(compiled, params, state, grads)
   return run, peak, compile_s
 
 
