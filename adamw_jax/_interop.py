@@ -7,13 +7,16 @@ moments. Which torch parameter is which pytree leaf is decided by order, or by
 torch's parameter names and a mapping (see [`flax_layout`][adamw_jax.flax_layout]). The
 low-memory references (torchao's ``AdamW8bit``, torch-optimi's ``AdamW``) come
 and go with their 8-bit moments and Kahan compensation into a
-[`LowMemoryAdamState`][adamw_jax.LowMemoryAdamState] (`adamw_jax._references`).
+[`LowMemoryAdamState`][adamw_jax.LowMemoryAdamState].
+
+What is the same for every reference is here: the param groups'
+hyperparameters, the layout, the step counts, the adamw_jax state filled and
+read. What differs is one adapter per reference (`adamw_jax._references`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,6 +39,7 @@ from adamw_jax import (
   _references,
   _tree,
 )
+from adamw_jax import _interop_adapter as _adapter
 
 Axes = _layout.Axes
 Mapper = _layout.Mapper
@@ -47,52 +51,13 @@ class _Config:
 
   param_groups: tuple[dict, ...]  # torch's param_groups entries, 'params' as indices
   slots: tuple[_layout.TorchParam, ...]
-  reference: _references.Reference = _references.PLAIN_TORCH
+  reference: _adapter.Reference
 
 
 # The transforms from_torch made, keyed by their init function (a GradientTransformation is
 # a tuple and carries no attributes), so that to_torch_state_dict(tx, ...) can write
 # torch's param groups back.
 _CONFIGS: weakref.WeakKeyDictionary[Callable, _Config] = weakref.WeakKeyDictionary()
-
-
-def _torch():
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - torch is in the test extra
-    raise ImportError(
-      "adamw_jax.from_torch / to_torch_state_dict need PyTorch: pip install 'adamw_jax[torch]'."
-    ) from e
-  return torch
-
-
-# --------------------------------------------------------------------------
-# Arrays
-# --------------------------------------------------------------------------
-
-
-def _to_numpy(t) -> np.ndarray:
-  torch = _torch()
-  t = t.detach().cpu()
-  if t.dtype == torch.bfloat16:
-    return t.view(torch.int16).numpy().view(jnp.bfloat16)
-  return t.numpy()
-
-
-def _to_tensor(x):
-  torch = _torch()
-  x = np.array(x, order="C")  # a copy torch owns (np.ascontiguousarray would make 0-d 1-d)
-  if x.dtype == jnp.bfloat16:
-    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(x)
-
-
-def _inverse(axes: Axes) -> Axes:
-  return None if axes is None else tuple(int(a) for a in np.argsort(axes))
-
-
-def _permute(x: np.ndarray, axes: Axes) -> np.ndarray:
-  return x if axes is None else np.transpose(x, axes)
 
 
 # --------------------------------------------------------------------------
@@ -102,7 +67,7 @@ def _permute(x: np.ndarray, axes: Axes) -> np.ndarray:
 
 def _read_optimizer(what: str, optimizer_or_state_dict: Any):
   """(state_dict, the parameter tensors in state-dict order or None, its Reference)."""
-  torch = _torch()
+  torch = _adapter.torch()
   if isinstance(optimizer_or_state_dict, torch.optim.Optimizer):
     opt = optimizer_or_state_dict
     ref = _references.of_optimizer(what, opt)
@@ -163,146 +128,15 @@ def _group_hyperparameters(what: str, i: int, group: Mapping, ignore: Sequence[s
   return out
 
 
-def _decoupled(
-  what: str, groups: Sequence[Mapping], optimizer: Any, ref: _references.Reference
-) -> bool:
-  torch = _torch()
-  if ref.decoupled is not None:
-    return ref.decoupled
-  flags = set()
-  for g in groups:
-    if _hyperparams.TORCH_DECOUPLED in g:
-      flags.add(bool(g[_hyperparams.TORCH_DECOUPLED]))
-    elif isinstance(optimizer, torch.optim.AdamW):
-      flags.add(True)
-    elif isinstance(optimizer, torch.optim.Adam):
-      flags.add(False)
-    else:
-      raise ValueError(
-        f"{what}: the state dict has no 'decoupled_weight_decay' (an older torch): "
-        "pass the optimizer itself, which tells AdamW from Adam."
-      )
+def _decoupled(what: str, groups: Sequence[Mapping], ref: _adapter.Reference) -> bool:
+  """AdamW (True) or Adam (False): one for all groups."""
+  flags = {ref.is_adamw(what, g) for g in groups}
   if len(flags) > 1:
     raise ValueError(
       f"{what}: some param groups decouple weight decay (AdamW) and others do not "
       "(Adam); adamw_jax builds all groups with one of the two."
     )
   return flags.pop() if flags else True
-
-
-def _step_of(what: str, slot: _layout.TorchParam, value) -> int:
-  step = float(value.item() if hasattr(value, "item") else value)
-  if not math.isfinite(step) or step != int(step) or not 0 <= step <= 2**31 - 1:
-    raise ValueError(
-      f"{what}: {slot.label()} has step {step}; expected a whole number of steps in [0, 2**31 - 1]."
-    )
-  return int(step)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reading:
-  """What reading one torch parameter's state needs beyond the state: from its group."""
-
-  ref: _references.Reference
-  amsgrad: bool
-  quantized: bool  # the leaf gets 8-bit moments (torchao)
-  step: int | None = None  # optimi: the group's step count
-  betas: tuple[float, float] = (0.9, 0.999)
-
-
-def _moment(what: str, slot: _layout.TorchParam, key: str, value, leaf, reading: _Reading):
-  """One moment of one torch parameter, in the layout and dtype of `leaf` (or quantized)."""
-  shape, dtype = np.shape(leaf), jnp.result_type(leaf)
-  is_8bit = _references.is_8bit_state(value)
-  if reading.quantized != is_8bit:
-    raise ValueError(
-      f"{what}: {slot.label()} has {'an 8-bit' if is_8bit else 'a full-precision'} {key}, but "
-      f"the JAX leaf {slot.path!r} (shape {shape}) "
-      f"{'gets 8-bit moments' if reading.quantized else 'keeps full-precision moments'} "
-      f"with moment_block_size={reading.ref.block_size} (>= {_quantize.MIN_SIZE} elements, a "
-      "multiple of the block size)."
-    )
-  if is_8bit:
-    if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
-      raise ValueError(
-        f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; an "
-        "8-bit moment's blocks are consecutive elements in torch's layout and "
-        "cannot be transposed: keep the torch layout for this leaf."
-      )
-    assert reading.ref.block_size is not None  # torchao's
-    q = _references.from_8bit(what, slot.label(), key, value, reading.ref.block_size)
-    if q.codes.shape != shape:
-      raise ValueError(
-        f"{what}: {slot.label()} has {key} of shape {q.codes.shape}, but the JAX "
-        f"leaf {slot.path!r} has shape {shape}."
-      )
-    return q
-  x = _permute(_to_numpy(value), slot.axes)
-  if x.shape != shape:
-    hint = (
-      " Linear / Conv weights need a transposed layout: pass names= and "
-      "mapping=adamw_jax.flax_layout(params)."
-      if slot.axes is None and len(shape) >= 2 and sorted(x.shape) == sorted(shape)
-      else ""
-    )
-    raise ValueError(
-      f"{what}: {slot.label()} has {key} of shape {x.shape}"
-      + (f" (after axes {slot.axes})" if slot.axes else "")
-      + f", but the JAX leaf {slot.path!r} has shape {shape}.{hint}"
-    )
-  if x.dtype != dtype:
-    raise ValueError(
-      f"{what}: {slot.label()} has {key} of dtype {x.dtype}, but the JAX leaf "
-      f"{slot.path!r} has dtype {dtype}; cast the params to {x.dtype} first."
-    )
-  if reading.ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
-    beta = reading.betas[0 if key == "exp_avg" else 1]
-    assert reading.step is not None  # optimi's group step
-    x = _references.from_optimi_moment(x, beta, reading.step)
-  return x
-
-
-def _read_state(
-  what: str, slot: _layout.TorchParam, state: Mapping | None, leaf, reading: _Reading
-) -> tuple:
-  """(step, mu, nu, nu_max, compensation) of one torch parameter, in the layout of `leaf`.
-
-  `compensation` is optimi's ``kahan_comp`` (None where it has none).
-  """
-  shape, dtype = np.shape(leaf), jnp.result_type(leaf)
-  amsgrad, optimi = reading.amsgrad, reading.ref.kind == _references.OPTIMI
-  if not state:
-    zeros = np.zeros(shape, dtype)
-    if reading.quantized:
-      assert reading.ref.block_size is not None  # torchao's
-      blocks = np.zeros((int(np.prod(shape)) // reading.ref.block_size,), np.float32)
-      moment = _quantize.QuantizedMoment(np.zeros(shape, np.uint8), blocks)
-    else:
-      moment = zeros
-    step = (reading.step or 0) if optimi else 0
-    return step, moment, moment, (moment if amsgrad else None), None
-  keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-  expected = {"exp_avg", "exp_avg_sq", "kahan_comp"} if optimi else {"step", *keys}
-  if set(state) != expected:
-    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
-    raise ValueError(
-      f"{what}: the state of {slot.label()} has keys {sorted(state)}; expected "
-      f"{sorted(expected)} ("
-      + ("" if reading.ref.kind == _references.TORCH else f"{reading.ref.label}, ")
-      + f"amsgrad={amsgrad})"
-      + (f"; unexpected {extra}" if extra else "")
-      + (f"; missing {missing}" if missing else "")
-      + "."
-    )
-  out = [_moment(what, slot, key, state[key], leaf, reading) for key in keys]
-  kahan = state["kahan_comp"] if optimi else None  # None, or a uint8 placeholder (triton)
-  comp = (
-    _moment(what, slot, "kahan_comp", kahan, leaf, reading)
-    if kahan is not None and kahan.is_floating_point()
-    else None
-  )
-  step = reading.step if optimi else _step_of(what, slot, state["step"])
-  return (step, out[0], out[1], out[2] if amsgrad else None, comp)
 
 
 _STATES = (_core.ScaleByAdamState, _lowmem.LowMemoryAdamState)
@@ -337,10 +171,6 @@ def _host(x):
   if isinstance(x, _quantize.QuantizedMoment):
     return _quantize.QuantizedMoment(np.asarray(x.codes), np.asarray(x.scale))
   return np.asarray(x)
-
-
-def _shape(x) -> tuple[int, ...]:
-  return tuple(x.codes.shape if isinstance(x, _quantize.QuantizedMoment) else np.shape(x))
 
 
 def _hyperparameters(
@@ -418,32 +248,11 @@ def _filled(what: str, state, read: Mapping[str, tuple]):
   )
 
 
-def _group_readings(
-  what: str,
-  ref: _references.Reference,
-  raw: Sequence[Mapping],
-  groups: Sequence[Mapping],
-  hypers: Sequence[dict],
-) -> list[_Reading]:
-  out = []
-  for raw_group, group, h in zip(raw, groups, hypers):
-    out.append(
-      _Reading(
-        ref,
-        h["amsgrad"],
-        False,
-        _references.optimi_step(raw_group) if ref.kind == _references.OPTIMI else None,
-        (float(group["betas"][0]), float(group["betas"][1])),
-      )
-    )
-  return out
-
-
 def _to_bf16(x):
   return jnp.asarray(x).astype(jnp.bfloat16)
 
 
-def _check_rounding(what: str, rounding: str | None, ref: _references.Reference, params) -> None:
+def _check_rounding(what: str, rounding: str | None, ref: _adapter.Reference, params) -> None:
   """``param_rounding="remainder"``: float32 parameters of torch's AdamW / Adam; nothing else."""
   if rounding is None:
     return
@@ -453,7 +262,7 @@ def _check_rounding(what: str, rounding: str | None, ref: _references.Reference,
       "they are) or 'remainder' (float32 parameters held as bfloat16 parameters and "
       "remainders, exactly)"
     )
-  if ref.kind != _references.TORCH:
+  if not ref.TAKES_REMAINDER:
     raise ValueError(
       f"{what}: param_rounding='remainder' continues a float32 torch.optim.AdamW / Adam run; "
       f"{ref.label} keeps its own low-memory state"
@@ -572,14 +381,11 @@ def from_torch(
   sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)
   _check_rounding(what, param_rounding, ref, params)
   raw_groups = list(sd["param_groups"])
-  extras = [dict(ref.options) for _ in raw_groups]
-  groups = raw_groups
-  if ref.kind == _references.OPTIMI:
-    translated = [_references.optimi_group(what, i, g, ignore) for i, g in enumerate(raw_groups)]
-    groups = [g for g, _ in translated]
-    extras = [e for _, e in translated]
+  translated = ref.read_groups(what, raw_groups, ignore)
+  groups = [g for g, _ in translated]
+  extras = [e for _, e in translated]
   hypers = _hyperparameters(what, groups, learning_rate, ignore)
-  decoupled = _decoupled(what, groups, optimizer_or_state_dict, ref)
+  decoupled = _decoupled(what, groups, ref)
   flat, treedef = _tree.flatten_params(params)
   leaves = dict(flat)
   slots = _layout.match(
@@ -589,28 +395,22 @@ def from_torch(
     {p: np.shape(x) for p, x in flat},
     mapping,
   )
-  if ref.kind == _references.OPTIMI:
-    for i, g in enumerate(raw_groups):
-      dtypes = [jnp.result_type(leaves[s.path]) for s in slots if s.group == i]
-      if _references.optimi_kahan(g, dtypes):
-        extras[i]["param_rounding"] = "kahan"
+  for i, g in enumerate(raw_groups):
+    extras[i].update(
+      ref.group_options(g, [jnp.result_type(leaves[s.path]) for s in slots if s.group == i])
+    )
   for h, e in zip(hypers, extras):
     h.update(e)
     if param_rounding is not None:
       h["param_rounding"] = param_rounding
-  readings = _group_readings(what, ref, raw_groups, groups, hypers)
-  block = ref.block_size
-  read = {
-    s.path: _read_state(
-      what,
-      s,
-      sd["state"].get(s.index),
-      leaves[s.path],
-      dataclasses.replace(
-        readings[s.group],
-        quantized=block is not None and _quantize.quantizes(np.shape(leaves[s.path]), block),
-      ),
+  readings = [
+    _adapter.Reading(
+      h["amsgrad"], ref.group_step(raw), (float(g["betas"][0]), float(g["betas"][1]))
     )
+    for raw, g, h in zip(raw_groups, groups, hypers)
+  ]
+  read = {
+    s.path: ref.read(what, s, sd["state"].get(s.index), leaves[s.path], readings[s.group])
     for s in slots
   }
   _check_steps(what, slots, read)
@@ -684,57 +484,6 @@ def _entries(what: str, opt_state) -> tuple[list[str], dict[str, tuple]]:
   return order, out
 
 
-def _check_fits(
-  what: str, ref: _references.Reference, slot: _layout.TorchParam, moments: Sequence, comp
-) -> None:
-  """Refuses state the target optimizer has no place for: 8-bit moments, a compensation."""
-  quantized = [m for m in moments if isinstance(m, _quantize.QuantizedMoment)]
-  if quantized and ref.kind != _references.TORCHAO:
-    raise ValueError(
-      f"{what}: the JAX state of {slot.path!r} has 8-bit moments "
-      f"(moment_bits=8), which {ref.label} cannot hold; load it into "
-      "torchao.optim.AdamW8bit / Adam8bit."
-    )
-  for q in quantized:
-    block = q.codes.size // q.scale.size
-    if block != ref.block_size:
-      raise ValueError(
-        f"{what}: the JAX state of {slot.path!r} has 8-bit moments in blocks of "
-        f"{block}, but the torchao optimizer's block_size is {ref.block_size}."
-      )
-    if slot.axes is not None and list(slot.axes) != sorted(slot.axes):
-      raise ValueError(
-        f"{what}: {slot.label()} maps to {slot.path!r} with axes {slot.axes}; "
-        "8-bit blocks cannot be transposed: keep the torch layout for this leaf."
-      )
-  if ref.kind == _references.TORCHAO:
-    assert ref.block_size is not None  # torchao's
-    plain = [m for m in moments if m is not None and not isinstance(m, _quantize.QuantizedMoment)]
-    if plain and _quantize.quantizes(_shape(plain[0]), ref.block_size):
-      raise ValueError(
-        f"{what}: the JAX state of {slot.path!r} has full-precision moments, but "
-        f"{ref.label} keeps 8-bit ones for a parameter of shape "
-        f"{_shape(plain[0])}; make the transform with moment_bits=8, "
-        f"moment_block_size={ref.block_size}."
-      )
-  if comp is not None and ref.kind != _references.OPTIMI:
-    raise ValueError(
-      f"{what}: the JAX state of {slot.path!r} has a Kahan compensation "
-      f"(param_rounding='kahan'), which {ref.label} cannot hold; load it into "
-      "optimi.AdamW / Adam with kahan_sum=True."
-    )
-
-
-def _write_moment(x, key: str, back: Axes, ref: _references.Reference, optimi: tuple):
-  """One moment as the target's tensor: an OptimState8bit for a quantized one (torchao)."""
-  if isinstance(x, _quantize.QuantizedMoment):
-    return _references.to_8bit(x, key == "exp_avg", _torch().float32)
-  x = _permute(x, back)
-  if ref.kind == _references.OPTIMI and key in ("exp_avg", "exp_avg_sq"):
-    x = _references.to_optimi_moment(x, *optimi)
-  return _to_tensor(x)
-
-
 def to_torch_state_dict(
   tx_or_optimizer: Any,
   opt_state: Any,
@@ -787,7 +536,7 @@ def to_torch_state_dict(
       transform made by [`from_torch`][adamw_jax.from_torch].
   """
   what = "to_torch_state_dict"
-  torch = _torch()
+  torch = _adapter.torch()
   order, entries = _entries(what, opt_state)
   if isinstance(tx_or_optimizer, torch.optim.Optimizer):
     opt = tx_or_optimizer
@@ -805,7 +554,7 @@ def to_torch_state_dict(
       what,
       groups,
       _layout.param_names(what, names, mapping, groups, tensors),
-      {p: _shape(entries[p][1]) for p in order},
+      {p: _adapter.shape(entries[p][1]) for p in order},
       mapping,
     )
     shapes = {i: tuple(t.shape) for i, t in zip((s.index for s in slots), tensors)}
@@ -836,11 +585,10 @@ def to_torch_state_dict(
           f"{what}: the optimizer state has no Adam state for the leaf {s.path!r} "
           f"({s.label()}); is it the state of this transform?"
         )
-  optimi = ref.kind == _references.OPTIMI
   state = {}
   for s in slots:
     count, mu, nu, nu_max, comp = entries[s.path]
-    _check_fits(what, ref, s, (mu, nu, nu_max), comp)
+    ref.check(what, s, (mu, nu, nu_max), comp)
     amsgrad = bool(groups[s.group].get(_hyperparams.BY_NAME["amsgrad"].torch, False))
     if amsgrad != (nu_max is not None):
       raise ValueError(
@@ -848,16 +596,12 @@ def to_torch_state_dict(
         f"of {s.path!r} {'has no' if amsgrad else 'has a'} nu_max "
         f"(amsgrad={not amsgrad})."
       )
-    back = _inverse(s.axes)
+    back = _adapter.inverse(s.axes)
     arrays = {"exp_avg": mu, "exp_avg_sq": nu, "max_exp_avg_sq": nu_max}
-    entry: dict[str, Any] = (
-      {} if optimi else {"step": torch.tensor(float(count), dtype=torch.float32)}
-    )
-    group = groups[s.group]
     for key, x in arrays.items():
       if x is None:
         continue
-      shape = tuple(np.shape(_permute(np.empty(_shape(x), np.bool_), back)))
+      shape = tuple(np.shape(_adapter.permute(np.empty(_adapter.shape(x), np.bool_), back)))
       if s.index in shapes and shape != shapes[s.index]:
         raise ValueError(
           f"{what}: {s.label()} has shape {shapes[s.index]}, but the JAX state of "
@@ -865,12 +609,5 @@ def to_torch_state_dict(
           + (f" (after axes {back})" if back else "")
           + "."
         )
-      beta = group.get("beta1" if key == "exp_avg" else "beta2") if optimi else None
-      entry[key] = _write_moment(x, key, back, ref, (beta, count))
-    if optimi:
-      if comp is None and _references.optimi_kahan(group, [mu.dtype]):
-        comp = np.zeros(mu.shape, mu.dtype)  # optimi compensates this one: from zero
-      entry["kahan_comp"] = None if comp is None else _to_tensor(_permute(comp, back))
-      group["step"], group["setup"] = torch.tensor(count, dtype=torch.int32), True
-    state[s.index] = entry
+    state[s.index] = ref.write(s, count, arrays, comp, back, groups[s.group])
   return {"state": state, "param_groups": groups}

@@ -46,9 +46,8 @@ LOCAL = ("adamw_jax", "benchmarks", "tests", "notebooks", "docs")
 # feature; without the extra that feature says what to install.
 OPTIONAL = {
   ("adamw_jax/_ckpt_orbax.py", "orbax"): "checkpoint",
-  ("adamw_jax/_interop.py", "torch"): "torch",
-  ("adamw_jax/_references.py", "torch"): "torch",  # given torch's own objects
-  ("adamw_jax/_references.py", "torchao"): "test",  # given a torchao optimizer
+  ("adamw_jax/_interop_adapter.py", "torch"): "torch",
+  ("adamw_jax/_interop_torchao.py", "torchao"): "test",  # given a torchao optimizer
   ("adamw_jax/demo.py", "torch"): "torch",  # --compare-torch
 }
 
