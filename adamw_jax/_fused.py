@@ -43,7 +43,9 @@ def _adam_update(tx: Any, what: str) -> _core.AdamUpdate:
   return update
 
 
-def fused_step(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> tuple:
+def fused_step(
+  tx: optax.GradientTransformation, grads: Any, state: Any, params: Any
+) -> tuple[Any, Any]:
   """One optimizer step in place: returns ``(new_params, new_state)``.
 
   The same results bit for bit as ``updates, state = tx.update(grads, state,
@@ -65,6 +67,10 @@ def fused_step(tx: optax.GradientTransformation, grads: Any, state: Any, params:
     grads: the gradients, a tree like `params`.
     state: ``tx``'s state.
     params: the parameters.
+
+  Returns:
+    new_params: the parameters after the step (in `params`' buffers when donated).
+    new_state: `tx`'s state after the step.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, adamw_jax

@@ -374,8 +374,9 @@ def from_torch(
       remainders (torch.optim.AdamW / Adam only).
 
   Returns:
-    ``(tx, opt_state)``; [`to_torch_state_dict`][adamw_jax.to_torch_state_dict] takes `tx`
-    back to torch.
+    tx: the optax transform with torch's hyperparameters, per param group;
+      [`to_torch_state_dict`][adamw_jax.to_torch_state_dict] takes it back to torch.
+    opt_state: `tx`'s state, holding torch's moments and step counts.
   """
   what = "from_torch"
   sd, tensors, ref = _read_optimizer(what, optimizer_or_state_dict)

@@ -139,8 +139,8 @@ def split_master(master: Any, opt_state: Any) -> tuple[Any, Any]:
       ``tx.init`` of the bfloat16 parameters, or ``from_torch``'s.
 
   Returns:
-    ``(params, opt_state)``: the bfloat16 parameters (other leaves as given)
-    and the state with the remainders of `master` (everything else as given).
+    params: the bfloat16 parameters (other leaves as given).
+    opt_state: the state with the remainders of `master` (everything else as given).
   """
   what = "split_master"
   pairs, treedef = _tree.flatten_params(master)

@@ -5,6 +5,11 @@ in the text, where doctest (tests/test_docstrings.py) runs them; in Markdown a
 ``>>>`` line would be a block quote, so each example run (up to the next blank
 line) is fenced as ``pycon``, without doctest's ``# doctest:`` directives.
 
+A Returns section is one value however many lines it takes (mkdocs.yml:
+``returns_multiple_items: false``), except in a function annotated to return a
+tuple of fixed length: there it lists one ``name: description`` item per value,
+each typed by its element of the annotation.
+
 Signatures name the package's private type aliases (``_hyperparams.ScalarOrSchedule``,
 ``_tree.MaskOrFn``, ...), which the reference does not list: each is replaced
 by what it stands for, and private base classes are left out.
@@ -97,6 +102,22 @@ def expand(expr: object, pkg: griffe.Module, depth: int = 0) -> object:
   return expr
 
 
+class TupleReturns(griffe.Docstring):
+  """A docstring whose Returns section lists one item per value, whatever options it is given.
+
+  mkdocstrings sets every docstring's parsing options from mkdocs.yml again
+  before rendering it; this keeps ``returns_multiple_items`` on through that.
+  """
+
+  @property
+  def parser_options(self) -> dict:  # type: ignore[override]
+    return {**self._options, "returns_multiple_items": True}
+
+  @parser_options.setter
+  def parser_options(self, options: dict) -> None:
+    self._options = options
+
+
 class DocstringExamples(griffe.Extension):
   """Fences every docstring's examples before it is parsed; expands private aliases."""
 
@@ -112,10 +133,35 @@ class DocstringExamples(griffe.Extension):
         for parameter in obj.parameters:
           parameter.annotation = expand(parameter.annotation, pkg)
         obj.returns = expand(obj.returns, pkg)
+        if obj.docstring is not None and tuple_length(obj.returns):
+          d = obj.docstring
+          obj.docstring = TupleReturns(
+            d.value,
+            lineno=d.lineno,
+            endlineno=d.endlineno,
+            parent=d.parent,
+            parser=d.parser,
+            parser_options=d.parser_options,
+          )
       elif isinstance(obj, griffe.Attribute):
         obj.annotation = expand(obj.annotation, pkg)
       elif isinstance(obj, griffe.Class):
         obj.bases = [b for b in obj.bases if not _private(getattr(b, "canonical_path", ""))]
+
+
+def tuple_length(annotation: object) -> int:
+  """n for ``tuple[X1, ..., Xn]``; 0 for anything else (``tuple[X, ...]``, a bare ``tuple``)."""
+  if not (
+    isinstance(annotation, griffe.ExprSubscript)
+    and isinstance(annotation.left, griffe.ExprName | griffe.ExprAttribute)
+    and annotation.left.canonical_path in ("tuple", "typing.Tuple")
+  ):
+    return 0
+  elements = annotation.slice
+  elements = elements.elements if isinstance(elements, griffe.ExprTuple) else [elements]
+  if any(str(e) == "..." for e in elements):
+    return 0
+  return len(elements)
 
 
 def _public(pkg: griffe.Module) -> list[griffe.Object]:

@@ -10,14 +10,17 @@ does not exist is a warning, which ``mkdocs build --strict`` turns into an error
 
 Each notebook (``notebooks/*.ipynb``, stored without outputs) is a page of the
 site, ``notebooks/<name>.md``: its Markdown cells as they are, its code cells
-as code, and after the cell that draws it the figure ``notebooks/figures.py``
-saved (the cell's ``image`` metadata); a page's link to the ``.ipynb`` goes
-to that page.
+as code, and under each code cell what it printed and the figure it drew, as
+``notebooks/figures.py`` saved them when it last ran the notebook
+(``notebooks/outputs/<name>.json``, the PNGs in ``notebooks/images/``). Outputs
+saved for another version of a cell's code are a warning. A page's link to the
+``.ipynb`` goes to that page.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import pathlib
@@ -30,6 +33,7 @@ from mkdocs.structure.pages import Page
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REPO_PREFIX = "_repo/"
 NOTEBOOKS = "notebooks/"
+OUTPUTS = "outputs"  # notebooks/outputs/<name>.json, written by notebooks/figures.py
 _LINK = re.compile(r"\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
 log = logging.getLogger("mkdocs.hooks.site")
 
@@ -81,24 +85,60 @@ def _notebook_images(notebook: pathlib.Path) -> list[pathlib.Path]:
   return [notebook.parent / image for image in images if image]
 
 
+def _fenced(text: str, lang: str) -> str:
+  fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+  return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def saved_outputs(notebook: pathlib.Path) -> list[list[dict]] | None:
+  """The outputs ``notebooks/figures.py`` saved for each code cell, or None where they are stale.
+
+  Stale: no file, or a cell's code is not the code that made them (its SHA-256 differs).
+  """
+  path = notebook.parent / OUTPUTS / (notebook.stem + ".json")
+  if not path.is_file():
+    return None
+  saved = json.loads(path.read_text())["cells"]
+  code = ["".join(c["source"]) for c in _cells(notebook) if c["cell_type"] == "code"]
+  sha = [hashlib.sha256(source.encode()).hexdigest() for source in code]
+  if sha != [cell["source_sha256"] for cell in saved]:
+    return None
+  return [cell["outputs"] for cell in saved]
+
+
 def notebook_markdown(notebook: pathlib.Path) -> str:
-  """The notebook as a page: Markdown cells, code cells fenced, each saved figure after its cell."""
+  """The notebook as a page: Markdown cells, code cells fenced, each followed by its saved outputs."""
   up = "../" + REPO_PREFIX + NOTEBOOKS
+  outputs = saved_outputs(notebook)
+  if outputs is None:
+    log.warning(
+      "notebooks/%s/%s.json is missing or stale: run python notebooks/figures.py %s",
+      OUTPUTS,
+      notebook.stem,
+      notebook.name,
+    )
   parts = []
+  code_cells = 0
   for cell in _cells(notebook):
     source = "".join(cell["source"]).strip("\n")
     if cell["cell_type"] == "markdown":
       parts.append(source)
     elif cell["cell_type"] == "code":
-      parts.append(f"```python\n{source}\n```")
-      image = cell.get("metadata", {}).get("image")
-      if image:
-        parts.append(f"![The figure this cell draws]({up}{image})")
+      parts.append(_fenced(source, "python"))
+      shown = outputs[code_cells] if outputs is not None else []
+      code_cells += 1
+      for out in shown:
+        if "text" in out:
+          parts.append(_fenced(out["text"], "text"))
+        else:
+          parts.append(f"![The figure this cell draws]({up}{out['image']})")
   script = notebook.with_suffix(".py").name
   parts.append(
     f"*The notebook: [{notebook.name}]({up}{notebook.name}) (stored without outputs; "
-    f"`{script}` is its jupytext script). The figure is the one `notebooks/figures.py` "
-    "saved when it last ran the notebook.*"
+    f"`{script}` is its jupytext script). The outputs shown under its cells are those "
+    f"of its last run by `notebooks/figures.py` (`notebooks/{OUTPUTS}/{notebook.stem}.json` "
+    "and the figure in `notebooks/images/`): timings and the last digits may differ "
+    "on your machine.*"
   )
   return "\n\n".join(parts) + "\n"
 
