@@ -135,11 +135,11 @@ void Store(const Moment& m, int64_t k, int64_t n, const float* x) {
 
 // The Adam step on float32 arrays in the compute dtype kE: new m, v, vm in place, and
 // o = q + s (kNew) or s. Operations and order: _native.cc's Block; see the file's comment.
-template <int kE, int64_t kDecay, bool kAmsgrad, bool kNew, bool kMarkstein>
+template <int kE, int64_t kDecay, bool kAmsgrad, bool kNew, bool kMarkstein, bool kPlain>
 ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
                            const float* __restrict p, float* __restrict m, float* __restrict v,
                            float* __restrict vm, float* __restrict o, int64_t n) {
-  using E = Emulated<kE>;
+  using E = Emulated<kE, kPlain>;
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * c.sign;
     constexpr bool kReadsP = kNew || kDecay == kL2;
@@ -191,40 +191,43 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
 }
 
 // The nearest writer into a parameter of dtype kP (the gradient's dtype kG for mode 3's step).
-template <int kP, int kG, int64_t kMode>
+template <int kP, int kG, int64_t kMode, bool kPlain>
 ADAMW_JAX_CLONES void Nearest(const float* __restrict o, const float* __restrict p,
                               float* __restrict out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     if (kMode == kFusedStep) {
-      out[i] = Round<kP>(p[i] + Round<kG>(o[i]));
+      out[i] = Round<kP, kPlain>(p[i] + Round<kG, kPlain>(o[i]));
     } else {
-      const float u = Round<kP>(Round<kP>(o[i]) - p[i]);
-      out[i] = kMode == kFused ? Round<kP>(p[i] + u) : u;
+      const float u = Round<kP, kPlain>(Round<kP, kPlain>(o[i]) - p[i]);
+      out[i] = kMode == kFused ? Round<kP, kPlain>(p[i] + u) : u;
     }
   }
 }
 
-template <int kP, int kG>
+template <int kP, int kG, bool kPlain>
 void NearestMode(int64_t mode, const float* o, const float* p, float* out, int64_t n) {
   switch (mode) {
     case kFusedStep:
-      return Nearest<kP, kG, kFusedStep>(o, p, out, n);
+      return Nearest<kP, kG, kFusedStep, kPlain>(o, p, out, n);
     case kFused:
-      return Nearest<kP, kG, kFused>(o, p, out, n);
+      return Nearest<kP, kG, kFused, kPlain>(o, p, out, n);
     default:
-      return Nearest<kP, kG, kUpdate>(o, p, out, n);
+      return Nearest<kP, kG, kUpdate, kPlain>(o, p, out, n);
   }
 }
 
 template <int kP>
-void NearestFor(int64_t mode, int g, const float* o, const float* p, float* out, int64_t n) {
+void NearestFor(int64_t mode, int g, bool plain, const float* o, const float* p, float* out,
+                int64_t n) {
   switch (g) {
     case kBF16:
-      return NearestMode<kP, kBF16>(mode, o, p, out, n);
+      return plain ? NearestMode<kP, kBF16, true>(mode, o, p, out, n)
+                   : NearestMode<kP, kBF16, false>(mode, o, p, out, n);
     case kF16:
-      return NearestMode<kP, kF16>(mode, o, p, out, n);
+      return NearestMode<kP, kF16, false>(mode, o, p, out, n);
     default:
-      return NearestMode<kP, kF32>(mode, o, p, out, n);
+      return plain ? NearestMode<kP, kF32, true>(mode, o, p, out, n)
+                   : NearestMode<kP, kF32, false>(mode, o, p, out, n);
   }
 }
 
@@ -245,15 +248,32 @@ ADAMW_JAX_CLONES void Stochastic(const uint32_t key[2], int64_t k, const float* 
   }
 }
 
-template <int kP, bool kFusedOut>
+template <int kP, bool kFusedOut, bool kPlain>
 ADAMW_JAX_CLONES void Kahan(const float* __restrict o, const float* __restrict p,
                             float* __restrict c, float* __restrict out, int64_t n) {
+  using E = Emulated<kP, kPlain>;
   for (int64_t i = 0; i < n; ++i) {
-    const float sum = Round<kP>(c[i] + (o[i] - p[i]));
-    const float next = Round<kP>(p[i] + sum);
-    c[i] = Round<kP>(sum + Round<kP>(p[i] - next));
-    out[i] = kFusedOut ? next : Round<kP>(next - p[i]);
+    const float sum = E::R(c[i] + (o[i] - p[i]));
+    const float next = E::R(p[i] + sum);
+    c[i] = E::R(sum + E::R(p[i] - next));
+    out[i] = kFusedOut ? next : E::R(next - p[i]);
   }
+}
+
+bool OrdinaryScalars(const Scalars<float>& c) {
+  for (float x : {c.one_minus_b1, c.b2, c.one_minus_b2, c.bc2_sqrt, c.eps, c.eps_root, c.step_size,
+                  c.decay, c.sign, c.inv_bc2_sqrt}) {
+    if (x != x) return false;
+  }
+  return true;
+}
+
+// Whether no element of x[0, n) is a NaN: the chunk may take the kPlain roundings (a NaN
+// made by the arithmetic from such inputs has no payload).
+ADAMW_JAX_CLONES bool Ordinary(const float* __restrict x, int64_t n) {
+  uint32_t worst = 0;
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, Bits(x[i]) & 0x7FFFFFFFu);
+  return worst <= 0x7F800000u;
 }
 
 // _remainder.combine: the float32 master of a bfloat16 parameter (as float32) and its remainder.
@@ -310,8 +330,8 @@ void WriteRemainder(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, c
 
 // Step 4 for the chunk [k, k + n): `o` from Core, `p` the parameter as float32; `work` and
 // `work2` are scratch rows.
-void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, const float* o,
-                    const float* p, float* work, float* work2) {
+void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, bool plain,
+                    const float* o, const float* p, float* work, float* work2) {
   if (cfg.writer == kStochastic) {
     uint16_t* out = static_cast<uint16_t*>(l.out.data) + k;
     if (cfg.mode == kFused) {
@@ -325,10 +345,15 @@ void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, c
     float* c = Read(l.buffer, k, n, work);
     float* out = work2;
     const bool fused = cfg.mode == kFused;
-    if (l.p.type == kBF16) {
-      fused ? Kahan<kBF16, true>(o, p, c, out, n) : Kahan<kBF16, false>(o, p, c, out, n);
+    if (l.p.type == kBF16 && plain && Ordinary(c, n)) {
+      fused ? Kahan<kBF16, true, true>(o, p, c, out, n)
+            : Kahan<kBF16, false, true>(o, p, c, out, n);
+    } else if (l.p.type == kBF16) {
+      fused ? Kahan<kBF16, true, false>(o, p, c, out, n)
+            : Kahan<kBF16, false, false>(o, p, c, out, n);
     } else {
-      fused ? Kahan<kF16, true>(o, p, c, out, n) : Kahan<kF16, false>(o, p, c, out, n);
+      fused ? Kahan<kF16, true, false>(o, p, c, out, n)
+            : Kahan<kF16, false, false>(o, p, c, out, n);
     }
     Write(c, k, n, l.buffer);
     Write(out, k, n, l.out);
@@ -341,11 +366,11 @@ void WriteParameter(const Config& cfg, const LowLeaf& l, int64_t k, int64_t n, c
   const int type = l.out.type;
   float* out = type == kF32 ? static_cast<float*>(l.out.data) + k : work;
   if (type == kBF16) {
-    NearestFor<kBF16>(cfg.mode, l.g.type, o, p, out, n);
+    NearestFor<kBF16>(cfg.mode, l.g.type, plain, o, p, out, n);
   } else if (type == kF16) {
-    NearestFor<kF16>(cfg.mode, l.g.type, o, p, out, n);
+    NearestFor<kF16>(cfg.mode, l.g.type, false, o, p, out, n);
   } else {
-    NearestFor<kF32>(cfg.mode, l.g.type, o, p, out, n);
+    NearestFor<kF32>(cfg.mode, l.g.type, false, o, p, out, n);
   }
   Write(out, k, n, l.out);
 }
@@ -372,16 +397,29 @@ void Chunk(const Config& cfg, const Scalars<float>& c, const LowLeaf& l, int64_t
   float* v = Load(l.v, k, n, s.Row(3, w));
   float* vm = kAmsgrad ? Load(l.vm, k, n, s.Row(4, w)) : nullptr;
   float* o = s.Row(5, w);
-  if (kE != kF32 && l.markstein) {
-    Core<kE, kDecay, kAmsgrad, kNew, true>(c, g, step_p, m, v, vm, o, n);
+  // No NaN among the inputs (and the scalars): the bfloat16 roundings need no NaN select.
+  const bool plain = OrdinaryScalars(c) && Ordinary(g, n) &&
+                     (step_p == nullptr || Ordinary(step_p, n)) && Ordinary(m, n) &&
+                     Ordinary(v, n) && (!kAmsgrad || Ordinary(vm, n));
+  if constexpr (kE == kBF16) {
+    if (plain) {
+      l.markstein ? Core<kE, kDecay, kAmsgrad, kNew, true, true>(c, g, step_p, m, v, vm, o, n)
+                  : Core<kE, kDecay, kAmsgrad, kNew, false, true>(c, g, step_p, m, v, vm, o, n);
+    } else if (l.markstein) {
+      Core<kE, kDecay, kAmsgrad, kNew, true, false>(c, g, step_p, m, v, vm, o, n);
+    } else {
+      Core<kE, kDecay, kAmsgrad, kNew, false, false>(c, g, step_p, m, v, vm, o, n);
+    }
+  } else if (kE != kF32 && l.markstein) {
+    Core<kE, kDecay, kAmsgrad, kNew, true, false>(c, g, step_p, m, v, vm, o, n);
   } else {
-    Core<kE, kDecay, kAmsgrad, kNew, false>(c, g, step_p, m, v, vm, o, n);
+    Core<kE, kDecay, kAmsgrad, kNew, false, false>(c, g, step_p, m, v, vm, o, n);
   }
   Store(l.m, k, n, m);
   Store(l.v, k, n, v);
   if (kAmsgrad) Store(l.vm, k, n, vm);
   if (cfg.writer == kRemainder) return WriteRemainder(cfg, l, k, n, o, step_p, p);
-  WriteParameter(cfg, l, k, n, o, p, s.Row(6, w), s.Row(7, w));
+  WriteParameter(cfg, l, k, n, plain, o, p, s.Row(6, w), s.Row(7, w));
 }
 
 struct Range {

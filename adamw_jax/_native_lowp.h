@@ -89,20 +89,31 @@ ADAMW_JAX_INLINE float FromF16(uint16_t h) {
   return FromBits(sign | Select(e == 0x1Fu, special, Select(e == 0, subnormal, normal)));
 }
 
-// A value rounded to a storage dtype and read back (the identity for float32).
-template <int kType>
+// Round<kBF16> without the NaN select: the same bits for every value but a NaN with a
+// payload (finite values, infinities, and the NaNs x86 arithmetic makes from those,
+// 0xFFC00000 and 0x7FC00000, whose low 16 bits are zero). A NaN with other bits (read from
+// memory) may carry into the exponent here; the kernel takes this path only for chunks whose
+// inputs hold no NaN (Ordinary).
+ADAMW_JAX_INLINE float RoundBF16Plain(float x) {
+  const uint32_t u = Bits(x);
+  return FromBits((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+}
+
+// A value rounded to a storage dtype and read back (the identity for float32). kPlain:
+// bfloat16 by RoundBF16Plain (the caller knows no NaN with a payload can reach it).
+template <int kType, bool kPlain = false>
 ADAMW_JAX_INLINE float Round(float x) {
-  if (kType == kBF16) return FromBF16(ToBF16(x));
+  if (kType == kBF16) return kPlain ? RoundBF16Plain(x) : FromBF16(ToBF16(x));
   if (kType == kF16) return FromF16(ToF16(x));
   return x;
 }
 
 // Arithmetic in a compute dtype. Float32: as written, with the multiply-adds
 // XLA fuses (std::fma). bfloat16 / float16: each operation in float32, rounded.
-template <int kType>
+template <int kType, bool kPlain = false>
 struct Emulated {
   static constexpr bool kFma = kType == kF32;
-  static ADAMW_JAX_INLINE float R(float x) { return Round<kType>(x); }
+  static ADAMW_JAX_INLINE float R(float x) { return Round<kType, kPlain>(x); }
 };
 
 // threefry2x32 (Salmon et al. 2011; JAX's), 20 rounds, on (x0, x1) in place.
