@@ -50,6 +50,7 @@ OPTIONAL = {
   ("adamw_jax/_references.py", "torch"): "torch",  # given torch's own objects
   ("adamw_jax/_references.py", "torchao"): "test",  # given a torchao optimizer
   ("adamw_jax/demo.py", "torch"): "torch",  # --compare-torch
+  ("adamw_jax/equivalence.py", "torch"): "torch",  # the reference it compares with
 }
 
 
