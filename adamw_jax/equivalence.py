@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,9 @@ def _torch():
 def _real(x) -> np.ndarray:
   """A float array as is; a complex one as its (real, imag) pairs, like torch.view_as_real."""
   x = np.ascontiguousarray(x)
-  return x.view(x.real.dtype) if np.iscomplexobj(x) else x
+  if np.iscomplexobj(x):
+    return x.view(np.float64 if x.dtype == np.complex128 else np.float32)
+  return x
 
 
 def _ordered(x: np.ndarray) -> np.ndarray:
@@ -307,7 +309,7 @@ def _gradient_source(
   if callable(grads):
     if steps is None:
       raise ValueError(f"{what}: grads= is a function of the step; pass steps= too.")
-    return grads, steps
+    return cast(Callable[[int], Gradients], grads), steps
   if isinstance(grads, (str, bytes)) or not isinstance(grads, Sequence):
     raise TypeError(
       f"{what}: grads= must be None (random), a function t -> gradients, or a sequence of "
