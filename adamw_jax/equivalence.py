@@ -545,11 +545,13 @@ Values = list[dict[str, np.ndarray]]  # per torch parameter: "param" and the sta
 Digests = list[list[dict[str, bytes]]]  # per step, per torch parameter, per key
 
 
+def _bytes(x) -> np.ndarray:
+  """The bits of an array as a flat uint8 view (no copy; bfloat16 has no buffer of its own)."""
+  return _real(x).reshape(-1).view(np.uint8)
+
+
 def _digest(values: Values) -> list[dict[str, bytes]]:
-  return [
-    {k: hashlib.sha1(_real(x)).digest() for k, x in v.items()}  # the bits, not a copy of them
-    for v in values
-  ]
+  return [{k: hashlib.sha1(_bytes(x).data).digest() for k, x in v.items()} for v in values]
 
 
 def _first_steps(name: str, digests: Digests, reference: Digests) -> dict[tuple, int]:
