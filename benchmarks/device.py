@@ -7,6 +7,7 @@ On whatever JAX sees first (GPU, TPU or CPU):
 1. **Fidelity.** The configurations of the CPU fidelity table
    (``tests/torch_reference.py``: ``CASES + [CHAIN]``, float32, 200 steps) and
    a bfloat16-params case, run by adamw_jax and by torch.optim on the same
+   gradients by ``adamw_jax.equivalence.compare_optimizers``, torch on the same
    device (torch on "cuda" when JAX's backend is a GPU and torch sees CUDA,
    on "cpu" otherwise). Each cell is the max abs difference of the final
    params from torch's single-tensor path (``foreach=False``) and the fraction
@@ -165,46 +166,42 @@ def fidelity_cases() -> list[tuple[Any, Any]]:
   return [*rows, (ref.Case("bfloat16 params"), jnp.bfloat16)]
 
 
-def torch_spread_impls(device: str) -> dict[str, dict]:
+def torch_spread_impls(device: str) -> tuple[str, ...]:
   """torch's other implementations, measured against its single-tensor one, on `device`."""
-  impls = {"torch fused": {"fused": True}}
-  if device == "cuda":
-    impls = {"torch foreach": {"foreach": True}, **impls}
-  return impls
+  return ("foreach", "fused") if device == "cuda" else ("fused",)
 
 
-def _compare(a, b) -> dict[str, float]:
-  from tests import torch_reference as ref
-
-  return {"diff": ref.max_abs(a, b), "bitwise": ref.bitwise_fraction(a, b)}
+def _cell(diff) -> dict[str, float]:
+  return {"diff": diff.max_abs, "bitwise": diff.bitwise}
 
 
 def fidelity_row(case, dtype, steps: int, device: str) -> dict:
-  """One configuration: ours and torch's other implementations against torch single-tensor."""
+  """One configuration: ours and torch's other implementations against torch single-tensor.
+
+  Measured by ``adamw_jax.equivalence.compare_optimizers`` (through
+  ``tests/torch_reference.compare``), torch on `device`, JAX on its default device.
+  """
   import numpy as np
 
   from tests import torch_reference as ref
 
   params, grads = ref.make_problem(dtype, steps)
   row: dict[str, Any] = {"name": case.name, "dtype": np.dtype(dtype).name}
-  single = attempt(
-    lambda: ref.run_torch(case, params, grads, steps, device=device, foreach=False).params
-  )
-  if isinstance(single, str):
-    return {**row, "ours": f"no reference: {single}", **dict.fromkeys(TORCH_SPREAD, "n/a")}
-  row["ours"] = attempt(lambda: _compare(ref.run_jax(case, params, grads, steps).params, single))
-
-  def torch_against_single(impl: dict) -> dict[str, float]:
-    return _compare(ref.run_torch(case, params, grads, steps, device=device, **impl).params, single)
-
   impls = torch_spread_impls(device)
+  report = attempt(lambda: ref.compare(case, params, grads, steps, spread=impls, device=device))
+  if isinstance(report, str):
+    return {**row, "ours": report, **dict.fromkeys(TORCH_SPREAD, "n/a")}
+  row["ours"] = _cell(report.params)
   for name in TORCH_SPREAD:
-    if name not in impls:
+    impl = name.removeprefix("torch ")
+    if impl not in impls:
       row[name] = f"not run on {device}"
-    elif case.complex and name == "torch fused":
+    elif impl in report.spread:
+      row[name] = _cell(report.spread[impl])
+    elif case.complex and impl == "fused":
       row[name] = "n/a (no complex)"
     else:
-      row[name] = attempt(lambda: torch_against_single(impls[name]))
+      row[name] = f"failed ({report.skipped.get(impl, 'not run')[:120]})"
   return row
 
 

@@ -3,7 +3,8 @@
 Run from the repository root:  python -m benchmarks.fidelity
 
 Every number is measured against torch.optim.AdamW/Adam with foreach=False
-(torch's single-tensor CPU path), on the same gradients: the equivalence table
+(torch's single-tensor CPU path), on the same gradients, by the public
+``adamw_jax.equivalence.compare_optimizers``: the equivalence table
 of tests/test_fidelity.py (200 steps) and the reference workload (100,000
 params, 1000 steps), in float32 and float64, for adamw_jax, torch's fused
 kernel and optax.adamw.
@@ -36,29 +37,19 @@ def equivalence_table(steps: int = 200) -> list[str]:
   for case in [*ref.CASES, ref.CHAIN]:
     dtype32 = np.complex64 if case.complex else np.float32
     params, grads = ref.make_problem(dtype32, steps)
-    theirs = ref.run_torch(case, params, grads, steps, foreach=False)
-    ours = ref.run_jax(case, params, grads, steps)
-    d, b = ref.max_abs(ours.params, theirs.params), ref.bitwise_fraction(ours.params, theirs.params)
-    if case.complex:
-      fused_cell, yard = (
-        "n/a (no complex)",
-        float(np.spacing(np.float32(np.abs(ref.flat(theirs.params)).max()))),
-      )
+    report = ref.compare(case, params, grads, steps)
+    d, b = report.params.max_abs, report.params.bitwise
+    if "fused" not in report.spread:  # complex: torch's fused kernel has none
+      fused_cell, yard = "n/a (no complex)", float(np.spacing(np.float32(report.params.scale)))
       ratio = f"{d / yard:.2f} (vs 1 ulp)"
     else:
-      fused = ref.run_torch(case, params, grads, steps, fused=True)
-      fd, fb = (
-        ref.max_abs(fused.params, theirs.params),
-        ref.bitwise_fraction(fused.params, theirs.params),
-      )
+      fd, fb = report.spread["fused"].max_abs, report.spread["fused"].bitwise
       fused_cell = _fmt(fd, fb)
       ratio = f"{d / fd:.2f}" if fd > 0 else ("0 (both exact)" if d == 0 else "inf")
     with jax.enable_x64(True):
       p64, g64 = ref.make_problem(np.complex128 if case.complex else np.float64, steps)
-      rel = ref.max_rel(
-        ref.run_jax(case, p64, g64, steps).params,
-        ref.run_torch(case, p64, g64, steps, foreach=False).params,
-      )
+      report64 = ref.compare(case, p64, g64, steps, spread=())
+      rel = ref.max_rel_of(leaf.params for leaf in report64.leaves)
     rows.append(f"| {case.name} | {_fmt(d, b)} | {fused_cell} | {ratio} | {rel:.1e} |")
     print(rows[-1], flush=True)
   return rows
@@ -72,14 +63,11 @@ def reference_table() -> list[str]:
       params, grads, steps = ref.reference_workload()
       params = {k: v.astype(dtype) for k, v in params.items()}
       g = lambda t: {k: v.astype(dtype) for k, v in grads(t).items()}
-      theirs = ref.run_torch(case, params, g, steps, foreach=False)
-      cells = []
-      for p in (
-        ref.run_jax(case, params, g, steps).params,
-        ref.run_torch(case, params, g, steps, fused=True).params,
-        ref.run_optax(params, g, steps, optax.adamw(1e-3, weight_decay=1e-2)),
-      ):
-        cells.append(_fmt(ref.max_abs(p, theirs.params), ref.bitwise_fraction(p, theirs.params)))
+      ours = ref.compare(case, params, g, steps)
+      plain = ref.compare(case, params, g, steps, optax.adamw(1e-3, weight_decay=1e-2), spread=())
+      cells = [
+        _fmt(d.max_abs, d.bitwise) for d in (ours.params, ours.spread["fused"], plain.params)
+      ]
     rows.append(f"| {np.dtype(dtype).name} | " + " | ".join(cells) + " |")
     print(rows[-1], flush=True)
   return rows

@@ -49,6 +49,7 @@ OPTIONAL = {
   ("adamw_jax/_interop_adapter.py", "torch"): "torch",
   ("adamw_jax/_interop_torchao.py", "torchao"): "test",  # given a torchao optimizer
   ("adamw_jax/demo.py", "torch"): "torch",  # --compare-torch
+  ("adamw_jax/equivalence.py", "torch"): "torch",  # the reference it compares with
 }
 
 

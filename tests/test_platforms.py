@@ -33,19 +33,16 @@ def generic(monkeypatch):
 def test_generic_path_float64_semantics(case, generic):
   with jax.enable_x64(True):
     params, grads = ref.make_problem(np.complex128 if case.complex else np.float64, STEPS)
-    theirs = ref.run_torch(case, params, grads, STEPS, foreach=False)
-    ours = ref.run_jax(case, params, grads, STEPS)
-  assert ref.max_rel(ours.params, theirs.params) <= 1e-12
-  assert ref.max_rel(ours.exp_avg_sq, theirs.exp_avg_sq) <= 1e-12
+    report = ref.compare(case, params, grads, STEPS, spread=())
+  assert ref.max_rel_of(leaf.params for leaf in report.leaves) <= 1e-12
+  assert ref.max_rel_of(leaf.state["exp_avg_sq"] for leaf in report.leaves) <= 1e-12
 
 
 @pytest.mark.parametrize("case", ref.CASES, ids=lambda c: c.name)
 def test_generic_path_float32_close(case, generic):
   params, grads = ref.make_problem(np.complex64 if case.complex else np.float32, STEPS)
-  theirs = ref.run_torch(case, params, grads, STEPS, foreach=False)
-  ours = ref.run_jax(case, params, grads, STEPS)
-  scale = np.abs(ref.flat(theirs.params)).max()
-  assert ref.max_abs(ours.params, theirs.params) <= 1e-6 * scale
+  report = ref.compare(case, params, grads, STEPS, spread=())
+  assert report.params.max_abs <= 1e-6 * report.params.scale
 
 
 def test_generic_path_has_no_cpu_tricks(generic):

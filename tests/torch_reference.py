@@ -1,7 +1,10 @@
-"""Side-by-side runs of torch.optim.AdamW/Adam and adamw_jax on the same gradients.
+"""The configurations and gradients of the fidelity tests, for both libraries.
 
-Shared by the fidelity tests and ``benchmarks/fidelity.py`` (which prints the
-table of docs/fidelity.md, "How close to PyTorch?").
+Shared by the fidelity tests, ``benchmarks/fidelity.py`` (which prints the
+table of docs/fidelity.md, "How close to PyTorch?") and ``benchmarks/device.py``.
+The comparison itself is the public ``adamw_jax.equivalence``
+(:func:`compare`); the runs below remain for tests that need torch's or our
+run on its own (the interop's hand-over, the paper's decay).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import optax
 import torch
 
 import adamw_jax
+from adamw_jax import equivalence
 
 SHAPES = {"matrix": (16, 8), "vector": (8,), "scalar": (), "cube": (3, 4, 5)}
 
@@ -77,6 +81,14 @@ class Case:
         opt, lambda t: float(jitted(jnp.asarray(t, jnp.int32)))
       )
     return opt, lr_sched
+
+  def lr_at(self) -> Callable[[int], float] | None:
+    """The lr torch uses at step t (from 0): the jitted schedule's float32 value, or None."""
+    sched = self.schedule()
+    if sched is None:
+      return None
+    jitted = jax.jit(sched)
+    return lambda t: float(jitted(jnp.asarray(t, jnp.int32)))
 
 
 CASES = [
@@ -185,6 +197,37 @@ def run_torch(
     max_exp_avg_sq=arr("max_exp_avg_sq") if case.amsgrad else None,
     step=int(st[0]["step"].item()),
   )
+
+
+def compare(
+  case: Case,
+  params,
+  grads,
+  steps: int,
+  tx: optax.GradientTransformation | None = None,
+  spread: tuple[str, ...] = ("fused",),
+  device: str = "cpu",
+) -> equivalence.Report:
+  """`case` (or `tx`) against torch's single-tensor path, by ``adamw_jax.equivalence``."""
+  names = list(params)
+  tensors = [torch.nn.Parameter(to_tensor(params[k], device)) for k in names]
+  opt = case.torch_opt(tensors)[0]  # its LambdaLR is replaced by lr_at, step by step
+  return equivalence.compare_optimizers(
+    opt,
+    case.jax_tx() if tx is None else tx,
+    params,
+    steps=steps,
+    grads=lambda t: [grads(t)[k] for k in names],
+    names=names,
+    spread=spread,
+    torch_lr=case.lr_at(),
+    device=device,
+  )
+
+
+def max_rel_of(diffs) -> float:
+  """The largest of each tensor's difference relative to its largest magnitude (max_rel's)."""
+  return max((d.rel for d in diffs), default=0.0)
 
 
 def _adam_state(state) -> adamw_jax.ScaleByAdamState:
