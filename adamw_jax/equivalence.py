@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamw_jax import _interop, _layout, _tree
+from adamw_jax import _interop, _interop_adapter, _layout, _tree
 
 STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # torch's names; count, mu, nu, nu_max
 IMPLEMENTATIONS = {"fused": {"fused": True, "foreach": False}, "foreach": {"foreach": True}}
@@ -325,7 +325,7 @@ def _gradient_source(
 
 def _numpy(x, dtype) -> np.ndarray:
   if hasattr(x, "detach"):  # a torch tensor
-    x = _interop._to_numpy(x)
+    x = _interop_adapter.to_numpy(x)
   return np.asarray(x).astype(dtype, copy=False)
 
 
@@ -368,7 +368,7 @@ def _replica(what: str, optimizer: Any, device: str, impl: dict) -> tuple[Any, l
 
 def _check_start(what: str, slots, tensors, leaves: dict) -> None:
   for s, t in zip(slots, tensors):
-    theirs = _interop._permute(_interop._to_numpy(t), s.axes)
+    theirs = _interop_adapter.permute(_interop_adapter.to_numpy(t), s.axes)
     ours = np.asarray(leaves[s.path])
     if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
       raise ValueError(
@@ -489,9 +489,9 @@ def compare_optimizers(
     raise ValueError(f"{what}: steps must be a positive integer, got {steps!r}.")
   tensors = [p for g in optimizer.param_groups for p in g["params"]]
   shapes = [tuple(t.shape) for t in tensors]
-  dtypes = [_interop._to_numpy(t.detach().reshape(-1)[:0]).dtype for t in tensors]
+  dtypes = [_interop_adapter.to_numpy(t.detach().reshape(-1)[:0]).dtype for t in tensors]
   if params is None:
-    params = [jnp.asarray(_interop._to_numpy(t)) for t in tensors]
+    params = [jnp.asarray(_interop_adapter.to_numpy(t)) for t in tensors]
     if names is not None or mapping is not None:
       raise ValueError(f"{what}: names= and mapping= go with params= (the JAX tree they name).")
   state_dict_groups = optimizer.state_dict()["param_groups"]
@@ -571,7 +571,7 @@ def _torch_run(replica, gradients, steps: int, torch_lr, device: str, state: boo
   digests = []
   for t in range(steps):
     for tensor, x in zip(tensors, gradients(t)):
-      tensor.grad = _interop._to_tensor(x).to(device)
+      tensor.grad = _interop_adapter.to_tensor(x).to(device)
     if torch_lr is not None:
       lr = torch_lr(t)
       for group in opt.param_groups:
@@ -595,7 +595,7 @@ def _jax_run(what: str, tx, state, params, slots, gradients, steps: int):
   digests, values = [], []
   for t in range(steps):
     g = gradients(t)
-    leaves = [_interop._permute(g[where[path]], slots[where[path]].axes) for path, _ in flat]
+    leaves = [_interop_adapter.permute(g[where[path]], slots[where[path]].axes) for path, _ in flat]
     p, state = step(p, state, treedef.unflatten([jnp.asarray(x) for x in leaves]))
     values = _host_values(what, p, state, slots)
     digests.append(_digest(values))
@@ -611,11 +611,11 @@ def _torch_values(opt, tensors, state: bool = True) -> list[dict[str, np.ndarray
   """Per parameter: "param" (and its state), as numpy in torch's layout (views of the tensors)."""
   out = []
   for tensor in tensors:
-    values = {"param": _interop._to_numpy(tensor)}
+    values = {"param": _interop_adapter.to_numpy(tensor)}
     st = opt.state.get(tensor, {}) if state else {}
     for k in STATE:
       if k in st:
-        values[k] = _step(st[k]) if k == "step" else _interop._to_numpy(st[k])
+        values[k] = _step(st[k]) if k == "step" else _interop_adapter.to_numpy(st[k])
     out.append(values)
   return out
 
@@ -626,13 +626,13 @@ def _host_values(what: str, p, state, slots) -> list[dict[str, np.ndarray]]:
   entries = _interop._entries(what, state)[1] if _interop._adam_states(state) else {}
   out = []
   for s in slots:
-    back = _interop._inverse(s.axes)
-    values = {"param": _interop._permute(np.asarray(leaves[s.path]), back)}
+    back = _interop_adapter.inverse(s.axes)
+    values = {"param": _interop_adapter.permute(np.asarray(leaves[s.path]), back)}
     if s.path in entries:
       values["step"] = _step(entries[s.path][0])
       for key, x in zip(STATE[1:], entries[s.path][1:4]):
         if isinstance(x, np.ndarray):  # not a quantized moment
-          values[key] = _interop._permute(x, back)
+          values[key] = _interop_adapter.permute(x, back)
     out.append(values)
   return out
 
@@ -743,7 +743,7 @@ def compare_outputs(
   what = "compare_outputs"
   torch = _torch()
   given = batch if torch_batch is None else torch_batch
-  inputs = [_interop._to_tensor(np.asarray(x)) for x in jax.tree.leaves(given)]
+  inputs = [_interop_adapter.to_tensor(np.asarray(x)) for x in jax.tree.leaves(given)]
   training = getattr(torch_model, "training", None)
   if training is not None:
     torch_model.eval()
@@ -754,7 +754,7 @@ def compare_outputs(
     if training:
       torch_model.train()
   is_tensor = lambda x: isinstance(x, torch.Tensor)
-  theirs = [_interop._to_numpy(x) for x in jax.tree.leaves(out, is_leaf=is_tensor)]
+  theirs = [_interop_adapter.to_numpy(x) for x in jax.tree.leaves(out, is_leaf=is_tensor)]
   ours = [np.asarray(x) for x in jax.tree.leaves(apply_fn(variables, batch))]
   if len(ours) != len(theirs):
     raise ValueError(f"{what}: torch gives {len(theirs)} outputs, JAX {len(ours)}.")
