@@ -133,6 +133,68 @@ void Store(const Moment& m, int64_t k, int64_t n, const float* x) {
   }
 }
 
+// Core in an emulated compute dtype (every operation rounded) as three loops over the chunk:
+// the moments (and v's term under the root, into o), the denominator (in o), the step. Each
+// loop's chain of roundings is short enough for the processor to overlap iterations, which
+// one loop over all of it (about 20 dependent roundings an element) does not. The same
+// operations as Core's, in the same order.
+template <int kE, int64_t kDecay, bool kAmsgrad, bool kPlain>
+ADAMW_JAX_CLONES void EmulatedMoments(const Scalars<float> c, const float* __restrict g,
+                                      const float* __restrict p, float* __restrict m,
+                                      float* __restrict v, float* __restrict vm,
+                                      float* __restrict root, int64_t n) {
+  using E = Emulated<kE, kPlain>;
+  for (int64_t i = 0; i < n; ++i) {
+    float gi = g[i] * c.sign;
+    if (kDecay == kL2) gi = E::R(E::R(c.decay * p[i]) + gi);
+    const float mo = m[i];
+    m[i] = E::R(E::R(c.one_minus_b1 * E::R(gi - mo)) + mo);
+    const float vi = E::R(E::R(E::R(c.one_minus_b2 * gi) * gi) + E::R(v[i] * c.b2));
+    v[i] = vi;
+    float vu = vi;
+    if (kAmsgrad) {
+      const float a = vm[i];
+      vu = (a > vi || a != a) ? a : vi;
+      vm[i] = vu;
+    }
+    root[i] = E::R(vu + c.eps_root);
+  }
+}
+
+template <int kE, bool kMarkstein, bool kPlain>
+ADAMW_JAX_CLONES void EmulatedDenominator(const Scalars<float> c, float* __restrict d,
+                                          int64_t n) {
+  using E = Emulated<kE, kPlain>;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = E::R(std::sqrt(d[i]));
+    float q;
+    if (kMarkstein) {
+      float q0 = E::R(a * c.inv_bc2_sqrt);
+      q0 = q0 < c.max ? q0 : (q0 != q0 ? q0 : c.max);
+      const float residual = E::R(a - E::R(q0 * c.bc2_sqrt));
+      q = E::R(E::R(residual * c.inv_bc2_sqrt) + q0);
+    } else {
+      q = E::R(a / c.bc2_sqrt);
+    }
+    d[i] = E::R(q + c.eps);
+  }
+}
+
+template <int kE, int64_t kDecay, bool kNew, bool kPlain>
+ADAMW_JAX_CLONES void EmulatedStep(const Scalars<float> c, const float* __restrict p,
+                                   const float* __restrict m, float* __restrict o, int64_t n) {
+  using E = Emulated<kE, kPlain>;
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = E::R(E::R(c.step_size * m[i]) / o[i]);
+    if (kNew) {
+      const float q = kDecay == kDecoupled ? E::R(p[i] * c.decay) : p[i];
+      o[i] = E::R(q + s);
+    } else {
+      o[i] = s;
+    }
+  }
+}
+
 // The Adam step on float32 arrays in the compute dtype kE: new m, v, vm in place, and
 // o = q + s (kNew) or s. Operations and order: _native.cc's Block; see the file's comment.
 template <int kE, int64_t kDecay, bool kAmsgrad, bool kNew, bool kMarkstein, bool kPlain>
@@ -140,6 +202,11 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
                            const float* __restrict p, float* __restrict m, float* __restrict v,
                            float* __restrict vm, float* __restrict o, int64_t n) {
   using E = Emulated<kE, kPlain>;
+  if constexpr (!E::kFma) {
+    EmulatedMoments<kE, kDecay, kAmsgrad, kPlain>(c, g, p, m, v, vm, o, n);
+    EmulatedDenominator<kE, kMarkstein, kPlain>(c, o, n);
+    return EmulatedStep<kE, kDecay, kNew, kPlain>(c, p, m, o, n);
+  }
   for (int64_t i = 0; i < n; ++i) {
     float gi = g[i] * c.sign;
     constexpr bool kReadsP = kNew || kDecay == kL2;
@@ -398,7 +465,10 @@ void Chunk(const Config& cfg, const Scalars<float>& c, const LowLeaf& l, int64_t
   float* vm = kAmsgrad ? Load(l.vm, k, n, s.Row(4, w)) : nullptr;
   float* o = s.Row(5, w);
   // No NaN among the inputs (and the scalars): the bfloat16 roundings need no NaN select.
-  const bool plain = OrdinaryScalars(c) && Ordinary(g, n) &&
+  // Asked only where a bfloat16 rounding follows (the compute dtype, Kahan's, nearest's).
+  const bool rounds = kE == kBF16 || cfg.writer == kKahan ||
+                      (cfg.writer == kNearest && l.out.type == kBF16);
+  const bool plain = rounds && OrdinaryScalars(c) && Ordinary(g, n) &&
                      (step_p == nullptr || Ordinary(step_p, n)) && Ordinary(m, n) &&
                      Ordinary(v, n) && (!kAmsgrad || Ordinary(vm, n));
   if constexpr (kE == kBF16) {
