@@ -17,15 +17,22 @@ ratio to torch fused fp32 against the floor's ratio (its bytes / 28).
 On the CPU the options run on the native low-memory kernel; ``--pure`` adds each
 option's fused step compiled with ``ADAMW_JAX_NATIVE=0`` (the pure-JAX kernel) and
 ``--only TEXT`` keeps the options whose name contains TEXT.
-Full runs write ``benchmarks/results/lowmem.md``; ``--quick`` a folder of its own.
+``--bound`` asks instead whether each fused step is bound by memory or by compute: one
+process per option pinned to one core, CPU time a step on a 16M-element leaf (its arrays
+in DRAM) and on a 250K-element leaf (in the caches), both per 16M elements; a step that
+takes as long with its arrays in the caches is bound by its arithmetic, not its bytes.
+Full runs write ``benchmarks/results/lowmem.md`` (``--bound``: ``lowmem_bound.md``);
+``--quick`` a folder of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -236,6 +243,80 @@ def report(rows: list[dict], command: str, reps: int) -> str:
   return "\n".join(lines) + "\n"
 
 
+BOUND_SIZES = (16_000_000, 250_000)  # in DRAM; in the caches (L2 + L3 of one core)
+
+
+def _one_core(name: str, n: int, steps: int) -> float:
+  """CPU seconds per step of one option's fused step (or torch fused fp32) on an `n`-element leaf,
+  in this process, pinned to one core before JAX or torch start their threads."""
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  params_np = {"w": rng.standard_normal(n, dtype=np.float32)}
+  grads_np = {"w": (rng.standard_normal(n, dtype=np.float32) * 1e-2).astype(np.float32)}
+  if name in PEERS:
+    import torch
+
+    torch.set_num_threads(1)
+    run, _ = _torch_runner(name, params_np, grads_np)
+  else:
+    option = next(o for o in OPTIONS if o.name == name)
+    run, _ = _jax_runner(option, True, params_np, grads_np)
+  run(2)
+  t0 = time.process_time()
+  run(steps)
+  return (time.process_time() - t0) / steps
+
+
+def bound(quick: bool) -> list[dict]:
+  """Each option's fused step on one core, its arrays in DRAM and in the caches (`--bound`)."""
+  sizes = (400_000, 25_000) if quick else BOUND_SIZES
+  rows = []
+  for name in ["torch fused fp32", *(o.name for o in OPTIONS)]:
+    row: dict[str, Any] = {"method": name}
+    for n in sizes:
+      steps = max(3, (2 if quick else 20) * sizes[0] // n)
+      code = f"from benchmarks import lowmem; print(lowmem._one_core({name!r}, {n}, {steps}))"
+      done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+      )
+      if done.returncode != 0:
+        row["skipped"] = (done.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        break
+      row[n] = float(done.stdout.split()[-1]) * sizes[0] / n  # per sizes[0] elements
+    rows.append(row)
+    print(f"  {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
+  return rows
+
+
+def bound_report(rows: list[dict], command: str, sizes: tuple[int, int]) -> str:
+  big, small = sizes
+  lines = [
+    "# Low-memory AdamW on one core: bound by bytes or by arithmetic? `" + command + "`",
+    "",
+    f"{platform.processor() or platform.machine()}; one process per method, pinned to one "
+    f"core; CPU time of one fused step, per {big:,} elements, on a leaf of {big:,} elements "
+    f"(its arrays in DRAM) and of {small:,} (in the caches). Where the two are equal the "
+    "step is bound by its arithmetic: fewer bytes cannot make it faster.",
+    "",
+    f"| method | one core, {big:,} elements (ms) | in the caches (ms per {big:,}) | "
+    "cached / DRAM | ratio to torch fused fp32 (DRAM) |",
+    "|---|---|---|---|---|",
+  ]
+  reference = next((r[big] for r in rows if r["method"] == "torch fused fp32" and big in r), None)
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['method']} | not run: {r['skipped']} | | | |")
+      continue
+    ratio = f"{r[big] / reference:.2f}x" if reference else ""
+    lines.append(
+      f"| {r['method']} | {1e3 * r[big]:.1f} | {1e3 * r[small]:.1f} | "
+      f"{r[small] / r[big]:.2f} | {ratio} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small workloads, few repetitions")
@@ -243,7 +324,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument("--out", type=pathlib.Path, help="output directory")
   parser.add_argument("--pure", action="store_true", help="also each fused step on the pure kernel")
   parser.add_argument("--only", default=None, help="only the options whose name contains this")
+  parser.add_argument("--bound", action="store_true", help="memory- or compute-bound, one core")
   args = parser.parse_args(argv)
+  if args.bound:
+    rows = bound(args.quick)
+    sizes = (400_000, 25_000) if args.quick else BOUND_SIZES
+    md = bound_report(rows, "python -m benchmarks.lowmem --bound" + " --quick" * args.quick, sizes)
+    out = output.out_dir(args.out, args.quick, "lowmem")
+    (out / "lowmem_bound.md").write_text(md)
+    print(md)
+    print(f"wrote {out / 'lowmem_bound.md'}")
+    return rows
   reps = args.reps or (2 if args.quick else 9)
   rows = measure(args.quick, reps, pure=args.pure, only=args.only)
   flags = ["--quick"] * args.quick + ["--pure"] * args.pure
