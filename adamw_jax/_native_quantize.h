@@ -36,9 +36,9 @@
 // Elsewhere, and for a block's last elements when it is not a multiple of 8 (32 for the
 // codes), the same operations run one element at a time (QuantMap::Code).
 //
-// Measured on a 16M-element float32 leaf (fused step, 2 cores of an AMD Zen 3): the step
-// with 8-bit moments from 353 to about 70 ms of CPU time, 4-bit from 323 to about 45 ms
-// (CHANGELOG.md). The lookups are most of what is left.
+// Measured on a 16M-element float32 leaf (fused step, 2 cores of an AMD Zen 3, CPU time): the
+// step with 8-bit moments from about 300 to 45-65 ms, 4-bit from about 300 to 36-50 ms
+// (CHANGELOG.md). Quantizing is still the largest part (8-bit: the gathers of table entries).
 
 #ifndef ADAMW_JAX_NATIVE_QUANTIZE_H_
 #define ADAMW_JAX_NATIVE_QUANTIZE_H_
