@@ -741,14 +741,14 @@ ffi::Error LowmemStep(ffi::ThreadPool pool, ffi::AnyBuffer scalars, ffi::Remaini
       if (map.has_error() || table.has_error()) return Invalid("missing quantization map");
       const int size = static_cast<int>(map->element_count());
       const int e_lo = static_cast<int>(qparams[2 * k]), mbits = static_cast<int>(qparams[2 * k + 1]);
-      const int64_t buckets = int64_t{128 - e_lo} << mbits;
       if (map->element_type() != ffi::F32 || size < 2 || size > kMaxMap ||
-          table->element_type() != ffi::U8 || mbits < 1 || mbits > 23 || e_lo < 1 ||
-          e_lo > 127 || static_cast<int64_t>(table->element_count()) != 2 * buckets) {
+          table->element_type() != ffi::U32 || mbits < 1 || mbits > 22 || e_lo < 1 ||
+          e_lo > 127 ||
+          static_cast<int64_t>(table->element_count()) != QuantMap::Entries(e_lo, mbits)) {
         return Invalid("bad quantization map or table");
       }
       maps[k].Init(static_cast<const float*>(map->untyped_data()), size,
-                   static_cast<const uint8_t*>(table->untyped_data()), e_lo, mbits);
+                   static_cast<const uint32_t*>(table->untyped_data()), e_lo, mbits);
     }
   }
   std::vector<LowLeaf> leaves(flags.size());

@@ -18,8 +18,8 @@ leaf's key, generated in the kernel (threefry2x32), so the results and the
 state's key are the pure kernel's: a run may switch between the kernels, or
 resume from a checkpoint, and stay bitwise the same.
 
-Quantized moments are found from the value's bits (``_native_quantize.h``),
-helped by one bucket table per map made here (:func:`bucket_table`).
+Quantized moments are found from the value's bits (``_native_quantize.h``): one
+entry of a bucket table per map made here (:func:`bucket_table`) and one comparison.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from adamw_jax import _kernel, _native, _qmap, _quantize, _steer
 F32, BF16, F16 = map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
 _STORED = (F32, BF16, F16)
 _COMPUTE = {F32: 0, BF16: 1, F16: 2}  # _native_lowp.h's DType
-STEPS = 2  # kSteps in _native_quantize.h: comparisons after the bucket table's guess
 
 
 class Writer(enum.IntEnum):
@@ -100,37 +99,76 @@ def mode(writer: str, *, fused: bool, with_params: bool) -> _native.Mode:
   return _native.Mode.UPDATE if with_params else _native.Mode.STEP
 
 
-def _floor_index(qmap: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """max(0, the largest i with qmap[i] <= x): the pure kernel's binary search."""
-  return np.maximum(np.searchsorted(qmap, x, side="right") - 1, 0)
+def _order(x: np.ndarray) -> np.ndarray:
+  """float32 -> int64 preserving the order of the floats (-0.0 just below 0.0): a negative
+  float's magnitude bits complemented, as ``_native_quantize.h`` reads a negative bucket."""
+  s = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+  return np.where(s < 0, -(s & 0x7FFFFFFF) - 1, s)
+
+
+def _from_order(k: np.ndarray) -> np.ndarray:
+  k = np.asarray(k, np.int64)
+  return np.where(k < 0, (-k - 1) | 0x80000000, k).astype(np.uint32).view(np.float32)
+
+
+def thresholds(qmap: np.ndarray) -> np.ndarray:
+  """t_i (as :func:`_order` keys): the least float32 y whose code is above i, i = 0 .. K-2.
+
+  The pure kernel's decision (``_native_quantize.h``): with i the floor index of y, the code
+  is i + 1 when ``f32(y - map[i]) >= f32(f32(map[i+1] - map[i]) * 0.5)``; for a fixed i that
+  never turns false as y grows, so each t_i is found by bisection between map[i] and map[i+1].
+  """
+  qmap = np.asarray(qmap, np.float32)
+  lo, hi = qmap[:-1], qmap[1:]
+  half = ((hi - lo) * np.float32(0.5)).astype(np.float32)
+  below, above = _order(lo), _order(hi)  # the decision is false at map[i], true at map[i+1]
+  while np.any(above - below > 1):
+    mid = (below + above) // 2
+    up = (_from_order(mid) - lo).astype(np.float32) >= half
+    below, above = np.where(up, below, mid), np.where(up, mid, above)
+  return above
 
 
 def bucket_table(qmap: np.ndarray, e_lo: int, mbits: int) -> tuple[np.ndarray, int]:
-  """The bucket table of `qmap` (``_native_quantize.h``) and the comparisons it leaves, at most.
+  """The bucket table of `qmap` (``_native_quantize.h``) and the most thresholds in one bucket.
 
-  A bucket is a sign, an exponent in [e_lo, 127] (smaller ones join the
-  lowest bucket, larger ones the highest) and the top `mbits` bits of the
-  significand. The table holds, per bucket, the floor index of its lowest value
-  (the negative buckets mirrored, so that the index grows with the value).
+  A bucket is a sign and the magnitude's bits >> (23 - mbits) clamped to
+  [(e_lo << mbits) - 1, 127 << mbits]: below 2**(e_lo - 127) one bucket, from 1.0 up one
+  bucket (neither may hold a threshold). Entries: the negative buckets from the largest
+  magnitude down, then the positive ones up; each ``(b << 23) | (w - 1)``, b the thresholds
+  below the bucket, w the position of the one in it among its floats in increasing order
+  (``2**(23 - mbits)``: none).
   """
-  per_sign = (128 - e_lo) << mbits
-  p = np.arange(per_sign, dtype=np.uint32)
-  lower_bits = ((e_lo + (p >> mbits)) << 23) | ((p & ((1 << mbits) - 1)) << (23 - mbits))
-  upper = (lower_bits + (1 << (23 - mbits))).astype(np.uint32).view(np.float32)
-  lower = lower_bits.astype(np.uint32).view(np.float32).copy()
-  lower[0] = 0.0  # smaller exponents join the lowest bucket
-  positive, negative = _floor_index(qmap, lower), _floor_index(qmap, -upper)
-  highest = _floor_index(qmap, np.nextafter(upper, np.float32(0)))
-  highest[-1] = qmap.size - 1  # larger exponents join the highest bucket
-  steps = max(int((highest - positive).max()), int((_floor_index(qmap, -lower) - negative).max()))
-  return np.concatenate([negative[::-1], positive]).astype(np.uint8), steps
+  t = np.sort(thresholds(qmap))
+  if np.any(_from_order(t) == 0):
+    raise AssertionError("a threshold at zero")
+  shift = 23 - mbits
+  q = np.arange((e_lo << mbits) - 1, (127 << mbits) + 1, dtype=np.int64)
+  sides, most = [], 0
+  for negative in (True, False):
+    if negative:
+      first, last = -((q + 1) << shift), -(q << shift) - 1
+      first[-1], last[0] = -(1 << 31), -1  # merged: from 1.0 up, below 2**(e_lo - 127)
+    else:
+      first, last = q << shift, ((q + 1) << shift) - 1
+      first[0], last[-1] = 0, (1 << 31) - 1
+    below = np.searchsorted(t, first, side="right")
+    inside = np.searchsorted(t, last, side="right") - below
+    if inside[0] or inside[-1]:
+      raise AssertionError("a threshold in a merged bucket")
+    most = max(most, int(inside.max()))
+    w = np.where(inside > 0, t[np.minimum(below, t.size - 1)] - first, 1 << shift)
+    entries = (below << 23) | (w - 1)
+    sides.append(entries[::-1] if negative else entries)
+  return np.concatenate(sides).astype(np.uint32), most
 
 
 @functools.cache
 def maps(bits: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], tuple]:
   """(signed map, its table), (unsigned map, its table), (e_lo, mbits, e_lo, mbits) for `bits`.
 
-  Each table is the smallest that leaves at most :data:`STEPS` comparisons.
+  e_lo: two binades below the map's smallest magnitude; mbits: the fewest that leave at most
+  one threshold a bucket.
   """
   out, params = [], []
   for signed in (True, False):
@@ -138,8 +176,8 @@ def maps(bits: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np
     smallest = float(np.abs(qmap[qmap != 0]).min())
     e_lo = int(np.floor(np.log2(smallest))) + 127 - 1
     for mbits in range(1, 12):
-      table, steps = bucket_table(qmap, e_lo, mbits)
-      if steps <= STEPS:
+      table, most = bucket_table(qmap, e_lo, mbits)
+      if most <= 1:
         break
     else:
       raise AssertionError(f"no bucket table for the {bits}-bit map")

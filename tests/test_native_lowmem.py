@@ -266,35 +266,45 @@ def test_quantizer_decides_as_the_binary_search(bits, monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("signed", [True, False])
-def test_bucket_tables_start_below_every_answer(bits, signed):
-  """The table's guess is the floor index of each bucket's lowest value, and kSteps reach the rest.
+def test_bucket_tables_decide_as_the_binary_search(bits, signed):
+  """A bucket's entry and one comparison give the code of the binary search and its decision.
 
-  Checked on every float32 of a dense sample of each bucket (all of its
-  edges), against the binary search of the pure kernel's map.
+  Checked on every float32 of a dense sample (every entry, every threshold,
+  every bucket's edges and their neighbours), as ``_native_quantize.h``
+  reads the table, against the pure kernel's search and decision.
   """
   (smap, stable), (umap, utable), (e_lo_s, mbits_s, e_lo_u, mbits_u) = _native_lowmem.maps(bits)
   qmap, table, e_lo, mbits = (
     (smap, stable, e_lo_s, mbits_s) if signed else (umap, utable, e_lo_u, mbits_u)
   )
   assert np.array_equal(qmap, _qmap.quantization_map(signed, bits))
+  assert table.dtype == np.uint32
   rng = np.random.default_rng(bits)
+  shift = 23 - mbits
+  edges = (np.arange((e_lo - 1) << mbits, (128 << mbits) + 1, dtype=np.uint32) << shift).view(
+    np.float32
+  )
+  t = _native_lowmem.thresholds(qmap)
+  t = np.where(t < 0, (-t - 1) | 0x80000000, t).astype(np.uint32).view(np.float32)
+  centres = np.concatenate([qmap, t, edges, -edges])
   x = np.concatenate(
     [
-      qmap,
-      np.nextafter(qmap, np.float32(np.inf)),
-      np.nextafter(qmap, np.float32(-np.inf)),
+      centres,
+      *(np.nextafter(centres, np.float32(d)) for d in (np.inf, -np.inf)),
       rng.uniform(-1.5, 1.5, 200_000).astype(np.float32),
       (rng.uniform(-1, 1, 200_000) * 10.0 ** rng.uniform(-12, 0, 200_000)).astype(np.float32),
-      np.float32([0.0, -0.0, 2.0, -2.0, 1e30, -1e30]),
+      np.float32([0.0, -0.0, 2.0, -2.0, 1e30, -1e30, np.inf, -np.inf, np.nan, -np.nan]),
     ]
   ).astype(np.float32)
-  u = x.view(np.uint32)
-  e = ((u >> 23) & 0xFF).astype(np.int64)
-  top = ((u >> (23 - mbits)) & ((1 << mbits) - 1)).astype(np.int64)
-  top = np.where(e < e_lo, 0, np.where(e > 127, (1 << mbits) - 1, top))
-  p = ((np.clip(e, e_lo, 127) - e_lo) << mbits) | top
-  buckets = (128 - e_lo) << mbits
-  guess = table[np.where(u >> 31 == 1, buckets - 1 - p, buckets + p)].astype(np.int64)
-  want = np.maximum(np.searchsorted(qmap, x, side="right") - 1, 0)
-  assert np.all(guess <= want)
-  assert np.all(want - guess <= _native_lowmem.STEPS)
+  u = x.view(np.uint32).astype(np.int64)
+  neg = u >> 31
+  low, top = (e_lo << mbits) - 1, 127 << mbits
+  r = np.clip((u & 0x7FFFFFFF) >> shift, low, top) - low
+  entry = table[table.size // 2 + np.where(neg == 1, -1 - r, r)].astype(np.int64)
+  w = np.where(neg == 1, ~u, u) & ((1 << shift) - 1)
+  got = np.where(np.isnan(x), 0, (entry >> 23) + (w > (entry & 0x7FFFFF)))
+  i = np.maximum(np.searchsorted(qmap, x, side="right") - 1, 0)
+  up = np.minimum(i + 1, qmap.size - 1)
+  half = ((qmap[up] - qmap[i]) * np.float32(0.5)).astype(np.float32)
+  want = np.where((x - qmap[i]).astype(np.float32) >= half, up, i)
+  np.testing.assert_array_equal(got, np.where(np.isnan(x), 0, want))
