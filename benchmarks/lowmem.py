@@ -19,7 +19,7 @@ option's fused step compiled with ``ADAMW_JAX_NATIVE=0`` (the pure-JAX kernel) a
 ``--only TEXT`` keeps the options whose name contains TEXT.
 ``--bound`` asks instead whether each fused step is bound by memory or by compute: one
 process per option pinned to one core, CPU time a step on a 16M-element leaf (its arrays
-in DRAM) and on a 250K-element leaf (in the caches), both per 16M elements; a step that
+in DRAM) and on a 262,144-element leaf (in the caches), both per 16M elements; a step that
 takes as long with its arrays in the caches is bound by its arithmetic, not its bytes.
 Full runs write ``benchmarks/results/lowmem.md`` (``--bound``: ``lowmem_bound.md``);
 ``--quick`` a folder of its own.
@@ -243,7 +243,7 @@ def report(rows: list[dict], command: str, reps: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-BOUND_SIZES = (16_000_000, 250_000)  # in DRAM; in the caches (L2 + L3 of one core)
+BOUND_SIZES = (16_000_000, 262_144)  # in DRAM; in the caches (whole 8- and 4-bit blocks)
 
 
 def _one_core(name: str, n: int, steps: int) -> float:
@@ -271,7 +271,7 @@ def _one_core(name: str, n: int, steps: int) -> float:
 
 def bound(quick: bool) -> list[dict]:
   """Each option's fused step on one core, its arrays in DRAM and in the caches (`--bound`)."""
-  sizes = (400_000, 25_000) if quick else BOUND_SIZES
+  sizes = (409_600, 32_768) if quick else BOUND_SIZES
   rows = []
   for name in ["torch fused fp32", *(o.name for o in OPTIONS)]:
     row: dict[str, Any] = {"method": name}
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   if args.bound:
     rows = bound(args.quick)
-    sizes = (400_000, 25_000) if args.quick else BOUND_SIZES
+    sizes = (409_600, 32_768) if args.quick else BOUND_SIZES
     md = bound_report(rows, "python -m benchmarks.lowmem --bound" + " --quick" * args.quick, sizes)
     out = output.out_dir(args.out, args.quick, "lowmem")
     (out / "lowmem_bound.md").write_text(md)
