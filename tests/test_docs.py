@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import importlib
 import inspect
 import io
 import os
@@ -257,9 +258,10 @@ def test_no_page_shows_restructured_text_or_doctest_markers(site):
 
 def _returned_values(path: str) -> int:
   """How many values the function at `path` (``adamw_jax.name[.method]``) returns: a tuple's length, or 1."""
-  obj = adamw_jax
+  obj, name = adamw_jax, "adamw_jax"
   for part in path.split(".")[1:]:
-    obj = getattr(obj, part)
+    name = f"{name}.{part}"
+    obj = getattr(obj, part) if hasattr(obj, part) else importlib.import_module(name)
   annotation = str(inspect.signature(obj).return_annotation)
   if not annotation.startswith("tuple[") or "..." in annotation:
     return 1
