@@ -74,7 +74,8 @@ def _digits_task(quick: bool) -> Task:
 
   def batches(epoch):
     rng = np.random.default_rng(epoch)
-    return [(x_tr[i], y_tr[i]) for i in demo.batches(len(x_tr), 32, rng)]
+    chosen = [(x_tr[i], y_tr[i]) for i in demo.batches(len(x_tr), 32, rng)]
+    return chosen[:10] if quick else chosen  # --quick: a smoke run, the numbers mean nothing
 
   def evaluate(params):
     logits = model.apply(params, x_val)
@@ -139,7 +140,7 @@ def _lm_task(quick: bool) -> Task:
 
   def batches(epoch):
     rng = np.random.default_rng(100 + epoch)
-    starts = rng.integers(0, len(train) - seq - 1, (40 if quick else 300, batch))
+    starts = rng.integers(0, len(train) - seq - 1, (10 if quick else 300, batch))
     return [np.stack([train[s : s + seq + 1] for s in row]) for row in starts]
 
   def evaluate(params):

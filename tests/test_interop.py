@@ -411,9 +411,13 @@ def test_names_from_named_parameters():
 
 def test_docs_example(tmp_path, monkeypatch):
   """The example of docs/migrating.md ("Moving a run between PyTorch and JAX") runs as written."""
-  blocks = docs_pages.section(
-    docs_pages.page("migrating.md"), "Moving a run between PyTorch and JAX"
-  )
+  blocks = [  # the equivalence check's blocks build on each other: test_docs runs the page
+    b
+    for b in docs_pages.section(
+      docs_pages.page("migrating.md"), "Moving a run between PyTorch and JAX"
+    )
+    if "Checking that the JAX run is the torch run" not in b.headings
+  ]
   monkeypatch.chdir(tmp_path)  # it writes a checkpoint to ckpt/
   for block in blocks:
     exec(compile(block.code, block.where, "exec"), {})
