@@ -207,21 +207,14 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
     EmulatedDenominator<kE, kMarkstein, kPlain>(c, o, n);
     return EmulatedStep<kE, kDecay, kNew, kPlain>(c, p, m, o, n);
   }
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {  // float32, with XLA's fused multiply-adds
     float gi = g[i] * c.sign;
     constexpr bool kReadsP = kNew || kDecay == kL2;
     const float pi = kReadsP ? p[i] : 0.0f;
     const float mo = m[i];
-    float mi, vi;
-    if (E::kFma) {
-      if (kDecay == kL2) gi = std::fma(c.decay, pi, gi);
-      mi = std::fma(c.one_minus_b1, gi - mo, mo);
-      vi = std::fma(c.one_minus_b2 * gi, gi, v[i] * c.b2);
-    } else {
-      if (kDecay == kL2) gi = E::R(E::R(c.decay * pi) + gi);
-      mi = E::R(E::R(c.one_minus_b1 * E::R(gi - mo)) + mo);
-      vi = E::R(E::R(E::R(c.one_minus_b2 * gi) * gi) + E::R(v[i] * c.b2));
-    }
+    if (kDecay == kL2) gi = std::fma(c.decay, pi, gi);
+    const float mi = std::fma(c.one_minus_b1, gi - mo, mo);
+    const float vi = std::fma(c.one_minus_b2 * gi, gi, v[i] * c.b2);
     m[i] = mi;
     v[i] = vi;
     float vu = vi;
@@ -230,27 +223,12 @@ ADAMW_JAX_CLONES void Core(const Scalars<float> c, const float* __restrict g,
       vu = (a > vi || a != a) ? a : vi;
       vm[i] = vu;
     }
-    vu = E::R(vu + c.eps_root);
-    float d;
-    if (E::kFma) {
-      d = DivideByScalar(std::sqrt(vu), c) + c.eps;
-    } else {
-      const float a = E::R(std::sqrt(vu));
-      float q;
-      if (kMarkstein) {
-        float q0 = E::R(a * c.inv_bc2_sqrt);
-        q0 = q0 < c.max ? q0 : (q0 != q0 ? q0 : c.max);
-        const float residual = E::R(a - E::R(q0 * c.bc2_sqrt));
-        q = E::R(E::R(residual * c.inv_bc2_sqrt) + q0);
-      } else {
-        q = E::R(a / c.bc2_sqrt);
-      }
-      d = E::R(q + c.eps);
-    }
-    const float s = E::R(E::R(c.step_size * mi) / d);
+    vu = vu + c.eps_root;
+    const float d = DivideByScalar(std::sqrt(vu), c) + c.eps;
+    const float s = (c.step_size * mi) / d;
     if (kNew) {
-      const float q = kDecay == kDecoupled ? E::R(pi * c.decay) : pi;
-      o[i] = E::R(q + s);
+      const float q = kDecay == kDecoupled ? pi * c.decay : pi;
+      o[i] = q + s;
     } else {
       o[i] = s;
     }
