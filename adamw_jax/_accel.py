@@ -1,25 +1,30 @@
 """A leaf with quantized moments stepped by one kernel per device on TPU and GPU: each block once.
 
-The step of a leaf with 8-bit moments reads its gradient, parameter, codes and scales and writes
-its parameter, codes and scales; a block's new scale is the largest magnitude of its new
-moments, which the codes then divide. XLA fuses that diamond (elementwise, reduce, elementwise
-on the same block) on neither accelerator: compiled for TPU v5e it writes the new moments to
-memory, reduces them and reads them back (116 B/param where the floor is 16, and relayouts of
-the scales to every element), for H100 it computes them twice (40 B/param). Here the step of
-such a leaf is one Pallas kernel instead, lowered for the platform (``_steer.per_platform``):
-each tile of whole blocks is read once, its moments dequantized, stepped by the one kernel
-(``_kernel``, through the leaf's writer, ``_writes``), reduced per block and quantized
-(``_quantize``), and written once. Its body is the XLA path's own functions on a tile, so the
-numbers are the XLA path's (``tests/test_accel.py`` runs both kernels on the CPU in Pallas'
-interpreter and compares them bit for bit).
+The step of a leaf with 8-bit (or 4-bit) moments reads its gradient, parameter, codes and
+scales and writes its parameter, codes and scales; a block's new scale is the largest
+magnitude of its new moments, which the codes then divide. XLA fuses that diamond
+(elementwise, reduce, elementwise on the same block) on neither accelerator: compiled for TPU
+v5e it writes the new moments to memory, reduces them and reads them back (8-bit: 116 B/param
+where the floor is 16, and relayouts of the scales to every element; 4-bit: 45 B/param where
+it is 14, with temporaries 27 times the state), for H100 it computes them twice (40 B/param).
+Here the step of such a leaf is one Pallas kernel instead, lowered for the platform
+(``_steer.per_platform``): each tile of whole blocks is read once, its moments dequantized,
+stepped by the one kernel (``_kernel``, through the leaf's writer, ``_writes``), reduced per
+block and quantized (``_quantize``), and written once. Its body is the XLA path's own
+functions on a tile, so the numbers are the XLA path's (``tests/test_accel.py`` runs both
+kernels on the CPU in Pallas' interpreter and compares them bit for bit).
 
 - TPU (Mosaic): the leaf as ``(rows, columns)`` (its last axis the columns, the others the rows;
   a free view when the rows are tile-aligned), the columns a whole number of blocks, tiles of
-  whole rows; the scales as ``(rows, columns / block_size)``.
-- GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 16 blocks.
+  whole rows; the scales as ``(rows, columns / block_size)``. 4-bit codes and scales are flat
+  arrays, whose free views on a TPU are rows of 128: the kernel takes them so and lays them
+  out as the leaf's rows in VMEM (`_Nibbles`); blocks of 128, the columns 128 or a multiple
+  of 256 that divides or is divided by 16384 (a flat leaf: rows of 128).
+- GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 2 blocks (4-bit
+  codes ``(blocks, block_size / 2)``, split and joined in the tile); blocks of a power of two.
 
-Leaves the kernel does not take (4-bit moments, stochastic rounding, which draws its bits with
-``jax.random``, complex or float64 leaves, columns that are not whole blocks on a TPU) take the
+Leaves the kernel does not take (stochastic rounding, which draws its bits with
+``jax.random``, complex or float64 leaves, shapes outside the lists above) take the
 XLA path; so does every leaf under ``jax.vmap``.
 
 Sharding: a kernel runs on one device's rows (``jax.shard_map``). On a mesh with explicit axes
@@ -60,6 +65,7 @@ class Spec(NamedTuple):
   """What one leaf's kernel is, fixed when the step is traced."""
 
   block_size: int
+  bits: int  # 8, or 4: two codes a byte, flat (``_quantize.PackedQuantizedMoment``)
   moments: tuple[bool, ...]  # for mu, nu (and nu_max): signed
   writer: _writes.Writer
   how: _writes.How  # its z is replaced by the kernel's
@@ -76,9 +82,7 @@ def eligible(writer: _writes.Writer) -> bool:
 
 
 def _kernel_takes(g, moments, p) -> bool:
-  """Whether the kernel may take the leaf: 8-bit moments, float leaves."""
-  if any(isinstance(m, _quantize.PackedQuantizedMoment) for m in moments):
-    return False
+  """Whether the kernel may take the leaf: float leaves."""
   dtypes = [g.dtype] + ([] if p is None else [p.dtype])
   return all(jnp.issubdtype(d, jnp.floating) and jnp.dtype(d).itemsize <= 4 for d in dtypes)
 
@@ -117,13 +121,13 @@ def _unpack_scalars(floats, spec: Spec):
 
 
 def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
-  """One tile's step: values ``(blocks, block_size)``, scales ``(blocks,)``.
+  """One tile's step: values and codes ``(blocks, block_size)`` (4-bit: unpacked), scales ``(blocks,)``.
 
-  Returns ``(out, buffer, [(codes, scales) of each new moment])``.
+  Returns ``(out, buffer, [(codes, scales) of each new moment])``, codes unpacked.
   """
   zero = z.astype(jnp.uint32)
   moments = [
-    _quantize.dequantize_blocks(k, s, signed, 8)
+    _quantize.dequantize_blocks(k, s, signed, spec.bits)
     for k, s, signed in zip(codes, scales, spec.moments)
   ]
   c, decay = _unpack_scalars(floats, spec)
@@ -137,7 +141,7 @@ def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
     out, m, v, vm, buffer = spec.writer.step(g, m, v, vm, p, c, decay, buffer, None, how)
   new = [m, v] + ([vm] if vm is not None else [])
   quantized = [
-    _quantize.quantize_blocks(x, signed, 8, zero) for x, signed in zip(new, spec.moments)
+    _quantize.quantize_blocks(x, signed, spec.bits, zero) for x, signed in zip(new, spec.moments)
   ]
   return out.astype(spec.out_dtype), buffer, quantized
 
@@ -168,7 +172,14 @@ def _refs(spec: Spec, n: int, refs) -> _Refs:
 
 
 def _gpu_body(spec: Spec, n: int):
-  """GPU: a tile of whole blocks ``(blocks, block_size)``, its scales ``(blocks,)``, at once."""
+  """GPU: a tile of whole blocks ``(blocks, block_size)``, its scales ``(blocks,)``, at once.
+
+  4-bit codes ``(blocks, block_size / 2)``, unpacked and packed in the tile (``_quantize``'s
+  :func:`~adamw_jax._quantize.unpack` and :func:`~adamw_jax._quantize.pack`: Triton's join
+  and split).
+  """
+  unpack = _quantize.unpack if spec.bits == 4 else (lambda k: k)
+  pack = _quantize.pack if spec.bits == 4 else (lambda k: k)
 
   def kernel(*refs):
     r = _refs(spec, n, refs)
@@ -180,14 +191,14 @@ def _gpu_body(spec: Spec, n: int):
       load(r.g),
       load(r.p),
       load(r.buffer),
-      [load(k) for k in r.codes],
+      [unpack(k[...]) for k in r.codes],
       [load(s) for s in r.scales],
     )
     r.out[...] = out
     if r.new_buffer is not None:
       r.new_buffer[...] = buffer
     for (k, s), kr, sr in zip(quantized, r.new_codes, r.new_scales):
-      kr[...] = k
+      kr[...] = pack(k)
       sr[...] = s
 
   return kernel
@@ -201,15 +212,27 @@ def _tpu_body(spec: Spec, n: int, group: int):
   scales picked out of their rows by a lane mask (a sum with zeros: exact, NaN kept).
   """
   bs = spec.block_size
+  nibbles = spec.bits == 4
+  extra = 3 * n if nibbles else n
 
   def kernel(*refs):
-    r = _refs(spec, n, refs[: len(refs) - n])
-    wide = refs[len(refs) - n :]
+    r = _refs(spec, n, refs[: len(refs) - extra])
+    wide = refs[len(refs) - extra :][:n]
     rows, columns = r.g.shape
     blocks = columns // bs
-    for w, k in zip(wide, r.codes):
-      w[...] = k[...].astype(jnp.int32)
-    lanes = jax.lax.broadcasted_iota(jnp.int32, (group, blocks), 1)
+    lay = _Nibbles(rows, columns)
+    packed, held = refs[len(refs) - 2 * n : len(refs) - n], refs[len(refs) - n :]
+    if nibbles:  # codes and scales laid out as the leaf's rows (`_Nibbles`)
+      for w, k, pk, s, h in zip(wide, r.codes, packed, r.scales, held):
+        pk[...] = k[...].astype(jnp.int32)
+        lay.unpack(pk, w)
+        lay.scales_in(s, h)
+      scales_in, scales_out = held, held
+    else:
+      for w, k in zip(wide, r.codes):
+        w[...] = k[...].astype(jnp.int32)
+      scales_in, scales_out = r.scales, r.new_scales
+    lanes = jax.lax.broadcasted_iota(jnp.int32, (group, scales_in[0].shape[1]), 1)
 
     def one(i, carry):
       at = pl.ds(pl.multiple_of(jax.lax.div(i, blocks) * group, group), group)
@@ -217,7 +240,7 @@ def _tpu_body(spec: Spec, n: int, group: int):
       cols = pl.ds(pl.multiple_of(b * bs, bs), bs)
       load = lambda ref: None if ref is None else ref[at, cols]
       mine = lanes == b
-      picked = [jnp.sum(jnp.where(mine, s[at, :], 0.0), axis=1) for s in r.scales]
+      picked = [jnp.sum(jnp.where(mine, s[at, :], 0.0), axis=1) for s in scales_in]
       out, buffer, quantized = _tile(
         spec,
         r.floats,
@@ -231,16 +254,131 @@ def _tpu_body(spec: Spec, n: int, group: int):
       r.out[at, cols] = out
       if r.new_buffer is not None:
         r.new_buffer[at, cols] = buffer
-      for (k, s), w, sr in zip(quantized, wide, r.new_scales):
+      for (k, s), w, sr in zip(quantized, wide, scales_out):
         w[at, cols] = k.astype(jnp.int32)
         sr[at, :] = jnp.where(mine, s[:, None], sr[at, :])
       return carry
 
     jax.lax.fori_loop(0, (rows // group) * blocks, one, 0)
-    for w, k in zip(wide, r.new_codes):
-      k[...] = w[...].astype(jnp.uint8)
+    if nibbles:
+      for w, k, pk, s, h in zip(wide, r.new_codes, packed, r.new_scales, held):
+        lay.pack(w, pk)
+        k[...] = pk[...].astype(jnp.uint8)
+        lay.scales_out(h, s)
+    else:
+      for w, k in zip(wide, r.new_codes):
+        k[...] = w[...].astype(jnp.uint8)
 
   return kernel
+
+
+class _Nibbles(NamedTuple):
+  """A TPU tile of a leaf with 4-bit moments: its flat codes and scales laid out as its rows.
+
+  The leaf's tile is ``(rows, columns)`` (`columns` a multiple of 256, or 128); its codes and
+  scales, flat arrays, come as their free views on a TPU, ``(n / 256, 128)`` bytes and
+  ``(n / 16384, 128)`` scales (blocks of 128), which are not the tile's rows: code row ``y``
+  holds the elements ``256 y ..``, scale row ``y`` the blocks ``128 y ..``. Here they are
+  moved to and from VMEM copies laid out as the tile (codes ``(rows, columns)``, one a
+  lane; scales ``(rows, max(blocks a row, 128))``) by strided copies of whole 128-lane rows
+  and lane rotations, and the bytes split into their two codes (and joined) by products
+  with 0/1 (and 16/1) matrices on the MXU: integers below 256, exact.
+  """
+
+  rows: int
+  columns: int
+
+  def _spread(self):
+    """(even, odd): ``(128, 256)`` matrices placing byte lane ``l``'s codes at ``2 l``, ``2 l + 1``."""
+    row = jax.lax.broadcasted_iota(jnp.int32, (128, 256), 0)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (128, 256), 1)
+    return (lane == 2 * row).astype(jnp.bfloat16), (lane == 2 * row + 1).astype(jnp.bfloat16)
+
+  def _split(self, b):
+    """Bytes ``(r, 128)`` -> their codes ``(r, 256)``, the even element's the high nibble."""
+    even, odd = self._spread()
+    hi = jnp.dot((b >> 4).astype(jnp.bfloat16), even, preferred_element_type=jnp.float32)
+    lo = jnp.dot((b & 15).astype(jnp.bfloat16), odd, preferred_element_type=jnp.float32)
+    return (hi + lo).astype(jnp.int32)
+
+  def _join(self, u):
+    """Codes ``(r, 256)`` -> bytes ``(r, 128)``, ``16 even + odd``."""
+    row = jax.lax.broadcasted_iota(jnp.int32, (256, 128), 0)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (256, 128), 1)
+    weights = jnp.where(row == 2 * lane, 16.0, jnp.where(row == 2 * lane + 1, 1.0, 0.0))
+    joined = jnp.dot(
+      u.astype(jnp.bfloat16), weights.astype(jnp.bfloat16), preferred_element_type=jnp.float32
+    )
+    return joined.astype(jnp.int32)
+
+  def unpack(self, packed, wide):
+    """Bytes ``(rows * columns / 256, 128)`` -> codes ``(rows, columns)`` (int32 VMEM refs)."""
+    rows, columns = self.rows, self.columns
+    if columns == 128:  # a byte row holds two rows
+      u = self._split(packed[...])
+      wide[pl.ds(0, rows // 2, stride=2), :] = u[:, :128]
+      wide[pl.ds(1, rows // 2, stride=2), :] = u[:, 128:]
+      return
+    step = columns // 256
+
+    def one(j, carry):
+      wide[:, pl.ds(pl.multiple_of(j * 256, 256), 256)] = self._split(
+        packed[pl.ds(j, rows, stride=step), :]
+      )
+      return carry
+
+    jax.lax.fori_loop(0, step, one, 0)
+
+  def pack(self, wide, packed):
+    """`unpack` backwards."""
+    rows, columns = self.rows, self.columns
+    if columns == 128:
+      u = jnp.concatenate(
+        [wide[pl.ds(0, rows // 2, stride=2), :], wide[pl.ds(1, rows // 2, stride=2), :]], axis=1
+      )
+      packed[...] = self._join(u)
+      return
+    step = columns // 256
+
+    def one(j, carry):
+      u = wide[:, pl.ds(pl.multiple_of(j * 256, 256), 256)]
+      packed[pl.ds(j, rows, stride=step), :] = self._join(u)
+      return carry
+
+    jax.lax.fori_loop(0, step, one, 0)
+
+  def scales_in(self, flat, held):
+    """Scales ``(rows * columns / 16384, 128)`` -> ``held[row, block of the row]``."""
+    rows, q = self.rows, self.columns // 128  # blocks a row
+    if q >= 128:
+      for m in range(q // 128):
+        held[:, 128 * m : 128 * (m + 1)] = flat[pl.ds(m, rows, stride=q // 128), :]
+      return
+    per = 128 // q  # rows a scale row holds
+
+    def one(t, carry):
+      x = pltpu.roll(flat[...], jax.lax.rem(128 - t * q, 128), 1)
+      held[pl.ds(t, rows // per, stride=per), :] = x
+      return carry
+
+    jax.lax.fori_loop(0, per, one, 0)
+
+  def scales_out(self, held, flat):
+    """`scales_in` backwards."""
+    rows, q = self.rows, self.columns // 128
+    if q >= 128:
+      for m in range(q // 128):
+        flat[pl.ds(m, rows, stride=q // 128), :] = held[:, 128 * m : 128 * (m + 1)]
+      return
+    per = 128 // q
+    lane = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
+
+    def one(t, carry):
+      x = pltpu.roll(held[pl.ds(t, rows // per, stride=per), :], t * q, 1)
+      flat[...] = jnp.where((lane >= t * q) & (lane < (t + 1) * q), x, flat[...])
+      return carry
+
+    jax.lax.fori_loop(0, per, one, 0)
 
 
 # ---------------------------------------------------------------- the two lowerings
@@ -253,20 +391,29 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   leaf = [g] + ([p] if spec.has_params else []) + ([buffer] if spec.has_buffer else [])
   if target == "tpu":
     rows, columns = g.shape
-    tile = _tpu_rows(rows, columns)
+    narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in leaf) or spec.out_dtype.itemsize < 4
+    tile = _tpu_rows(spec, rows, columns, 16 if narrow else 8)
+    assert tile is not None  # `_takes`
     data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
+    coded = data
     per_block = pl.BlockSpec((tile, columns // bs), lambda i: (i, 0))
+    scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
+    if spec.bits == 4:  # flat codes and scales (`_Nibbles`)
+      coded = pl.BlockSpec((tile * columns // 256, 128), lambda i: (i, 0))
+      per_block = pl.BlockSpec((tile * columns // 16384, 128), lambda i: (i, 0))
+      scratch += [pltpu.VMEM((tile * columns // 256, 128), jnp.int32) for _ in range(n)]
+      held = (tile, max(columns // 128, 128))
+      scratch += [pltpu.VMEM(held, jnp.float32) for _ in range(n)]
     scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
     grid = (rows // tile,)
     params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM)
-    narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in leaf) or spec.out_dtype.itemsize < 4
     group = min(16 if narrow else 8, tile)
     body = _tpu_body(spec, n, group)
-    scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
   else:
     blocks = g.shape[0]
     tile = math.gcd(blocks, _GPU_BLOCKS)
     data = pl.BlockSpec((tile, bs), lambda i: (i, 0))
+    coded = pl.BlockSpec((tile, bs * spec.bits // 8), lambda i: (i, 0))
     per_block = pl.BlockSpec((tile,), lambda i: (i,))
     scalar = pl.BlockSpec((8,), lambda i: (0,))
     grid = (blocks // tile,)
@@ -274,8 +421,8 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     body = _gpu_body(spec, n)
     scratch = []
   z_spec = scalar if target == "tpu" else pl.BlockSpec((1,), lambda i: (0,))
-  in_specs = [scalar, z_spec] + [data] * len(leaf) + [data] * n + [per_block] * n
-  out_specs = [data] + ([data] if spec.has_buffer else []) + [data] * n + [per_block] * n
+  in_specs = [scalar, z_spec] + [data] * len(leaf) + [coded] * n + [per_block] * n
+  out_specs = [data] + ([data] if spec.has_buffer else []) + [coded] * n + [per_block] * n
   out_shape = (
     [jax.ShapeDtypeStruct(g.shape, spec.out_dtype)]
     + ([jax.ShapeDtypeStruct(g.shape, buffer.dtype)] if spec.has_buffer else [])
@@ -301,9 +448,22 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   )(floats, z, *leaf, *codes, *scales)
 
 
-def _tpu_rows(rows: int, columns: int) -> int:
-  """Rows a TPU tile: a divisor of `rows`, a multiple of 32 (uint8 tiles) unless all of them."""
+def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
+  """Rows a TPU tile: a divisor of `rows`, a multiple of 32 (uint8 tiles) unless all of them.
+
+  4-bit: its codes and scales whole rows of their views (`_Nibbles`): ``tile * columns`` a
+  multiple of 8 rows of 16384 scales, and of `group`; None where no tile fits.
+  """
   most = max(1, _TPU_TILE_BYTES // (4 * columns))
+  if spec.bits == 4:
+    unit = math.lcm(group, max(1, 8 * 16384 // columns))
+    tile = unit
+    while tile * 2 <= most and rows % (tile * 2) == 0:
+      tile *= 2
+    if rows % tile == 0 and tile * columns * 4 <= 4 * _TPU_TILE_BYTES:
+      return tile
+    whole = rows * columns % 16384 == 0 and rows % group == 0
+    return rows if whole and rows * columns * 4 <= 4 * _TPU_TILE_BYTES else None
   for tile in (256, 128, 64, 32):
     if tile <= most and rows % tile == 0:
       return tile
@@ -313,16 +473,20 @@ def _tpu_rows(rows: int, columns: int) -> int:
 # ---------------------------------------------------------------- one device, then the mesh
 
 
-def _view(target: str, leaf_shape: tuple[int, ...], block_size: int):
+def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int = 8):
   """(the 2-D view of a device's leaf, of its scales) the target's kernel takes.
 
-  GPU: ``(blocks, block_size)``. TPU: ``(rows, last axis)`` when the last axis holds whole
+  GPU: ``(blocks, block_size)`` (4-bit codes: ``(blocks, block_size / 2)``, `_codes_view`).
+  TPU: ``(rows, last axis)`` when the last axis holds whole
   blocks and lanes (free when the rows are whole tiles), else ``(n / width, width)``,
   `width` a power-of-two number of blocks (XLA relayouts such a leaf, and back).
   """
   n = math.prod(leaf_shape)
   if target != "tpu":
     return (n // block_size, block_size), (n // block_size,)
+  if bits == 4:  # `_Nibbles`: the leaf's rows, or rows of 128 (a flat leaf, free)
+    columns = leaf_shape[-1] if len(leaf_shape) >= 2 else 128
+    return (n // columns, columns), (n // 16384, 128)
   columns = leaf_shape[-1] if leaf_shape else 1
   if len(leaf_shape) < 2 or columns % block_size or columns % 128:
     columns = block_size
@@ -331,12 +495,31 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int):
   return (n // columns, columns), (n // columns, columns // block_size)
 
 
-def _takes(target: str, leaf_shape: tuple[int, ...], block_size: int) -> bool:
-  """Whether `target`'s kernel takes one device's leaf of `leaf_shape` (a tile that fits)."""
+def _codes_view(spec: Spec, target: str, shape2: tuple[int, int]) -> tuple[int, int]:
+  """The view of a moment's codes beside the leaf's `shape2`: 4-bit, half its columns (TPU:
+  rows of 128 bytes, `_Nibbles`)."""
+  rows, columns = shape2
+  if spec.bits == 4 and target == "tpu":
+    return (rows * columns // 256, 128)
+  return (rows, columns * spec.bits // 8)
+
+
+def _takes(spec: Spec, target: str, leaf_shape: tuple[int, ...]) -> bool:
+  """Whether `target`'s kernel takes one device's leaf of `leaf_shape` (a tile that fits).
+
+  GPU: Triton's tiles are powers of two (a block of `block_size`, 4-bit codes of half).
+  """
+  block_size = spec.block_size
   if target != "tpu":
-    return True
-  (rows, columns), _ = _view(target, leaf_shape, block_size)
-  return columns % 128 == 0 and _tpu_rows(rows, columns) * columns * 4 <= 4 * _TPU_TILE_BYTES
+    return block_size & (block_size - 1) == 0
+  (rows, columns), _ = _view(target, leaf_shape, block_size, spec.bits)
+  if spec.bits == 4:
+    lanes = columns == 128 or (
+      columns % 256 == 0 and (16384 % columns == 0 or columns % 16384 == 0)
+    )
+    return block_size == 128 and lanes and _tpu_rows(spec, rows, columns, 16) is not None
+  tile = _tpu_rows(spec, rows, columns, 8)
+  return columns % 128 == 0 and tile is not None and tile * columns * 4 <= 4 * _TPU_TILE_BYTES
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "target", "interpret"))
@@ -347,9 +530,9 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
   """
   g = arrays["g"]
   leaf_shape = tuple(g.shape)
-  shape2, scale_shape = _view(target, leaf_shape, spec.block_size)
+  shape2, scale_shape = _view(target, leaf_shape, spec.block_size, spec.bits)
   as2 = lambda x: None if x is None else x.reshape(shape2)
-  codes = [as2(k) for k in arrays["codes"]]
+  codes = [k.reshape(_codes_view(spec, target, shape2)) for k in arrays["codes"]]
   scales = [s.reshape(scale_shape) for s in arrays["scales"]]
   outs = _call(
     spec,
@@ -368,7 +551,7 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
   n = len(codes)
   return {
     "out": out.reshape(leaf_shape),
-    "codes": [k.reshape(leaf_shape) for k in rest[:n]],
+    "codes": [k.reshape(arrays["codes"][0].shape) for k in rest[:n]],
     "scales": [s.reshape(-1) for s in rest[n:]],
     **({} if new_buffer is None else {"buffer": new_buffer.reshape(leaf_shape)}),
   }
@@ -402,14 +585,14 @@ def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | No
   placed = _placement(g, leaf_shape[0] if leaf_shape else 1)
   interpret = _INTERPRET.get()
   if placed is None:
-    if not _takes(target, leaf_shape, spec.block_size):
+    if not _takes(spec, target, leaf_shape):
       return None
     return _local(spec=spec, target=target, arrays=arrays, interpret=interpret)
   mesh, axes = placed
   count = math.prod(mesh.shape[a] for a in axes)
   local = (leaf_shape[0] // count, *leaf_shape[1:])
   blocks = math.prod(local) // spec.block_size
-  if not _takes(target, local, spec.block_size) or blocks * spec.block_size != math.prod(local):
+  if not _takes(spec, target, local) or blocks * spec.block_size != math.prod(local):
     return None
   split = P(axes if axes else None)
   n = len(arrays["codes"])
@@ -458,7 +641,7 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
   """
   args = (g, list(moments), p, buffer, c, decay, z)
   if not _kernel_takes(g, moments, p) or not (buffer is None or isinstance(buffer, jax.Array)):
-    return through(*args)  # 4-bit moments, complex or float64 leaves, a masked-out buffer
+    return through(*args)  # complex or float64 leaves, a masked-out buffer
   spec = spec._replace(how=spec.how._replace(z=None))
   dtype = lambda x: None if x is None else jnp.dtype(x.dtype)
   spec = spec._replace(out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)))
@@ -475,7 +658,8 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
       result = step(spec, target, arrays)
       if result is None:
         return through(g, moments, p, buffer, c, decay, z)
-      qs = [_quantize.QuantizedMoment(k, s) for k, s in zip(result["codes"], result["scales"])]
+      kind = type(moments[0])  # QuantizedMoment, or PackedQuantizedMoment (4-bit)
+      qs = [kind(k, s) for k, s in zip(result["codes"], result["scales"])]
       return result["out"], qs, result.get("buffer", buffer)
 
     return run
@@ -483,7 +667,7 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
   like = lambda x: cast(Any, None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype))
   out = (
     jax.ShapeDtypeStruct(np.shape(g), spec.out_dtype),
-    [_quantize.QuantizedMoment(like(q.codes), like(q.scale)) for q in moments],
+    [type(q)(like(q.codes), like(q.scale)) for q in moments],
     like(buffer),
   )
   return _steer.per_platform(through, through, *args, out=out, tpu=kernel("tpu"), gpu=kernel("gpu"))

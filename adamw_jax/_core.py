@@ -326,6 +326,7 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       if all(map(_moments.is_quantized, moments)) and _accel.eligible(writer):
         spec = _accel.Spec(
           block_size=cast(_moments.Quantization, quantization).block_size,
+          bits=cast(_moments.Quantization, quantization).bits,
           moments=signs[: len(moments)],
           writer=writer,
           how=how,

@@ -127,8 +127,13 @@ def dequantize_blocks(codes: jax.Array, scale: jax.Array, signed: bool, bits: in
 
 
 def pack(codes: jax.Array) -> jax.Array:
-  """4-bit codes two a byte, ``(even << 4) | odd`` along the last axis, as torchao's."""
-  return (codes[..., 0::2] << 4) | codes[..., 1::2]
+  """4-bit codes two a byte, ``(even << 4) | odd`` along the last axis, as torchao's.
+
+  The pairs split off a trailing axis of two (not strided slices): Triton's split in a GPU
+  kernel (``_accel``), as :func:`unpack`'s stack is its join.
+  """
+  even, odd = lax.unstack(codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2), axis=-1)
+  return (even << 4) | odd
 
 
 def unpack(packed: jax.Array) -> jax.Array:
