@@ -235,7 +235,9 @@ def _tpu_body(spec: Spec, n: int, group: int):
     lanes = jax.lax.broadcasted_iota(jnp.int32, (group, scales_in[0].shape[1]), 1)
 
     def one(i, carry):
-      at = pl.ds(pl.multiple_of(jax.lax.div(i, blocks) * group, group), group)
+      # One group of rows: a static first row (Mosaic proves a bfloat16 row pair aligned).
+      first = 0 if rows == group else pl.multiple_of(jax.lax.div(i, blocks) * group, group)
+      at = pl.ds(first, group)
       b = jax.lax.rem(i, blocks)
       cols = pl.ds(pl.multiple_of(b * bs, bs), bs)
       load = lambda ref: None if ref is None else ref[at, cols]
@@ -348,8 +350,14 @@ class _Nibbles(NamedTuple):
     jax.lax.fori_loop(0, step, one, 0)
 
   def scales_in(self, flat, held):
-    """Scales ``(rows * columns / 16384, 128)`` -> ``held[row, block of the row]``."""
+    """Scales ``(rows * columns / 16384, 128)`` -> ``held[row, block of the row]``.
+
+    A small leaf, one row of fewer than 16384 elements: its scales as one row.
+    """
     rows, q = self.rows, self.columns // 128  # blocks a row
+    if flat.shape[1] < 128:
+      held[:, :q] = flat[...]
+      return
     if q >= 128:
       for m in range(q // 128):
         held[:, 128 * m : 128 * (m + 1)] = flat[pl.ds(m, rows, stride=q // 128), :]
@@ -366,6 +374,9 @@ class _Nibbles(NamedTuple):
   def scales_out(self, held, flat):
     """`scales_in` backwards."""
     rows, q = self.rows, self.columns // 128
+    if flat.shape[1] < 128:
+      flat[...] = held[:, :q]
+      return
     if q >= 128:
       for m in range(q // 128):
         flat[pl.ds(m, rows, stride=q // 128), :] = held[:, 128 * m : 128 * (m + 1)]
@@ -400,7 +411,9 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
     if spec.bits == 4:  # flat codes and scales (`_Nibbles`)
       coded = pl.BlockSpec((tile * columns // 256, 128), lambda i: (i, 0))
-      per_block = pl.BlockSpec((tile * columns // 16384, 128), lambda i: (i, 0))
+      per_block = pl.BlockSpec(
+        scales[0].shape if rows == 1 else (tile * columns // 16384, 128), lambda i: (i, 0)
+      )
       scratch += [pltpu.VMEM((tile * columns // 256, 128), jnp.int32) for _ in range(n)]
       held = (tile, max(columns // 128, 128))
       scratch += [pltpu.VMEM(held, jnp.float32) for _ in range(n)]
@@ -456,6 +469,8 @@ def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
   """
   most = max(1, _TPU_TILE_BYTES // (4 * columns))
   if spec.bits == 4:
+    if rows == 1:
+      return 1 if columns * 4 <= 4 * _TPU_TILE_BYTES else None
     unit = math.lcm(group, max(1, 8 * 16384 // columns))
     tile = unit
     while tile * 2 <= most and rows % (tile * 2) == 0:
@@ -485,6 +500,8 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int =
   if target != "tpu":
     return (n // block_size, block_size), (n // block_size,)
   if bits == 4:  # `_Nibbles`: the leaf's rows, or rows of 128 (a flat leaf, free)
+    if n % 16384 and n < 16384:  # a small leaf as one row (XLA copies it, and its scales)
+      return (1, n), (1, n // 128)
     columns = leaf_shape[-1] if len(leaf_shape) >= 2 else 128
     return (n // columns, columns), (n // 16384, 128)
   columns = leaf_shape[-1] if leaf_shape else 1
@@ -515,7 +532,7 @@ def _takes(spec: Spec, target: str, leaf_shape: tuple[int, ...]) -> bool:
   (rows, columns), _ = _view(target, leaf_shape, block_size, spec.bits)
   if spec.bits == 4:
     lanes = columns == 128 or (
-      columns % 256 == 0 and (16384 % columns == 0 or columns % 16384 == 0)
+      columns % 256 == 0 and (rows == 1 or 16384 % columns == 0 or columns % 16384 == 0)
     )
     return block_size == 128 and lanes and _tpu_rows(spec, rows, columns, 16) is not None
   tile = _tpu_rows(spec, rows, columns, 8)

@@ -52,7 +52,7 @@ PARAMS = {
 PARAMS_4BIT = {
   "w": (64, 512),  # TPU: 32 rows a scale row
   "flat": (16384,),  # TPU: rows of 128, two a byte row
-  "odd": (32, 384),  # TPU: 384 columns are not whole byte rows: the XLA path
+  "odd": (16, 384),  # TPU: a small leaf (fewer than 16384 elements) as one row
   "small": (10, 10),
 }
 
