@@ -362,6 +362,15 @@ class _Nibbles(NamedTuple):
       for m in range(q // 128):
         held[:, 128 * m : 128 * (m + 1)] = flat[pl.ds(m, rows, stride=q // 128), :]
       return
+    if q == 1:  # rows of one block (a flat leaf): each scale row, transposed, is 128 rows
+
+      def row(y, carry):
+        x = jnp.broadcast_to(flat[pl.ds(y, 1), :], (128, 128))
+        held[pl.ds(pl.multiple_of(y * 128, 128), 128), :] = jnp.transpose(x)
+        return carry
+
+      jax.lax.fori_loop(0, rows // 128, row, 0)
+      return
     per = 128 // q  # rows a scale row holds
 
     def one(t, carry):
@@ -380,6 +389,15 @@ class _Nibbles(NamedTuple):
     if q >= 128:
       for m in range(q // 128):
         flat[pl.ds(m, rows, stride=q // 128), :] = held[:, 128 * m : 128 * (m + 1)]
+      return
+    if q == 1:
+
+      def row(y, carry):
+        x = jnp.transpose(held[pl.ds(pl.multiple_of(y * 128, 128), 128), :])
+        flat[pl.ds(y, 1), :] = x[:1, :]
+        return carry
+
+      jax.lax.fori_loop(0, rows // 128, row, 0)
       return
     per = 128 // q
     lane = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
