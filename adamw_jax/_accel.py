@@ -18,7 +18,7 @@ kernels on the CPU in Pallas' interpreter and compares them bit for bit).
   a free view when the rows are tile-aligned), the columns a whole number of blocks, tiles of
   whole rows; the scales as ``(rows, columns / block_size)``. 4-bit codes and scales are flat
   arrays, whose free views on a TPU are rows of 128: the kernel takes them so and lays them
-  out as the leaf's rows in VMEM (`_Nibbles`); blocks of 128, the columns 128 or a multiple
+  out as the leaf's rows in VMEM (`_accel_nibbles.Nibbles`); blocks of 128, the columns 128 or a multiple
   of 256 that divides or is divided by 16384 (a flat leaf: rows of 128).
 - GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 2 blocks (4-bit
   codes ``(blocks, block_size / 2)``, split and joined in the tile); blocks of a power of two.
@@ -52,7 +52,7 @@ from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from adamw_jax import _kernel, _quantize, _steer, _writes
+from adamw_jax import _accel_nibbles, _kernel, _quantize, _steer, _writes
 
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("interpret", default=False)
 _GPU_BLOCKS = 2  # blocks a GPU tile (a power of two)
@@ -220,9 +220,9 @@ def _tpu_body(spec: Spec, n: int, group: int):
     wide = refs[len(refs) - extra :][:n]
     rows, columns = r.g.shape
     blocks = columns // bs
-    lay = _Nibbles(rows, columns)
+    lay = _accel_nibbles.Nibbles(rows, columns)
     packed, held = refs[len(refs) - 2 * n : len(refs) - n], refs[len(refs) - n :]
-    if nibbles:  # codes and scales laid out as the leaf's rows (`_Nibbles`)
+    if nibbles:  # codes and scales laid out as the leaf's rows (`_accel_nibbles.Nibbles`)
       for w, k, pk, s, h in zip(wide, r.codes, packed, r.scales, held):
         pk[...] = k[...].astype(jnp.int32)
         lay.unpack(pk, w)
@@ -274,142 +274,6 @@ def _tpu_body(spec: Spec, n: int, group: int):
   return kernel
 
 
-class _Nibbles(NamedTuple):
-  """A TPU tile of a leaf with 4-bit moments: its flat codes and scales laid out as its rows.
-
-  The leaf's tile is ``(rows, columns)`` (`columns` a multiple of 256, or 128); its codes and
-  scales, flat arrays, come as their free views on a TPU, ``(n / 256, 128)`` bytes and
-  ``(n / 16384, 128)`` scales (blocks of 128), which are not the tile's rows: code row ``y``
-  holds the elements ``256 y ..``, scale row ``y`` the blocks ``128 y ..``. Here they are
-  moved to and from VMEM copies laid out as the tile (codes ``(rows, columns)``, one a
-  lane; scales ``(rows, max(blocks a row, 128))``) by strided copies of whole 128-lane rows
-  and lane rotations, and the bytes split into their two codes (and joined) by products
-  with 0/1 (and 16/1) matrices on the MXU: integers below 256, exact.
-  """
-
-  rows: int
-  columns: int
-
-  def _spread(self):
-    """(even, odd): ``(128, 256)`` matrices placing byte lane ``l``'s codes at ``2 l``, ``2 l + 1``."""
-    row = jax.lax.broadcasted_iota(jnp.int32, (128, 256), 0)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (128, 256), 1)
-    return (lane == 2 * row).astype(jnp.bfloat16), (lane == 2 * row + 1).astype(jnp.bfloat16)
-
-  def _split(self, b):
-    """Bytes ``(r, 128)`` -> their codes ``(r, 256)``, the even element's the high nibble."""
-    even, odd = self._spread()
-    hi = jnp.dot((b >> 4).astype(jnp.bfloat16), even, preferred_element_type=jnp.float32)
-    lo = jnp.dot((b & 15).astype(jnp.bfloat16), odd, preferred_element_type=jnp.float32)
-    return (hi + lo).astype(jnp.int32)
-
-  def _join(self, u):
-    """Codes ``(r, 256)`` -> bytes ``(r, 128)``, ``16 even + odd``."""
-    row = jax.lax.broadcasted_iota(jnp.int32, (256, 128), 0)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (256, 128), 1)
-    weights = jnp.where(row == 2 * lane, 16.0, jnp.where(row == 2 * lane + 1, 1.0, 0.0))
-    joined = jnp.dot(
-      u.astype(jnp.bfloat16), weights.astype(jnp.bfloat16), preferred_element_type=jnp.float32
-    )
-    return joined.astype(jnp.int32)
-
-  def unpack(self, packed, wide):
-    """Bytes ``(rows * columns / 256, 128)`` -> codes ``(rows, columns)`` (int32 VMEM refs)."""
-    rows, columns = self.rows, self.columns
-    if columns == 128:  # a byte row holds two rows
-      u = self._split(packed[...])
-      wide[pl.ds(0, rows // 2, stride=2), :] = u[:, :128]
-      wide[pl.ds(1, rows // 2, stride=2), :] = u[:, 128:]
-      return
-    step = columns // 256
-
-    def one(j, carry):
-      wide[:, pl.ds(pl.multiple_of(j * 256, 256), 256)] = self._split(
-        packed[pl.ds(j, rows, stride=step), :]
-      )
-      return carry
-
-    jax.lax.fori_loop(0, step, one, 0)
-
-  def pack(self, wide, packed):
-    """`unpack` backwards."""
-    rows, columns = self.rows, self.columns
-    if columns == 128:
-      u = jnp.concatenate(
-        [wide[pl.ds(0, rows // 2, stride=2), :], wide[pl.ds(1, rows // 2, stride=2), :]], axis=1
-      )
-      packed[...] = self._join(u)
-      return
-    step = columns // 256
-
-    def one(j, carry):
-      u = wide[:, pl.ds(pl.multiple_of(j * 256, 256), 256)]
-      packed[pl.ds(j, rows, stride=step), :] = self._join(u)
-      return carry
-
-    jax.lax.fori_loop(0, step, one, 0)
-
-  def scales_in(self, flat, held):
-    """Scales ``(rows * columns / 16384, 128)`` -> ``held[row, block of the row]``.
-
-    A small leaf, one row of fewer than 16384 elements: its scales as one row.
-    """
-    rows, q = self.rows, self.columns // 128  # blocks a row
-    if flat.shape[1] < 128:
-      held[:, :q] = flat[...]
-      return
-    if q >= 128:
-      for m in range(q // 128):
-        held[:, 128 * m : 128 * (m + 1)] = flat[pl.ds(m, rows, stride=q // 128), :]
-      return
-    if q == 1:  # rows of one block (a flat leaf): each scale row, transposed, is 128 rows
-
-      def row(y, carry):
-        x = jnp.broadcast_to(flat[pl.ds(y, 1), :], (128, 128))
-        held[pl.ds(pl.multiple_of(y * 128, 128), 128), :] = jnp.transpose(x)
-        return carry
-
-      jax.lax.fori_loop(0, rows // 128, row, 0)
-      return
-    per = 128 // q  # rows a scale row holds
-
-    def one(t, carry):
-      x = pltpu.roll(flat[...], jax.lax.rem(128 - t * q, 128), 1)
-      held[pl.ds(t, rows // per, stride=per), :] = x
-      return carry
-
-    jax.lax.fori_loop(0, per, one, 0)
-
-  def scales_out(self, held, flat):
-    """`scales_in` backwards."""
-    rows, q = self.rows, self.columns // 128
-    if flat.shape[1] < 128:
-      flat[...] = held[:, :q]
-      return
-    if q >= 128:
-      for m in range(q // 128):
-        flat[pl.ds(m, rows, stride=q // 128), :] = held[:, 128 * m : 128 * (m + 1)]
-      return
-    if q == 1:
-
-      def row(y, carry):
-        x = jnp.transpose(held[pl.ds(pl.multiple_of(y * 128, 128), 128), :])
-        flat[pl.ds(y, 1), :] = x[:1, :]
-        return carry
-
-      jax.lax.fori_loop(0, rows // 128, row, 0)
-      return
-    per = 128 // q
-    lane = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
-
-    def one(t, carry):
-      x = pltpu.roll(held[pl.ds(t, rows // per, stride=per), :], t * q, 1)
-      flat[...] = jnp.where((lane >= t * q) & (lane < (t + 1) * q), x, flat[...])
-      return carry
-
-    jax.lax.fori_loop(0, per, one, 0)
-
-
 # ---------------------------------------------------------------- the two lowerings
 
 
@@ -427,7 +291,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     coded = data
     per_block = pl.BlockSpec((tile, columns // bs), lambda i: (i, 0))
     scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
-    if spec.bits == 4:  # flat codes and scales (`_Nibbles`)
+    if spec.bits == 4:  # flat codes and scales (`_accel_nibbles.Nibbles`)
       coded = pl.BlockSpec((tile * columns // 256, 128), lambda i: (i, 0))
       per_block = pl.BlockSpec(
         scales[0].shape if rows == 1 else (tile * columns // 16384, 128), lambda i: (i, 0)
@@ -482,7 +346,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
 def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
   """Rows a TPU tile: a divisor of `rows`, a multiple of 32 (uint8 tiles) unless all of them.
 
-  4-bit: its codes and scales whole rows of their views (`_Nibbles`): ``tile * columns`` a
+  4-bit: its codes and scales whole rows of their views (`_accel_nibbles.Nibbles`): ``tile * columns`` a
   multiple of 8 rows of 16384 scales, and of `group`; None where no tile fits.
   """
   most = max(1, _TPU_TILE_BYTES // (4 * columns))
@@ -517,7 +381,7 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int =
   n = math.prod(leaf_shape)
   if target != "tpu":
     return (n // block_size, block_size), (n // block_size,)
-  if bits == 4:  # `_Nibbles`: the leaf's rows, or rows of 128 (a flat leaf, free)
+  if bits == 4:  # `_accel_nibbles.Nibbles`: the leaf's rows, or rows of 128 (a flat leaf, free)
     if n % 16384 and n < 16384:  # a small leaf as one row (XLA copies it, and its scales)
       return (1, n), (1, n // 128)
     columns = leaf_shape[-1] if len(leaf_shape) >= 2 else 128
@@ -532,7 +396,7 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int =
 
 def _codes_view(spec: Spec, target: str, shape2: tuple[int, int]) -> tuple[int, int]:
   """The view of a moment's codes beside the leaf's `shape2`: 4-bit, half its columns (TPU:
-  rows of 128 bytes, `_Nibbles`)."""
+  rows of 128 bytes, `_accel_nibbles.Nibbles`)."""
   rows, columns = shape2
   if spec.bits == 4 and target == "tpu":
     return (rows * columns // 256, 128)
