@@ -160,11 +160,6 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
 # the last full run and not yet removed (issue 24, item 5; issue 25). --check fails on any
 # other row above it, and on a listed row that no longer is (then remove it here).
 OVER_TEMP: set[tuple[str, str, str]] = {
-  ("adamw update + apply_updates", "TPU v5e 2x2", "FSDP/4"),
-  ("fused_step", "TPU v5e 2x2", "FSDP/4"),
-  ("decay mask + param_groups", "TPU v5e 2x2", "FSDP/4"),
-  ("inject_hyperparams", "TPU v5e 2x2", "FSDP/4"),
-  ("bf16 moments", "TPU v5e 2x2", "FSDP/4"),
   ("8-bit moments", "TPU v5e 2x2", "FSDP/4"),
   ("8-bit moments", "TPU v5e 2x2", "ZeRO-1/4"),
   ("8-bit moments", "TPU v5e 2x2", "1 device"),
@@ -173,8 +168,6 @@ OVER_TEMP: set[tuple[str, str, str]] = {
   ("4-bit moments", "TPU v5e 2x2", "1 device"),
   ("bf16 params, stochastic rounding", "TPU v5e 2x2", "FSDP/4"),
   ("bf16 params, stochastic rounding", "TPU v5e 2x2", "1 device"),
-  ("bf16 params, Kahan", "TPU v5e 2x2", "FSDP/4"),
-  ("bf16 params + remainders", "TPU v5e 2x2", "FSDP/4"),
   ("flat buffers", "H100 1x1x4", "ZeRO-1/4"),
   ("8-bit moments", "H100 1x1x4", "FSDP/4"),
   ("8-bit moments", "H100 1x1x4", "ZeRO-1/4"),
