@@ -154,6 +154,7 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
   "decay mask + param_groups": LAYOUTS,
   "inject_hyperparams": LAYOUTS,
   "bf16 moments": LAYOUTS,
+  "bf16 params + remainders": LAYOUTS,  # TPU 28.0 (floor 26: the new parameter read back once)
 }
 
 # Rows whose temporaries exceed 1 % of the state (under ZeRO-1: optax's + 1 %), measured by
