@@ -191,7 +191,8 @@ def one_minus_exp(x: F2, opaque_zero: jax.Array) -> F2:
   r = sub(x, mul(F2(k, jnp.zeros_like(k)), const(_LN2)))
   # expm1(r) = r * sum_i r**i / (i + 1)!
   out = (jax.ShapeDtypeStruct(r.hi.shape, dtype),) * 2
-  expm1_r = mul(F2(*_steer.per_platform(_unrolled, _rolled, r, opaque_zero, out=out)), r)
+  series = _steer.per_platform(_unrolled, _rolled, r, opaque_zero, out=out, tpu=_scalar_unrolled)
+  expm1_r = mul(F2(*series), r)
   # 1 - 2**k (1 + expm1_r) = (1 - 2**k) - 2**k expm1_r.
   two_k = _exp2_int(k, dtype)
   scaled = F2(expm1_r.hi * two_k, expm1_r.lo * two_k)
@@ -217,6 +218,22 @@ def _unrolled(r: F2, opaque_zero: jax.Array) -> F2:
   poly = F2(c.hi[_TAYLOR_TERMS], c.lo[_TAYLOR_TERMS])
   for i in range(_TAYLOR_TERMS - 1, -1, -1):
     poly = _horner_step(poly, r, F2(c.hi[i], c.lo[i]))
+  return poly
+
+
+def _scalar_unrolled(r: F2, opaque_zero: jax.Array) -> F2:
+  """The same steps with each coefficient a scalar of its own (TPU).
+
+  XLA:TPU runs scalar arithmetic on its scalar unit, out of device memory; a vector of
+  coefficients (as `_unrolled` hides them), or a loop's carry (`_rolled`), is computed
+  by a vector kernel into device memory instead, and any such value makes the program
+  keep a temporary buffer of about 30 KiB per kernel of the step (issue 25).
+  """
+  exact = [1.0 / math.factorial(i + 1) for i in range(_TAYLOR_TERMS + 1)]
+  dtype = r.hi.dtype
+  poly = constant(exact[_TAYLOR_TERMS], dtype, opaque_zero)
+  for i in range(_TAYLOR_TERMS - 1, -1, -1):
+    poly = _horner_step(poly, r, constant(exact[i], dtype, opaque_zero))
   return poly
 
 

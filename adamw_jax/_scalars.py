@@ -17,6 +17,7 @@ arithmetic runs inside the jitted step, by one of three strategies:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, cast
@@ -108,12 +109,28 @@ def _tabulated(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):
     return None
   lr_number = lr is None or is_number(lr)
   row = _steps.lookup(
-    float(cfg.b1), float(cfg.b2), lr if lr_number else None, t, dtype, scheduled=not lr_number
+    float(cfg.b1),
+    float(cfg.b2),
+    lr if lr_number else None,
+    t,
+    dtype,
+    scheduled=not lr_number,
+    series=functools.partial(_series_row, cfg, lr if lr_number else None, not lr_number, dtype),
   )
   if row is None:
     return None
   step_size = row[0] if lr_number else _step_size(lr, f2.F2(row[0], row[1]), dtype, z)
   return step_size, row[-1]
+
+
+def _series_row(cfg: Settings, lr: Any, scheduled: bool, dtype, t: jax.Array):
+  """`_tabulated`'s table row at step ``t >= 1`` in double words (``_steps.lookup``'s series)."""
+  z = _steer.opaque_zero(t)
+  bc1 = _bias_correction(cfg.b1, t, dtype, z)
+  bc2_sqrt = f2.round_(f2.sqrt(_bias_correction(cfg.b2, t, dtype, z)))
+  if scheduled:
+    return bc1.hi, bc1.lo, bc2_sqrt
+  return _step_size(lr, bc1, dtype, z), bc2_sqrt
 
 
 def _double_word(cfg: Settings, lr: Any, t: jax.Array, dtype, z: jax.Array):

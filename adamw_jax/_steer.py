@@ -21,6 +21,8 @@ platform), so a GPU/TPU program gets the plain operation:
 - `computed_once` (CPU): XLA:CPU launches one kernel per scalar result
   (about a microsecond each) and inlines cheap scalar producers into every
   loop that broadcasts them;
+- `materialized` (TPU): a value XLA:TPU must compute once, into memory, rather
+  than recompute in a second kernel from what the first one wrote;
 - `multi_output_fusion` (CPU): whether the opt-in
   ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion``
   is on, for the one-pass layout of ``_kernel._real_kernel``.
@@ -239,6 +241,22 @@ def _packed_on_cpu(a: jax.Array, b: jax.Array | None, z: jax.Array):
   packed = lax.complex(a, b.astype(a.dtype))
   packed = packed / one.astype(packed.dtype)
   return jnp.real(packed), jnp.imag(packed).astype(b.dtype)
+
+
+def materialized(x: jax.Array) -> jax.Array:
+  """`x`; in a program lowered for a TPU, behind an optimization barrier (computed once, into memory).
+
+  XLA:TPU splits a long elementwise step into two kernels where it sees fit, and the
+  second may recompute everything from the first one's outputs (the remainder
+  step's new parameter from the new moments: 12 bytes per parameter read again).
+  A barrier makes `x` a value of its own, which the first kernel writes and the
+  second reads. Elsewhere nothing changes.
+  """
+  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  identity = lambda x: x
+  return per_platform(
+    identity, identity, x, out=out, default_is_exact=True, tpu=lax.optimization_barrier
+  )
 
 
 def multi_output_fusion() -> bool:

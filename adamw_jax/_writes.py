@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adamw_jax import _kernel, _lowprec, _remainder
+from adamw_jax import _kernel, _lowprec, _remainder, _steer
 
 
 class How(NamedTuple):
@@ -101,6 +101,7 @@ def _remainder_step(g, m, v, vm, p, c, decay, buffer, key, how: How):
   param, remainder = _remainder.split(jnp.asarray(new))
   if how.fused:
     return param, m, v, vm, remainder
+  param = _steer.materialized(param)  # TPU: else recomputed from the new moments (38 B/param)
   # optax lands on `param` (_remainder.update), but for a master just below a power of two
   # stepping across zero to within 2**-15 of it: then the new master has at most 8 significant
   # bits, its remainder is 0, and the master is the parameter optax writes instead, one float32

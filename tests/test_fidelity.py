@@ -176,3 +176,41 @@ def test_tabulated_step_scalars_are_torchs_python_floats():
     assert np.float32(bc2_sqrt) == np.float32(bc2_sqrt_too) == np.float32((1 - b2**step) ** 0.5), t
     assert float(bc1_hi) + float(bc1_lo) == pytest.approx(1 - b1**step, rel=2**-46), t
   assert _steps.lookup(b1, 0.9999, lr, jnp.int32(1), np.float32, scheduled=False) is None  # series
+
+
+@pytest.mark.parametrize(
+  "b1, b2, lr, scheduled",
+  [(0.9, 0.999, 3e-4, False), (0.9, 0.999, None, True), (0.5, 0.99, 1.0, False)],
+)
+def test_tpu_step_scalars_without_the_table_are_the_tables(b1, b2, lr, scheduled):
+  """A TPU program's rows (the series, corrected where listed) are the table's, at every row."""
+  import functools
+  import types
+
+  import jax.numpy as jnp
+
+  from adamw_jax import _scalars, _steps
+
+  cfg = types.SimpleNamespace(b1=b1, b2=b2)
+  series = functools.partial(_scalars._series_row, cfg, lr, scheduled, jnp.float32)
+  rows = _steps._rows(b1, b2, scheduled, jnp.float32)
+  table = _steps._table(b1, b2, lr, scheduled, rows, "float32")
+  t = jnp.arange(rows + 1, dtype=jnp.int32)
+  fixed = functools.partial(
+    _steps.without_table, b1, b2, lr, dtype=jnp.float32, scheduled=scheduled, series=series
+  )
+  both = jax.jit(jax.vmap(lambda t: (fixed(t), series(jnp.maximum(t, 1)))))(t)
+  corrected, raw = (np.stack(x, axis=-1) for x in both)
+  listed = {
+    (at, column) for at, column, _ in _steps.disagreements(b1, b2, lr, scheduled, "float32")
+  }
+  exact = [0, 1] if not scheduled else [2]  # a scheduled lr's pair (1 - b1**t) is the series' own
+  for column in exact:
+    np.testing.assert_array_equal(
+      corrected[:, column].view(np.uint32), table[:, column].view(np.uint32)
+    )
+    unlisted = np.array([(i, column) not in listed for i in range(rows + 1)])
+    assert np.array_equal(raw[unlisted, column], table[unlisted, column])
+  if scheduled:  # hi + lo within 2**-46 of 1 - b1**t, as the table's split of torch's double
+    sums = corrected[:, 0].astype(np.float64) + corrected[:, 1]
+    np.testing.assert_allclose(sums, table[:, 0].astype(np.float64) + table[:, 1], rtol=2**-46)

@@ -109,6 +109,8 @@ def _public_steps():
 @pytest.mark.parametrize("name", list(_public_steps()))
 def test_one_traced_step_lowers_for_cpu_tpu_and_gpu_each_with_its_own_code(name):
   """The platform decides at lowering, not the host: from this CPU host, lowered for all three."""
+  import re
+
   import jax.numpy as jnp
   import optax
 
@@ -135,8 +137,14 @@ def test_one_traced_step_lowers_for_cpu_tpu_and_gpu_each_with_its_own_code(name)
   if name == "8-bit moments":  # each accelerator its own kernel for the quantized leaf (_accel)
     assert "tpu_custom_call" in text["tpu"] and "tpu_custom_call" not in text["cuda"]
     assert "triton" in text["cuda"] and "triton" not in text["tpu"]
-  else:
-    assert text["tpu"] == text["cuda"]  # the generic code
+  # The step-scalar table (one 1-D constant per column) on CPU and GPU, with Python-number betas;
+  # a TPU computes its rows (and sums traced betas' series unrolled, its coefficients scalars).
+  tables = {
+    p: re.findall(r"stablehlo.constant dense<[^>]*> : tensor<\d{4,}xf32>", text[p]) for p in text
+  }
+  assert len(tables["cpu"]) == len(tables["cuda"]) and not tables["tpu"]
+  assert bool(tables["cpu"]) == (name != "inject_hyperparams")  # its betas are traced
+  assert text["tpu"] != text["cuda"]
   assert text["cpu"] != text["tpu"]  # the XLA:CPU tricks (and the native call where it serves)
   assert any(t in text["cpu"] for t in targets) == native
 
@@ -169,8 +177,10 @@ def test_the_step_scalar_table_is_small_on_a_tpu(scheduled):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_rolled_taylor_series_of_gpu_and_tpu_is_the_cpus_unrolled_one_bit_for_bit(dtype):
-  """GPU and TPU programs sum ``expm1``'s series in a loop (fast to compile); the CPU unrolled.
+def test_the_taylor_series_of_gpu_and_tpu_is_the_cpus_one_bit_for_bit(dtype):
+  """``expm1``'s series: in a loop on GPU, unrolled on CPU, unrolled with scalar constants on TPU.
+
+  The loop compiles fast for a GPU; a TPU keeps scalars out of device memory (``_float2``).
 
   Both run here on the CPU, over the whole reduced range, hi and lo parts: equal bits.
   """
@@ -187,8 +197,10 @@ def test_the_rolled_taylor_series_of_gpu_and_tpu_is_the_cpus_unrolled_one_bit_fo
     r = f2.F2(jnp.asarray(hi), jnp.asarray(lo))
     rolled = jax.jit(f2._rolled)(r, z)
     unrolled = jax.jit(f2._unrolled)(r, z)
-    for a, b in zip(rolled, unrolled):
+    scalar = jax.jit(f2._scalar_unrolled)(r, z)
+    for a, b, c in zip(rolled, unrolled, scalar):
       np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+      np.testing.assert_array_equal(np.asarray(c).view(np.uint8), np.asarray(b).view(np.uint8))
     # and they are expm1(r) / r (to float64's accuracy, for float64 pairs)
     x = hi.astype(np.float64) + lo.astype(np.float64)
     want = np.expm1(x) / x
