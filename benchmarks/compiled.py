@@ -125,6 +125,8 @@ def cases() -> list[Case]:
     Case("bf16 moments", lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16)),
     Case("8-bit moments", lambda: adamw_jax.adamw(1e-3, moment_bits=8)),
     Case("4-bit moments", lambda: adamw_jax.adamw(1e-3, moment_bits=4)),
+    Case("8-bit moments, fused_step", lambda: adamw_jax.adamw(1e-3, moment_bits=8), fused=True),
+    Case("4-bit moments, fused_step", lambda: adamw_jax.adamw(1e-3, moment_bits=4), fused=True),
     Case(
       "bf16 params, stochastic rounding",
       lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="stochastic"),
@@ -160,6 +162,9 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
   "inject_hyperparams": LAYOUTS,
   "bf16 moments": LAYOUTS,
   "bf16 params + remainders": LAYOUTS,  # TPU 28.0 (floor 26: the new parameter read back once)
+  # The kernels write the parameters: no update for optax.apply_updates to read back.
+  "8-bit moments, fused_step": ("FSDP/4", "1 device"),
+  "4-bit moments, fused_step": ("FSDP/4", "1 device"),
 }
 
 # Rows whose temporaries exceed 1 % of the state (under ZeRO-1: optax's + 1 %), measured by
@@ -181,6 +186,12 @@ OVER_TEMP: set[tuple[str, str, str]] = {
   ("4-bit moments", "H100 1x1x4", "ZeRO-1/4"),
   ("4-bit moments", "H100 1x1x4", "1 device"),
   ("bf16 params, stochastic rounding", "H100 1x1x4", "ZeRO-1/4"),
+  ("8-bit moments, fused_step", "TPU v5e 2x2", "FSDP/4"),
+  ("8-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),
+  ("8-bit moments, fused_step", "TPU v5e 2x2", "1 device"),
+  ("8-bit moments, fused_step", "H100 1x1x4", "ZeRO-1/4"),
+  ("4-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),
+  ("4-bit moments, fused_step", "H100 1x1x4", "ZeRO-1/4"),
 }
 
 
