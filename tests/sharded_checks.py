@@ -471,15 +471,42 @@ def lowmem_tx(block: int = 256, bits: int = 8):
   )
 
 
-def lowmem_steps(tx, params, state, steps=2):
+@functools.cache
+def lowmem_step(block: int = 256, bits: int = 8):
+  """One transform and its jitted step for every check of these options.
+
+  The variants whose params and state have the same shardings (eager and jit init on one mesh)
+  run the same program, so it is compiled once for them.
+  """
+  tx = lowmem_tx(block, bits)
+
   @jax.jit
   def update(grads, state, params):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  return tx, update
+
+
+def lowmem_steps(update, params, state, steps=2):
+  """`steps` steps of `update`; also the text of the first step's compiled program.
+
+  That program (the update and apply_updates, on these shardings) is compiled here once: the
+  first call reuses it, so a check looks for collectives in the step it runs.
+  """
+  hlo = update.lower(lowmem_grads(params, 0), state, params).compile().as_text()
   for i in range(steps):
     params, state = update(lowmem_grads(params, i), state, params)
-  return params, state
+  return params, state, hlo
+
+
+@functools.cache
+def lowmem_one_device(keys: tuple[str, ...], block: int = 256, bits: int = 8):
+  """The reference: the same 2 steps on one device (the same for every mesh and init mode)."""
+  tx, update = lowmem_step(block, bits)
+  p1 = one_device({k: v for k, v in lowmem_params().items() if k in keys})
+  p1, s1, _ = lowmem_steps(update, p1, tx.init(p1))
+  return p1, s1
 
 
 def quantized_moments(state):
@@ -532,7 +559,7 @@ def lowmem_layout_problems(state, params, mesh) -> list[str]:
 
 def _lowmem_sharded(kind: str, jitted: bool, bits: int = 8) -> str:
   mesh = mesh_of(kind)
-  tx = lowmem_tx(256, bits)
+  tx, update = lowmem_step(256, bits)
   params = lowmem_params()
   shardings = {
     "b": NamedSharding(mesh, P()),
@@ -545,13 +572,12 @@ def _lowmem_sharded(kind: str, jitted: bool, bits: int = 8) -> str:
   assert len(quantized_moments(s8)) == 9, "r, v and w: mu, nu and nu_max quantized"
   bad = lowmem_layout_problems(s8, p8, mesh)
   assert not bad, "init: state not laid out like the params:\n" + "\n".join(bad)
-  found = collectives_in(jax.jit(tx.update).lower(lowmem_grads(p8, 0), s8, p8).compile().as_text())
+  p8, s8, hlo = lowmem_steps(update, p8, s8)
+  found = collectives_in(hlo)
   assert not found, f"the compiled update communicates: {found}"
-  p8, s8 = lowmem_steps(tx, p8, s8)
   bad = lowmem_layout_problems(s8, p8, mesh)
   assert not bad, "after 2 steps: state not laid out like the params:\n" + "\n".join(bad)
-  p1 = one_device(params)
-  p1, s1 = lowmem_steps(tx, p1, tx.init(p1))
+  p1, s1 = lowmem_one_device(tuple(params), 256, bits)
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
   return (
@@ -573,8 +599,14 @@ for _kind in ("auto", "explicit"):
     )
 
 
-def _remainder_steps(tx, params, state, steps=3):
-  """Steps on gradients computed from the float32 master (the same for the float32 run)."""
+@functools.cache
+def remainder_step(rounding: str | None):
+  """adamw with param_rounding=`rounding` and its jitted step, one for every check.
+
+  The step's gradients are computed from the float32 master (the same for the float32 run).
+  """
+  kw = {} if rounding is None else {"param_rounding": rounding}
+  tx = adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, **kw)
 
   @jax.jit
   def update(params, state, step):
@@ -583,9 +615,43 @@ def _remainder_steps(tx, params, state, steps=3):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  return tx, update
+
+
+def _remainder_steps(update, params, state, steps=3):
+  """`steps` steps; also the text of the first step's compiled program (the call reuses it)."""
+  hlo = update.lower(params, state, jnp.float32(0)).compile().as_text()
   for i in range(steps):
     params, state = update(params, state, jnp.float32(i))
-  return params, state
+  return params, state, hlo
+
+
+@functools.cache
+def remainder_float32_run(kind: str):
+  """The float32 run on `kind`'s mesh, from eager init (the same for both init modes)."""
+  tx32, update32 = remainder_step(None)
+  m8 = jax.device_put(lowmem_params(), remainder_shardings(mesh_of(kind)))
+  f8, t8, _ = _remainder_steps(update32, m8, tx32.init(m8))
+  return f8, t8
+
+
+@functools.cache
+def remainder_one_device():
+  """The reference: the same 3 steps on one device (the same for every mesh and init mode)."""
+  tx, update = remainder_step("remainder")
+  m1 = one_device(lowmem_params())
+  p1, s1 = adamw_jax.split_master(m1, tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), m1)))
+  p1, s1, _ = _remainder_steps(update, p1, s1)
+  return p1, s1
+
+
+def remainder_shardings(mesh):
+  return {
+    "b": NamedSharding(mesh, P()),
+    "r": NamedSharding(mesh, P()),
+    "v": NamedSharding(mesh, P(AXIS)),
+    "w": NamedSharding(mesh, P(AXIS, None)),
+  }
 
 
 def state_has_remainders(state) -> bool:
@@ -595,16 +661,8 @@ def state_has_remainders(state) -> bool:
 def _remainder_sharded(kind: str, jitted: bool) -> str:
   """param_rounding='remainder' on bfloat16 leaves split over 8 devices (and one replicated)."""
   mesh = mesh_of(kind)
-  make = lambda **kw: adamw_jax.adamw(1e-2, weight_decay=0.1, amsgrad=True, **kw)
-  tx, tx32 = make(param_rounding="remainder"), make()
-  master = lowmem_params()
-  shardings = {
-    "b": NamedSharding(mesh, P()),
-    "r": NamedSharding(mesh, P()),
-    "v": NamedSharding(mesh, P(AXIS)),
-    "w": NamedSharding(mesh, P(AXIS, None)),
-  }
-  m8 = jax.device_put(master, shardings)
+  tx, update = remainder_step("remainder")
+  m8 = jax.device_put(lowmem_params(), remainder_shardings(mesh))
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m8)
   init = jax.jit(tx.init) if jitted else tx.init
   split = jax.jit(adamw_jax.split_master) if jitted else adamw_jax.split_master
@@ -621,19 +679,16 @@ def _remainder_sharded(kind: str, jitted: bool) -> str:
   bad = layout_problems(s8, p8)
   assert not bad, "init: state not laid out like the params:\n" + "\n".join(bad)
   assert s8.remainder["w"].dtype == jnp.int16 and s8.mu["w"].dtype == jnp.float32
-  grads = jax.tree.map(jnp.cos, m8)
-  found = collectives_in(jax.jit(tx.update).lower(grads, s8, p8).compile().as_text())
+  p8, s8, hlo = _remainder_steps(update, p8, s8)
+  found = collectives_in(hlo)
   assert not found, f"the compiled update communicates: {found}"
-  p8, s8 = _remainder_steps(tx, p8, s8)
   bad = layout_problems(s8, p8)
   assert not bad, "after 3 steps: state not laid out like the params:\n" + "\n".join(bad)
-  f8, t8 = _remainder_steps(tx32, m8, tx32.init(m8))
+  f8, t8 = remainder_float32_run(kind)
   diffs = bitwise_diffs(adamw_jax.master_params(p8, s8), f8)
   diffs += bitwise_diffs((s8.mu, s8.nu, s8.nu_max), (t8.mu, t8.nu, t8.nu_max))
   assert not diffs, "masters or moments differ from the float32 run at:\n" + "\n".join(diffs)
-  m1 = one_device(master)
-  p1, s1 = adamw_jax.split_master(m1, tx.init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), m1)))
-  p1, s1 = _remainder_steps(tx, p1, s1)
+  p1, s1 = remainder_one_device()
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
   return (
@@ -698,16 +753,13 @@ def _split_auto_jit(case: str) -> str:
   """Under jit on an automatic mesh init cannot see the sharding: XLA moves the blocks."""
   spec, block = SPLITTING[case]
   mesh = mesh_of("auto")
-  tx = lowmem_tx(block)
+  tx, update = lowmem_step(block)
   params = {"w": lowmem_params()["w"]}
   p8 = jax.device_put(params, NamedSharding(mesh, spec))
   s8 = jax.jit(tx.init)(p8)
-  grads = lowmem_grads(p8, 0)
-  compiled = jax.jit(tx.update).lower(grads, s8, p8).compile()
-  found = collectives_in(compiled.as_text())
-  p8, s8 = lowmem_steps(tx, p8, s8)
-  p1 = one_device(params)
-  p1, s1 = lowmem_steps(tx, p1, tx.init(p1))
+  p8, s8, hlo = lowmem_steps(update, p8, s8)
+  found = collectives_in(hlo)
+  p1, s1 = lowmem_one_device(tuple(params), block)
   diffs = bitwise_diffs((p8, s8), (p1, s1))
   assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
   return (

@@ -596,8 +596,8 @@ _TRANSFORMS = {
 
 def _random_like(params):
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  rng = np.random.default_rng(1)  # NumPy's generator: nothing to compile for each shape
+  return treedef.unflatten([jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in leaves])
 
 
 _DICT_KINDS = {

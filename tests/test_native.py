@@ -51,8 +51,11 @@ def _assert_bitwise(a: Any, b: Any, what: str) -> None:
 
 
 def _targets(fn: Callable, *args) -> set[str]:
-  """The native kernels called by the jitted `fn` (the plain one, the low-memory one)."""
-  text = jax.jit(fn).lower(*args).as_text()
+  """The native kernels called by the jitted `fn` (the plain one, the low-memory one).
+
+  `fn` may be jitted already: calling it then reuses this lowering (traced once).
+  """
+  text = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).as_text()
   return {t for t in (_native.TARGET, _native.LOWMEM_TARGET) if t in text}
 
 
@@ -286,10 +289,11 @@ def test_vmap_over_learning_rates(monkeypatch):
     return q, s.inner_state
 
   monkeypatch.setenv(_env.NATIVE.name, "1")
-  assert _uses_native(jax.vmap(run), lrs)
-  batched = jax.jit(jax.vmap(run))(lrs)
+  vmapped, single_run = jax.jit(jax.vmap(run)), jax.jit(run)
+  assert _uses_native(vmapped, lrs)
+  batched = vmapped(lrs)
   for k, lr in enumerate(lrs):
-    single = jax.jit(run)(lr)
+    single = single_run(lr)
     for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
       np.testing.assert_allclose(np.asarray(a)[k], b, rtol=2e-6, atol=1e-12)
 

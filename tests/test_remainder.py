@@ -167,9 +167,9 @@ MASK = {"a": False, "b": True, "c": True, "d": False, "e": True, "f": True}
 
 def _masters() -> dict:
   """Odd sizes, a scalar, values from 1e-3 (crossing zero often) to ~3; a float32 leaf 'f'."""
-  key = jax.random.PRNGKey(7)
+  rng = np.random.default_rng(7)  # NumPy's generator: nothing to compile for each shape
   out = {
-    k: jax.random.normal(jax.random.fold_in(key, i), s) * 10.0 ** (i % 4 - 2.5)
+    k: jnp.asarray(rng.standard_normal(s) * 10.0 ** (i % 4 - 2.5), jnp.float32)
     for i, (k, s) in enumerate(SHAPES.items())
   }
   return {**out, "f": jnp.linspace(-1.0, 1.0, 5)}
@@ -183,11 +183,8 @@ def _grads(steps: int, bf16: bool) -> dict:
   gradient lets it fold ``g * g`` (other rounding than torch's).
   """
   shapes = {**SHAPES, "f": (5,)}
-  key = jax.random.PRNGKey(11)
-  g = {
-    k: jax.random.normal(jax.random.fold_in(key, i), (steps, *s))
-    for i, (k, s) in enumerate(shapes.items())
-  }
+  rng = np.random.default_rng(11)  # NumPy's generator: nothing to compile for each shape
+  g = {k: jnp.asarray(rng.standard_normal((steps, *s)), jnp.float32) for k, s in shapes.items()}
   return jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), g) if bf16 else g
 
 
