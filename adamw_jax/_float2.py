@@ -19,6 +19,7 @@ from __future__ import annotations
 import decimal
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -212,13 +213,18 @@ def _horner_step(poly: F2, r: F2, c: F2) -> F2:
   return add(mul(poly, r), c)
 
 
+def _horner(r: F2, coefficient: Callable[[int], F2]) -> F2:
+  """``sum_i coefficient(i) r**i`` over i = 0 .. _TAYLOR_TERMS by Horner's rule, unrolled."""
+  poly = coefficient(_TAYLOR_TERMS)
+  for i in range(_TAYLOR_TERMS - 1, -1, -1):
+    poly = _horner_step(poly, r, coefficient(i))
+  return poly
+
+
 def _unrolled(r: F2, opaque_zero: jax.Array) -> F2:
   """``sum_i r**i / (i + 1)!`` by Horner's rule, unrolled (XLA:CPU: no loop to run)."""
   c = _taylor_coefficients(r.hi.dtype, opaque_zero)
-  poly = F2(c.hi[_TAYLOR_TERMS], c.lo[_TAYLOR_TERMS])
-  for i in range(_TAYLOR_TERMS - 1, -1, -1):
-    poly = _horner_step(poly, r, F2(c.hi[i], c.lo[i]))
-  return poly
+  return _horner(r, lambda i: F2(c.hi[i], c.lo[i]))
 
 
 def _scalar_unrolled(r: F2, opaque_zero: jax.Array) -> F2:
@@ -229,12 +235,7 @@ def _scalar_unrolled(r: F2, opaque_zero: jax.Array) -> F2:
   by a vector kernel into device memory instead, and any such value makes the program
   keep a temporary buffer of about 30 KiB per kernel of the step (issue 25).
   """
-  exact = [1.0 / math.factorial(i + 1) for i in range(_TAYLOR_TERMS + 1)]
-  dtype = r.hi.dtype
-  poly = constant(exact[_TAYLOR_TERMS], dtype, opaque_zero)
-  for i in range(_TAYLOR_TERMS - 1, -1, -1):
-    poly = _horner_step(poly, r, constant(exact[i], dtype, opaque_zero))
-  return poly
+  return _horner(r, lambda i: constant(1.0 / math.factorial(i + 1), r.hi.dtype, opaque_zero))
 
 
 def _rolled(r: F2, opaque_zero: jax.Array) -> F2:

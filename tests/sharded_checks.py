@@ -561,13 +561,7 @@ def _lowmem_sharded(kind: str, jitted: bool, bits: int = 8) -> str:
   mesh = mesh_of(kind)
   tx, update = lowmem_step(256, bits)
   params = lowmem_params()
-  shardings = {
-    "b": NamedSharding(mesh, P()),
-    "r": NamedSharding(mesh, P()),
-    "v": NamedSharding(mesh, P(AXIS)),
-    "w": NamedSharding(mesh, P(AXIS, None)),
-  }
-  p8 = jax.device_put(params, shardings)
+  p8 = jax.device_put(params, lowmem_shardings(mesh))
   s8 = jax.jit(tx.init)(p8) if jitted else tx.init(p8)
   assert len(quantized_moments(s8)) == 9, "r, v and w: mu, nu and nu_max quantized"
   bad = lowmem_layout_problems(s8, p8, mesh)
@@ -630,7 +624,7 @@ def _remainder_steps(update, params, state, steps=3):
 def remainder_float32_run(kind: str):
   """The float32 run on `kind`'s mesh, from eager init (the same for both init modes)."""
   tx32, update32 = remainder_step(None)
-  m8 = jax.device_put(lowmem_params(), remainder_shardings(mesh_of(kind)))
+  m8 = jax.device_put(lowmem_params(), lowmem_shardings(mesh_of(kind)))
   f8, t8, _ = _remainder_steps(update32, m8, tx32.init(m8))
   return f8, t8
 
@@ -645,7 +639,7 @@ def remainder_one_device():
   return p1, s1
 
 
-def remainder_shardings(mesh):
+def lowmem_shardings(mesh):
   return {
     "b": NamedSharding(mesh, P()),
     "r": NamedSharding(mesh, P()),
@@ -662,7 +656,7 @@ def _remainder_sharded(kind: str, jitted: bool) -> str:
   """param_rounding='remainder' on bfloat16 leaves split over 8 devices (and one replicated)."""
   mesh = mesh_of(kind)
   tx, update = remainder_step("remainder")
-  m8 = jax.device_put(lowmem_params(), remainder_shardings(mesh))
+  m8 = jax.device_put(lowmem_params(), lowmem_shardings(mesh))
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m8)
   init = jax.jit(tx.init) if jitted else tx.init
   split = jax.jit(adamw_jax.split_master) if jitted else adamw_jax.split_master
