@@ -16,10 +16,12 @@ kernels on the CPU in Pallas' interpreter and compares them bit for bit).
 
 - TPU (Mosaic): the leaf as ``(rows, columns)`` (its last axis the columns, the others the rows;
   a free view when the rows are tile-aligned), the columns a whole number of blocks, tiles of
-  whole rows; the scales as ``(rows, columns / block_size)``. 4-bit codes and scales are flat
-  arrays, whose free views on a TPU are rows of 128: the kernel takes them so and lays them
-  out as the leaf's rows in VMEM (`_accel_nibbles.Nibbles`); blocks of 128, the columns 128 or a multiple
-  of 256 that divides or is divided by 16384 (a flat leaf: rows of 128).
+  whole rows. Scales are flat arrays, whose free views on a TPU are rows of 128: the kernel
+  takes them so where each tile's are whole rows of that view, and lays them out as the leaf's
+  rows in VMEM (`_accel_nibbles.Nibbles`), else as ``(rows, columns / block_size)`` (a copy XLA
+  makes). 4-bit codes are flat too, taken as rows of 128 bytes; blocks of 128, the columns 128
+  or a multiple of 256 that divides or is divided by 16384 (a flat leaf: rows of 128). 8-bit
+  codes of a flat leaf of one row are taken flat (`_codes_view`).
 - GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 2 blocks (4-bit
   codes ``(blocks, block_size / 2)``, split and joined in the tile); blocks of a power of two.
 
@@ -59,6 +61,11 @@ _GPU_BLOCKS = 2  # blocks a GPU tile (a power of two)
 _TPU_TILE_BYTES = 1 << 20  # the largest float32 tile of a TPU kernel's working values
 _TPU_COLUMNS = 8192  # the widest flat view of a TPU kernel
 _TPU_VMEM = 64 << 20  # what a TPU kernel may hold in VMEM (v5e and v6e have 128 MiB)
+# A TPU kernel's array operands are constrained to HBM: it pipelines its own tiles into VMEM.
+# Unconstrained, XLA:TPU's memory-space assignment prefetched whole operands (and slices of
+# them) into VMEM ahead of each call, searching slice orders: a step of 8 leaves of 2048x2048
+# with 8-bit moments, fused and sharded over 4 chips, compiled in 82 s instead of 2 s, and kept
+# 1.2 MiB of temporaries.
 
 
 class Spec(NamedTuple):
@@ -204,34 +211,37 @@ def _gpu_body(spec: Spec, n: int):
   return kernel
 
 
-def _tpu_body(spec: Spec, n: int, group: int):
+def _tpu_body(spec: Spec, n: int, group: int, flat_scales: bool):
   """TPU: a tile of rows ``(rows, columns)``, stepped `group` rows by one block at a time.
 
   uint8 codes are read and written whole (32-row tiles), through an int32 copy in VMEM; the
   rest, and the scales ``(rows, columns / block_size)``, `group` rows at a time, a block's
   scales picked out of their rows by a lane mask (a sum with zeros: exact, NaN kept).
+  `flat_scales` (always with 4-bit codes): the scales come as their flat array's rows of 128
+  and are laid out as the tile's rows in VMEM (`_accel_nibbles.Nibbles`).
   """
   bs = spec.block_size
   nibbles = spec.bits == 4
-  extra = 3 * n if nibbles else n
+  extra = n * (1 + int(nibbles) + int(flat_scales))
 
   def kernel(*refs):
     r = _refs(spec, n, refs[: len(refs) - extra])
-    wide = refs[len(refs) - extra :][:n]
+    scratch = refs[len(refs) - extra :]
+    wide, packed, held = scratch[:n], scratch[n : 2 * n], scratch[len(scratch) - n :]
     rows, columns = r.g.shape
     blocks = columns // bs
-    lay = _accel_nibbles.Nibbles(rows, columns)
-    packed, held = refs[len(refs) - 2 * n : len(refs) - n], refs[len(refs) - n :]
-    if nibbles:  # codes and scales laid out as the leaf's rows (`_accel_nibbles.Nibbles`)
-      for w, k, pk, s, h in zip(wide, r.codes, packed, r.scales, held):
-        pk[...] = k[...].astype(jnp.int32)
-        lay.unpack(pk, w)
+    lay = _accel_nibbles.Nibbles(rows, columns, bs)
+    for i, (w, k) in enumerate(zip(wide, r.codes)):
+      if nibbles:  # codes laid out as the leaf's rows (`_accel_nibbles.Nibbles`)
+        packed[i][...] = k[...].astype(jnp.int32)
+        lay.unpack(packed[i], w)
+      else:
+        w[...] = k[...].astype(jnp.int32).reshape(w.shape)
+    scales_in, scales_out = r.scales, r.new_scales
+    if flat_scales:
+      for s, h in zip(r.scales, held):
         lay.scales_in(s, h)
       scales_in, scales_out = held, held
-    else:
-      for w, k in zip(wide, r.codes):
-        w[...] = k[...].astype(jnp.int32)
-      scales_in, scales_out = r.scales, r.new_scales
     lanes = jax.lax.broadcasted_iota(jnp.int32, (group, scales_in[0].shape[1]), 1)
 
     def one(i, carry):
@@ -262,14 +272,15 @@ def _tpu_body(spec: Spec, n: int, group: int):
       return carry
 
     jax.lax.fori_loop(0, (rows // group) * blocks, one, 0)
-    if nibbles:
-      for w, k, pk, s, h in zip(wide, r.new_codes, packed, r.new_scales, held):
-        lay.pack(w, pk)
-        k[...] = pk[...].astype(jnp.uint8)
+    for i, (w, k) in enumerate(zip(wide, r.new_codes)):
+      if nibbles:
+        lay.pack(w, packed[i])
+        k[...] = packed[i][...].astype(jnp.uint8)
+      else:
+        k[...] = w[...].astype(jnp.uint8).reshape(k.shape)
+    if flat_scales:
+      for h, s in zip(held, r.new_scales):
         lay.scales_out(h, s)
-    else:
-      for w, k in zip(wide, r.new_codes):
-        k[...] = w[...].astype(jnp.uint8)
 
   return kernel
 
@@ -288,22 +299,24 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     tile = _tpu_rows(spec, rows, columns, 16 if narrow else 8)
     assert tile is not None  # `_takes`
     data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
-    coded = data
+    coded = data if codes[0].ndim == 2 else pl.BlockSpec(codes[0].shape, lambda i: (0,))
     per_block = pl.BlockSpec((tile, columns // bs), lambda i: (i, 0))
     scratch = [pltpu.VMEM((tile, columns), jnp.int32) for _ in range(n)]
-    if spec.bits == 4:  # flat codes and scales (`_accel_nibbles.Nibbles`)
+    flat_scales = scales[0].shape != (rows, columns // bs)  # `_view`
+    if spec.bits == 4:  # flat codes (`_accel_nibbles.Nibbles`)
       coded = pl.BlockSpec((tile * columns // 256, 128), lambda i: (i, 0))
-      per_block = pl.BlockSpec(
-        scales[0].shape if rows == 1 else (tile * columns // 16384, 128), lambda i: (i, 0)
-      )
       scratch += [pltpu.VMEM((tile * columns // 256, 128), jnp.int32) for _ in range(n)]
-      held = (tile, max(columns // 128, 128))
+    if flat_scales:
+      per_block = pl.BlockSpec(
+        scales[0].shape if rows == 1 else (tile * columns // bs // 128, 128), lambda i: (i, 0)
+      )
+      held = (tile, max(columns // bs, 128))
       scratch += [pltpu.VMEM(held, jnp.float32) for _ in range(n)]
     scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
     grid = (rows // tile,)
     params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM)
     group = min(16 if narrow else 8, tile)
-    body = _tpu_body(spec, n, group)
+    body = _tpu_body(spec, n, group, flat_scales)
   else:
     blocks = g.shape[0]
     tile = math.gcd(blocks, _GPU_BLOCKS)
@@ -330,6 +343,9 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     aliases[2 + len(leaf) - 1] = 1
   if spec.has_params and jnp.dtype(p.dtype) == jnp.dtype(spec.out_dtype) and spec.how.fused:
     aliases[3] = 0
+  arrays = (*leaf, *codes, *scales)
+  if target == "tpu" and not interpret:  # in HBM (the note at `_TPU_VMEM`)
+    arrays = tuple(pltpu.with_memory_space_constraint(x, pltpu.HBM) for x in arrays)
   return pl.pallas_call(
     body,
     interpret=(pltpu.InterpretParams() if target == "tpu" else True) if interpret else False,
@@ -340,7 +356,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     input_output_aliases=aliases,
     compiler_params=params,
     scratch_shapes=scratch,
-  )(floats, z, *leaf, *codes, *scales)
+  )(floats, z, *arrays)
 
 
 def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
@@ -361,6 +377,12 @@ def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
       return tile
     whole = rows * columns % 16384 == 0 and rows % group == 0
     return rows if whole and rows * columns * 4 <= 4 * _TPU_TILE_BYTES else None
+  return _tile8(rows, columns)
+
+
+def _tile8(rows: int, columns: int) -> int:
+  """Rows a TPU tile of 8-bit codes: a divisor of `rows`, a multiple of 32 unless all of them."""
+  most = max(1, _TPU_TILE_BYTES // (4 * columns))
   for tile in (256, 128, 64, 32):
     if tile <= most and rows % tile == 0:
       return tile
@@ -391,15 +413,28 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int =
     columns = block_size
     while columns * 2 <= _TPU_COLUMNS and n % (columns * 2) == 0:
       columns *= 2
-  return (n // columns, columns), (n // columns, columns // block_size)
+  rows, q = n // columns, columns // block_size
+  # Flat scales come as their free view, rows of 128, when each tile's are whole 8-row tiles of
+  # it (or one tile takes them all) and a scale row holds whole rows of the leaf (or the
+  # reverse); else as ``(rows, q)``, which XLA relays out (8 lanes of 128 for blocks of 256 in
+  # 2048 columns: 16 times their bytes) and back.
+  tile = _tile8(rows, columns)
+  whole = tile * q % 1024 == 0 or (tile == rows and rows * q % 128 == 0)
+  if (128 % q == 0 or q % 128 == 0) and whole:
+    return (rows, columns), (rows * q // 128, 128)
+  return (rows, columns), (rows, q)
 
 
-def _codes_view(spec: Spec, target: str, shape2: tuple[int, int]) -> tuple[int, int]:
-  """The view of a moment's codes beside the leaf's `shape2`: 4-bit, half its columns (TPU:
-  rows of 128 bytes, `_accel_nibbles.Nibbles`)."""
+def _codes_view(spec: Spec, target: str, shape2: tuple[int, int], ndim: int) -> tuple[int, ...]:
+  """The view of a moment's codes beside the leaf's `shape2` (the leaf `ndim`-dimensional):
+  4-bit, half its columns (TPU: rows of 128 bytes, `_accel_nibbles.Nibbles`). TPU, 8-bit
+  codes of a flat leaf of one row: as they are (a row of bytes is not their free view: XLA
+  would relay them out, and back, in temporaries), made a row in the kernel."""
   rows, columns = shape2
   if spec.bits == 4 and target == "tpu":
     return (rows * columns // 256, 128)
+  if target == "tpu" and rows == 1 and ndim == 1:
+    return (columns,)
   return (rows, columns * spec.bits // 8)
 
 
@@ -431,7 +466,7 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
   leaf_shape = tuple(g.shape)
   shape2, scale_shape = _view(target, leaf_shape, spec.block_size, spec.bits)
   as2 = lambda x: None if x is None else x.reshape(shape2)
-  codes = [k.reshape(_codes_view(spec, target, shape2)) for k in arrays["codes"]]
+  codes = [k.reshape(_codes_view(spec, target, shape2, g.ndim)) for k in arrays["codes"]]
   scales = [s.reshape(scale_shape) for s in arrays["scales"]]
   outs = _call(
     spec,
@@ -464,7 +499,7 @@ def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or math.prod(mesh.shape.values()) == 1:
+  if mesh is None or not mesh.shape:  # a mesh of one device takes `jax.shard_map` too: see `step`
     return None
   if all(t == AxisType.Explicit for t in mesh.axis_types):
     assert sharding is not None  # it has a mesh
@@ -478,7 +513,12 @@ def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
 
 
 def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | None:
-  """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them."""
+  """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them.
+
+  A mesh of one device is mapped too: inside :func:`jax.shard_map` Pallas reads the TPU's kind
+  (for 1-D blocks: `_codes_view`) from the mesh, not from the host's default device (compiled
+  from a CPU host, the CPU).
+  """
   g = arrays["g"]
   leaf_shape = tuple(g.shape)
   placed = _placement(g, leaf_shape[0] if leaf_shape else 1)

@@ -5,7 +5,7 @@ on a TPU those flat arrays come into the kernel as their free views, rows of 128
 are not the rows of the leaf's tile. ``Nibbles`` moves them between those views and VMEM
 copies laid out as the tile, and splits each byte into its two codes (and joins them back),
 with operations Mosaic lowers: strided copies of whole rows, lane rotations, transposes and
-exact 0/1 products on the MXU.
+exact 0/1 products on the MXU. 8-bit moments' scales take the same layout (any block size).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Nibbles(NamedTuple):
 
   rows: int
   columns: int
+  block_size: int = 128  # 8-bit moments' flat scales (blocks of any size) take the same layout
 
   def _spread(self):
     """(even, odd): ``(128, 256)`` matrices placing byte lane ``l``'s codes at ``2 l``, ``2 l + 1``."""
@@ -98,7 +99,7 @@ class Nibbles(NamedTuple):
 
     A small leaf, one row of fewer than 16384 elements: its scales as one row.
     """
-    rows, q = self.rows, self.columns // 128  # blocks a row
+    rows, q = self.rows, self.columns // self.block_size  # blocks a row
     if flat.shape[1] < 128:
       held[:, :q] = flat[...]
       return
@@ -126,7 +127,7 @@ class Nibbles(NamedTuple):
 
   def scales_out(self, held, flat):
     """`scales_in` backwards."""
-    rows, q = self.rows, self.columns // 128
+    rows, q = self.rows, self.columns // self.block_size
     if flat.shape[1] < 128:
       flat[...] = held[:, :q]
       return

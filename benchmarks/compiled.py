@@ -167,6 +167,10 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
   "4-bit moments, fused_step": ("FSDP/4", "1 device"),
 }
 
+# Quantized moments' steps compile in under 10 s here (issue 24); checked at twice that, for
+# noise. XLA:TPU slicing the kernels' operands into VMEM once took 57 s (`_accel._call`).
+COMPILE_LIMIT_S = 20
+
 # Rows whose temporaries exceed 1 % of the state (under ZeRO-1: optax's + 1 %), measured by
 # the last full run and not yet removed (issue 24, item 5; issue 25). --check fails on any
 # other row above it, and on a listed row that no longer is (then remove it here).
@@ -186,9 +190,7 @@ OVER_TEMP: set[tuple[str, str, str]] = {
   ("4-bit moments", "H100 1x1x4", "ZeRO-1/4"),
   ("4-bit moments", "H100 1x1x4", "1 device"),
   ("bf16 params, stochastic rounding", "H100 1x1x4", "ZeRO-1/4"),
-  ("8-bit moments, fused_step", "TPU v5e 2x2", "FSDP/4"),
   ("8-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),
-  ("8-bit moments, fused_step", "TPU v5e 2x2", "1 device"),
   ("8-bit moments, fused_step", "H100 1x1x4", "ZeRO-1/4"),
   ("4-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),
   ("4-bit moments, fused_step", "H100 1x1x4", "ZeRO-1/4"),
@@ -440,6 +442,8 @@ def problems(row: Row, rows: list[Row] | None = None, quick: bool = False) -> li
     )
   if not over and key in OVER_TEMP:
     found.append(f"temporaries {row.temp} B within {temp_allowed:.0f} B: remove it from OVER_TEMP")
+  if "bit moments" in row.case and row.compile_s > COMPILE_LIMIT_S:
+    found.append(f"compiled in {row.compile_s:.0f} s > {COMPILE_LIMIT_S} s")
   floor = max(row.floor, peer.moved) if zero1 else row.floor
   if row.layout in AT_FLOOR.get(row.case, ()) and row.moved > 1.1 * floor:
     found.append(

@@ -53,3 +53,15 @@ ENTRY %main (a: f32[1024], b: bf16[1024]) -> f32[1024] {
 """
   # fusion: reads 4096 + 2048, writes 4096 + 1024; negate: reads 4096, writes 4096.
   assert compiled.moved_bytes(gpu) == 4096 + 2048 + 4096 + 1024 + 4096 + 4096
+
+
+def test_a_quantized_step_that_compiles_slowly_fails_the_check():
+  def row(case: str, seconds: float) -> compiled.Row:
+    r = compiled.Row(case, "H100 1x1x4", "1 device", compile_s=seconds, state=MIB)
+    r.alias = r.param_bytes + r.state
+    return r
+
+  slow = compiled.problems(row("4-bit moments, fused_step", 57.0))
+  assert any(p.startswith("compiled in 57 s") for p in slow), slow
+  assert not compiled.problems(row("4-bit moments, fused_step", 5.0))
+  assert not compiled.problems(row("bf16 params, stochastic rounding", 57.0))
