@@ -115,12 +115,13 @@ def _pack_scalars(c: _kernel.Coefficients, decay, z) -> tuple[jax.Array, jax.Arr
   return floats, jnp.reshape(z, (1,)).astype(jnp.int32)
 
 
-def _unpack_scalars(floats, spec: Spec):
+def _unpack_scalars(floats, eps_root: bool, decayed: bool):
+  """`_pack_scalars` backwards: (coefficients, decay), those absent None."""
   it = iter(range(8))
   fields = {}
   for name in _kernel.Coefficients._fields:
-    fields[name] = None if (name == "eps_root" and not spec.eps_root) else floats[next(it)]
-  decay = floats[next(it)] if spec.decayed else None
+    fields[name] = None if (name == "eps_root" and not eps_root) else floats[next(it)]
+  decay = floats[next(it)] if decayed else None
   return _kernel.Coefficients(**fields), decay
 
 
@@ -137,7 +138,7 @@ def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
     _quantize.dequantize_blocks(k, s, signed, spec.bits)
     for k, s, signed in zip(codes, scales, spec.moments)
   ]
-  c, decay = _unpack_scalars(floats, spec)
+  c, decay = _unpack_scalars(floats, spec.eps_root, spec.decayed)
   how = spec.how._replace(z=z)
   m, v = moments[0], moments[1]
   vm = moments[2] if len(moments) > 2 else None

@@ -27,6 +27,7 @@ from jax.experimental import checkify
 
 from adamw_jax import (
   _accel,
+  _accel_random,
   _hyperparams,
   _kernel,
   _lowmem,
@@ -313,7 +314,7 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       c, decay = scalars
       decay = decay if decayed else None
 
-      def through(g, moments, p, buffer, c, decay, z):
+      def through(g, moments, p, buffer, c, decay, z, key=key):
         """The hooks in XLA: moments loaded, the writer's step, moments stored."""
         loaded = [_moments.load(x, signed, shape) for x, signed in zip(moments, signs)]
         m_c, v_c, vm_c = (*loaded, None)[:3]
@@ -337,6 +338,12 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
           out_dtype=None,
         )
         out, stored, buffer = _accel.leaf(spec, through, g, moments, p, buffer, c, decay, how.z)
+      elif _accel_random.eligible(writer, how, g, moments, p, buffer):
+        spec = _accel_random.Spec(
+          writer, how, decay is not None, c.eps_root is not None, signs[: len(moments)]
+        )
+        args = (g, moments, p, buffer, c, decay, how.z, key)
+        out, stored, buffer = _accel_random.leaf(spec, through, *args)
       else:
         out, stored, buffer = through(g, moments, p, buffer, c, decay, how.z)
       stored = [*stored, None][:3]

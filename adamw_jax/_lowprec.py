@@ -14,9 +14,12 @@ Two cures, both given the new parameter computed in float32:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.random import threefry2x32_p
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 """The parameter dtypes Kahan compensation applies to (torch-optimi's)."""
@@ -26,15 +29,39 @@ def is_low_precision(dtype) -> bool:
   return jnp.dtype(dtype) in LOW_PRECISION
 
 
-def stochastic_round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
+class TileKey(NamedTuple):
+  """A leaf's key for a 2-D tile of it (a kernel's, ``_accel_random``): the tile's element
+  ``(r, c)`` is the leaf's flat element ``first + r * row_stride + c``, and draws its bits."""
+
+  key: Any  # the leaf's raw uint32[2] key
+  first: Any  # int32 scalars (the flat index modulo 2**32; leaves of fewer than 2**32 elements)
+  row_stride: Any
+
+
+def random_bits(key: jax.Array | TileKey, shape: tuple[int, ...]) -> jax.Array:
+  """``jax.random.bits(key, shape, uint32)``; for a `TileKey`, the leaf's bits at the tile's
+  elements: threefry of each element's flat index, as ``jax.random.bits`` draws them."""
+  if not isinstance(key, TileKey):
+    return jax.random.bits(key, shape, jnp.uint32)
+  rows = lax.broadcasted_iota(jnp.int32, shape, 0)
+  columns = lax.broadcasted_iota(jnp.int32, shape, 1)
+  index = key.first + rows * key.row_stride + columns  # int32 wraps as uint32 does
+  lo = lax.bitcast_convert_type(index, jnp.uint32)
+  k = key.key
+  bits1, bits2 = threefry2x32_p.bind(k[0], k[1], jnp.zeros_like(lo), lo)
+  return bits1 ^ bits2
+
+
+def stochastic_round_bf16(x: jax.Array, key: jax.Array | TileKey) -> jax.Array:
   """float32 `x` to bfloat16, rounded away from zero with probability (low 16 bits) / 2**16.
 
   ``E[result] = x`` for every finite `x` whose rounding up stays finite;
-  infinities and NaNs are converted as by ``astype``. `key`: a raw uint32[2] PRNG key.
+  infinities and NaNs are converted as by ``astype``. `key`: a raw uint32[2] PRNG key (or
+  a `TileKey`: `x` a tile of the leaf).
   """
   x = x.astype(jnp.float32)
   bits = lax.bitcast_convert_type(x, jnp.uint32)
-  noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+  noise = random_bits(key, x.shape) >> 16
   truncated = bits & jnp.uint32(0xFFFF0000)
   up = noise < (bits & jnp.uint32(0xFFFF))
   rounded = jnp.where(up, truncated + jnp.uint32(0x10000), truncated)

@@ -133,6 +133,12 @@ def cases() -> list[Case]:
       param_dtype="bfloat16",
     ),
     Case(
+      "bf16 params, stochastic rounding, fused_step",
+      lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="stochastic"),
+      param_dtype="bfloat16",
+      fused=True,
+    ),
+    Case(
       "bf16 params, Kahan",
       lambda: adamw_jax.adamw(1e-3, mu_dtype=bf16, nu_dtype=bf16, param_rounding="kahan"),
       param_dtype="bfloat16",
@@ -165,6 +171,7 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
   # The kernels write the parameters: no update for optax.apply_updates to read back.
   "8-bit moments, fused_step": ("FSDP/4", "1 device"),
   "4-bit moments, fused_step": ("FSDP/4", "1 device"),
+  "bf16 params, stochastic rounding, fused_step": ("FSDP/4", "1 device"),
 }
 
 # Quantized moments' steps compile in under 10 s here (issue 24); checked at twice that, for
@@ -190,6 +197,7 @@ OVER_TEMP: set[tuple[str, str, str]] = {
   ("4-bit moments", "H100 1x1x4", "ZeRO-1/4"),
   ("4-bit moments", "H100 1x1x4", "1 device"),
   ("bf16 params, stochastic rounding", "H100 1x1x4", "ZeRO-1/4"),
+  ("bf16 params, stochastic rounding, fused_step", "H100 1x1x4", "ZeRO-1/4"),
   ("8-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),
   ("8-bit moments, fused_step", "H100 1x1x4", "ZeRO-1/4"),
   ("4-bit moments, fused_step", "TPU v5e 2x2", "ZeRO-1/4"),

@@ -22,6 +22,7 @@ LONGEST = (
   "test_notebooks.py",
   "test_remainder.py",
   "test_lowmem.py",
+  "test_accel_random.py",
   "test_fidelity.py",
   "test_properties.py",
   "test_optax_ported.py",
