@@ -29,7 +29,7 @@ SHAPES = {
 }
 
 
-def _problem(steps: int = 3):
+def _problem(steps: int = 2):
   rng = np.random.default_rng(0)
   bf16 = jnp.bfloat16
   params = {k: jnp.asarray(rng.standard_normal(s), bf16) for k, s in SHAPES.items()}
@@ -124,7 +124,7 @@ SHARDED = textwrap.dedent(
   import test_accel_random as t
   _native.enabled = lambda: False
   mesh = jax.make_mesh((4,), ("d",))
-  params, grads = t._problem(steps=2)
+  params, grads = t._problem(steps=1)
   spec = lambda x: P("d") if x.shape[0] % 4 == 0 else P()
   put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), tree)
   params, grads = put(params), [put(g) for g in grads]
