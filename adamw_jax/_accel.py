@@ -513,42 +513,52 @@ def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
   return mesh, (axes if rows % count == 0 else ())
 
 
-def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | None:
-  """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them.
+def on_mesh(arrays: dict[str, Any], whole: set[str], takes: Callable, run: Callable) -> Any:
+  """A kernel on each device's rows of the leaf ``arrays["g"]`` (`_placement`); None where it
+  does not take them.
+
+  `whole`: the keys of the arrays each device takes whole (the scalars); the others, and every
+  output, are split along the leaf's first axis. `takes(shape)`: whether the kernel takes a
+  device's rows of that shape; `run(arrays, index)`: the kernel on one device's arrays, `index`
+  the device's position along the axes that split them (0 where none do).
 
   A mesh of one device is mapped too: inside :func:`jax.shard_map` Pallas reads the TPU's kind
   (for 1-D blocks: `_codes_view`) from the mesh, not from the host's default device (compiled
   from a CPU host, the CPU).
   """
   g = arrays["g"]
-  leaf_shape = tuple(g.shape)
-  placed = _placement(g, leaf_shape[0] if leaf_shape else 1)
-  interpret = _INTERPRET.get()
+  shape = tuple(g.shape)
+  placed = _placement(g, shape[0] if shape else 1)
   if placed is None:
-    if not _takes(spec, target, leaf_shape):
-      return None
-    return _local(spec=spec, target=target, arrays=arrays, interpret=interpret)
+    return run(arrays, 0) if takes(shape) else None
   mesh, axes = placed
   count = math.prod(mesh.shape[a] for a in axes)
-  local = (leaf_shape[0] // count, *leaf_shape[1:])
-  blocks = math.prod(local) // spec.block_size
-  if not _takes(spec, target, local) or blocks * spec.block_size != math.prod(local):
+  if not takes((shape[0] // count, *shape[1:])):
     return None
   split = P(axes if axes else None)
-  n = len(arrays["codes"])
-  each = {"codes": [split] * n, "scales": [split] * n}
-  in_specs = {k: split for k in ("g", "p", "buffer") if k in arrays} | each
-  in_specs |= {"floats": P(), "z": P()}
-  out_specs = {"out": split, **each} | ({"buffer": split} if "buffer" in arrays else {})
+  in_specs = {k: P() if k in whole else jax.tree.map(lambda _: split, v) for k, v in arrays.items()}
   mapped = jax.shard_map(
-    lambda a: _local(spec=spec, target=target, arrays=a, interpret=interpret),
+    lambda a: run(a, jax.lax.axis_index(axes) if axes else 0),
     mesh=mesh,
     in_specs=(in_specs,),
-    out_specs=out_specs,
+    out_specs=split,
     axis_names=set(mesh.axis_names),
     check_vma=False,
   )
   return mapped(arrays)
+
+
+def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | None:
+  """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them."""
+  interpret = _INTERPRET.get()
+
+  def takes(shape):
+    return _takes(spec, target, shape) and math.prod(shape) % spec.block_size == 0
+
+  def run(a, index):
+    return _local(spec=spec, target=target, arrays=a, interpret=interpret)
+
+  return on_mesh(arrays, {"floats", "z"}, takes, run)
 
 
 @functools.cache

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from adamw_jax import _accel, _lowprec, _moments, _steer, _writes
 
@@ -144,37 +143,13 @@ def _local(spec: Spec, arrays: dict[str, Any], interpret: bool = False):
 
 def _step(spec: Spec, arrays: dict[str, Any]) -> list | None:
   """The kernel on the leaf's mesh (each device's rows); None where it does not take them."""
-  g = arrays["g"]
-  shape = tuple(g.shape)
   interpret = _accel._INTERPRET.get()
-  placed = _accel._placement(g, shape[0] if shape else 1)
-  if placed is None:
-    first = jnp.zeros((1,), jnp.int32)
-    return _local(spec, arrays | {"first": first}, interpret) if _takes(shape) else None
-  mesh, axes = placed
-  count = math.prod(mesh.shape[a] for a in axes)
-  local = (shape[0] // count, *shape[1:])
-  if not _takes(local):
-    return None
-  split = P(axes if axes else None)
 
-  def device(a):
-    index = lax.axis_index(axes) if axes else 0
-    first = jnp.reshape(index * math.prod(local), (1,)).astype(jnp.int32)  # wraps as the index
+  def run(a, index):
+    first = jnp.reshape(index * math.prod(a["g"].shape), (1,)).astype(jnp.int32)  # wraps
     return _local(spec, a | {"first": first}, interpret)
 
-  n = len(arrays["moments"])
-  in_specs = {"g": split, "p": split, "moments": [split] * n}
-  in_specs |= {"floats": P(), "z": P(), "key": P()}
-  mapped = jax.shard_map(
-    device,
-    mesh=mesh,
-    in_specs=(in_specs,),
-    out_specs=[split] * (1 + n),
-    axis_names=set(mesh.axis_names),
-    check_vma=False,
-  )
-  return mapped(arrays)
+  return _accel.on_mesh(arrays, {"floats", "z", "key"}, _takes, run)
 
 
 def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z, key):
