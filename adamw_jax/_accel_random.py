@@ -169,5 +169,6 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z, key)
       return through(g, moments, p, buffer, c, decay, z, key)
     return result[0], result[1:], buffer
 
-  out = jax.eval_shape(through, *args)
+  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out = (like(p), [like(x) for x in moments], None)  # the new parameter, the moments
   return _steer.per_platform(through, through, *args, out=out, tpu=tpu)
