@@ -500,7 +500,7 @@ def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh.shape:  # a mesh of one device takes `jax.shard_map` too: see `step`
+  if mesh is None or not mesh.shape:  # a mesh of one device is mapped too (`on_mesh`)
     return None
   if all(t == AxisType.Explicit for t in mesh.axis_types):
     assert sharding is not None  # it has a mesh

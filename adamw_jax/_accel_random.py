@@ -14,7 +14,7 @@ there (14.0 B/param).
 The leaf as ``(rows, columns)``, its last axis (a multiple of 128) the columns (a flat leaf:
 rows of 128), ``rows`` a multiple of 16 (bfloat16's tiles); tiles of whole rows, stepped 16
 rows by at most 512 columns at a time. Other leaves keep the XLA path. On a mesh the kernel runs on each
-device's rows (``_accel.step``'s layouts): a device's first element is its index along the
+device's rows (``_accel.on_mesh``): a device's first element is its index along the
 axes that split the leaf's first axis times its elements.
 """
 
