@@ -228,7 +228,9 @@ def _tpu_body(spec: Spec, n: int, group: int, flat_scales: bool):
   def kernel(*refs):
     r = _refs(spec, n, refs[: len(refs) - extra])
     scratch = refs[len(refs) - extra :]
-    wide, packed, held = scratch[:n], scratch[n : 2 * n], scratch[len(scratch) - n :]
+    wide = scratch[:n]
+    packed = list(scratch[n : 2 * n]) if nibbles else []  # 4-bit: the codes' int32 copy
+    held = list(scratch[len(scratch) - n :]) if flat_scales else []  # the scales as rows
     rows, columns = r.g.shape
     blocks = columns // bs
     lay = _accel_nibbles.Nibbles(rows, columns, bs)

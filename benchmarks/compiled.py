@@ -177,6 +177,12 @@ AT_FLOOR: dict[str, tuple[str, ...]] = {
 # Quantized moments' steps compile in under 10 s here (issue 24); checked at twice that, for
 # noise. XLA:TPU slicing the kernels' operands into VMEM once took 57 s (`_accel._call`).
 COMPILE_LIMIT_S = 20
+COMPILE_LIMITED = (
+  "8-bit moments",
+  "4-bit moments",
+  "8-bit moments, fused_step",
+  "4-bit moments, fused_step",
+)
 
 # Rows whose temporaries exceed 1 % of the state (under ZeRO-1: optax's + 1 %), measured by
 # the last full run and not yet removed (issue 24, item 5; issue 25). --check fails on any
@@ -450,7 +456,7 @@ def problems(row: Row, rows: list[Row] | None = None, quick: bool = False) -> li
     )
   if not over and key in OVER_TEMP:
     found.append(f"temporaries {row.temp} B within {temp_allowed:.0f} B: remove it from OVER_TEMP")
-  if "bit moments" in row.case and row.compile_s > COMPILE_LIMIT_S:
+  if row.case in COMPILE_LIMITED and row.compile_s > COMPILE_LIMIT_S:
     found.append(f"compiled in {row.compile_s:.0f} s > {COMPILE_LIMIT_S} s")
   floor = max(row.floor, peer.moved) if zero1 else row.floor
   if row.layout in AT_FLOOR.get(row.case, ()) and row.moved > 1.1 * floor:

@@ -65,3 +65,9 @@ def test_a_quantized_step_that_compiles_slowly_fails_the_check():
   assert any(p.startswith("compiled in 57 s") for p in slow), slow
   assert not compiled.problems(row("4-bit moments, fused_step", 5.0))
   assert not compiled.problems(row("bf16 params, stochastic rounding", 57.0))
+
+
+def test_the_compile_limit_names_cases_that_exist():
+  names = {c.name for c in compiled.cases()}
+  assert set(compiled.COMPILE_LIMITED) <= names, set(compiled.COMPILE_LIMITED) - names
+  assert {n for n in names if "-bit moments" in n} == set(compiled.COMPILE_LIMITED)

@@ -91,12 +91,13 @@ def _trajectory(
   p = jax.tree.map(jnp.asarray, params)
   s = tx.init(p)
   g0 = jax.tree.map(jnp.asarray, grads(0))
-  called = _targets(step, g0, s, p)
+  jitted = jax.jit(step)
+  called = _targets(jitted, g0, s, p)  # traced and lowered once: the steps below reuse it
   if isinstance(serves, str):
     assert (serves in called) == native and (native or not called), called
   else:
     assert bool(called) == (native and serves), "native call presence"
-  out, jitted = [], jax.jit(step)
+  out = []
   for t in range(steps):
     p, s = jitted(jax.tree.map(jnp.asarray, grads(t)), s, p)
     out.append((p, s))
