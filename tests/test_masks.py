@@ -854,6 +854,10 @@ _RECIPE_CHECKS = {
 
 def test_docs_have_the_three_recipes_and_groups():
   assert set(_docs_recipes()) == {*_RECIPE_CHECKS, "Parameter groups: torch's `param_groups`"}
+  # The recipes are every python block of the page (tests/test_docs.py leaves the page to us).
+  page = docs_pages.blocks(docs_pages.page("masks.md"))
+  recipes = [b for blocks in _docs_recipes().values() for b in blocks]
+  assert {b.line for b in page if b.lang == "python"} <= {b.line for b in recipes}
 
 
 @pytest.mark.parametrize(
