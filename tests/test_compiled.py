@@ -71,3 +71,19 @@ def test_the_compile_limit_names_cases_that_exist():
   names = {c.name for c in compiled.cases()}
   assert set(compiled.COMPILE_LIMITED) <= names, set(compiled.COMPILE_LIMITED) - names
   assert {n for n in names if "-bit moments" in n} == set(compiled.COMPILE_LIMITED)
+
+
+def test_a_listed_row_whose_temporaries_grow_fails_the_check():
+  key = ("8-bit moments", "TPU v5e 2x2", "FSDP/4")
+  ceiling = compiled.OVER_TEMP[key]
+
+  def row(temp_mib: float) -> compiled.Row:
+    r = compiled.Row(*key, state=80 * MIB, temp=int(temp_mib * MIB))
+    r.alias = r.param_bytes + r.state
+    return r
+
+  assert not compiled.problems(row(ceiling))  # above 1 % of the state, as listed
+  grown = compiled.problems(row(1.2 * ceiling))
+  assert any("OVER_TEMP's, measured" in p for p in grown), grown
+  gone = compiled.problems(row(0.5))  # within 1 %: the list must shrink
+  assert any("remove it from OVER_TEMP" in p for p in gone), gone
