@@ -279,11 +279,13 @@ def _jax_tree(shapes: dict, seed: int, scale: float):
   import jax
   import jax.numpy as jnp
 
+  from benchmarks import workloads
+
   leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-  sizes = [math.prod(s) for s in leaves]
   # One draw for the whole tree, cut into leaves by one program (a draw per leaf compiled
   # once per shape: most of a --quick run).
-  flat = scale * jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32)
+  n, _ = workloads.count(shapes)
+  flat = scale * jax.random.normal(jax.random.key(seed), (n,), jnp.float32)
   return jax.tree.unflatten(treedef, _cutter(tuple(leaves))(flat))
 
 
