@@ -125,6 +125,10 @@ def quantized_zeros(p, q: Quantization) -> _quantize.QuantizedMoment:
   if not isinstance(p, jax.core.Tracer):
     target = _blocks_sharding(p.sharding, p.ndim) if hasattr(p, "sharding") else None
     put = lambda x: x if target is None else jax.device_put(x, target)
+    if isinstance(target, jax.sharding.SingleDeviceSharding):
+      # On p's device, committed to it only if p is (as zeros_like): committed codes and scales
+      # beside uncommitted params would make a jitted step's second call a second compile.
+      put = lambda x: jnp.zeros_like(p, dtype=x.dtype, shape=x.shape)
     codes = zeros(p, jnp.uint8) if bits == 8 else put(zero.codes)
     return zero._replace(codes=codes, scale=put(zero.scale))
   sharding = jax.typeof(p).sharding

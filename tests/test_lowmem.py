@@ -644,3 +644,37 @@ def test_defaults_keep_the_plain_state():
   params = {"w": jnp.ones(3)}
   for tx in (adamw_jax.adamw(), adamw_jax.adam(), adamw_jax.scale_by_adam()):
     assert type(tx.init(params)) is adamw_jax.ScaleByAdamState
+
+
+@pytest.mark.parametrize(
+  "kwargs, dtype",
+  [
+    ({"moment_bits": 8}, jnp.float32),
+    ({"moment_bits": 8, "amsgrad": True}, jnp.float32),
+    ({"moment_bits": 4}, jnp.float32),
+    ({"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}, jnp.float32),
+    ({"param_rounding": "stochastic"}, jnp.bfloat16),
+    ({"param_rounding": "kahan", "moment_bits": 4}, jnp.bfloat16),
+    ({"param_rounding": "remainder"}, jnp.bfloat16),
+  ],
+)
+def test_the_state_is_committed_to_a_device_exactly_when_the_params_are(kwargs, dtype):
+  # A committed state leaf beside uncommitted params makes the jitted step's outputs
+  # committed, so its second call is a second compile (once, of the whole training step).
+  tx = adamw_jax.adamw(1e-3, **kwargs)
+  params = {"w": jnp.ones((64, 512), dtype), "small": jnp.ones((3,), dtype)}
+  for p, committed in ((params, False), (jax.device_put(params, jax.devices()[0]), True)):
+    state = tx.init(p)
+    # The count (and stochastic rounding's key) are made apart from the params, uncommitted
+    # as optax's count.
+    apart = {f: None for f in ("count", "key") if getattr(state, f, None) is not None}
+    leaves = jax.tree_util.tree_leaves_with_path(state._replace(**apart))
+    assert {jax.tree_util.keystr(k) for k, x in leaves if x.committed != committed} == set()
+    assert {x.devices().pop() for _, x in leaves} == {jax.devices()[0]}
+    assert not any(getattr(state, f).committed for f in apart)
+
+  step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))
+  state = tx.init(params)
+  p1, s1 = step(params, state, params)
+  p2, s2 = step(params, s1, p1)
+  assert {x.committed for x in jax.tree.leaves((p1, s1, p2, s2))} == {False}
