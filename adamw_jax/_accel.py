@@ -39,7 +39,6 @@ devices' shards then laid out as the step's outputs ask (gathered for a replicat
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 from collections.abc import Callable
@@ -51,21 +50,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
 
-from adamw_jax import _accel_nibbles, _kernel, _quantize, _steer, _writes
+from adamw_jax import _accel_nibbles, _kernel, _pallas, _quantize, _steer, _writes
 
-_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("interpret", default=False)
 _GPU_BLOCKS = 2  # blocks a GPU tile (a power of two)
-_TPU_TILE_BYTES = 1 << 20  # the largest float32 tile of a TPU kernel's working values
 _TPU_COLUMNS = 8192  # the widest flat view of a TPU kernel
-_TPU_VMEM = 64 << 20  # what a TPU kernel may hold in VMEM (v5e and v6e have 128 MiB)
-# A TPU kernel's array operands are constrained to HBM: it pipelines its own tiles into VMEM.
-# Unconstrained, XLA:TPU's memory-space assignment prefetched whole operands (and slices of
-# them) into VMEM ahead of each call, searching slice orders: a step of 8 leaves of 2048x2048
-# with 8-bit moments, fused and sharded over 4 chips, compiled in 82 s instead of 2 s, and kept
-# 1.2 MiB of temporaries.
 
 
 class Spec(NamedTuple):
@@ -94,37 +83,6 @@ def _kernel_takes(g, moments, p) -> bool:
   return all(jnp.issubdtype(d, jnp.floating) and jnp.dtype(d).itemsize <= 4 for d in dtypes)
 
 
-@contextlib.contextmanager
-def interpreted():
-  """Kernels traced meanwhile run in Pallas' interpreter (on any platform: the tests, on a CPU)."""
-  token = _INTERPRET.set(True)
-  try:
-    yield
-  finally:
-    _INTERPRET.reset(token)
-
-
-# ---------------------------------------------------------------- scalars
-
-
-def _pack_scalars(c: _kernel.Coefficients, decay, z) -> tuple[jax.Array, jax.Array]:
-  """The step's scalars as one float32 vector (the coefficients, then the decay) and z."""
-  values = [x for x in c if x is not None] + ([] if decay is None else [decay])
-  floats = jnp.stack([jnp.asarray(x, jnp.float32) for x in values])
-  floats = jnp.pad(floats, (0, 8 - floats.shape[0]))
-  return floats, jnp.reshape(z, (1,)).astype(jnp.int32)
-
-
-def _unpack_scalars(floats, eps_root: bool, decayed: bool):
-  """`_pack_scalars` backwards: (coefficients, decay), those absent None."""
-  it = iter(range(8))
-  fields = {}
-  for name in _kernel.Coefficients._fields:
-    fields[name] = None if (name == "eps_root" and not eps_root) else floats[next(it)]
-  decay = floats[next(it)] if decayed else None
-  return _kernel.Coefficients(**fields), decay
-
-
 # ---------------------------------------------------------------- the tile
 
 
@@ -138,13 +96,13 @@ def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
     _quantize.dequantize_blocks(k, s, signed, spec.bits)
     for k, s, signed in zip(codes, scales, spec.moments)
   ]
-  c, decay = _unpack_scalars(floats, spec.eps_root, spec.decayed)
+  c, decay = _pallas.unpack_scalars(floats, spec.eps_root, spec.decayed)
   how = spec.how._replace(z=z)
   m, v = moments[0], moments[1]
   vm = moments[2] if len(moments) > 2 else None
   # Compiled, the body takes each platform choice's `default` (what XLA does on that platform);
   # interpreted on a CPU (the tests), XLA:CPU's own branches, as the XLA path there.
-  inside = contextlib.nullcontext() if _INTERPRET.get() else _steer.in_kernel()
+  inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.in_kernel()
   with inside:
     out, m, v, vm, buffer = spec.writer.step(g, m, v, vm, p, c, decay, buffer, None, how)
   new = [m, v] + ([vm] if vm is not None else [])
@@ -317,7 +275,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
       scratch += [pltpu.VMEM(held, jnp.float32) for _ in range(n)]
     scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
     grid = (rows // tile,)
-    params = pltpu.CompilerParams(vmem_limit_bytes=_TPU_VMEM)
+    params = pltpu.CompilerParams(vmem_limit_bytes=_pallas.TPU_VMEM)
     group = min(16 if narrow else 8, tile)
     body = _tpu_body(spec, n, group, flat_scales)
   else:
@@ -347,7 +305,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   if spec.has_params and jnp.dtype(p.dtype) == jnp.dtype(spec.out_dtype) and spec.how.fused:
     aliases[3] = 0
   arrays = (*leaf, *codes, *scales)
-  if target == "tpu" and not interpret:  # in HBM (the note at `_TPU_VMEM`)
+  if target == "tpu" and not interpret:  # in HBM (the note at `_pallas.TPU_VMEM`)
     arrays = tuple(pltpu.with_memory_space_constraint(x, pltpu.HBM) for x in arrays)
   return pl.pallas_call(
     body,
@@ -368,28 +326,19 @@ def _tpu_rows(spec: Spec, rows: int, columns: int, group: int) -> int | None:
   4-bit: its codes and scales whole rows of their views (`_accel_nibbles.Nibbles`): ``tile * columns`` a
   multiple of 8 rows of 16384 scales, and of `group`; None where no tile fits.
   """
-  most = max(1, _TPU_TILE_BYTES // (4 * columns))
+  most = max(1, _pallas.TPU_TILE_BYTES // (4 * columns))
   if spec.bits == 4:
     if rows == 1:
-      return 1 if columns * 4 <= 4 * _TPU_TILE_BYTES else None
+      return 1 if columns * 4 <= 4 * _pallas.TPU_TILE_BYTES else None
     unit = math.lcm(group, max(1, 8 * 16384 // columns))
     tile = unit
     while tile * 2 <= most and rows % (tile * 2) == 0:
       tile *= 2
-    if rows % tile == 0 and tile * columns * 4 <= 4 * _TPU_TILE_BYTES:
+    if rows % tile == 0 and tile * columns * 4 <= 4 * _pallas.TPU_TILE_BYTES:
       return tile
     whole = rows * columns % 16384 == 0 and rows % group == 0
-    return rows if whole and rows * columns * 4 <= 4 * _TPU_TILE_BYTES else None
-  return _tile8(rows, columns)
-
-
-def _tile8(rows: int, columns: int) -> int:
-  """Rows a TPU tile of 8-bit codes: a divisor of `rows`, a multiple of 32 unless all of them."""
-  most = max(1, _TPU_TILE_BYTES // (4 * columns))
-  for tile in (256, 128, 64, 32):
-    if tile <= most and rows % tile == 0:
-      return tile
-  return rows
+    return rows if whole and rows * columns * 4 <= 4 * _pallas.TPU_TILE_BYTES else None
+  return _pallas.tile8(rows, columns)
 
 
 # ---------------------------------------------------------------- one device, then the mesh
@@ -421,7 +370,7 @@ def _view(target: str, leaf_shape: tuple[int, ...], block_size: int, bits: int =
   # it (or one tile takes them all) and a scale row holds whole rows of the leaf (or the
   # reverse); else as ``(rows, q)``, which XLA relays out (8 lanes of 128 for blocks of 256 in
   # 2048 columns: 16 times their bytes) and back.
-  tile = _tile8(rows, columns)
+  tile = _pallas.tile8(rows, columns)
   whole = tile * q % 1024 == 0 or (tile == rows and rows * q % 128 == 0)
   if (128 % q == 0 or q % 128 == 0) and whole:
     return (rows, columns), (rows * q // 128, 128)
@@ -456,7 +405,9 @@ def _takes(spec: Spec, target: str, leaf_shape: tuple[int, ...]) -> bool:
     )
     return block_size == 128 and lanes and _tpu_rows(spec, rows, columns, 16) is not None
   tile = _tpu_rows(spec, rows, columns, 8)
-  return columns % 128 == 0 and tile is not None and tile * columns * 4 <= 4 * _TPU_TILE_BYTES
+  return (
+    columns % 128 == 0 and tile is not None and tile * columns * 4 <= 4 * _pallas.TPU_TILE_BYTES
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "target", "interpret"))
@@ -494,65 +445,9 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
   }
 
 
-def _placement(x, rows: int) -> tuple[Any, tuple[str, ...]] | None:
-  """(mesh, the axes a leaf's first axis is split over) for :func:`jax.shard_map`; None: one device.
-
-  Explicit axes: the leaf's own; automatic: every axis of the mesh, if they split its rows
-  evenly, else none (module docstring).
-  """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh.shape:  # a mesh of one device is mapped too (`on_mesh`)
-    return None
-  if all(t == AxisType.Explicit for t in mesh.axis_types):
-    assert sharding is not None  # it has a mesh
-    spec = tuple(sharding.spec)
-    first = spec[0] if spec else None
-    axes = () if first is None else ((first,) if isinstance(first, str) else tuple(first))
-  else:
-    axes = tuple(mesh.axis_names)
-  count = math.prod(mesh.shape[a] for a in axes)
-  return mesh, (axes if rows % count == 0 else ())
-
-
-def on_mesh(arrays: dict[str, Any], whole: set[str], takes: Callable, run: Callable) -> Any:
-  """A kernel on each device's rows of the leaf ``arrays["g"]`` (`_placement`); None where it
-  does not take them.
-
-  `whole`: the keys of the arrays each device takes whole (the scalars); the others, and every
-  output, are split along the leaf's first axis. `takes(shape)`: whether the kernel takes a
-  device's rows of that shape; `run(arrays, index)`: the kernel on one device's arrays, `index`
-  the device's position along the axes that split them (0 where none do).
-
-  A mesh of one device is mapped too: inside :func:`jax.shard_map` Pallas reads the TPU's kind
-  (for 1-D blocks: `_codes_view`) from the mesh, not from the host's default device (compiled
-  from a CPU host, the CPU).
-  """
-  g = arrays["g"]
-  shape = tuple(g.shape)
-  placed = _placement(g, shape[0] if shape else 1)
-  if placed is None:
-    return run(arrays, 0) if takes(shape) else None
-  mesh, axes = placed
-  count = math.prod(mesh.shape[a] for a in axes)
-  if not takes((shape[0] // count, *shape[1:])):
-    return None
-  split = P(axes if axes else None)
-  in_specs = {k: P() if k in whole else jax.tree.map(lambda _: split, v) for k, v in arrays.items()}
-  mapped = jax.shard_map(
-    lambda a: run(a, jax.lax.axis_index(axes) if axes else 0),
-    mesh=mesh,
-    in_specs=(in_specs,),
-    out_specs=split,
-    axis_names=set(mesh.axis_names),
-    check_vma=False,
-  )
-  return mapped(arrays)
-
-
 def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | None:
   """One leaf's step on its mesh: the kernel on each device's rows; None where it does not take them."""
-  interpret = _INTERPRET.get()
+  interpret = _pallas.INTERPRET.get()
 
   def takes(shape):
     return _takes(spec, target, shape) and math.prod(shape) % spec.block_size == 0
@@ -560,7 +455,7 @@ def step(spec: Spec, target: str, arrays: dict[str, Any]) -> dict[str, Any] | No
   def run(a, index):
     return _local(spec=spec, target=target, arrays=a, interpret=interpret)
 
-  return on_mesh(arrays, {"floats", "z"}, takes, run)
+  return _pallas.on_mesh(arrays, {"floats", "z"}, takes, run)
 
 
 @functools.cache
@@ -600,7 +495,7 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
 
   def kernel(target: str):
     def run(g, moments, p, buffer, c, decay, z):
-      floats, z1 = _pack_scalars(c, decay, z)
+      floats, z1 = _pallas.pack_scalars(c, decay, z)
       arrays: dict[str, Any] = {"g": g, "floats": floats, "z": z1}
       arrays |= {"codes": [q.codes for q in moments], "scales": [q.scale for q in moments]}
       if spec.has_params:

@@ -14,7 +14,7 @@ there (14.0 B/param).
 The leaf as ``(rows, columns)``, its last axis (a multiple of 128) the columns (a flat leaf:
 rows of 128), ``rows`` a multiple of 16 (bfloat16's tiles); tiles of whole rows, stepped 16
 rows by at most 512 columns at a time. Other leaves keep the XLA path. On a mesh the kernel runs on each
-device's rows (``_accel.on_mesh``): a device's first element is its index along the
+device's rows (``_pallas.on_mesh``): a device's first element is its index along the
 axes that split the leaf's first axis times its elements.
 """
 
@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from adamw_jax import _accel, _lowprec, _moments, _steer, _writes
+from adamw_jax import _lowprec, _moments, _pallas, _steer, _writes
 
 _GROUP = 16  # rows a step of the kernel's loop (bfloat16 tiles)
 _CHUNK = 512  # the most columns a step of its loop (threefry's values held in vector registers)
@@ -76,7 +76,7 @@ def _takes(shape: tuple[int, ...]) -> bool:
   rows, columns = _view(shape)
   if rows * columns != math.prod(shape) or columns % 128 or rows == 0:
     return False
-  tile = _accel._tile8(rows, columns)
+  tile = _pallas.tile8(rows, columns)
   return rows % _GROUP == 0 and tile % _GROUP == 0 and rows * columns < 2**32
 
 
@@ -86,7 +86,7 @@ def _body(spec: Spec, n: int):
     tile, columns = g.shape
     chunk = math.gcd(columns, _CHUNK)
     chunks = columns // chunk
-    c, decay = _accel._unpack_scalars(floats, spec.eps_root, spec.decayed)
+    c, decay = _pallas.unpack_scalars(floats, spec.eps_root, spec.decayed)
     how = spec.how._replace(z=z[0])
     key = (key[0], key[1])
     first = first[0] + pl.program_id(0) * (tile * columns)  # int32 wraps as the index does
@@ -99,7 +99,7 @@ def _body(spec: Spec, n: int):
       loaded = [_moments.load(x[at], s, shape) for x, s in zip(moments, spec.signs)]
       m, v, vm = (*loaded, None)[:3]
       tile_key = _lowprec.TileKey(key, first + r0 * columns + c0, columns)
-      inside = contextlib.nullcontext() if _accel._INTERPRET.get() else _steer.in_kernel()
+      inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.in_kernel()
       with inside:
         o, *stepped, _ = spec.writer.step(g[at], m, v, vm, p[at], c, decay, None, tile_key, how)
       out[at] = o.astype(out.dtype)
@@ -119,11 +119,11 @@ def _local(spec: Spec, arrays: dict[str, Any], interpret: bool = False):
   shape = tuple(g.shape)
   rows, columns = _view(shape)
   as2 = lambda x: x.reshape(rows, columns)
-  tile = _accel._tile8(rows, columns)
+  tile = _pallas.tile8(rows, columns)
   data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
   scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
   leaf = [as2(g), as2(p), *map(as2, moments)]
-  if not interpret:  # in HBM (the note at `_accel._TPU_VMEM`)
+  if not interpret:  # in HBM (the note at `_pallas.TPU_VMEM`)
     leaf = [pltpu.with_memory_space_constraint(x, pltpu.HBM) for x in leaf]
   n = len(moments)
   aliases = {6 + i: 1 + i for i in range(n)} | ({5: 0} if spec.how.fused else {})
@@ -136,20 +136,20 @@ def _local(spec: Spec, arrays: dict[str, Any], interpret: bool = False):
     out_shape=[jax.ShapeDtypeStruct((rows, columns), p.dtype)]
     + [jax.ShapeDtypeStruct((rows, columns), x.dtype) for x in moments],
     input_output_aliases=aliases,
-    compiler_params=pltpu.CompilerParams(vmem_limit_bytes=_accel._TPU_VMEM),
+    compiler_params=pltpu.CompilerParams(vmem_limit_bytes=_pallas.TPU_VMEM),
   )(arrays["floats"], arrays["z"], arrays["key"], arrays["first"], *leaf)
   return [x.reshape(shape) for x in outs]
 
 
 def _step(spec: Spec, arrays: dict[str, Any]) -> list | None:
   """The kernel on the leaf's mesh (each device's rows); None where it does not take them."""
-  interpret = _accel._INTERPRET.get()
+  interpret = _pallas.INTERPRET.get()
 
   def run(a, index):
     first = jnp.reshape(index * math.prod(a["g"].shape), (1,)).astype(jnp.int32)  # wraps
     return _local(spec, a | {"first": first}, interpret)
 
-  return _accel.on_mesh(arrays, {"floats", "z", "key"}, _takes, run)
+  return _pallas.on_mesh(arrays, {"floats", "z", "key"}, _takes, run)
 
 
 def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z, key):
@@ -162,7 +162,7 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z, key)
   spec = spec._replace(how=spec.how._replace(z=None))
 
   def tpu(g, moments, p, buffer, c, decay, z, key):
-    floats, z1 = _accel._pack_scalars(c, decay, z)
+    floats, z1 = _pallas.pack_scalars(c, decay, z)
     arrays = {"g": g, "p": p, "moments": moments, "floats": floats, "z": z1, "key": key}
     result = _step(spec, arrays)
     if result is None:

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import adamw_jax
-from adamw_jax import _accel, _native, _steer
+from adamw_jax import _native, _pallas, _steer
 
 
 @pytest.fixture(params=["tpu", "gpu"])
@@ -37,7 +37,7 @@ def kernel(request, monkeypatch):
   monkeypatch.setattr(_steer, "per_platform", choose)
   # The CPU's native kernel serves quantized leaves too: off, so the leaves reach the hooks.
   monkeypatch.setattr(_native, "enabled", lambda: False)
-  with _accel.interpreted():
+  with _pallas.interpreted():
     yield taken
 
 
@@ -101,13 +101,17 @@ def _run(make, dtype, fused: bool, shapes=PARAMS):
   params, grads = _problem(dtype, shapes=shapes)
   state = tx.init(params)
   outs = []
+  # Each kernel's step is done before anything else is dispatched: an interpreted kernel's
+  # callbacks dispatch operations of their own, which could wait behind this thread's (under
+  # pytest-xdist, the reference run's init once deadlocked with the kernel's run before it).
+  done = jax.block_until_ready
   for g in grads:
     if fused:
-      params, state = adamw_jax.fused_step(tx, g, state, params)
+      params, state = done(adamw_jax.fused_step(tx, g, state, params))
     else:
-      updates, state = tx.update(g, state, params)
+      updates, state = done(tx.update(g, state, params))
       outs.append(updates)
-      params = optax.apply_updates(params, updates)
+      params = done(optax.apply_updates(params, updates))
   return params, state, outs
 
 
@@ -152,14 +156,14 @@ class _steer_off:
   """The CPU's own path inside a kernel fixture (the real ``per_platform``)."""
 
   def __enter__(self):
-    self.token = _accel._INTERPRET.set(False)
+    self.token = _pallas.INTERPRET.set(False)
     self.patched = _steer.per_platform
     _steer.per_platform = _REAL
     return self
 
   def __exit__(self, *exc):
     _steer.per_platform = self.patched
-    _accel._INTERPRET.reset(self.token)
+    _pallas.INTERPRET.reset(self.token)
 
 
 _REAL = _steer.per_platform

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import adamw_jax
-from adamw_jax import _accel, _accel_random, _lowprec, _native, _steer
+from adamw_jax import _accel_random, _lowprec, _native, _pallas, _steer
 
 SHAPES = {
   "w": (64, 1024),  # two chunks of 512 columns a row group, four row groups (sharded: one)
@@ -46,8 +46,8 @@ def _problem(steps: int = 2):
 def _run(tx):
   params, grads = _problem()
   state = tx.init(params)
-  for g in grads:
-    params, state = adamw_jax.fused_step(tx, g, state, params)
+  for g in grads:  # each step done before the next is dispatched (test_accel's note)
+    params, state = jax.block_until_ready(adamw_jax.fused_step(tx, g, state, params))
   return params, state
 
 
@@ -66,7 +66,7 @@ def _through_kernel(tx, taken, monkeypatch):
 
   monkeypatch.setattr(_steer, "per_platform", choose)
   monkeypatch.setattr(_accel_random, "_local", counted)
-  with _accel.interpreted():
+  with _pallas.interpreted():
     return _run(tx)
 
 
@@ -139,10 +139,11 @@ SHARDED = textwrap.dedent(
       return tpu(*args)
     t._steer.per_platform = choose if taken is not None else real
     try:
-      with t._accel.interpreted():
+      with t._pallas.interpreted():
         p, s = params, tx.init(params)
         for g in grads:
-          p, s = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))(g, s, p)
+          step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))
+          p, s = jax.block_until_ready(step(g, s, p))  # done first (test_accel's note)
         return p, s
     finally:
       t._steer.per_platform = real
