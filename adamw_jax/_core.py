@@ -231,10 +231,12 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
     mu, nu = moments(mu_dtype), moments(nu_dtype)
     nu_max = moments(nu_dtype) if amsgrad else None
-    count = jnp.zeros([], jnp.int32)
+    count = _moments.placed_as(jnp.zeros([], jnp.int32), params)
     if not options.enabled:
       return ScaleByAdamState(count, mu, nu, nu_max)
     state = _lowmem.init_state(options, params, count, mu, nu, nu_max)
+    if state.key is not None:
+      state = state._replace(key=_moments.placed_as(state.key, params))
     # optax's OptState (ArrayTree) has no None, which a pytree node may be (state.key).
     return cast(optax.OptState, state)
 

@@ -82,6 +82,28 @@ def zeros(p, dtype) -> jax.Array:
   return jnp.zeros_like(p, dtype=dtype)
 
 
+def placed_as(x: jax.Array, params) -> jax.Array:
+  """A state's scalar (the count, the key) placed as the concrete `params` all are: on their one
+  device, or replicated on their one mesh; as it is where they are uncommitted, mixed or traced.
+
+  A jitted step's first call then takes its inputs placed as its outputs, which its next calls
+  take: an uncommitted count beside committed parameters (optax's) costs a second compile.
+  """
+  leaves = jax.tree.leaves(params)
+  concrete = lambda p: isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)
+  if not leaves or not all(concrete(p) and p.committed for p in leaves):
+    return x  # traced, uncommitted or host arrays: jit places them
+  shardings = {p.sharding for p in leaves}
+  one = next(iter(shardings))
+  if len(shardings) == 1 and isinstance(one, jax.sharding.SingleDeviceSharding):
+    return jax.device_put(x, one)
+  meshes = {getattr(s, "mesh", None) for s in shardings}
+  mesh = next(iter(meshes))
+  if len(meshes) == 1 and isinstance(mesh, jax.sharding.Mesh):
+    return jax.device_put(x, NamedSharding(mesh, P()))
+  return x
+
+
 def load(x, signed: bool, shape: tuple[int, ...]):
   """A moment as the step reads it: float32 for a quantized one, else as stored."""
   if is_quantized(x):

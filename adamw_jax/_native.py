@@ -249,9 +249,14 @@ def group(
       amsgrad=amsgrad,
     )
     back = []
-    for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
-      back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
-      back += [] if vm is None else [vm_new.astype(vm.dtype)]
+    for (g, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
+      o, m_new, v_new = (
+        _steer.typed(o, g),
+        _steer.typed(m_new.astype(m.dtype), m),
+        _steer.typed(v_new.astype(v.dtype), v),
+      )
+      back += ([] if moments_only else [o]) + [m_new, v_new]
+      back += [] if vm is None else [_steer.typed(vm_new.astype(vm.dtype), vm)]
     return tuple(back)
 
   def pure(scalars, z, *flat):

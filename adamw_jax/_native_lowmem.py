@@ -337,7 +337,10 @@ def group(
     ]
     outs = call(scalars, own, mode=mode, decay=kind, amsgrad=amsgrad, writer=writer, cdtype=cdtype)
     return [
-      (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5])
+      _steer.typed(
+        (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5]),
+        (leaf[0], leaf[1], leaf[2], leaf[3] if amsgrad else None, leaf[5]),
+      )
       for (out, m, v, vm, buffer), leaf in zip(outs, leaves)
     ]
 
@@ -345,9 +348,14 @@ def group(
     del scalars
     return [pure(leaf, coefficients, z) for leaf in leaves]
 
-  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  like = lambda x, of=None: jax.ShapeDtypeStruct(
+    x.shape, x.dtype, sharding=_steer.explicit(x if of is None else of)
+  )
   shapes = [
-    (out_struct(g, p, mode, writer), *jax.tree.map(like, (m, v, vm if amsgrad else None, buffer)))
+    (
+      like(out_struct(g, p, mode, writer), g),
+      *jax.tree.map(like, (m, v, vm if amsgrad else None, buffer)),
+    )
     for g, m, v, vm, p, buffer, _ in leaves
   ]
   return _steer.per_platform(

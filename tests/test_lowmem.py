@@ -649,6 +649,7 @@ def test_defaults_keep_the_plain_state():
 @pytest.mark.parametrize(
   "kwargs, dtype",
   [
+    ({}, jnp.float32),
     ({"moment_bits": 8}, jnp.float32),
     ({"moment_bits": 8, "amsgrad": True}, jnp.float32),
     ({"moment_bits": 4}, jnp.float32),
@@ -658,23 +659,33 @@ def test_defaults_keep_the_plain_state():
     ({"param_rounding": "remainder"}, jnp.bfloat16),
   ],
 )
-def test_the_state_is_committed_to_a_device_exactly_when_the_params_are(kwargs, dtype):
-  # A committed state leaf beside uncommitted params makes the jitted step's outputs
-  # committed, so its second call is a second compile (once, of the whole training step).
+@pytest.mark.parametrize("placed", ["uncommitted", "one device", "a mesh"])
+def test_the_state_is_placed_as_the_params_and_a_jitted_step_compiles_once(kwargs, dtype, placed):
+  # A state leaf committed where the params are not (or the reverse: optax's count beside
+  # committed params) gives the jitted step's second call inputs placed otherwise than the
+  # first's: a second compile, of the whole training step.
   tx = adamw_jax.adamw(1e-3, **kwargs)
   params = {"w": jnp.ones((64, 512), dtype), "small": jnp.ones((3,), dtype)}
-  for p, committed in ((params, False), (jax.device_put(params, jax.devices()[0]), True)):
-    state = tx.init(p)
-    # The count (and stochastic rounding's key) are made apart from the params, uncommitted
-    # as optax's count.
-    apart = {f: None for f in ("count", "key") if getattr(state, f, None) is not None}
-    leaves = jax.tree_util.tree_leaves_with_path(state._replace(**apart))
-    assert {jax.tree_util.keystr(k) for k, x in leaves if x.committed != committed} == set()
-    assert {x.devices().pop() for _, x in leaves} == {jax.devices()[0]}
-    assert not any(getattr(state, f).committed for f in apart)
-
-  step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))
+  if placed == "one device":
+    params = jax.device_put(params, jax.devices()[0])
+  elif placed == "a mesh":
+    mesh = jax.make_mesh((1,), ("d",))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P("d")))
   state = tx.init(params)
-  p1, s1 = step(params, state, params)
-  p2, s2 = step(params, s1, p1)
-  assert {x.committed for x in jax.tree.leaves((p1, s1, p2, s2))} == {False}
+  committed = placed != "uncommitted"
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  assert {jax.tree_util.keystr(k) for k, x in leaves if x.committed != committed} == set()
+  assert all(x.devices() == {jax.devices()[0]} for _, x in leaves)
+
+  compiles = []
+  listener = lambda event, secs, **kw: compiles.append(event)
+  step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    p, s = params, state
+    for _ in range(3):
+      p, s = step(params, s, p)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles.count("/jax/core/compile/backend_compile_duration") == 1
+  assert {x.committed for x in jax.tree.leaves((p, s))} == {committed}
