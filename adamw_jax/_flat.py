@@ -245,9 +245,7 @@ def _on_explicit_mesh(x) -> bool:
   buffer's, which a gradient's need not (and the custom VJP's backward is
   traced before the gradient's sharding is known).
   """
-  return isinstance(x, jax.core.Tracer) and any(
-    t == jax.sharding.AxisType.Explicit for t in jax.typeof(x).sharding.mesh.axis_types
-  )
+  return isinstance(x, jax.core.Tracer) and _tree.explicit_sharding(x) is not None
 
 
 def _concatenate(parts) -> jax.Array:

@@ -153,8 +153,8 @@ def quantized_zeros(p, q: Quantization) -> _quantize.QuantizedMoment:
       put = lambda x: jnp.zeros_like(p, dtype=x.dtype, shape=x.shape)
     codes = zeros(p, jnp.uint8) if bits == 8 else put(zero.codes)
     return zero._replace(codes=codes, scale=put(zero.scale))
-  sharding = jax.typeof(p).sharding
-  if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+  sharding = _tree.explicit_sharding(p)
+  if sharding is not None:
     blocks = _blocks_sharding(sharding, p.ndim)
     codes = zeros(p, jnp.uint8) if bits == 8 else jax.sharding.reshard(zero.codes, blocks)
     return zero._replace(codes=codes, scale=jax.sharding.reshard(zero.scale, blocks))
@@ -191,8 +191,8 @@ def check_shards(p, block_size: int, at: str, name: str) -> None:
   """
   row = int(np.prod(p.shape[1:], dtype=np.int64))
   if isinstance(p, jax.core.Tracer):
-    sharding = jax.typeof(p).sharding
-    if not any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
+    sharding = _tree.explicit_sharding(p)
+    if sharding is None:
       return
     spec = tuple(sharding.spec)
     axes = lambda entry: (

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adamw_jax import _env, _kernel, _steer
+from adamw_jax import _env, _kernel, _steer, _tree
 
 TARGET = "adamw_jax_adam_step"
 LOWMEM_TARGET = "adamw_jax_lowmem_step"  # the low-memory options' kernel (_native_lowmem)
@@ -251,12 +251,12 @@ def group(
     back = []
     for (g, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
       o, m_new, v_new = (
-        _steer.typed(o, g),
-        _steer.typed(m_new.astype(m.dtype), m),
-        _steer.typed(v_new.astype(v.dtype), v),
+        _tree.typed_as(o, g),
+        _tree.typed_as(m_new.astype(m.dtype), m),
+        _tree.typed_as(v_new.astype(v.dtype), v),
       )
       back += ([] if moments_only else [o]) + [m_new, v_new]
-      back += [] if vm is None else [_steer.typed(vm_new.astype(vm.dtype), vm)]
+      back += [] if vm is None else [_tree.typed_as(vm_new.astype(vm.dtype), vm)]
     return tuple(back)
 
   def pure(scalars, z, *flat):

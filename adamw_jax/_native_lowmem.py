@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _kernel, _native, _qmap, _quantize, _steer
+from adamw_jax import _kernel, _native, _qmap, _quantize, _steer, _tree
 
 F32, BF16, F16 = map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
 _STORED = (F32, BF16, F16)
@@ -337,7 +337,7 @@ def group(
     ]
     outs = call(scalars, own, mode=mode, decay=kind, amsgrad=amsgrad, writer=writer, cdtype=cdtype)
     return [
-      _steer.typed(
+      _tree.typed_as(
         (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5]),
         (leaf[0], leaf[1], leaf[2], leaf[3] if amsgrad else None, leaf[5]),
       )
@@ -349,7 +349,7 @@ def group(
     return [pure(leaf, coefficients, z) for leaf in leaves]
 
   like = lambda x, of=None: jax.ShapeDtypeStruct(
-    x.shape, x.dtype, sharding=_steer.explicit(x if of is None else of)
+    x.shape, x.dtype, sharding=_tree.explicit_sharding(x if of is None else of)
   )
   shapes = [
     (

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adamw_jax import _qmap
+from adamw_jax import _qmap, _tree
 
 MIN_SIZE = 4096
 """Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
@@ -82,13 +82,11 @@ def _explicit_first_axis(x) -> tuple | None:
   There a reshape needs its output's sharding: a leaf is sharded along its
   first axis only (``_lowmem``), so the blocks are sharded along theirs.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
+  sharding = _tree.explicit_sharding(x)
+  if sharding is None:
     return None
-  assert sharding is not None  # it has a mesh
   spec = tuple(sharding.spec)
-  return mesh, (spec[0] if spec else None)
+  return sharding.mesh, (spec[0] if spec else None)
 
 
 def _reshape(x: jax.Array, shape: tuple[int, ...], first: tuple | None) -> jax.Array:

@@ -43,7 +43,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from adamw_jax import _env
+from adamw_jax import _env, _tree
 
 UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}  # same-width bit patterns
 
@@ -88,37 +88,13 @@ def per_platform(
 
     return run
 
-  avals = tuple(ShapedArray(o.shape, o.dtype, sharding=explicit(o)) for o in out_leaves)
+  avals = tuple(
+    ShapedArray(o.shape, o.dtype, sharding=_tree.explicit_sharding(o)) for o in out_leaves
+  )
   branches = {"cpu": flat(cpu), "default": flat(default)}
   branches |= {"tpu": None if tpu is None else flat(tpu), "gpu": None if gpu is None else flat(gpu)}
   results = _per_platform_p.bind(*arrays, **branches, out=avals, exact=default_is_exact)
   return jax.tree.unflatten(out_tree, results)
-
-
-def explicit(x):
-  """`x`'s sharding where its mesh has explicit axes (then part of its type), else None.
-
-  `x` an array, traced or not, or a ``jax.ShapeDtypeStruct``.
-  """
-  sharding = getattr(x, "sharding", None) if isinstance(x, jax.ShapeDtypeStruct) else None
-  if not isinstance(x, jax.ShapeDtypeStruct):
-    sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  is_explicit = mesh is not None and any(
-    t == jax.sharding.AxisType.Explicit for t in mesh.axis_types
-  )
-  return sharding if is_explicit else None
-
-
-def typed(out, like):
-  """`out` (a pytree) with `like`'s sharding types on a mesh with explicit axes: a custom call's
-  outputs have none, and a step's next call, given them, would be traced and compiled again."""
-
-  def one(o, x):
-    sharding = None if o is None or x is None else explicit(x)
-    return o if sharding is None else jax.sharding.reshard(o, sharding)
-
-  return jax.tree.map(one, out, like, is_leaf=lambda x: x is None)
 
 
 _IN_KERNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_kernel", default=False)

@@ -425,3 +425,29 @@ def trace_like_update(check: Callable[[Any], Any], params: Any) -> None:
     check(tree)
 
   jax.eval_shape(traced, params)
+
+
+def explicit_sharding(x):
+  """`x`'s sharding where its mesh has Explicit axes (then part of its type), else None.
+
+  `x`: an array, traced or not, or a ``jax.ShapeDtypeStruct``.
+  """
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+  else:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
+def typed_as(out, like):
+  """`out` (a pytree) with `like`'s sharding types on a mesh with Explicit axes: a custom call's
+  outputs have none, and a step's next call, given them, would be traced and compiled again."""
+
+  def one(o, x):
+    sharding = None if o is None or x is None else explicit_sharding(x)
+    return o if sharding is None else jax.sharding.reshard(o, sharding)
+
+  return jax.tree.map(one, out, like, is_leaf=lambda x: x is None)
