@@ -25,6 +25,13 @@ kernels on the CPU in Pallas' interpreter and compares them bit for bit).
 - GPU (Triton): the leaf as ``(blocks, block_size)`` (free on a GPU), tiles of 2 blocks (4-bit
   codes ``(blocks, block_size / 2)``, split and joined in the tile); blocks of a power of two.
 
+A GPU's update (not the fused step, nor Adam's L2 decay) is split (`_split`): XLA computes it
+elementwise from the old codes, in the fusion of its consumer (``optax.apply_updates``), and
+the kernel writes the moments alone. A kernel's update would be an array in memory between
+the two, as large as the leaf (compiled for H100: 28.1 B/param and 64 MiB of temporaries on one
+device for 8-bit moments, against 22.1 and none split). A TPU keeps the whole kernel: XLA:TPU
+lays each block's scale out to every element in memory.
+
 Leaves the kernel does not take (stochastic rounding, which draws its bits with
 ``jax.random``, complex or float64 leaves, shapes outside the lists above) take the
 XLA path; so does every leaf under ``jax.vmap``.
@@ -70,6 +77,10 @@ class Spec(NamedTuple):
   has_buffer: bool
   eps_root: bool
   out_dtype: Any
+  # The moments alone (`moments_only`): no out or buffer is written, and the parameter and
+  # buffer the writer's step takes are zeros of these dtypes (None: none), made in the tile.
+  moments_only: bool = False
+  stand_ins: tuple[Any, Any] = (None, None)
 
 
 def eligible(writer: _writes.Writer) -> bool:
@@ -92,6 +103,10 @@ def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
   Returns ``(out, buffer, [(codes, scales) of each new moment])``, codes unpacked.
   """
   zero = z.astype(jnp.uint32)
+  if spec.moments_only:  # moments that read neither (`leaf`); the out computed here is dropped
+    p_dtype, buffer_dtype = spec.stand_ins
+    p = None if p_dtype is None else jnp.zeros(g.shape, p_dtype)
+    buffer = None if buffer_dtype is None else jnp.zeros(g.shape, buffer_dtype)
   moments = [
     _quantize.dequantize_blocks(k, s, signed, spec.bits)
     for k, s, signed in zip(codes, scales, spec.moments)
@@ -102,7 +117,7 @@ def _tile(spec: Spec, floats, z, g, p, buffer, codes, scales):
   vm = moments[2] if len(moments) > 2 else None
   # Compiled, the body takes each platform choice's `default` (what XLA does on that platform);
   # interpreted on a CPU (the tests), XLA:CPU's own branches, as the XLA path there.
-  inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.in_kernel()
+  inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.IN_KERNEL.held()
   with inside:
     out, m, v, vm, buffer = spec.writer.step(g, m, v, vm, p, c, decay, buffer, None, how)
   new = [m, v] + ([vm] if vm is not None else [])
@@ -132,7 +147,8 @@ def _refs(spec: Spec, n: int, refs) -> _Refs:
   p = rest.pop(0) if spec.has_params else None
   buffer = rest.pop(0) if spec.has_buffer else None
   codes, scales = rest[:n], rest[n : 2 * n]
-  out, *rest = rest[2 * n :]
+  rest = rest[2 * n :]
+  out = None if spec.moments_only else rest.pop(0)
   new_buffer = rest.pop(0) if spec.has_buffer else None
   return _Refs(floats, z, g, p, buffer, codes, scales, out, new_buffer, rest[:n], rest[n:])
 
@@ -160,7 +176,8 @@ def _gpu_body(spec: Spec, n: int):
       [unpack(k[...]) for k in r.codes],
       [load(s) for s in r.scales],
     )
-    r.out[...] = out
+    if r.out is not None:
+      r.out[...] = out
     if r.new_buffer is not None:
       r.new_buffer[...] = buffer
     for (k, s), kr, sr in zip(quantized, r.new_codes, r.new_scales):
@@ -224,7 +241,8 @@ def _tpu_body(spec: Spec, n: int, group: int, flat_scales: bool):
         [load(w) for w in wide],
         picked,
       )
-      r.out[at, cols] = out
+      if r.out is not None:
+        r.out[at, cols] = out
       if r.new_buffer is not None:
         r.new_buffer[at, cols] = buffer
       for (k, s), w, sr in zip(quantized, wide, scales_out):
@@ -256,7 +274,9 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   leaf = [g] + ([p] if spec.has_params else []) + ([buffer] if spec.has_buffer else [])
   if target == "tpu":
     rows, columns = g.shape
-    narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in leaf) or spec.out_dtype.itemsize < 4
+    stand_ins = [d for d in spec.stand_ins if d] if spec.moments_only else []
+    dtypes = [x.dtype for x in leaf] + [spec.out_dtype] + stand_ins
+    narrow = any(jnp.dtype(d).itemsize < 4 for d in dtypes)
     tile = _tpu_rows(spec, rows, columns, 16 if narrow else 8)
     assert tile is not None  # `_takes`
     data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
@@ -291,16 +311,17 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
     scratch = []
   z_spec = scalar if target == "tpu" else pl.BlockSpec((1,), lambda i: (0,))
   in_specs = [scalar, z_spec] + [data] * len(leaf) + [coded] * n + [per_block] * n
-  out_specs = [data] + ([data] if spec.has_buffer else []) + [coded] * n + [per_block] * n
+  written = 0 if spec.moments_only else 1 + int(spec.has_buffer)  # out, buffer
+  out_specs = [data] * written + [coded] * n + [per_block] * n
   out_shape = (
-    [jax.ShapeDtypeStruct(g.shape, spec.out_dtype)]
+    ([] if spec.moments_only else [jax.ShapeDtypeStruct(g.shape, spec.out_dtype)])
     + ([jax.ShapeDtypeStruct(g.shape, buffer.dtype)] if spec.has_buffer else [])
     + [jax.ShapeDtypeStruct(k.shape, jnp.uint8) for k in codes]
     + [jax.ShapeDtypeStruct(s.shape, jnp.float32) for s in scales]
   )
   first_code = 2 + len(leaf)
-  aliases = {first_code + i: 1 + int(spec.has_buffer) + i for i in range(2 * n)}
-  if spec.has_buffer:
+  aliases = {first_code + i: written + i for i in range(2 * n)}
+  if spec.has_buffer and not spec.moments_only:
     aliases[2 + len(leaf) - 1] = 1
   if spec.has_params and jnp.dtype(p.dtype) == jnp.dtype(spec.out_dtype) and spec.how.fused:
     aliases[3] = 0
@@ -434,11 +455,12 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
     codes,
     scales,
   )
-  out, *rest = outs
-  new_buffer = rest.pop(0) if spec.has_buffer else None
+  rest = list(outs)
+  out = None if spec.moments_only else rest.pop(0)
+  new_buffer = rest.pop(0) if spec.has_buffer and not spec.moments_only else None
   n = len(codes)
   return {
-    "out": out.reshape(leaf_shape),
+    **({} if out is None else {"out": out.reshape(leaf_shape)}),
     "codes": [k.reshape(arrays["codes"][0].shape) for k in rest[:n]],
     "scales": [s.reshape(-1) for s in rest[n:]],
     **({} if new_buffer is None else {"buffer": new_buffer.reshape(leaf_shape)}),
@@ -480,6 +502,40 @@ def _out_dtype(spec: Spec, g, p, buffer, moments: int):
   return jax.eval_shape(out, *args, scalar(jnp.dtype(jnp.int32))).dtype
 
 
+def _split(spec: Spec, target: str) -> bool:
+  """Whether the update is XLA's and the kernel writes the moments alone (`_moments_only`).
+
+  A kernel's update (not the fused step's new parameter) is an array in memory between the
+  kernel and its consumer (``optax.apply_updates``), as large as the leaf: for H100, XLA instead
+  computes it elementwise from the old codes (``_quantize.FUSIBLE``), in its consumer's fusion.
+  Not for TPU, whose XLA lays each block's scale out to every element in memory; nor with
+  Adam's L2 decay, whose moments read the parameter.
+  """
+  l2 = spec.decayed and not spec.how.decoupled
+  return target == "gpu" and not spec.how.fused and not l2
+
+
+def _moments_only(spec: Spec) -> Spec:
+  """`spec` writing the moments alone: the parameter and buffer stand in as zeros in the tile."""
+  p, buffer = spec.stand_ins
+  dtypes = (p if spec.has_params else None, buffer if spec.has_buffer else None)
+  return spec._replace(moments_only=True, has_params=False, has_buffer=False, stand_ins=dtypes)
+
+
+def _update(through: Callable, g, moments, p, buffer, c, decay, z):
+  """`through`'s update and buffer on each device's rows, as the kernel's (its moments unused)."""
+  arrays = {"g": g, "moments": moments, "p": p, "buffer": buffer, "scalars": (c, decay, z)}
+
+  def run(a, index):
+    with _quantize.FUSIBLE.held():
+      out, _, new_buffer = through(a["g"], a["moments"], a["p"], a["buffer"], *a["scalars"])
+    return out, new_buffer
+
+  mapped = _pallas.on_mesh(arrays, {"scalars"}, lambda shape: True, run)
+  assert mapped is not None  # takes every device's rows the kernel takes
+  return mapped
+
+
 def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
   """One leaf with quantized moments: `through` on a CPU (and where no kernel takes it), else the kernel.
 
@@ -491,23 +547,33 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
     return through(*args)  # complex or float64 leaves, a masked-out buffer
   spec = spec._replace(how=spec.how._replace(z=None))
   dtype = lambda x: None if x is None else jnp.dtype(x.dtype)
-  spec = spec._replace(out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)))
+  spec = spec._replace(
+    out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)),
+    stand_ins=(dtype(p), dtype(buffer)),
+  )
 
   def kernel(target: str):
+    split = _split(spec, target)
+    spec_k = _moments_only(spec) if split else spec
+
     def run(g, moments, p, buffer, c, decay, z):
       floats, z1 = _pallas.pack_scalars(c, decay, z)
       arrays: dict[str, Any] = {"g": g, "floats": floats, "z": z1}
       arrays |= {"codes": [q.codes for q in moments], "scales": [q.scale for q in moments]}
-      if spec.has_params:
+      if spec_k.has_params:
         arrays["p"] = p
-      if spec.has_buffer:
+      if spec_k.has_buffer:
         arrays["buffer"] = buffer
-      result = step(spec, target, arrays)
+      result = step(spec_k, target, arrays)
       if result is None:
         return through(g, moments, p, buffer, c, decay, z)
       kind = type(moments[0])  # QuantizedMoment, or PackedQuantizedMoment (4-bit)
       qs = [kind(k, s) for k, s in zip(result["codes"], result["scales"])]
-      return result["out"], qs, result.get("buffer", buffer)
+      if split:
+        out, new_buffer = _update(through, g, moments, p, buffer, c, decay, z)
+      else:
+        out, new_buffer = result["out"], result.get("buffer", buffer)
+      return out, qs, new_buffer
 
     return run
 

@@ -99,7 +99,7 @@ def _body(spec: Spec, n: int):
       loaded = [_moments.load(x[at], s, shape) for x, s in zip(moments, spec.signs)]
       m, v, vm = (*loaded, None)[:3]
       tile_key = _lowprec.TileKey(key, first + r0 * columns + c0, columns)
-      inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.in_kernel()
+      inside = contextlib.nullcontext() if _pallas.INTERPRET.get() else _steer.IN_KERNEL.held()
       with inside:
         o, *stepped, _ = spec.writer.step(g[at], m, v, vm, p[at], c, decay, None, tile_key, how)
       out[at] = o.astype(out.dtype)

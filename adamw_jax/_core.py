@@ -306,7 +306,6 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
       `scalars`: the step's (coefficients, decay) for its dtype, and `how`, when the leaf is
       traced apart from the step (the native call's pure branch); else the step's own.
       """
-      shape = tuple(np.shape(g))
       signs = (True, False, False)
       moments = [x for x in (m, v, vm) if x is not None]
       if scalars is None:
@@ -318,7 +317,7 @@ def adam_transform(s: _hyperparams.Settings) -> optax.GradientTransformationExtr
 
       def through(g, moments, p, buffer, c, decay, z, key=key):
         """The hooks in XLA: moments loaded, the writer's step, moments stored."""
-        loaded = [_moments.load(x, signed, shape) for x, signed in zip(moments, signs)]
+        loaded = [_moments.load(x, signed, np.shape(g)) for x, signed in zip(moments, signs)]
         m_c, v_c, vm_c = (*loaded, None)[:3]
         out, *new, buffer = writer.step(
           g, m_c, v_c, vm_c, p, c, decay, buffer, key, how._replace(z=z)

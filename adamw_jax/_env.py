@@ -1,6 +1,9 @@
-"""The environment switches: every variable adamw_jax reads, read here and nowhere else.
+"""The switches: every environment variable adamw_jax reads, and the flags held while tracing.
 
-What each one does is written once, in the API reference
+Each variable is read here and nowhere else; a `Flag` is held while a step (or a kernel's body)
+is traced.
+
+What each variable does is written once, in the API reference
 ([the API reference](api.md), "Environment switches"; ``tests/test_docs.py`` keeps that
 table equal to `SWITCHES`). Each is read when a step is traced, so a
 change takes effect at the next trace (jitted steps retrace: the value is a
@@ -9,8 +12,11 @@ static argument of the compiled step).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
+from collections.abc import Iterator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,24 @@ def on(switch: Switch) -> bool:
       f"{int(switch.default)} (see the API reference, 'Environment switches')"
     )
   return value == "1"
+
+
+class Flag:
+  """A flag held while something is traced: ``with flag.held(): ...``; off elsewhere."""
+
+  def __init__(self, name: str):
+    self._var: contextvars.ContextVar[bool] = contextvars.ContextVar(name, default=False)
+
+  def get(self) -> bool:
+    return self._var.get()
+
+  @contextlib.contextmanager
+  def held(self, value: bool = True) -> Iterator[None]:
+    token = self._var.set(value)
+    try:
+      yield
+    finally:
+      self._var.reset(token)
 
 
 def xla_cpu_multi_output_fusion() -> bool:

@@ -1,6 +1,6 @@
 """What adamw_jax's Pallas kernels share (``_accel``, ``_accel_random``).
 
-- the interpreter switch: kernels traced inside :func:`interpreted` run in Pallas'
+- the interpreter switch: kernels traced while `INTERPRET` is held run in Pallas'
   interpreter (the tests, on a CPU);
 - the step's scalars as one float32 vector for a kernel's scalar memory, and back;
 - a TPU kernel's limits: the largest float32 tile of its working values, what it may hold in
@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +19,9 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from adamw_jax import _kernel
+from adamw_jax import _env, _kernel
 
-INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("interpret", default=False)
+INTERPRET = _env.Flag("interpret")  # held: kernels traced meanwhile run in Pallas' interpreter
 TPU_TILE_BYTES = 1 << 20  # the largest float32 tile of a TPU kernel's working values
 TPU_VMEM = 64 << 20  # what a TPU kernel may hold in VMEM (v5e and v6e have 128 MiB)
 # A TPU kernel's array operands are constrained to HBM: it pipelines its own tiles into VMEM.
@@ -31,16 +29,6 @@ TPU_VMEM = 64 << 20  # what a TPU kernel may hold in VMEM (v5e and v6e have 128 
 # them) into VMEM ahead of each call, searching slice orders: a step of 8 leaves of 2048x2048
 # with 8-bit moments, fused and sharded over 4 chips, compiled in 82 s instead of 2 s, and kept
 # 1.2 MiB of temporaries.
-
-
-@contextlib.contextmanager
-def interpreted():
-  """Kernels traced meanwhile run in Pallas' interpreter (on any platform: the tests, on a CPU)."""
-  token = INTERPRET.set(True)
-  try:
-    yield
-  finally:
-    INTERPRET.reset(token)
 
 
 def pack_scalars(c: _kernel.Coefficients, decay, z) -> tuple[jax.Array, jax.Array]:

@@ -35,7 +35,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from adamw_jax import _qmap, _tree
+from adamw_jax import _env, _qmap, _tree
 
 MIN_SIZE = 4096
 """Leaves smaller than this keep full-precision moments (bitsandbytes' and torchao's threshold)."""
@@ -119,8 +119,23 @@ def quantize_blocks(blocks: jax.Array, signed: bool, bits: int, zero=None):
   return _qmap.codes(blocks / scale[..., None], signed, bits, zero), scale
 
 
+FUSIBLE = _env.Flag("fusible")
+"""Held: codes are read in forms XLA:GPU fuses into their consumer, the same values.
+
+  Codes looked up in the map (a gather from its 2**bits entries) instead of `_qmap.values`'
+  arithmetic, and nibbles split by shifts of a broadcast byte instead of a stack: with these,
+  an update read from quantized moments is one fusion with ``optax.apply_updates``; without,
+  XLA:GPU writes the values, or the codes, to memory first, as large as the leaf
+  (``_accel._split``). Not for kernels (Pallas takes no constants, Triton joins by a stack), nor
+  TPU (which gathers each element in a fusion of its own).
+"""
+
+
 def dequantize_blocks(codes: jax.Array, scale: jax.Array, signed: bool, bits: int):
   """``map[codes] * scale``: `codes` unpacked, blocks along the last axis, `scale` one a block."""
+  if FUSIBLE.get():
+    table = jnp.asarray(_qmap.quantization_map(signed, bits), jnp.float32)
+    return table.at[codes].get(mode="promise_in_bounds") * scale[..., None]
   return _qmap.values(codes, signed, bits) * scale[..., None]
 
 
@@ -136,7 +151,10 @@ def pack(codes: jax.Array) -> jax.Array:
 
 def unpack(packed: jax.Array) -> jax.Array:
   """The 4-bit codes of :func:`pack`'s bytes, along the last axis."""
-  codes = jnp.stack([packed >> 4, packed & 0b1111], axis=-1)
+  if FUSIBLE.get():
+    codes = (packed[..., None] >> jnp.array([4, 0], packed.dtype)) & jnp.array(15, packed.dtype)
+  else:
+    codes = jnp.stack([packed >> 4, packed & 0b1111], axis=-1)
   return codes.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 

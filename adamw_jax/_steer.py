@@ -30,8 +30,6 @@ platform), so a GPU/TPU program gets the plain operation:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +59,7 @@ def per_platform(
 
   `tpu` and `gpu` (optional): the branches of programs lowered for a TPU and for
   an NVIDIA or AMD GPU (their own kernels, ``_accel``); `default` where not given.
-  Inside such a kernel (:func:`in_kernel`) every ``per_platform`` is `default` itself.
+  Inside such a kernel (`IN_KERNEL` held) every ``per_platform`` is `default` itself.
 
   The choice is made where the step is lowered, not where it is traced: one
   traced step compiles for CPU, GPU and TPU from any host, and only a CPU
@@ -73,7 +71,7 @@ def per_platform(
   platform's branch; where `default` computes the same values as `cpu` on a
   CPU too (`default_is_exact`), it alone is differentiated.
   """
-  if _IN_KERNEL.get():
+  if IN_KERNEL.get():
     return default(*args)
   leaves, tree = jax.tree.flatten(args)
   is_array = [isinstance(x, jax.Array) for x in leaves]
@@ -97,17 +95,8 @@ def per_platform(
   return jax.tree.unflatten(out_tree, results)
 
 
-_IN_KERNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("in_kernel", default=False)
-
-
-@contextlib.contextmanager
-def in_kernel():
-  """While a kernel's body is traced (``_accel``): every :func:`per_platform` is its `default`."""
-  token = _IN_KERNEL.set(True)
-  try:
-    yield
-  finally:
-    _IN_KERNEL.reset(token)
+IN_KERNEL = _env.Flag("in_kernel")
+"""Held while a kernel's body is traced (``_accel``): every :func:`per_platform` is its `default`."""
 
 
 def _lower(which: str):

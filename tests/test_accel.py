@@ -17,7 +17,16 @@ import optax
 import pytest
 
 import adamw_jax
-from adamw_jax import _native, _pallas, _steer
+from adamw_jax import _accel, _native, _pallas, _steer
+
+
+class _Taken(list):
+  """The branches a kernel fixture took (one True each), and the specs of the kernels run."""
+
+  def __init__(self, target: str):
+    super().__init__()
+    self.target = target
+    self.specs: list[_accel.Spec] = []
 
 
 @pytest.fixture(params=["tpu", "gpu"])
@@ -25,19 +34,25 @@ def kernel(request, monkeypatch):
   """Every leaf the `target`'s kernel takes runs it (interpreted); the rest as on a CPU."""
   target = request.param
   real = _steer.per_platform
-  taken = []
+  taken = _Taken(target)
+  step = _accel.step
 
   def choose(cpu, default, *args, out, tpu=None, gpu=None, **kw):
     branch = tpu if target == "tpu" else gpu
-    if branch is None or _steer._IN_KERNEL.get():
+    if branch is None or _steer.IN_KERNEL.get():
       return real(cpu, default, *args, out=out, **kw)
     taken.append(True)
     return branch(*args)
 
+  def recorded(spec, target, arrays):
+    taken.specs.append(spec)
+    return step(spec, target, arrays)
+
   monkeypatch.setattr(_steer, "per_platform", choose)
+  monkeypatch.setattr(_accel, "step", recorded)
   # The CPU's native kernel serves quantized leaves too: off, so the leaves reach the hooks.
   monkeypatch.setattr(_native, "enabled", lambda: False)
-  with _pallas.interpreted():
+  with _pallas.INTERPRET.held():
     yield taken
 
 
@@ -131,16 +146,30 @@ CASES = [
   ("scale_by_adam", False),
   ("4-bit", True),
 ]
+# The GPU's update with a buffer (Kahan's, standing in as zeros in the moments' kernel) and 4-bit
+# codes (unpacked by `_quantize.fusible`'s shifts): the TPU's runs its kernel as the fused step.
+GPU_CASES = [("bf16 params, kahan", False), ("4-bit", False)]
+
+
+_IDS = lambda cases: [f"{n}-{'fused' if f else 'update'}" for n, f in cases]
 
 
 @pytest.mark.parametrize(
-  ("name", "fused"), CASES, ids=[f"{n}-{'fused' if f else 'update'}" for n, f in CASES]
+  ("name", "fused", "kernel"),
+  [(*c, t) for c in CASES for t in ("tpu", "gpu")] + [(*c, "gpu") for c in GPU_CASES],
+  ids=[f"{i}-{t}" for i in _IDS(CASES) for t in ("tpu", "gpu")]
+  + [f"{i}-gpu" for i in _IDS(GPU_CASES)],
+  indirect=["kernel"],
 )
 def test_the_kernel_is_the_xla_path_bit_for_bit(name, fused, kernel):
   make, dtype = CONFIGS[name]
   shapes = PARAMS_4BIT if name.startswith("4-bit") else PARAMS
   ours = _run(make, dtype, fused, shapes)
   assert kernel, "no leaf took the kernel"
+  # A GPU's update is XLA's, its kernel writing the moments alone (`_accel._split`): not with
+  # Adam's L2 decay (whose moments read the parameter), nor on a TPU, nor in the fused step.
+  split = kernel.target == "gpu" and not fused and name != "adam L2"
+  assert kernel.specs and all(s.moments_only == split for s in kernel.specs)
   kernel.clear()
   if (name, fused) not in _XLA_RUNS:  # the CPU's XLA path: the same for both kernels
     with _steer_off():
@@ -156,14 +185,15 @@ class _steer_off:
   """The CPU's own path inside a kernel fixture (the real ``per_platform``)."""
 
   def __enter__(self):
-    self.token = _pallas.INTERPRET.set(False)
+    self.compiled = _pallas.INTERPRET.held(False)
+    self.compiled.__enter__()
     self.patched = _steer.per_platform
     _steer.per_platform = _REAL
     return self
 
   def __exit__(self, *exc):
     _steer.per_platform = self.patched
-    _pallas.INTERPRET.reset(self.token)
+    self.compiled.__exit__(*exc)
 
 
 _REAL = _steer.per_platform

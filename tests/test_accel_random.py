@@ -56,7 +56,7 @@ def _through_kernel(tx, taken, monkeypatch):
   real, local = _steer.per_platform, _accel_random._local
 
   def choose(cpu, default, *args, out, tpu=None, gpu=None, **kw):
-    if tpu is None or _steer._IN_KERNEL.get():
+    if tpu is None or _steer.IN_KERNEL.get():
       return real(cpu, default, *args, out=out, **kw)
     return tpu(*args)
 
@@ -66,7 +66,7 @@ def _through_kernel(tx, taken, monkeypatch):
 
   monkeypatch.setattr(_steer, "per_platform", choose)
   monkeypatch.setattr(_accel_random, "_local", counted)
-  with _pallas.interpreted():
+  with _pallas.INTERPRET.held():
     return _run(tx)
 
 
@@ -133,13 +133,13 @@ SHARDED = textwrap.dedent(
     tx = t.CONFIGS["adamw, bf16 moments"]()  # its own: no step traced for the other run
     real = t._steer.per_platform
     def choose(cpu, default, *args, out, tpu=None, gpu=None, **kw):
-      if tpu is None or t._steer._IN_KERNEL.get():
+      if tpu is None or t._steer.IN_KERNEL.get():
         return real(cpu, default, *args, out=out, **kw)
       taken.append(True)
       return tpu(*args)
     t._steer.per_platform = choose if taken is not None else real
     try:
-      with t._pallas.interpreted():
+      with t._pallas.INTERPRET.held():
         p, s = params, tx.init(params)
         for g in grads:
           step = jax.jit(lambda g, s, p: adamw_jax.fused_step(tx, g, s, p))
