@@ -249,14 +249,9 @@ def group(
       amsgrad=amsgrad,
     )
     back = []
-    for (g, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
-      o, m_new, v_new = (
-        _tree.typed_as(o, g),
-        _tree.typed_as(m_new.astype(m.dtype), m),
-        _tree.typed_as(v_new.astype(v.dtype), v),
-      )
-      back += ([] if moments_only else [o]) + [m_new, v_new]
-      back += [] if vm is None else [_tree.typed_as(vm_new.astype(vm.dtype), vm)]
+    for (_, m, v, vm, _), (o, m_new, v_new, vm_new) in zip(leaves, outs):
+      back += ([] if moments_only else [o]) + [m_new.astype(m.dtype), v_new.astype(v.dtype)]
+      back += [] if vm is None else [vm_new.astype(vm.dtype)]
     return tuple(back)
 
   def pure(scalars, z, *flat):
@@ -297,6 +292,13 @@ def group(
   ]
   # The native call in a CPU program; the same leaves through the pure kernel in any other.
   shapes = jax.eval_shape(run, scalars, z, *flat)  # one custom call traced: cheap
+  # typed as the leaf's gradient and moments (the custom call's outputs have no sharding types)
+  likes = [x for g, m, v, vm, _ in group for x in ([] if moments_only else [g]) + [m, v, vm]]
+  likes = [x for x in likes if x is not None]
+  shapes = [
+    jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_tree.explicit_sharding(x))
+    for s, x in zip(shapes, likes, strict=True)
+  ]
   out = _steer.per_platform(run, pure, scalars, z, *flat, out=shapes, default_is_exact=True)
   step = (not moments_only) + 2 + amsgrad
   return [

@@ -337,10 +337,7 @@ def group(
     ]
     outs = call(scalars, own, mode=mode, decay=kind, amsgrad=amsgrad, writer=writer, cdtype=cdtype)
     return [
-      _tree.typed_as(
-        (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5]),
-        (leaf[0], leaf[1], leaf[2], leaf[3] if amsgrad else None, leaf[5]),
-      )
+      (out, m, v, vm, buffer if writer in _BUFFERED else leaf[5])
       for (out, m, v, vm, buffer), leaf in zip(outs, leaves)
     ]
 

@@ -65,7 +65,9 @@ def per_platform(
   traced step compiles for CPU, GPU and TPU from any host, and only a CPU
   program gets the XLA:CPU tricks and the native kernel. `args` are pytrees
   (arrays are passed, anything else is closed over); both functions return a
-  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``). Only the branch of
+  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``), whose sharding types on a mesh
+  with Explicit axes are the results' (a branch's own outputs need not carry them: a custom
+  call's have none; without them a jitted step's next call would compile again). Only the branch of
   the platform being lowered is traced, and only then. Under ``jax.vmap``
   each branch is vmapped. Derivatives are `default`'s, with the values of the
   platform's branch; where `default` computes the same values as `cpu` on a

@@ -440,14 +440,3 @@ def explicit_sharding(x):
   if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return None
   return sharding
-
-
-def typed_as(out, like):
-  """`out` (a pytree) with `like`'s sharding types on a mesh with Explicit axes: a custom call's
-  outputs have none, and a step's next call, given them, would be traced and compiled again."""
-
-  def one(o, x):
-    sharding = None if o is None or x is None else explicit_sharding(x)
-    return o if sharding is None else jax.sharding.reshard(o, sharding)
-
-  return jax.tree.map(one, out, like, is_leaf=lambda x: x is None)
