@@ -77,8 +77,8 @@ class Spec(NamedTuple):
   has_buffer: bool
   eps_root: bool
   out_dtype: Any
-  # The moments alone (`moments_only`): no out or buffer is written, and the parameter and
-  # buffer the writer's step takes are zeros of these dtypes (None: none), made in the tile.
+  # The moments alone (`_moments_only`, a GPU's kernel only): no out or buffer is written, and
+  # the parameter and buffer the writer's step takes are zeros of these dtypes (None: none).
   moments_only: bool = False
   stand_ins: tuple[Any, Any] = (None, None)
 
@@ -241,8 +241,7 @@ def _tpu_body(spec: Spec, n: int, group: int, flat_scales: bool):
         [load(w) for w in wide],
         picked,
       )
-      if r.out is not None:
-        r.out[at, cols] = out
+      r.out[at, cols] = out
       if r.new_buffer is not None:
         r.new_buffer[at, cols] = buffer
       for (k, s), w, sr in zip(quantized, wide, scales_out):
@@ -274,9 +273,8 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   leaf = [g] + ([p] if spec.has_params else []) + ([buffer] if spec.has_buffer else [])
   if target == "tpu":
     rows, columns = g.shape
-    stand_ins = [d for d in spec.stand_ins if d] if spec.moments_only else []
-    dtypes = [x.dtype for x in leaf] + [spec.out_dtype] + stand_ins
-    narrow = any(jnp.dtype(d).itemsize < 4 for d in dtypes)
+    assert not spec.moments_only  # a GPU's alone (`_split`)
+    narrow = any(jnp.dtype(x.dtype).itemsize < 4 for x in leaf) or spec.out_dtype.itemsize < 4
     tile = _tpu_rows(spec, rows, columns, 16 if narrow else 8)
     assert tile is not None  # `_takes`
     data = pl.BlockSpec((tile, columns), lambda i: (i, 0))
@@ -321,7 +319,7 @@ def _call(spec: Spec, target: str, interpret: bool, floats, z, g, p, buffer, cod
   )
   first_code = 2 + len(leaf)
   aliases = {first_code + i: written + i for i in range(2 * n)}
-  if spec.has_buffer and not spec.moments_only:
+  if spec.has_buffer:
     aliases[2 + len(leaf) - 1] = 1
   if spec.has_params and jnp.dtype(p.dtype) == jnp.dtype(spec.out_dtype) and spec.how.fused:
     aliases[3] = 0
@@ -457,7 +455,7 @@ def _local(spec: Spec, target: str, arrays: dict[str, Any], interpret: bool = Fa
   )
   rest = list(outs)
   out = None if spec.moments_only else rest.pop(0)
-  new_buffer = rest.pop(0) if spec.has_buffer and not spec.moments_only else None
+  new_buffer = rest.pop(0) if spec.has_buffer else None
   n = len(codes)
   return {
     **({} if out is None else {"out": out.reshape(leaf_shape)}),
@@ -515,10 +513,9 @@ def _split(spec: Spec, target: str) -> bool:
   return target == "gpu" and not spec.how.fused and not l2
 
 
-def _moments_only(spec: Spec) -> Spec:
+def _moments_only(spec: Spec, p, buffer) -> Spec:
   """`spec` writing the moments alone: the parameter and buffer stand in as zeros in the tile."""
-  p, buffer = spec.stand_ins
-  dtypes = (p if spec.has_params else None, buffer if spec.has_buffer else None)
+  dtypes = (p.dtype if spec.has_params else None, buffer.dtype if spec.has_buffer else None)
   return spec._replace(moments_only=True, has_params=False, has_buffer=False, stand_ins=dtypes)
 
 
@@ -547,14 +544,11 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
     return through(*args)  # complex or float64 leaves, a masked-out buffer
   spec = spec._replace(how=spec.how._replace(z=None))
   dtype = lambda x: None if x is None else jnp.dtype(x.dtype)
-  spec = spec._replace(
-    out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)),
-    stand_ins=(dtype(p), dtype(buffer)),
-  )
+  spec = spec._replace(out_dtype=_out_dtype(spec, dtype(g), dtype(p), dtype(buffer), len(moments)))
 
   def kernel(target: str):
     split = _split(spec, target)
-    spec_k = _moments_only(spec) if split else spec
+    spec_k = _moments_only(spec, p, buffer) if split else spec
 
     def run(g, moments, p, buffer, c, decay, z):
       floats, z1 = _pallas.pack_scalars(c, decay, z)

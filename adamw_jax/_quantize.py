@@ -122,12 +122,12 @@ def quantize_blocks(blocks: jax.Array, signed: bool, bits: int, zero=None):
 FUSIBLE = _env.Flag("fusible")
 """Held: codes are read in forms XLA:GPU fuses into their consumer, the same values.
 
-  Codes looked up in the map (a gather from its 2**bits entries) instead of `_qmap.values`'
-  arithmetic, and nibbles split by shifts of a broadcast byte instead of a stack: with these,
-  an update read from quantized moments is one fusion with ``optax.apply_updates``; without,
-  XLA:GPU writes the values, or the codes, to memory first, as large as the leaf
-  (``_accel._split``). Not for kernels (Pallas takes no constants, Triton joins by a stack), nor
-  TPU (which gathers each element in a fusion of its own).
+Codes looked up in the map (a gather from its 2**bits entries) instead of `_qmap.values`'
+arithmetic, and nibbles split by shifts of a broadcast byte instead of a stack: with these,
+an update read from quantized moments is one fusion with ``optax.apply_updates``; without,
+XLA:GPU writes the values, or the codes, to memory first, as large as the leaf
+(``_accel._split``). Not for kernels (Pallas takes no constants, Triton joins by a stack), nor
+TPU (which gathers each element in a fusion of its own).
 """
 
 

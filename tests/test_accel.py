@@ -10,6 +10,8 @@ the XLA path.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +149,7 @@ CASES = [
   ("4-bit", True),
 ]
 # The GPU's update with a buffer (Kahan's, standing in as zeros in the moments' kernel) and 4-bit
-# codes (unpacked by `_quantize.fusible`'s shifts): the TPU's runs its kernel as the fused step.
+# codes (unpacked by shifts, `_quantize.FUSIBLE`): the TPU's runs its kernel as the fused step.
 GPU_CASES = [("bf16 params, kahan", False), ("4-bit", False)]
 
 
@@ -181,19 +183,16 @@ def test_the_kernel_is_the_xla_path_bit_for_bit(name, fused, kernel):
 _XLA_RUNS: dict[tuple[str, bool], list[np.ndarray]] = {}
 
 
-class _steer_off:
+@contextlib.contextmanager
+def _steer_off():
   """The CPU's own path inside a kernel fixture (the real ``per_platform``)."""
-
-  def __enter__(self):
-    self.compiled = _pallas.INTERPRET.held(False)
-    self.compiled.__enter__()
-    self.patched = _steer.per_platform
-    _steer.per_platform = _REAL
-    return self
-
-  def __exit__(self, *exc):
-    _steer.per_platform = self.patched
-    self.compiled.__exit__(*exc)
+  patched = _steer.per_platform
+  _steer.per_platform = _REAL
+  try:
+    with _pallas.INTERPRET.held(False):
+      yield
+  finally:
+    _steer.per_platform = patched
 
 
 _REAL = _steer.per_platform
