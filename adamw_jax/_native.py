@@ -295,10 +295,7 @@ def group(
   # typed as the leaf's gradient and moments (the custom call's outputs have no sharding types)
   likes = [x for g, m, v, vm, _ in group for x in ([] if moments_only else [g]) + [m, v, vm]]
   likes = [x for x in likes if x is not None]
-  shapes = [
-    jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=_tree.explicit_sharding(x))
-    for s, x in zip(shapes, likes, strict=True)
-  ]
+  shapes = [_tree.struct_like(x, s.dtype) for s, x in zip(shapes, likes, strict=True)]
   out = _steer.per_platform(run, pure, scalars, z, *flat, out=shapes, default_is_exact=True)
   step = (not moments_only) + 2 + amsgrad
   return [

@@ -345,13 +345,10 @@ def group(
     del scalars
     return [pure(leaf, coefficients, z) for leaf in leaves]
 
-  like = lambda x, of=None: jax.ShapeDtypeStruct(
-    x.shape, x.dtype, sharding=_tree.explicit_sharding(x if of is None else of)
-  )
   shapes = [
     (
-      like(out_struct(g, p, mode, writer), g),
-      *jax.tree.map(like, (m, v, vm if amsgrad else None, buffer)),
+      _tree.struct_like(g, out_struct(g, p, mode, writer).dtype),
+      *jax.tree.map(_tree.struct_like, (m, v, vm if amsgrad else None, buffer)),
     )
     for g, m, v, vm, p, buffer, _ in leaves
   ]

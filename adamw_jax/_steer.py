@@ -65,9 +65,10 @@ def per_platform(
   traced step compiles for CPU, GPU and TPU from any host, and only a CPU
   program gets the XLA:CPU tricks and the native kernel. `args` are pytrees
   (arrays are passed, anything else is closed over); both functions return a
-  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``), whose sharding types on a mesh
-  with Explicit axes are the results' (a branch's own outputs need not carry them: a custom
-  call's have none; without them a jitted step's next call would compile again). Only the branch of
+  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``, ``_tree.struct_like``), whose sharding
+  types on a mesh with Explicit axes are the results' (a branch's own outputs need not carry
+  them: a custom call's have none; without them a jitted step's next call would compile again,
+  and inside ``jax.set_mesh`` the result is replicated: the step all-gathers it). Only the branch of
   the platform being lowered is traced, and only then. Under ``jax.vmap``
   each branch is vmapped. Derivatives are `default`'s, with the values of the
   platform's branch; where `default` computes the same values as `cpu` on a
@@ -120,15 +121,20 @@ def _jvp(primals, tangents, *, cpu, default, out, exact, tpu, gpu):
 
 def _batch(args, dims, *, cpu, default, out, exact, tpu, gpu):
   """Each branch vmapped; an accelerator's own kernel gives way to `default` (``vmap`` of XLA)."""
-  del tpu, gpu
-  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+  del tpu, gpu, out
   in_axes = tuple(dims)  # None: not mapped
+  default = jax.vmap(default, in_axes=in_axes)
+  # the results typed as jax.vmap types the vmapped `default`'s (their sharding types too)
+  out = tuple(
+    ShapedArray(o.shape, o.dtype, sharding=_tree.explicit_sharding(o))
+    for o in jax.eval_shape(default, *args)
+  )
   params = {
     "cpu": jax.vmap(cpu, in_axes=in_axes),
-    "default": jax.vmap(default, in_axes=in_axes),
+    "default": default,
     "tpu": None,
     "gpu": None,
-    "out": tuple(ShapedArray((size, *o.shape), o.dtype) for o in out),
+    "out": out,
     "exact": exact,
   }
   return _per_platform_p.bind(*args, **params), [0] * len(out)
@@ -194,7 +200,7 @@ def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   - large arrays: the product with the reciprocal and one residual step
     (Markstein), cheaper per element than a vector division.
   """
-  out = jax.ShapeDtypeStruct(a.shape, a.dtype)
+  out = _tree.struct_like(a)
   return per_platform(_divide_on_cpu, lambda a, b, z: a / b, a, b, z, out=out)
 
 
@@ -220,10 +226,7 @@ def computed_once(a: jax.Array, b: jax.Array | None, z: jax.Array):
   cannot see; otherwise the double-word arithmetic would be repeated in every
   loop that broadcasts the scalar.
   """
-  out = (
-    jax.ShapeDtypeStruct(a.shape, a.dtype),
-    None if b is None else jax.ShapeDtypeStruct(b.shape, b.dtype),
-  )
+  out = (_tree.struct_like(a), None if b is None else _tree.struct_like(b))
   return per_platform(_packed_on_cpu, lambda a, b, z: (a, b), a, b, z, out=out)
 
 
@@ -245,7 +248,7 @@ def materialized(x: jax.Array) -> jax.Array:
   A barrier makes `x` a value of its own, which the first kernel writes and the
   second reads. Elsewhere nothing changes.
   """
-  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out = _tree.struct_like(x)
   identity = lambda x: x
   return per_platform(
     identity, identity, x, out=out, default_is_exact=True, tpu=lax.optimization_barrier

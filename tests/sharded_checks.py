@@ -14,6 +14,7 @@ could not run at all (e.g. not 8 devices).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -21,7 +22,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -764,6 +765,104 @@ def _split_auto_jit(case: str) -> str:
 
 for _case in SPLITTING:
   check(f"lowmem_8bit_split_auto_jit[{_case}]")(lambda c=_case: _split_auto_jit(c))
+
+
+# --------------------------------------------------------------------------
+# Explicit axes inside jax.set_mesh: every option's step, as JAX's sharding guide writes it
+# --------------------------------------------------------------------------
+
+_BF16 = jnp.bfloat16
+# option -> (transform, parameter dtype, fused_step, vmapped over a leading axis of 3)
+IN_MESH: dict[str, tuple[Callable[[], optax.GradientTransformation], Any, bool, bool]] = {
+  "default": (lambda: adamw_jax.adamw(1e-3, weight_decay=0.1), jnp.float32, False, False),
+  "amsgrad_maximize": (
+    lambda: adamw_jax.adamw(1e-3, amsgrad=True, maximize=True),
+    jnp.float32,
+    False,
+    False,
+  ),
+  "bf16_moments": (
+    lambda: adamw_jax.adamw(1e-3, mu_dtype=_BF16, nu_dtype=_BF16),
+    jnp.float32,
+    False,
+    False,
+  ),
+  "8bit": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, False, False),
+  "4bit": (lambda: adamw_jax.adamw(1e-3, moment_bits=4), jnp.float32, False, False),
+  "stochastic": (lambda: adamw_jax.adamw(1e-3, param_rounding="stochastic"), _BF16, False, False),
+  "kahan": (lambda: adamw_jax.adamw(1e-3, param_rounding="kahan"), _BF16, False, False),
+  "remainder": (lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"), _BF16, False, False),
+  "inject_hyperparams": (
+    lambda: optax.inject_hyperparams(adamw_jax.adamw)(learning_rate=1e-3),
+    jnp.float32,
+    False,
+    False,
+  ),
+  "mask_schedule": (
+    lambda: adamw_jax.adamw(optax.linear_schedule(1e-3, 1e-4, 10), mask=adamw_jax.decay_mask),
+    jnp.float32,
+    False,
+    False,
+  ),
+  "param_groups": (
+    lambda: adamw_jax.param_groups(
+      {"matrices": {"weight_decay": 0.1}, "vectors": {"weight_decay": 0.0}},
+      labels=lambda p: jax.tree.map(lambda x: "matrices" if x.ndim > 1 else "vectors", p),
+      learning_rate=1e-3,
+    ),
+    jnp.float32,
+    False,
+    False,
+  ),
+  "fused": (lambda: adamw_jax.adamw(1e-3), jnp.float32, True, False),
+  "fused_8bit": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, True, False),
+  "fused_remainder": (
+    lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"),
+    _BF16,
+    True,
+    False,
+  ),
+  "vmap": (lambda: adamw_jax.adamw(1e-3), jnp.float32, False, True),
+  "vmap_8bit": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, False, True),
+}
+
+
+def _in_mesh(option: str, in_context: bool = True) -> str:
+  """Inside ``jax.set_mesh`` a result a step types without sharding is replicated, so the step
+  all-gathers it: every option's compiled step must communicate nothing and keep the layout
+  (`in_context` False: the mesh only in the arrays' types)."""
+  make, dtype, fused, vmapped = IN_MESH[option]
+  mesh = mesh_of("explicit")
+  tx = make()
+  init, update = (jax.vmap(tx.init), jax.vmap(tx.update)) if vmapped else (tx.init, tx.update)
+
+  def step(grads, state, params):
+    if fused:
+      return adamw_jax.fused_step(tx, grads, state, params)
+    updates, state = update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+    params = {k: p.astype(dtype) for k, p in lowmem_params().items() if k in ("v", "w")}
+    spec = lambda p: P(None, AXIS) if vmapped else P(AXIS)
+    if vmapped:
+      params = jax.tree.map(lambda p: jnp.stack([p, 2 * p, 3 * p]), params)
+    params = {k: jax.device_put(p, NamedSharding(mesh, spec(p))) for k, p in params.items()}
+    state = jax.jit(init)(params)
+    compiled = jax.jit(step).lower(params, state, params).compile()
+    new_params, _ = compiled(params, state, params)
+  found = collectives_in(compiled.as_text())
+  assert not found, f"the compiled step communicates: {found}"
+  for k, p in new_params.items():
+    assert p.sharding.is_equivalent_to(params[k].sharding, p.ndim), f"{k}: {p.sharding}"
+  return "no collectives in the compiled step; parameters laid out as before"
+
+
+for _option in IN_MESH:
+  check(f"explicit_in_set_mesh[{_option}]")(lambda o=_option: _in_mesh(o))
+# Without the context, the traced hyperparameters' results were typed replicated too.
+for _option in ("default", "inject_hyperparams"):
+  check(f"explicit_outside_set_mesh[{_option}]")(lambda o=_option: _in_mesh(o, False))
 
 
 # --------------------------------------------------------------------------
