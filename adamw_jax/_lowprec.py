@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
+from adamw_jax import _tree
+
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 """The parameter dtypes Kahan compensation applies to (torch-optimi's)."""
 
@@ -38,11 +40,15 @@ class TileKey(NamedTuple):
   row_stride: Any
 
 
-def random_bits(key: jax.Array | TileKey, shape: tuple[int, ...]) -> jax.Array:
-  """``jax.random.bits(key, shape, uint32)``; for a `TileKey`, the leaf's bits at the tile's
-  elements: threefry of each element's flat index, as ``jax.random.bits`` draws them."""
+def random_bits(
+  key: jax.Array | TileKey, shape: tuple[int, ...], sharding: Any = None
+) -> jax.Array:
+  """``jax.random.bits(key, shape, uint32)``, typed with `sharding` (on a mesh with Explicit axes;
+  typed replicated, each device would draw the whole leaf's bits); for a `TileKey`, the leaf's
+  bits at the tile's elements: threefry of each element's flat index, as ``jax.random.bits``
+  draws them."""
   if not isinstance(key, TileKey):
-    return jax.random.bits(key, shape, jnp.uint32)
+    return jax.random.bits(key, shape, jnp.uint32, out_sharding=sharding)
   rows = lax.broadcasted_iota(jnp.int32, shape, 0)
   columns = lax.broadcasted_iota(jnp.int32, shape, 1)
   index = key.first + rows * key.row_stride + columns  # int32 wraps as uint32 does
@@ -61,7 +67,7 @@ def stochastic_round_bf16(x: jax.Array, key: jax.Array | TileKey) -> jax.Array:
   """
   x = x.astype(jnp.float32)
   bits = lax.bitcast_convert_type(x, jnp.uint32)
-  noise = random_bits(key, x.shape) >> 16
+  noise = random_bits(key, x.shape, _tree.explicit_sharding(x)) >> 16
   truncated = bits & jnp.uint32(0xFFFF0000)
   up = noise < (bits & jnp.uint32(0xFFFF))
   rounded = jnp.where(up, truncated + jnp.uint32(0x10000), truncated)

@@ -816,6 +816,12 @@ IN_MESH: dict[str, tuple[Callable[[], optax.GradientTransformation], Any, bool, 
   ),
   "fused": (lambda: adamw_jax.adamw(1e-3), jnp.float32, True, False),
   "fused_8bit": (lambda: adamw_jax.adamw(1e-3, moment_bits=8), jnp.float32, True, False),
+  "fused_stochastic": (
+    lambda: adamw_jax.adamw(1e-3, param_rounding="stochastic"),
+    _BF16,
+    True,
+    False,
+  ),
   "fused_remainder": (
     lambda: adamw_jax.adamw(1e-3, param_rounding="remainder"),
     _BF16,
@@ -827,10 +833,14 @@ IN_MESH: dict[str, tuple[Callable[[], optax.GradientTransformation], Any, bool, 
 }
 
 
+_BITWISE = ("8bit", "stochastic", "fused_stochastic")  # blocks per device, random bits
+
+
 def _in_mesh(option: str, in_context: bool = True) -> str:
   """Inside ``jax.set_mesh`` a result a step types without sharding is replicated, so the step
-  all-gathers it: every option's compiled step must communicate nothing and keep the layout
-  (`in_context` False: the mesh only in the arrays' types)."""
+  all-gathers it: every option's compiled step must communicate nothing, compute nothing the
+  size of a whole leaf, and keep the layout (`in_context` False: the mesh only in the arrays'
+  types); where the values depend on the layout (`_BITWISE`), they are one device's, bit for bit."""
   make, dtype, fused, vmapped = IN_MESH[option]
   mesh = mesh_of("explicit")
   tx = make()
@@ -842,20 +852,30 @@ def _in_mesh(option: str, in_context: bool = True) -> str:
     updates, state = update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  alone = {k: p.astype(dtype) for k, p in lowmem_params().items() if k in ("v", "w")}
+  if vmapped:
+    alone = jax.tree.map(lambda p: jnp.stack([p, 2 * p, 3 * p]), alone)
+  spec = lambda p: P(None, AXIS) if vmapped else P(AXIS)
   with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
-    params = {k: p.astype(dtype) for k, p in lowmem_params().items() if k in ("v", "w")}
-    spec = lambda p: P(None, AXIS) if vmapped else P(AXIS)
-    if vmapped:
-      params = jax.tree.map(lambda p: jnp.stack([p, 2 * p, 3 * p]), params)
-    params = {k: jax.device_put(p, NamedSharding(mesh, spec(p))) for k, p in params.items()}
+    params = {k: jax.device_put(p, NamedSharding(mesh, spec(p))) for k, p in alone.items()}
     state = jax.jit(init)(params)
     compiled = jax.jit(step).lower(params, state, params).compile()
-    new_params, _ = compiled(params, state, params)
-  found = collectives_in(compiled.as_text())
+    new = compiled(params, state, params)
+  if option in _BITWISE:
+    alone = one_device(alone)
+    diffs = bitwise_diffs(new, jax.jit(step)(alone, jax.jit(init)(alone), alone))
+    assert not diffs, "8 devices vs 1 differ at:\n" + "\n".join(diffs)
+  new_params = new[0]
+  hlo = compiled.as_text()
+  found = collectives_in(hlo)
   assert not found, f"the compiled step communicates: {found}"
+  # nothing the size of a whole leaf: each device computes its own rows (stochastic rounding's
+  # bits typed replicated were drawn whole on every device, without a collective)
+  whole = {f"[{','.join(map(str, p.shape))}]" for p in params.values()}
+  assert not [w for w in whole if w in hlo], f"a whole leaf in the compiled step: {whole}"
   for k, p in new_params.items():
     assert p.sharding.is_equivalent_to(params[k].sharding, p.ndim), f"{k}: {p.sharding}"
-  return "no collectives in the compiled step; parameters laid out as before"
+  return "no collectives and no whole leaf in the compiled step; parameters laid out as before"
 
 
 for _option in IN_MESH:
