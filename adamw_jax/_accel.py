@@ -53,11 +53,12 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from adamw_jax import _accel_nibbles, _kernel, _pallas, _quantize, _steer, _tree, _writes
+from adamw_jax import _accel_nibbles, _kernel, _pallas, _quantize, _steer, _writes
 
 _GPU_BLOCKS = 2  # blocks a GPU tile (a power of two)
 _TPU_COLUMNS = 8192  # the widest flat view of a TPU kernel
@@ -570,9 +571,9 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z):
 
     return run
 
-  like = lambda x: cast(Any, None if x is None else _tree.struct_like(x))
+  like = lambda x: cast(Any, None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype))
   out = (
-    _tree.struct_like(g, spec.out_dtype),
+    jax.ShapeDtypeStruct(np.shape(g), spec.out_dtype),
     [type(q)(like(q.codes), like(q.scale)) for q in moments],
     like(buffer),
   )

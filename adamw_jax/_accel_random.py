@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from adamw_jax import _lowprec, _moments, _pallas, _steer, _tree, _writes
+from adamw_jax import _lowprec, _moments, _pallas, _steer, _writes
 
 _GROUP = 16  # rows a step of the kernel's loop (bfloat16 tiles)
 _CHUNK = 512  # the most columns a step of its loop (threefry's values held in vector registers)
@@ -169,9 +169,6 @@ def leaf(spec: Spec, through: Callable, g, moments, p, buffer, c, decay, z, key)
       return through(g, moments, p, buffer, c, decay, z, key)
     return result[0], result[1:], buffer
 
-  out = (
-    _tree.struct_like(p),
-    [_tree.struct_like(x) for x in moments],
-    None,
-  )  # the new parameter, the moments
+  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  out = (like(p), [like(x) for x in moments], None)  # the new parameter, the moments
   return _steer.per_platform(through, through, *args, out=out, tpu=tpu)

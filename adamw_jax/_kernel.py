@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from adamw_jax import _steer, _tree
+from adamw_jax import _steer
 
 
 class Coefficients(NamedTuple):
@@ -148,7 +148,8 @@ def _real_kernel(
       return _real_step(grad, mu, nu, nu_max, hidden, c, **this)[0]
 
     args = (out, grad, mu, nu, nu_max, param, c, z, decay)
-    out = _steer.per_platform(recomputed, lambda out, *_: out, *args, out=_tree.struct_like(out))
+    shape = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    out = _steer.per_platform(recomputed, lambda out, *_: out, *args, out=shape)
   return out, m, v, vm
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adamw_jax import _env, _kernel, _steer, _tree
+from adamw_jax import _env, _kernel, _steer
 
 TARGET = "adamw_jax_adam_step"
 LOWMEM_TARGET = "adamw_jax_lowmem_step"  # the low-memory options' kernel (_native_lowmem)
@@ -292,10 +292,6 @@ def group(
   ]
   # The native call in a CPU program; the same leaves through the pure kernel in any other.
   shapes = jax.eval_shape(run, scalars, z, *flat)  # one custom call traced: cheap
-  # typed as the leaf's gradient and moments (the custom call's outputs have no sharding types)
-  likes = [x for g, m, v, vm, _ in group for x in ([] if moments_only else [g]) + [m, v, vm]]
-  likes = [x for x in likes if x is not None]
-  shapes = [_tree.struct_like(x, s.dtype) for s, x in zip(shapes, likes, strict=True)]
   out = _steer.per_platform(run, pure, scalars, z, *flat, out=shapes, default_is_exact=True)
   step = (not moments_only) + 2 + amsgrad
   return [

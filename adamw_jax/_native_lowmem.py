@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamw_jax import _kernel, _native, _qmap, _quantize, _steer, _tree
+from adamw_jax import _kernel, _native, _qmap, _quantize, _steer
 
 F32, BF16, F16 = map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16))
 _STORED = (F32, BF16, F16)
@@ -345,10 +345,11 @@ def group(
     del scalars
     return [pure(leaf, coefficients, z) for leaf in leaves]
 
+  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   shapes = [
     (
-      _tree.struct_like(g, out_struct(g, p, mode, writer).dtype),
-      *jax.tree.map(_tree.struct_like, (m, v, vm if amsgrad else None, buffer)),
+      out_struct(g, p, mode, writer),
+      *jax.tree.map(like, (m, v, vm if amsgrad else None, buffer)),
     )
     for g, m, v, vm, p, buffer, _ in leaves
   ]

@@ -65,10 +65,12 @@ def per_platform(
   traced step compiles for CPU, GPU and TPU from any host, and only a CPU
   program gets the XLA:CPU tricks and the native kernel. `args` are pytrees
   (arrays are passed, anything else is closed over); both functions return a
-  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``, ``_tree.struct_like``), whose sharding
-  types on a mesh with Explicit axes are the results' (a branch's own outputs need not carry
-  them: a custom call's have none; without them a jitted step's next call would compile again,
-  and inside ``jax.set_mesh`` the result is replicated: the step all-gathers it). Only the branch of
+  pytree shaped like `out` (of ``jax.ShapeDtypeStruct``: shapes and dtypes). On a mesh with
+  Explicit axes the results are typed as `default` types them (sharding types included,
+  `_typed`), whatever branch runs: a branch's own outputs need not carry them (a custom call's
+  have none), and every platform's results are the XLA path's types. Typed without them, a
+  jitted step's next call would compile again, and inside ``jax.set_mesh`` a result would be
+  replicated: the step would all-gather it. Only the branch of
   the platform being lowered is traced, and only then. Under ``jax.vmap``
   each branch is vmapped. Derivatives are `default`'s, with the values of the
   platform's branch; where `default` computes the same values as `cpu` on a
@@ -89,13 +91,32 @@ def per_platform(
 
     return run
 
+  shardings = [None] * len(out_leaves)
+  if any(_tree.explicit_sharding(x) is not None for x in arrays):
+    shardings = _typed(out_leaves, arrays, lambda: jax.eval_shape(flat(default), *arrays))
   avals = tuple(
-    ShapedArray(o.shape, o.dtype, sharding=_tree.explicit_sharding(o)) for o in out_leaves
+    ShapedArray(o.shape, o.dtype, sharding=s) for o, s in zip(out_leaves, shardings, strict=True)
   )
   branches = {"cpu": flat(cpu), "default": flat(default)}
   branches |= {"tpu": None if tpu is None else flat(tpu), "gpu": None if gpu is None else flat(gpu)}
   results = _per_platform_p.bind(*arrays, **branches, out=avals, exact=default_is_exact)
   return jax.tree.unflatten(out_tree, results)
+
+
+def _typed(out_leaves: list, arrays: list, traced: Callable[[], Any]) -> list:
+  """The results' sharding types on a mesh with Explicit axes: `default`'s (`traced`). Where the
+  arguments of a result's shape are all laid out alike (FSDP), that layout, without tracing."""
+  shardings = []
+  for o in out_leaves:
+    alike = [_tree.explicit_sharding(x) for x in arrays if tuple(x.shape) == tuple(o.shape)]
+    first = alike[0] if alike else None
+    same = first is not None and all(
+      s is not None and s.is_equivalent_to(first, len(o.shape)) for s in alike
+    )
+    shardings.append(first if same else None)
+  if any(s is None for s in shardings):  # replicated parameters and a split state (ZeRO-1)
+    shardings = [_tree.explicit_sharding(t) for t in jax.tree.leaves(traced())]
+  return shardings
 
 
 IN_KERNEL = _env.Flag("in_kernel")
@@ -200,7 +221,7 @@ def divide_by_scalar(a: jax.Array, b: jax.Array, z: jax.Array) -> jax.Array:
   - large arrays: the product with the reciprocal and one residual step
     (Markstein), cheaper per element than a vector division.
   """
-  out = _tree.struct_like(a)
+  out = jax.ShapeDtypeStruct(a.shape, a.dtype)
   return per_platform(_divide_on_cpu, lambda a, b, z: a / b, a, b, z, out=out)
 
 
@@ -226,7 +247,10 @@ def computed_once(a: jax.Array, b: jax.Array | None, z: jax.Array):
   cannot see; otherwise the double-word arithmetic would be repeated in every
   loop that broadcasts the scalar.
   """
-  out = (_tree.struct_like(a), None if b is None else _tree.struct_like(b))
+  out = (
+    jax.ShapeDtypeStruct(a.shape, a.dtype),
+    None if b is None else jax.ShapeDtypeStruct(b.shape, b.dtype),
+  )
   return per_platform(_packed_on_cpu, lambda a, b, z: (a, b), a, b, z, out=out)
 
 
@@ -248,7 +272,7 @@ def materialized(x: jax.Array) -> jax.Array:
   A barrier makes `x` a value of its own, which the first kernel writes and the
   second reads. Elsewhere nothing changes.
   """
-  out = _tree.struct_like(x)
+  out = jax.ShapeDtypeStruct(x.shape, x.dtype)
   identity = lambda x: x
   return per_platform(
     identity, identity, x, out=out, default_is_exact=True, tpu=lax.optimization_barrier

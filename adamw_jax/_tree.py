@@ -440,12 +440,3 @@ def explicit_sharding(x):
   if mesh is None or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return None
   return sharding
-
-
-def struct_like(x, dtype=None) -> jax.ShapeDtypeStruct:
-  """A result shaped as `x`, of its dtype (or `dtype`), typed with `x`'s sharding on a mesh with
-  Explicit axes (``_steer.per_platform``'s `out`: a result typed without it is replicated inside
-  ``jax.set_mesh``, and the step all-gathers it)."""
-  return jax.ShapeDtypeStruct(
-    np.shape(x), x.dtype if dtype is None else dtype, sharding=explicit_sharding(x)
-  )

@@ -885,6 +885,41 @@ for _option in ("default", "inject_hyperparams"):
   check(f"explicit_outside_set_mesh[{_option}]")(lambda o=_option: _in_mesh(o, False))
 
 
+def _zero1_types(option: str) -> str:
+  """ZeRO-1 on Explicit axes: replicated parameters plus a state split along its rows. JAX types
+  their sum split (optax.adamw's step returns split parameters); every option's step is typed
+  as the default path's (the kernels' results as the XLA path's), whichever kernel runs."""
+  make, dtype, _, _ = IN_MESH[option]
+  mesh = mesh_of("explicit")
+
+  def laid_out(tx) -> list:
+    def step(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh):
+      params = {
+        k: jax.device_put(p.astype(dtype), NamedSharding(mesh, P()))
+        for k, p in lowmem_params().items()
+        if k in ("v", "w")
+      }
+      state = jax.jit(tx.init)(params)
+      split = lambda x: (
+        jax.device_put(x, NamedSharding(mesh, P(AXIS))) if x.ndim and x.shape[0] % N == 0 else x
+      )
+      state = jax.tree.map(split, state)
+      compiled = jax.jit(step).lower(params, state, params).compile()
+    return [s.spec for s in jax.tree.leaves(compiled.output_shardings[0])]
+
+  ours, theirs = laid_out(make()), laid_out(optax.adamw(1e-3))
+  assert ours == theirs, f"parameters laid out {ours}, optax.adamw's {theirs}"
+  return f"parameters laid out as optax.adamw's: {ours}"
+
+
+for _option in ("default", "8bit", "stochastic"):
+  check(f"explicit_zero1_types[{_option}]")(lambda o=_option: _zero1_types(o))
+
+
 # --------------------------------------------------------------------------
 # The docs' 8-device example (docs/scaling-out.md)
 # --------------------------------------------------------------------------
