@@ -91,21 +91,19 @@ def per_platform(
 
     return run
 
-  shardings = [None] * len(out_leaves)
-  if any(_tree.explicit_sharding(x) is not None for x in arrays):
-    shardings = _typed(out_leaves, arrays, lambda: jax.eval_shape(flat(default), *arrays))
-  avals = tuple(
-    ShapedArray(o.shape, o.dtype, sharding=s) for o, s in zip(out_leaves, shardings, strict=True)
-  )
+  avals = _typed(out_leaves, arrays, flat(default))
   branches = {"cpu": flat(cpu), "default": flat(default)}
   branches |= {"tpu": None if tpu is None else flat(tpu), "gpu": None if gpu is None else flat(gpu)}
   results = _per_platform_p.bind(*arrays, **branches, out=avals, exact=default_is_exact)
   return jax.tree.unflatten(out_tree, results)
 
 
-def _typed(out_leaves: list, arrays: list, traced: Callable[[], Any]) -> list:
-  """The results' sharding types on a mesh with Explicit axes: `default`'s (`traced`). Where the
-  arguments of a result's shape are all laid out alike (FSDP), that layout, without tracing."""
+def _typed(out_leaves: list, arrays: list, default: Callable[..., list]) -> tuple:
+  """The results' abstract values: `out_leaves`' shapes and dtypes, and on a mesh with Explicit
+  axes the sharding types `default(*arrays)` gives them. Where the arguments of a result's shape
+  are all laid out alike (FSDP), that layout, without tracing `default`."""
+  if all(_tree.explicit_sharding(x) is None for x in arrays):
+    return tuple(ShapedArray(o.shape, o.dtype) for o in out_leaves)
   shardings = []
   for o in out_leaves:
     alike = [_tree.explicit_sharding(x) for x in arrays if tuple(x.shape) == tuple(o.shape)]
@@ -115,8 +113,10 @@ def _typed(out_leaves: list, arrays: list, traced: Callable[[], Any]) -> list:
     )
     shardings.append(first if same else None)
   if any(s is None for s in shardings):  # replicated parameters and a split state (ZeRO-1)
-    shardings = [_tree.explicit_sharding(t) for t in jax.tree.leaves(traced())]
-  return shardings
+    shardings = [_tree.explicit_sharding(t) for t in jax.eval_shape(default, *arrays)]
+  return tuple(
+    ShapedArray(o.shape, o.dtype, sharding=s) for o, s in zip(out_leaves, shardings, strict=True)
+  )
 
 
 IN_KERNEL = _env.Flag("in_kernel")
@@ -142,14 +142,11 @@ def _jvp(primals, tangents, *, cpu, default, out, exact, tpu, gpu):
 
 def _batch(args, dims, *, cpu, default, out, exact, tpu, gpu):
   """Each branch vmapped; an accelerator's own kernel gives way to `default` (``vmap`` of XLA)."""
-  del tpu, gpu, out
+  del tpu, gpu
+  size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
   in_axes = tuple(dims)  # None: not mapped
   default = jax.vmap(default, in_axes=in_axes)
-  # the results typed as jax.vmap types the vmapped `default`'s (their sharding types too)
-  out = tuple(
-    ShapedArray(o.shape, o.dtype, sharding=_tree.explicit_sharding(o))
-    for o in jax.eval_shape(default, *args)
-  )
+  out = _typed([ShapedArray((size, *o.shape), o.dtype) for o in out], list(args), default)
   params = {
     "cpu": jax.vmap(cpu, in_axes=in_axes),
     "default": default,
